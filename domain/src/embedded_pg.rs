@@ -1,0 +1,282 @@
+//! The embedded default: a private PostgreSQL cluster under the data directory, run
+//! with the machine's own `initdb`/`pg_ctl`. Created on first start, reused after,
+//! stopped when its owner stops. When run as root the cluster runs as the `postgres`
+//! user (initdb refuses root).
+//!
+//! Layout under the data directory: `pg/` (the cluster), `pg.log`, `pg.password`
+//! (the superuser's password, 0600; the cluster only accepts password auth on 127.0.0.1).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedPgError {
+    #[error("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")]
+    BinariesMissing,
+    #[error("running as root but there is no `postgres` user to run the cluster as")]
+    NoPostgresUser,
+    #[error("data directory {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("data directory {0} is not reachable by the postgres user: choose a MOLECULE_DATA_DIR every user can traverse")]
+    NotTraversable(String),
+    #[error("{step} failed (exit {code:?}); see {log}")]
+    Command { step: &'static str, code: Option<i32>, log: String },
+    #[error("no free TCP port on 127.0.0.1: {0}")]
+    NoPort(std::io::Error),
+}
+
+pub struct EmbeddedPostgres {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    log_file: PathBuf,
+    port: u16,
+    password: String,
+    run_as: Option<(u32, u32)>,
+    stopped: bool,
+}
+
+impl EmbeddedPostgres {
+    /// Creates the cluster when missing, then starts it (or adopts one already running
+    /// on this data directory) and returns once it accepts connections.
+    pub fn start(root: &Path) -> Result<Self, EmbeddedPgError> {
+        let bin_dir = find_bin_dir().ok_or(EmbeddedPgError::BinariesMissing)?;
+        let io = |path: &Path| {
+            let p = path.display().to_string();
+            move |source| EmbeddedPgError::Io { path: p, source }
+        };
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let root = root.canonicalize().map_err(io(root))?;
+        let data_dir = root.join("pg");
+        let log_file = root.join("pg.log");
+        let pw_file = root.join("pg.password");
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            Some(postgres_user().ok_or(EmbeddedPgError::NoPostgresUser)?)
+        } else {
+            None
+        };
+
+        let mut me = EmbeddedPostgres {
+            bin_dir,
+            data_dir,
+            log_file,
+            port: 0,
+            password: String::new(),
+            run_as,
+            stopped: false,
+        };
+
+        if !me.data_dir.join("PG_VERSION").exists() {
+            me.init(&root, &pw_file)?;
+        }
+        me.password = std::fs::read_to_string(&pw_file).map_err(io(&pw_file))?.trim().to_string();
+        if let Some((uid, gid)) = run_as {
+            // The log is written by the server process.
+            if !me.log_file.exists() {
+                std::fs::write(&me.log_file, b"").map_err(io(&me.log_file))?;
+            }
+            chown(&me.log_file, uid, gid).map_err(io(&me.log_file))?;
+        }
+
+        if let Some(port) = me.running_port() {
+            tracing::info!(data_dir = %me.data_dir.display(), port, "embedded PostgreSQL already running; adopting it");
+            me.port = port;
+            return Ok(me);
+        }
+        me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
+        let status = me
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&me.data_dir)
+            .arg("-l")
+            .arg(&me.log_file)
+            .arg("-o")
+            .arg(format!("-p {}", me.port))
+            .args(["-w", "-t", "60", "start"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(io(&me.data_dir))?;
+        if !status.success() {
+            return Err(EmbeddedPgError::Command {
+                step: "pg_ctl start",
+                code: status.code(),
+                log: me.log_file.display().to_string(),
+            });
+        }
+        tracing::info!(
+            data_dir = %me.data_dir.display(),
+            log = %me.log_file.display(),
+            addr = %format!("127.0.0.1:{}", me.port),
+            "embedded PostgreSQL started"
+        );
+        Ok(me)
+    }
+
+    fn init(&self, root: &Path, pw_file: &Path) -> Result<(), EmbeddedPgError> {
+        let io = |path: &Path| {
+            let p = path.display().to_string();
+            move |source| EmbeddedPgError::Io { path: p, source }
+        };
+        let password = random_hex(32);
+        std::fs::write(pw_file, &password).map_err(io(pw_file))?;
+        std::fs::set_permissions(pw_file, std::fs::Permissions::from_mode(0o600)).map_err(io(pw_file))?;
+        // initdb reads the password from a file the server user can read; removed right after.
+        let init_pw = root.join(".initdb.pw");
+        std::fs::write(&init_pw, &password).map_err(io(&init_pw))?;
+        std::fs::set_permissions(&init_pw, std::fs::Permissions::from_mode(0o600)).map_err(io(&init_pw))?;
+        std::fs::create_dir_all(&self.data_dir).map_err(io(&self.data_dir))?;
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&self.data_dir))?;
+        if let Some((uid, gid)) = self.run_as {
+            chown(&self.data_dir, uid, gid).map_err(io(&self.data_dir))?;
+            chown(&init_pw, uid, gid).map_err(io(&init_pw))?;
+            if !traversable_by_others(root) {
+                let _ = std::fs::remove_file(&init_pw);
+                return Err(EmbeddedPgError::NotTraversable(root.display().to_string()));
+            }
+        }
+        let out = self
+            .pg_command("initdb")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-U", "postgres", "-A", "scram-sha-256", "-E", "UTF8", "--no-instructions"])
+            .arg(format!("--pwfile={}", init_pw.display()))
+            .output()
+            .map_err(io(&self.data_dir));
+        let _ = std::fs::remove_file(&init_pw);
+        let out = out?;
+        if !out.status.success() {
+            let _ = std::fs::write(&self.log_file, [&out.stdout[..], &out.stderr[..]].concat());
+            return Err(EmbeddedPgError::Command {
+                step: "initdb",
+                code: out.status.code(),
+                log: self.log_file.display().to_string(),
+            });
+        }
+        // Loopback TCP only; no unix socket (its path length and permissions vary by data dir).
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(io(&conf))?;
+        text.push_str(
+            "\n# molecule embedded defaults\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nmax_connections = 200\n",
+        );
+        std::fs::write(&conf, text).map_err(io(&conf))?;
+        Ok(())
+    }
+
+    /// Port of a server already running on this data directory (postmaster.pid line 4),
+    /// when its process is alive.
+    fn running_port(&self) -> Option<u16> {
+        let pid_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let mut lines = pid_file.lines();
+        let pid: i32 = lines.next()?.trim().parse().ok()?;
+        let port: u16 = lines.nth(2)?.trim().parse().ok()?;
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        alive.then_some(port)
+    }
+
+    fn pg_command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(name));
+        cmd.current_dir(self.data_dir.parent().unwrap_or(Path::new("/")));
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid).env("HOME", "/var/lib/postgresql").env_remove("PGDATA");
+        }
+        cmd
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connection URL. Holds the password: never log it.
+    pub fn database_url(&self) -> String {
+        format!("postgres://postgres:{}@127.0.0.1:{}/postgres", self.password, self.port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the cluster (fast shutdown: sessions are disconnected, data is flushed).
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let res = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+        match res {
+            Ok(s) if s.success() => tracing::info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL stopped"),
+            Ok(s) => tracing::warn!(code = ?s.code(), "pg_ctl stop failed"),
+            Err(e) => tracing::warn!(error = %e, "pg_ctl stop could not run"),
+        }
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                // Debian's /usr/bin/initdb is a wrapper that needs a cluster config; prefer the real dir.
+                if let Ok(real) = dir.join("pg_ctl").canonicalize() {
+                    if let Some(p) = real.parent() {
+                        if p.join("initdb").is_file() && p.join("postgres").is_file() {
+                            return Some(p.to_path_buf());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
+        .collect();
+    candidates.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates.pop()
+}
+
+fn postgres_user() -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new("postgres").ok()?;
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    let pw = unsafe { &*pw };
+    Some((pw.pw_uid, pw.pw_gid))
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+}
+
+fn traversable_by_others(dir: &Path) -> bool {
+    dir.ancestors().all(|a| std::fs::metadata(a).map(|m| m.mode() & 0o001 != 0).unwrap_or(false))
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn random_hex(_bytes: usize) -> String {
+    // Two v4 UUIDs: 244 random bits from the OS generator.
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}

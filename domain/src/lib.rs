@@ -1,0 +1,11 @@
+//! Shared domain of the Molecule workspace server: identifiers, workspace statuses, and
+//! the PostgreSQL plumbing every process needs (connection, migrations, the embedded
+//! cluster used when no `DATABASE_URL` is given).
+
+pub mod db;
+pub mod embedded_pg;
+pub mod ids;
+pub mod status;
+
+pub use ids::{JobId, OrgId, WorkspaceId};
+pub use status::WorkspaceStatus;

@@ -1,0 +1,83 @@
+//! What a pool runs for each job, and how a job attempt can fail.
+
+use molecule_domain::{JobId, OrgId, WorkspaceId};
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Everything an attempt knows: ids (never whole rows: a job re-reads state at start),
+/// the attempt number (1-based, persisted), and a database pool.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    pub id: JobId,
+    pub queue: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub org_id: Option<OrgId>,
+    pub workspace_id: Option<WorkspaceId>,
+    pub payload: Arc<[u8]>,
+    pub db: PgPool,
+}
+
+impl JobContext {
+    /// Decodes the payload; a payload that does not decode is a permanent failure.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+        serde_json::from_slice(&self.payload).map_err(|e| JobError::Undecodable(e.to_string()))
+    }
+}
+
+/// How an attempt failed. The runtime turns it into the job's next state.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt after backoff (dead once attempts run out).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will never succeed: the job is dead at once.
+    #[error("{0}")]
+    Permanent(String),
+    /// The payload is not what this queue's handler reads: dead at once.
+    #[error("undecodable payload: {0}")]
+    Undecodable(String),
+    /// No workspace backend is configured in this process (MOLECULE_BACKEND=none).
+    #[error("no backend configured: set MOLECULE_BACKEND to docker or ec2 and retry the job")]
+    NoBackend,
+}
+
+impl JobError {
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, JobError::Retryable(_))
+    }
+}
+
+pub type HandlerResult = Result<serde_json::Value, JobError>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+/// A pool's handler: shared by every concurrent attempt.
+pub type Handler = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
+
+/// A handler from an async closure over the raw context.
+pub fn handler_fn<F, Fut>(f: F) -> Handler
+where
+    F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    Arc::new(move |ctx| Box::pin(f(ctx)))
+}
+
+/// A handler that first decodes the payload into `T` (undecodable → dead, and the pool goes on).
+pub fn typed_handler<T, F, Fut>(f: F) -> Handler
+where
+    T: DeserializeOwned + Send + 'static,
+    F: Fn(JobContext, T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Arc::new(move |ctx: JobContext| {
+        let f = f.clone();
+        Box::pin(async move {
+            let args: T = ctx.decode()?;
+            f(ctx, args).await
+        })
+    })
+}

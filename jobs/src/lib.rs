@@ -1,0 +1,27 @@
+//! The job core: durable queues on PostgreSQL (apalis-postgres' `apalis.jobs` table),
+//! with our own fetch/ack path.
+//!
+//! - [`enqueue`]: push jobs inside the caller's transaction, with ULIDs we generate.
+//! - [`runtime`]: worker pools (one per queue), woken by LISTEN/NOTIFY with a polling
+//!   and next-due fallback, batched claims (`FOR UPDATE SKIP LOCKED`) and batched acks,
+//!   persisted retries with backoff, expiry, leases for orphaned jobs, graceful shutdown.
+//! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
+//! - [`maintenance`]: orphan recovery and retention pruning.
+//! - [`kinds`]: the job kinds of the product and their retry policies.
+//! - [`handlers`]: what each kind does (backend-dependent kinds fail with `NoBackend`
+//!   until a backend is wired: no fake success).
+
+pub mod backoff;
+pub mod enqueue;
+pub mod handler;
+pub mod handlers;
+pub mod kinds;
+pub mod maintenance;
+pub mod runtime;
+pub mod status;
+
+pub use enqueue::{enqueue, enqueue_many, NewJob};
+pub use handler::{handler_fn, typed_handler, Handler, JobContext, JobError};
+pub use kinds::{JobKind, RetryPolicy};
+pub use runtime::{PoolSpec, Runtime, RuntimeConfig, ShutdownReport};
+pub use status::JobStatus;

@@ -1,0 +1,193 @@
+//! The client's view of a job (A13): one status vocabulary over apalis' columns,
+//! reads, and cancel / retry by id (A14).
+
+use chrono::{DateTime, Utc};
+use molecule_domain::{JobId, OrgId};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting to run, due now.
+    Pending,
+    /// Waiting to run, due later.
+    Scheduled,
+    Running,
+    Succeeded,
+    /// The last attempt failed; it will run again at `run_at`.
+    Failed,
+    /// Out of attempts, or failed permanently.
+    Dead,
+    /// Not run: past its `expires_at`.
+    Expired,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "scheduled" => Self::Scheduled,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "dead" => Self::Dead,
+            "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// SQL for the client status of a row of `apalis.jobs j` (a macro so it can be
+/// `concat!`-ed into static statements).
+#[macro_export]
+macro_rules! job_status_sql {
+    () => {
+        "CASE \
+            WHEN j.status = 'Done' THEN 'succeeded' \
+            WHEN j.status = 'Killed' THEN COALESCE(j.outcome, 'dead') \
+            WHEN j.status IN ('Queued', 'Running') THEN 'running' \
+            WHEN j.status = 'Failed' THEN 'failed' \
+            WHEN j.run_at > now() THEN 'scheduled' \
+            ELSE 'pending' END"
+    };
+}
+
+macro_rules! select_view {
+    ($filter:literal) => {
+        concat!(
+            "SELECT j.id, j.job_type, ",
+            job_status_sql!(),
+            ", j.attempts, j.max_attempts, j.run_at, j.created_at, \
+             j.started_at, j.done_at, j.expires_at, j.last_error, \
+             CASE WHEN j.status = 'Done' THEN j.last_result -> 'Ok' END, \
+             j.org_id, j.workspace_id, j.attempt_log \
+             FROM apalis.jobs j WHERE ",
+            $filter
+        )
+    };
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    pub status: JobStatus,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub org_id: Option<Uuid>,
+    pub workspace_id: Option<Uuid>,
+    /// One entry per failed attempt: attempt, started_at, failed_at, error.
+    pub attempt_log: serde_json::Value,
+}
+
+type ViewRow = (
+    String,
+    String,
+    String,
+    i32,
+    i32,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<serde_json::Value>,
+    Option<Uuid>,
+    Option<Uuid>,
+    serde_json::Value,
+);
+
+fn view(r: ViewRow) -> JobView {
+    JobView {
+        id: r.0,
+        kind: r.1,
+        status: JobStatus::parse(&r.2).unwrap_or(JobStatus::Dead),
+        attempts: r.3,
+        max_attempts: r.4,
+        run_at: r.5,
+        created_at: r.6,
+        started_at: r.7,
+        finished_at: r.8,
+        expires_at: r.9,
+        last_error: r.10,
+        result: r.11,
+        org_id: r.12,
+        workspace_id: r.13,
+        attempt_log: r.14,
+    }
+}
+
+/// A job by id, whoever owns it (workers, operators, tests). API reads use [`get_for_org`].
+pub async fn get(db: &PgPool, id: &JobId) -> Result<Option<JobView>, sqlx::Error> {
+    let row: Option<ViewRow> = sqlx::query_as(select_view!("j.id = $1")).bind(id.as_str()).fetch_optional(db).await?;
+    Ok(row.map(view))
+}
+
+/// A job by id, only when it belongs to `org` (strict equality: X1).
+pub async fn get_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Option<JobView>, sqlx::Error> {
+    let row: Option<ViewRow> = sqlx::query_as(select_view!("j.id = $1 AND j.org_id = $2"))
+        .bind(id.as_str())
+        .bind(org.0)
+        .fetch_optional(db)
+        .await?;
+    Ok(row.map(view))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transition {
+    Done,
+    NotFound,
+    /// The job is in a status the operation does not apply to.
+    Conflict(JobStatus),
+}
+
+const CANCEL: &str = r#"
+UPDATE apalis.jobs
+SET status = 'Killed', outcome = 'cancelled', done_at = now(), last_error = 'cancelled'
+WHERE id = $1 AND status IN ('Pending', 'Failed')
+"#;
+
+/// Cancels a job that is waiting (pending, scheduled, or failed awaiting its retry).
+pub async fn cancel(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
+    let n = sqlx::query(CANCEL).bind(id.as_str()).execute(db).await?.rows_affected();
+    settle(db, id, n).await
+}
+
+/// Runs a dead, cancelled or failed job again now, with at least one attempt left.
+const RETRY: &str = r#"
+WITH r AS (
+    UPDATE apalis.jobs
+    SET status = 'Pending', outcome = NULL, done_at = NULL, run_at = now(), lock_by = NULL,
+        lock_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)
+    WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled')))
+    RETURNING job_type
+)
+SELECT pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r
+"#;
+
+pub async fn retry(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
+    let n = sqlx::query(RETRY).bind(id.as_str()).execute(db).await?.rows_affected();
+    settle(db, id, n).await
+}
+
+async fn settle(db: &PgPool, id: &JobId, affected: u64) -> Result<Transition, sqlx::Error> {
+    if affected > 0 {
+        return Ok(Transition::Done);
+    }
+    Ok(match get(db, id).await? {
+        None => Transition::NotFound,
+        Some(v) => Transition::Conflict(v.status),
+    })
+}

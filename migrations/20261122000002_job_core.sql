@@ -1,0 +1,41 @@
+-- Job core on top of apalis-postgres' table (apalis.jobs, applied by its own migrator first).
+-- apalis' status vocabulary is kept (Pending, Queued, Running, Done, Failed, Killed) so its
+-- tools still read our rows; the columns below carry what it lacks: who owns a job, its
+-- expiry, how a terminal job ended, and the history of its attempts.
+--   Failed  = the last attempt failed and the job WILL run again at run_at (backoff moved it);
+--   Killed  = terminal without success; `outcome` says dead | expired | cancelled.
+
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS org_id       uuid;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS workspace_id uuid;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS expires_at   timestamptz;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS started_at   timestamptz;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS created_at   timestamptz NOT NULL DEFAULT now();
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS last_error   text;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS outcome      text;
+ALTER TABLE apalis.jobs ADD COLUMN IF NOT EXISTS attempt_log  jsonb NOT NULL DEFAULT '[]'::jsonb;
+
+DO $$ BEGIN
+    ALTER TABLE apalis.jobs ADD CONSTRAINT jobs_outcome_check
+        CHECK (outcome IS NULL OR outcome IN ('succeeded', 'dead', 'expired', 'cancelled'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+-- The claim path: available jobs of one queue in (priority, run_at, id) order. Ordering by
+-- run_at over this partial index stays flat on a deep queue (NOTES: ordering by id alone
+-- went quadratic once the table was analysed).
+CREATE INDEX IF NOT EXISTS jobs_claim_idx
+    ON apalis.jobs (job_type, priority DESC, run_at, id)
+    WHERE status IN ('Pending', 'Failed');
+
+-- Orphan recovery: running jobs by the worker that holds them.
+CREATE INDEX IF NOT EXISTS jobs_running_idx
+    ON apalis.jobs (lock_by) WHERE status IN ('Queued', 'Running');
+
+-- Retention pruning of finished jobs, oldest first.
+CREATE INDEX IF NOT EXISTS jobs_finished_idx
+    ON apalis.jobs (done_at) WHERE status IN ('Done', 'Killed');
+
+-- Client reads (A13): one org's jobs, optionally of one workspace, newest first.
+CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_workspace_idx ON apalis.jobs (workspace_id, created_at DESC)
+    WHERE workspace_id IS NOT NULL;
