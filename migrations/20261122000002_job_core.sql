@@ -39,3 +39,19 @@ CREATE INDEX IF NOT EXISTS jobs_finished_idx
 CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS jobs_workspace_idx ON apalis.jobs (workspace_id, created_at DESC)
     WHERE workspace_id IS NOT NULL;
+
+-- apalis' insert trigger only announces jobs that are due now. Announce future-dated ones
+-- too, so an idle pool re-reads its next due time and sleeps until exactly then.
+CREATE OR REPLACE FUNCTION apalis.molecule_notify_scheduled() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('apalis::job::insert',
+        json_build_object('job_type', NEW.job_type, 'id', NEW.id, 'run_at', NEW.run_at)::text);
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS molecule_notify_scheduled ON apalis.jobs;
+CREATE TRIGGER molecule_notify_scheduled
+    AFTER INSERT ON apalis.jobs
+    FOR EACH ROW WHEN (NEW.run_at > now())
+    EXECUTE FUNCTION apalis.molecule_notify_scheduled();

@@ -1,1 +1,222 @@
-fn main() {}
+//! `molecule`: one binary, one role per subcommand (SPEC §1).
+
+mod config;
+
+use clap::Parser;
+use config::{ApiArgs, Cli, Command, Common, SchedulerArgs, WorkerArgs};
+use molecule_domain::db;
+use molecule_domain::embedded_pg::EmbeddedPostgres;
+use sqlx::PgPool;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("DATABASE_URL is not set: `{0}` needs it (only `serve` starts an embedded PostgreSQL)")]
+    NoDatabaseUrl(&'static str),
+    #[error("embedded PostgreSQL: {0}")]
+    Embedded(#[from] molecule_domain::embedded_pg::EmbeddedPgError),
+    #[error("{0}")]
+    Db(#[from] db::DbError),
+    #[error("LISTEN_ADDR {addr}: cannot listen: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("API server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+fn main() -> ExitCode {
+    // No subcommand means `serve`, with its flags and environment applied as for `serve`.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut as_serve = args.clone();
+    as_serve.insert(1.min(as_serve.len()), "serve".into());
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) if cli.command.is_some() => cli,
+        Ok(_) => Cli::parse_from(as_serve),
+        Err(e) => match Cli::try_parse_from(&as_serve) {
+            Ok(cli) if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => cli,
+            _ => e.exit(),
+        },
+    };
+    init_tracing(&cli.common);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "molecule stopped with an error");
+            eprintln!("molecule: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(common: &Common) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if common.log_format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), StartError> {
+    let common = cli.common;
+    match cli.command.expect("defaulted to serve above") {
+        Command::Migrate => {
+            let db = connect(&common, "migrate").await?;
+            db::migrate(&db).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve(args) => {
+            // The embedded cluster lives until this function returns (Drop stops it).
+            let mut embedded = None;
+            let url = match &common.database_url {
+                Some(u) => u.clone(),
+                None => {
+                    let dir = common.data_dir.clone();
+                    let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir))
+                        .await
+                        .map_err(|e| StartError::Serve(std::io::Error::other(e)))??;
+                    let url = pg.database_url();
+                    embedded = Some(pg);
+                    url
+                }
+            };
+            let db = connect_url(&url, common.db_max_connections).await?;
+            db::migrate(&db).await?;
+            let res = serve_roles(db.clone(), Some(args.api), Some(args.worker), Some(args.scheduler)).await;
+            db.close().await;
+            if let Some(mut pg) = embedded {
+                tokio::task::spawn_blocking(move || pg.stop()).await.ok();
+            }
+            res
+        }
+        Command::Api(args) => {
+            let db = connect(&common, "api").await?;
+            serve_roles(db, Some(args), None, None).await
+        }
+        Command::Worker(args) => {
+            let db = connect(&common, "worker").await?;
+            serve_roles(db, None, Some(args), None).await
+        }
+        Command::Scheduler(args) => {
+            let db = connect(&common, "scheduler").await?;
+            serve_roles(db, None, None, Some(args)).await
+        }
+    }
+}
+
+async fn connect(common: &Common, role: &'static str) -> Result<PgPool, StartError> {
+    let url = common.database_url.as_deref().ok_or(StartError::NoDatabaseUrl(role))?;
+    connect_url(url, common.db_max_connections).await
+}
+
+/// Connects, waiting up to 30 s for a database that is still starting.
+async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match db::connect(url, max).await {
+            Ok(p) => return Ok(p),
+            Err(db::DbError::Connect(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs the given roles until SIGTERM or Ctrl-C, then stops them in order: the API stops
+/// taking requests, the scheduler stops firing, the pools finish or release their jobs.
+async fn serve_roles(
+    db: PgPool,
+    api: Option<ApiArgs>,
+    worker: Option<WorkerArgs>,
+    scheduler: Option<SchedulerArgs>,
+) -> Result<(), StartError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let api_task = match api {
+        Some(a) => {
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .map_err(|source| StartError::Listen { addr: a.listen, source })?;
+            tracing::info!(addr = %a.listen, "API listening");
+            let mut rx = stop_rx.clone();
+            let state = molecule_api::AppState { db: db.clone() };
+            Some(tokio::spawn(molecule_api::serve(listener, state, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })))
+        }
+        None => None,
+    };
+
+    let runtime = worker.map(|w| {
+        tracing::info!(backend = %w.backend, "workspace backend");
+        if w.backend == "none" {
+            tracing::warn!("no workspace backend: provision, stop, restart, exec, rescue and a2a jobs fail with `no backend configured`");
+        }
+        let specs = molecule_jobs::handlers::pool_specs(&w.concurrency());
+        molecule_jobs::Runtime::start(db.clone(), w.runtime_config(), specs)
+    });
+
+    let sched_task = scheduler.map(|s| tokio::spawn(molecule_scheduler::run(db.clone(), s.config(), stop_rx.clone())));
+
+    let mut api_task = api_task;
+    let mut result = Ok(());
+    // Run until a signal, or until the API server dies on its own (then stop the rest too).
+    let api_ended = match api_task.as_mut() {
+        Some(t) => tokio::select! {
+            _ = wait_for_signal() => None,
+            r = t => Some(r),
+        },
+        None => {
+            wait_for_signal().await;
+            None
+        }
+    };
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let api_outcome = match (api_ended, api_task) {
+        (Some(r), _) => Some(r),
+        (None, Some(t)) => Some(t.await),
+        (None, None) => None,
+    };
+    if let Some(Ok(Err(e))) = api_outcome {
+        result = Err(StartError::Serve(e));
+    }
+    if let Some(t) = sched_task {
+        let _ = t.await;
+    }
+    if let Some(rt) = runtime {
+        let report = rt.shutdown().await;
+        tracing::info!(released = report.released, "worker pools stopped");
+    }
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

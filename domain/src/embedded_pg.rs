@@ -85,32 +85,45 @@ impl EmbeddedPostgres {
             return Ok(me);
         }
         me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
-        let status = me
+        me.launch()?;
+        Ok(me)
+    }
+
+    /// Starts a stopped cluster again on the same port (tests use it to bounce the database).
+    pub fn start_again(&mut self) -> Result<(), EmbeddedPgError> {
+        self.launch()?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    fn launch(&self) -> Result<(), EmbeddedPgError> {
+        let io = |source| EmbeddedPgError::Io { path: self.data_dir.display().to_string(), source };
+        let status = self
             .pg_command("pg_ctl")
             .arg("-D")
-            .arg(&me.data_dir)
+            .arg(&self.data_dir)
             .arg("-l")
-            .arg(&me.log_file)
+            .arg(&self.log_file)
             .arg("-o")
-            .arg(format!("-p {}", me.port))
+            .arg(format!("-p {}", self.port))
             .args(["-w", "-t", "60", "start"])
             .stdout(std::process::Stdio::null())
             .status()
-            .map_err(io(&me.data_dir))?;
+            .map_err(io)?;
         if !status.success() {
             return Err(EmbeddedPgError::Command {
                 step: "pg_ctl start",
                 code: status.code(),
-                log: me.log_file.display().to_string(),
+                log: self.log_file.display().to_string(),
             });
         }
         tracing::info!(
-            data_dir = %me.data_dir.display(),
-            log = %me.log_file.display(),
-            addr = %format!("127.0.0.1:{}", me.port),
+            data_dir = %self.data_dir.display(),
+            log = %self.log_file.display(),
+            addr = %format!("127.0.0.1:{}", self.port),
             "embedded PostgreSQL started"
         );
-        Ok(me)
+        Ok(())
     }
 
     fn init(&self, root: &Path, pw_file: &Path) -> Result<(), EmbeddedPgError> {

@@ -206,7 +206,7 @@ async fn run_pool(
 
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
-    let acker = tokio::spawn(run_acker(db.clone(), worker_id.clone(), ack_rx, cfg.grace));
+    let acker = tokio::spawn(run_acker(db.clone(), worker_id.clone(), ack_rx, cfg.grace, notify.clone()));
     let mut running: JoinSet<()> = JoinSet::new();
     let mut backoff = ErrorBackoff::new();
 
@@ -395,7 +395,15 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::json
 WHERE j.id = r.id AND j.lock_by = $7 AND j.status = 'Running'
 "#;
 
-async fn run_acker(db: PgPool, worker_id: String, mut rx: mpsc::UnboundedReceiver<Ack>, grace: Duration) {
+/// `wake` is the pool's own waker: after writing a retry (a new future run_at) the
+/// fetcher must re-read its next due time.
+async fn run_acker(
+    db: PgPool,
+    worker_id: String,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+    grace: Duration,
+    wake: Arc<Notify>,
+) {
     let mut buf: Vec<Ack> = Vec::new();
     let mut closed = false;
     while !closed || !buf.is_empty() {
@@ -420,6 +428,9 @@ async fn run_acker(db: PgPool, worker_id: String, mut rx: mpsc::UnboundedReceive
         loop {
             match write_acks(&db, &worker_id, &buf).await {
                 Ok(()) => {
+                    if buf.iter().any(|a| a.status == "Failed" || a.status == "Pending") {
+                        wake.notify_one();
+                    }
                     buf.clear();
                     break;
                 }

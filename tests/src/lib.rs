@@ -1,1 +1,179 @@
+//! Test harness: a real PostgreSQL for every test, and helpers to run our binaries as
+//! separate processes (so tests can SIGKILL and SIGTERM them).
+//!
+//! The cluster: `MOLECULE_TEST_PG_URL` (a superuser URL; `tests/run.sh` sets it) or, when
+//! unset, a private embedded cluster started once per test binary and stopped at exit.
+//! Each test gets its own database, migrated, so tests run in parallel.
 
+use molecule_domain::embedded_pg::EmbeddedPostgres;
+use sqlx::PgPool;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+static CLUSTER: OnceLock<Mutex<Option<EmbeddedPostgres>>> = OnceLock::new();
+static ADMIN_URL: OnceLock<String> = OnceLock::new();
+
+extern "C" fn stop_cluster() {
+    if let Some(m) = CLUSTER.get() {
+        if let Ok(mut g) = m.lock() {
+            if let Some(mut pg) = g.take() {
+                pg.stop();
+            }
+        }
+    }
+}
+
+/// Superuser URL of the shared test cluster (its `postgres` database).
+pub fn admin_url() -> String {
+    ADMIN_URL
+        .get_or_init(|| {
+            if let Ok(u) = std::env::var("MOLECULE_TEST_PG_URL") {
+                return u;
+            }
+            let dir = temp_dir("cluster");
+            let pg = EmbeddedPostgres::start(&dir).expect("start the embedded test cluster");
+            let url = pg.database_url();
+            CLUSTER.get_or_init(|| Mutex::new(Some(pg)));
+            unsafe { libc::atexit(stop_cluster) };
+            url
+        })
+        .clone()
+}
+
+/// A temporary directory every user can traverse (the cluster runs as `postgres`).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("molecule-test-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// URL of `db` on the cluster whose admin URL is `admin`.
+pub fn url_for(admin: &str, db: &str) -> String {
+    let (base, _) = admin.rsplit_once('/').expect("admin URL has a database");
+    format!("{base}/{db}")
+}
+
+/// A fresh, migrated database on the shared cluster: (pool, url).
+pub async fn fresh_db() -> (PgPool, String) {
+    fresh_db_on(&admin_url()).await
+}
+
+pub async fn fresh_db_on(admin: &str) -> (PgPool, String) {
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin_pool = molecule_domain::db::connect(admin, 2).await.expect("connect to the test cluster");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin_pool)
+        .await
+        .expect("create test database");
+    admin_pool.close().await;
+    let url = url_for(admin, &name);
+    let pool = molecule_domain::db::connect(&url, 10).await.expect("connect to the test database");
+    molecule_domain::db::migrate(&pool).await.expect("migrate");
+    (pool, url)
+}
+
+/// Path of one of the workspace's binaries (built by `cargo build --bins`, which
+/// `tests/run.sh` runs before the tests).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// A child process that is SIGKILLed when dropped (unless it already exited).
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, name: &str) -> Proc {
+        let log = std::env::temp_dir().join(format!("molecule-test-{name}-{}.log", fastrand::u64(..)));
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(Stdio::null()).stderr(f);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        eprintln!("{name}: pid {} (log {})", child.id(), log.display());
+        Proc { child, name: name.to_string() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `within` for the process to exit; None if it did not.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The record the test worker writes at the start of every attempt.
+pub const TEST_RUNS_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_runs (
+    job_id text NOT NULL, attempt int NOT NULL, pid int NOT NULL, started_at timestamptz NOT NULL DEFAULT clock_timestamp())";
+
+/// One minimal HTTP/1.1 GET on loopback: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timeout"))??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("read timeout"))??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

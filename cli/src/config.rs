@@ -1,0 +1,179 @@
+//! Command line and environment. Every flag has an environment variable of the same
+//! meaning (SPEC §8 names); values are validated before anything starts, and a bad one
+//! is reported by the variable's name.
+
+use clap::{Args, Parser, Subcommand};
+use molecule_jobs::JobKind;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "molecule", version, about = "Molecule workspace server: API, worker pools and scheduler over PostgreSQL.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// API + every worker pool + scheduler in one process (the default).
+    Serve(ServeArgs),
+    /// The HTTP API only.
+    Api(ApiArgs),
+    /// Worker pools only.
+    Worker(WorkerArgs),
+    /// The cron scheduler only (safe on several replicas: each tick fires once).
+    Scheduler(SchedulerArgs),
+    /// Applies every migration (apalis-postgres' and ours) and exits.
+    Migrate,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// PostgreSQL URL. Unset: `serve` starts an embedded cluster under MOLECULE_DATA_DIR;
+    /// the other commands need it.
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the embedded cluster and local state live.
+    #[arg(long, env = "MOLECULE_DATA_DIR", value_name = "MOLECULE_DATA_DIR", default_value = "./.molecule", global = true)]
+    pub data_dir: PathBuf,
+    /// Most connections this process opens to PostgreSQL.
+    #[arg(long, env = "MOLECULE_DB_MAX_CONNECTIONS", value_name = "MOLECULE_DB_MAX_CONNECTIONS", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(2..=1000), global = true)]
+    pub db_max_connections: u32,
+    /// Log format: json (default) or text.
+    #[arg(long, env = "MOLECULE_LOG_FORMAT", value_name = "MOLECULE_LOG_FORMAT", default_value = "json",
+          value_parser = ["json", "text"], global = true)]
+    pub log_format: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address the API listens on.
+    #[arg(long = "listen", env = "LISTEN_ADDR", value_name = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// A pool and its concurrency, e.g. `--pool exec=16 --pool provision=4` (repeatable).
+    /// None given: every pool at its default concurrency. Pools: provision, stop, restart,
+    /// rescue_capture, exec, a2a_dispatch, sweep.
+    #[arg(long = "pool", env = "MOLECULE_POOLS", value_name = "MOLECULE_POOLS", value_delimiter = ',',
+          value_parser = parse_pool)]
+    pub pools: Vec<(JobKind, usize)>,
+    /// Workspace backend: none (docker and ec2 arrive with their issues).
+    #[arg(long, env = "MOLECULE_BACKEND", value_name = "MOLECULE_BACKEND", default_value = "none",
+          value_parser = parse_backend)]
+    pub backend: String,
+    /// Seconds a worker may go without a heartbeat before its jobs run elsewhere.
+    #[arg(long, env = "MOLECULE_JOB_LEASE_SECS", value_name = "MOLECULE_JOB_LEASE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_secs: u64,
+    /// Seconds running jobs get to finish after SIGTERM before they are handed back.
+    #[arg(long, env = "MOLECULE_SHUTDOWN_GRACE_SECS", value_name = "MOLECULE_SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub grace_secs: u64,
+    /// Fallback polling interval in milliseconds (LISTEN/NOTIFY wakes pools sooner).
+    #[arg(long, env = "MOLECULE_POLL_INTERVAL_MS", value_name = "MOLECULE_POLL_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_ms: u64,
+    /// Most jobs one claim takes.
+    #[arg(long, env = "MOLECULE_CLAIM_BATCH", value_name = "MOLECULE_CLAIM_BATCH", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=5000))]
+    pub claim_batch: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    /// Seconds between retention sweeps.
+    #[arg(long, env = "MOLECULE_RETENTION_SWEEP_SECS", value_name = "MOLECULE_RETENTION_SWEEP_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub retention_every_secs: u64,
+    /// Finished jobs (succeeded, dead, expired, cancelled) are pruned after this many seconds.
+    #[arg(long, env = "MOLECULE_JOB_RETENTION_SECS", value_name = "MOLECULE_JOB_RETENTION_SECS", default_value_t = 604_800,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub job_retention_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+}
+
+fn parse_pool(s: &str) -> Result<(JobKind, usize), String> {
+    let (name, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected POOL=CONCURRENCY"))?;
+    let kind = JobKind::from_queue(name.trim()).ok_or_else(|| {
+        format!("unknown pool {name:?} (pools: provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep)")
+    })?;
+    let n: usize = n.trim().parse().map_err(|_| format!("{s:?}: concurrency must be a whole number"))?;
+    if !(1..=10_000).contains(&n) {
+        return Err(format!("{s:?}: concurrency must be between 1 and 10000"));
+    }
+    Ok((kind, n))
+}
+
+fn parse_backend(s: &str) -> Result<String, String> {
+    match s {
+        "none" => Ok(s.to_string()),
+        "docker" | "ec2" => Err(format!("{s}: this build has no {s} backend yet; use none")),
+        _ => Err(format!("{s:?}: expected none, docker or ec2")),
+    }
+}
+
+impl WorkerArgs {
+    pub fn concurrency(&self) -> HashMap<JobKind, usize> {
+        self.pools.iter().copied().collect()
+    }
+
+    pub fn runtime_config(&self) -> molecule_jobs::RuntimeConfig {
+        let lease = Duration::from_secs(self.lease_secs);
+        molecule_jobs::RuntimeConfig {
+            lease,
+            heartbeat: (lease / 6).max(Duration::from_millis(300)),
+            poll_interval: Duration::from_millis(self.poll_ms),
+            grace: Duration::from_secs(self.grace_secs),
+            batch: self.claim_batch as usize,
+            node: molecule_jobs::runtime::default_node(),
+        }
+    }
+}
+
+impl SchedulerArgs {
+    pub fn config(&self) -> molecule_scheduler::SchedulerConfig {
+        molecule_scheduler::SchedulerConfig {
+            retention_every: Duration::from_secs(self.retention_every_secs),
+            job_retention: Duration::from_secs(self.job_retention_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_pool("exec=16").unwrap(), (JobKind::Exec, 16));
+        assert!(parse_pool("exec").unwrap_err().contains("POOL=CONCURRENCY"));
+        assert!(parse_pool("nope=1").unwrap_err().contains("unknown pool"));
+        assert!(parse_pool("exec=0").is_err());
+    }
+
+    #[test]
+    fn bad_env_value_error_names_the_variable() {
+        let err = Cli::try_parse_from(["molecule", "serve", "--listen", "not-an-addr"]).unwrap_err().to_string();
+        assert!(err.contains("LISTEN_ADDR"), "{err}");
+        let err = Cli::try_parse_from(["molecule", "worker", "--pool", "bogus=2"]).unwrap_err().to_string();
+        assert!(err.contains("MOLECULE_POOLS"), "{err}");
+    }
+}

@@ -1,0 +1,315 @@
+//! Job core against a real PostgreSQL, with the runtime in this process (SPEC §4, J7, A13, A14).
+
+use chrono::{DateTime, Utc};
+use molecule_domain::JobId;
+use molecule_jobs::status::{self, Transition};
+use molecule_jobs::{
+    enqueue, handler_fn, typed_handler, JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime,
+    RuntimeConfig,
+};
+use molecule_tests::{eventually, fresh_db};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn cfg() -> RuntimeConfig {
+    RuntimeConfig {
+        lease: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(500),
+        grace: Duration::from_secs(5),
+        batch: 50,
+        node: "test".into(),
+    }
+}
+
+fn policy(base_ms: u64) -> RetryPolicy {
+    RetryPolicy { base: Duration::from_millis(base_ms), cap: Duration::from_secs(30), max_attempts: 10 }
+}
+
+async fn push(db: &PgPool, job: NewJob) -> JobId {
+    let mut conn = db.acquire().await.unwrap();
+    enqueue(&mut conn, &job).await.unwrap()
+}
+
+async fn wait_status(db: &PgPool, id: &JobId, want: JobStatus, within: Duration) -> status::JobView {
+    eventually(within, &format!("job {id} to be {want:?}"), || async {
+        status::get(db, id).await.unwrap().filter(|v| v.status == want)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_follows_the_callers_transaction() {
+    let (db, _) = fresh_db().await;
+    let mut tx = db.begin().await.unwrap();
+    let rolled_back = enqueue(&mut tx, &NewJob::to_queue("q", &json!({"n": 1}))).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(status::get(&db, &rolled_back).await.unwrap().is_none(), "rolled-back enqueue left a job");
+
+    let mut tx = db.begin().await.unwrap();
+    let committed = enqueue(&mut tx, &NewJob::to_queue("q", &json!({"n": 2}))).await.unwrap();
+    // Not visible to others before commit.
+    assert!(status::get(&db, &committed).await.unwrap().is_none());
+    tx.commit().await.unwrap();
+    let v = status::get(&db, &committed).await.unwrap().expect("committed job visible by id");
+    assert_eq!(v.status, JobStatus::Pending);
+    assert_eq!(v.kind, "q");
+    assert!(committed.as_str().parse::<JobId>().is_ok(), "ids are ULIDs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_first_job() {
+    let (db, _) = fresh_db().await;
+    let a = push(&db, NewJob::to_queue("q", &json!({})).idempotency_key("tick:1")).await;
+    let b = push(&db, NewJob::to_queue("q", &json!({})).idempotency_key("tick:1")).await;
+    let c = push(&db, NewJob::to_queue("q", &json!({})).idempotency_key("tick:2")).await;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
+    assert_eq!(n, 2);
+}
+
+fn started_ats(v: &status::JobView) -> Vec<DateTime<Utc>> {
+    let mut out: Vec<DateTime<Utc>> = v
+        .attempt_log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["started_at"].as_str().unwrap().parse().unwrap())
+        .collect();
+    out.push(v.started_at.unwrap());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
+    let (db, _) = fresh_db().await;
+    let base = 300;
+    let handler = handler_fn(|ctx| async move {
+        if ctx.attempt <= 2 {
+            Err(JobError::Retryable(format!("boom {}", ctx.attempt)))
+        } else {
+            Ok(json!({"ok": ctx.attempt}))
+        }
+    });
+    let rt = Runtime::start(
+        db.clone(),
+        cfg(),
+        vec![PoolSpec { queue: "flaky".into(), concurrency: 2, retry: policy(base), handler }],
+    );
+    let id = push(&db, NewJob::to_queue("flaky", &json!({})).max_attempts(5)).await;
+    let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(20)).await;
+    rt.shutdown().await;
+
+    assert_eq!(v.attempts, 3);
+    assert_eq!(v.result, Some(json!({"ok": 3})));
+    assert_eq!(v.attempt_log.as_array().unwrap().len(), 2);
+    assert_eq!(v.attempt_log[1]["error"], "boom 2");
+    let starts = started_ats(&v);
+    let gap1 = (starts[1] - starts[0]).num_milliseconds();
+    let gap2 = (starts[2] - starts[1]).num_milliseconds();
+    assert!(gap1 >= base as i64, "first retry after {gap1} ms < base {base} ms");
+    assert!(gap2 > gap1, "backoff did not grow: {gap1} ms then {gap2} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_run_out_and_the_job_is_dead() {
+    let (db, _) = fresh_db().await;
+    let handler = handler_fn(|_ctx| async { Err(JobError::Retryable("always".into())) });
+    let rt = Runtime::start(
+        db.clone(),
+        cfg(),
+        vec![PoolSpec { queue: "doomed".into(), concurrency: 1, retry: policy(50), handler }],
+    );
+    let id = push(&db, NewJob::to_queue("doomed", &json!({})).max_attempts(3)).await;
+    let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(20)).await;
+    rt.shutdown().await;
+    assert_eq!(v.attempts, 3);
+    assert_eq!(v.last_error.as_deref(), Some("always"));
+    assert!(v.finished_at.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_expires_at_ends_expired_without_running() {
+    let (db, _) = fresh_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let handler = handler_fn(move |_ctx| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    let rt =
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "ttl".into(), concurrency: 2, retry: policy(100), handler }]);
+    let expired = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() - chrono::Duration::seconds(5))).await;
+    let fresh = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() + chrono::Duration::hours(1))).await;
+    let v = wait_status(&db, &expired, JobStatus::Expired, Duration::from_secs(10)).await;
+    wait_status(&db, &fresh, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the unexpired job ran");
+    assert!(v.last_error.unwrap().contains("expired"));
+}
+
+#[derive(serde::Deserialize)]
+struct Args {
+    #[allow(dead_code)]
+    n: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
+    let (db, _) = fresh_db().await;
+    let handler = typed_handler(|_ctx, a: Args| async move { Ok(json!({"n": a.n})) });
+    let rt =
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "typed".into(), concurrency: 2, retry: policy(100), handler }]);
+    let mut bad = NewJob::to_queue("typed", &json!({}));
+    bad.payload = b"\xff not json at all".to_vec();
+    let bad = push(&db, bad).await;
+    let wrong_shape = push(&db, NewJob::to_queue("typed", &json!({"n": "seven"}))).await;
+    let good = push(&db, NewJob::to_queue("typed", &json!({"n": 7}))).await;
+    let b = wait_status(&db, &bad, JobStatus::Dead, Duration::from_secs(10)).await;
+    let w = wait_status(&db, &wrong_shape, JobStatus::Dead, Duration::from_secs(10)).await;
+    let g = wait_status(&db, &good, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    // The pool still takes new work after the bad ones.
+    let later = push(&db, NewJob::to_queue("typed", &json!({"n": 8}))).await;
+    wait_status(&db, &later, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert_eq!(b.attempts, 1, "an undecodable payload is not retried");
+    assert!(b.last_error.unwrap().starts_with("undecodable payload"));
+    assert!(w.last_error.unwrap().starts_with("undecodable payload"));
+    assert_eq!(g.result, Some(json!({"n": 7})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_the_attempt_not_the_pool() {
+    let (db, _) = fresh_db().await;
+    let handler = handler_fn(|ctx| async move {
+        if ctx.attempt == 1 {
+            panic!("handler bug");
+        }
+        Ok(json!("recovered"))
+    });
+    let rt =
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "panicky".into(), concurrency: 1, retry: policy(50), handler }]);
+    let id = push(&db, NewJob::to_queue("panicky", &json!({})).max_attempts(3)).await;
+    let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert_eq!(v.attempts, 2);
+    assert_eq!(v.attempt_log[0]["error"], "handler panicked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
+    let (db, _) = fresh_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    // Fails while the payload says so; a retried job reads the same payload, so the
+    // handler looks at a flag the test flips.
+    let allow = Arc::new(AtomicUsize::new(0));
+    let a = allow.clone();
+    let handler = handler_fn(move |_ctx| {
+        let (r, a) = (r.clone(), a.clone());
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            if a.load(Ordering::SeqCst) == 0 { Err(JobError::Permanent("not yet".into())) } else { Ok(json!("done")) }
+        }
+    });
+    let rt =
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "ops".into(), concurrency: 2, retry: policy(50), handler }]);
+
+    let scheduled =
+        push(&db, NewJob::to_queue("ops", &json!({})).run_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
+    assert_eq!(status::get(&db, &scheduled).await.unwrap().unwrap().status, JobStatus::Scheduled);
+    assert_eq!(status::cancel(&db, &scheduled).await.unwrap(), Transition::Done);
+    let dead = push(&db, NewJob::to_queue("ops", &json!({})).max_attempts(1)).await;
+    wait_status(&db, &dead, JobStatus::Dead, Duration::from_secs(10)).await;
+    // Past the cancelled job's run_at: it must not have run.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = status::get(&db, &scheduled).await.unwrap().unwrap();
+    assert_eq!(c.status, JobStatus::Cancelled);
+    assert_eq!(c.attempts, 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the dead job ran");
+
+    // Cancel does not apply to a dead job; retry does not apply to an unknown one.
+    assert_eq!(status::cancel(&db, &dead).await.unwrap(), Transition::Conflict(JobStatus::Dead));
+    assert_eq!(status::retry(&db, &JobId::generate()).await.unwrap(), Transition::NotFound);
+
+    allow.store(1, Ordering::SeqCst);
+    assert_eq!(status::retry(&db, &dead).await.unwrap(), Transition::Done);
+    let v = wait_status(&db, &dead, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert_eq!(v.attempts, 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provision_job_without_a_backend_fails_with_no_backend() {
+    let (db, _) = fresh_db().await;
+    let specs = molecule_jobs::handlers::pool_specs(&[(JobKind::Provision, 1)].into_iter().collect());
+    assert_eq!(specs.len(), 1);
+    let rt = Runtime::start(db.clone(), cfg(), specs);
+    let id = push(&db, NewJob::new(JobKind::Provision, &json!({"workspace_id": uuid::Uuid::new_v4()}))).await;
+    let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert!(v.last_error.unwrap().starts_with("no backend configured"));
+    assert_eq!(v.max_attempts, JobKind::Provision.retry_policy().max_attempts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_old_finished_jobs_in_batches_and_keeps_the_rest() {
+    let (db, _) = fresh_db().await;
+    // 2 500 old finished jobs, 10 recent finished, 10 old but still pending.
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, run_at, done_at)
+         SELECT 'old' || g, 'q', '\\x7b7d', CASE WHEN g % 2 = 0 THEN 'Done' ELSE 'Killed' END,
+                now() - interval '10 days', now() - interval '9 days'
+         FROM generate_series(1, 2500) g",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, done_at)
+         SELECT 'new' || g, 'q', '\\x7b7d', 'Done', now() FROM generate_series(1, 10) g",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, run_at)
+         SELECT 'wait' || g, 'q', '\\x7b7d', 'Pending', now() - interval '10 days' FROM generate_series(1, 10) g",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let pruned = molecule_jobs::maintenance::prune_finished(&db, Duration::from_secs(7 * 86400), 1000).await.unwrap();
+    assert_eq!(pruned, 2500);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
+    assert_eq!(left, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_wakes_on_notify_well_before_its_poll_interval() {
+    let (db, _) = fresh_db().await;
+    let handler = handler_fn(|_ctx| async { Ok(json!(null)) });
+    let mut c = cfg();
+    c.poll_interval = Duration::from_secs(30); // only NOTIFY can wake it in time
+    let rt = Runtime::start(db.clone(), c, vec![PoolSpec { queue: "idle".into(), concurrency: 1, retry: policy(100), handler }]);
+    tokio::time::sleep(Duration::from_millis(500)).await; // let it go idle
+    for _ in 0..3 {
+        let id = push(&db, NewJob::to_queue("idle", &json!({}))).await;
+        wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(5)).await;
+    }
+    // A future-dated job runs on time without a NOTIFY (next-due timer).
+    let at = Utc::now() + chrono::Duration::milliseconds(1500);
+    let id = push(&db, NewJob::to_queue("idle", &json!({})).run_at(at)).await;
+    let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    let late = (v.started_at.unwrap() - at).num_milliseconds();
+    assert!((0..5000).contains(&late), "future-dated job started {late} ms after its run_at");
+}
