@@ -1,0 +1,238 @@
+//! The job core across real processes: SIGKILL, SIGTERM, a database that goes away, and
+//! `serve` on the embedded default. Workers are the `testworker` binary of this crate;
+//! `serve` is the `molecule` binary.
+
+use chrono::{DateTime, Utc};
+use molecule_domain::embedded_pg::EmbeddedPostgres;
+use molecule_domain::JobId;
+use molecule_jobs::status::{self, JobView};
+use molecule_jobs::{enqueue, JobStatus, NewJob};
+use molecule_tests::{eventually, fresh_db, fresh_db_on, free_port, http_get, temp_dir, Proc, TEST_RUNS_TABLE};
+use serde_json::json;
+use sqlx::PgPool;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn testworker(url: &str, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_testworker"));
+    cmd.env("DATABASE_URL", url);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(cmd, "testworker")
+}
+
+async fn push(db: &PgPool, payload: serde_json::Value, max_attempts: i32) -> JobId {
+    let mut conn = db.acquire().await.unwrap();
+    enqueue(&mut conn, &NewJob::to_queue("test", &payload).max_attempts(max_attempts)).await.unwrap()
+}
+
+async fn wait_for(db: &PgPool, id: &JobId, want: JobStatus, within: Duration) -> JobView {
+    eventually(within, &format!("job {id} to be {want:?}"), || async {
+        status::get(db, id).await.ok().flatten().filter(|v| v.status == want)
+    })
+    .await
+}
+
+async fn runs(db: &PgPool, id: &JobId) -> Vec<(i32, i32, DateTime<Utc>)> {
+    sqlx::query_as("SELECT attempt, pid, started_at FROM test_runs WHERE job_id = $1 ORDER BY started_at")
+        .bind(id.as_str())
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+async fn setup() -> (PgPool, String) {
+    let (db, url) = fresh_db().await;
+    sqlx::query(TEST_RUNS_TABLE).execute(&db).await.unwrap();
+    (db, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_survives_a_sigkill_between_attempts() {
+    let (db, url) = setup().await;
+    let base_ms = 1500;
+    let env = [("TW_BASE_MS", "1500"), ("TW_POLL_MS", "200")];
+    let mut w1 = testworker(&url, &env);
+    let id = push(&db, json!({"fail_times": 2}), 5).await;
+    // First attempt failed and its retry is scheduled: kill the worker now.
+    wait_for(&db, &id, JobStatus::Failed, Duration::from_secs(15)).await;
+    w1.kill9();
+    let _w2 = testworker(&url, &env);
+    let v = wait_for(&db, &id, JobStatus::Succeeded, Duration::from_secs(30)).await;
+    assert_eq!(v.attempts, 3);
+    let r = runs(&db, &id).await;
+    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_ne!(r[0].1, r[2].1, "the last attempt ran in the restarted process");
+    let gap1 = (r[1].2 - r[0].2).num_milliseconds();
+    let gap2 = (r[2].2 - r[1].2).num_milliseconds();
+    assert!(gap1 >= base_ms, "first retry after {gap1} ms < base {base_ms} ms");
+    assert!(gap2 > gap1, "backoff did not grow across the restart: {gap1} then {gap2} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_run_is_run_again_elsewhere_after_the_lease() {
+    let (db, url) = setup().await;
+    let env = [("TW_LEASE_MS", "2000"), ("TW_POLL_MS", "200")];
+    let mut w1 = testworker(&url, &env);
+    let long = push(&db, json!({"sleep_first_ms": 60000}), 5).await;
+    eventually(Duration::from_secs(15), "the long job to start", || async {
+        (!runs(&db, &long).await.is_empty()).then_some(())
+    })
+    .await;
+    // Other work queued behind it must not be lost either.
+    let mut others = Vec::new();
+    for i in 0..40 {
+        others.push(push(&db, json!({"i": i}), 5).await);
+    }
+    let killed_at = Instant::now();
+    w1.kill9();
+    let _w2 = testworker(&url, &env);
+    let v = wait_for(&db, &long, JobStatus::Succeeded, Duration::from_secs(30)).await;
+    let recovered_after = killed_at.elapsed();
+    for id in &others {
+        wait_for(&db, id, JobStatus::Succeeded, Duration::from_secs(20)).await;
+    }
+    let r = runs(&db, &long).await;
+    assert_eq!(r.len(), 2, "exactly one re-run: {r:?}");
+    assert_ne!(r[0].1, r[1].1, "re-run by another process");
+    assert_eq!(v.attempts, 2);
+    assert!(v.attempt_log[0]["error"].as_str().unwrap().contains("worker lost"));
+    assert!(recovered_after >= Duration::from_millis(1500), "re-run before the lease ran out ({recovered_after:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_jobs_finish_and_exits_zero() {
+    let (db, url) = setup().await;
+    let mut w = testworker(&url, &[("TW_GRACE_MS", "15000"), ("TW_CONCURRENCY", "4")]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(push(&db, json!({"sleep_ms": 2000}), 1).await);
+    }
+    eventually(Duration::from_secs(15), "all three jobs to start", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM test_runs").fetch_one(&db).await.unwrap();
+        (n == 3).then_some(())
+    })
+    .await;
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit(Duration::from_secs(15)).expect("worker exits after SIGTERM");
+    assert_eq!(st.code(), Some(0), "exit status {st:?}");
+    for id in &ids {
+        let v = status::get(&db, id).await.unwrap().unwrap();
+        assert_eq!(v.status, JobStatus::Succeeded, "job {id} did not finish within the grace period");
+        assert_eq!(v.attempts, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_period_hands_unfinished_jobs_back() {
+    let (db, url) = setup().await;
+    let mut w = testworker(&url, &[("TW_GRACE_MS", "500")]);
+    let id = push(&db, json!({"sleep_ms": 3000}), 3).await;
+    eventually(Duration::from_secs(15), "the job to start", || async { (!runs(&db, &id).await.is_empty()).then_some(()) })
+        .await;
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit(Duration::from_secs(10)).expect("worker exits after SIGTERM");
+    assert_eq!(st.code(), Some(0));
+    let v = status::get(&db, &id).await.unwrap().unwrap();
+    assert_eq!(v.status, JobStatus::Pending, "released, not lost");
+    assert_eq!(v.attempts, 0, "the interrupted attempt does not count");
+    // And the next worker runs it.
+    let _w2 = testworker(&url, &[]);
+    wait_for(&db, &id, JobStatus::Succeeded, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_recover_by_themselves_when_postgres_stops_for_ten_seconds() {
+    // Its own cluster: this test stops it.
+    let dir = temp_dir("bounce");
+    let mut pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir)).await.unwrap().unwrap();
+    let (db, url) = fresh_db_on(&pg.database_url()).await;
+    sqlx::query(TEST_RUNS_TABLE).execute(&db).await.unwrap();
+    let mut w = testworker(&url, &[("TW_CONCURRENCY", "4"), ("TW_POLL_MS", "200")]);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(push(&db, json!({"i": i, "sleep_ms": 100}), 10).await);
+    }
+    eventually(Duration::from_secs(15), "work to be under way", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM test_runs").fetch_one(&db).await.unwrap();
+        (n >= 4).then_some(())
+    })
+    .await;
+    db.close().await;
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        std::thread::sleep(Duration::from_secs(10));
+        pg.start_again().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker died while the database was down");
+    let db = molecule_domain::db::connect(&url, 4).await.unwrap();
+    for id in &ids {
+        wait_for(&db, id, JobStatus::Succeeded, Duration::from_secs(60)).await;
+    }
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker is still running");
+    w.signal(libc::SIGTERM);
+    assert_eq!(w.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
+    db.close().await;
+    tokio::task::spawn_blocking(move || pg.stop()).await.unwrap();
+}
+
+fn serve(dir: &std::path::Path, port: u16) -> Proc {
+    let mut cmd = Command::new(molecule_tests::bin_path("molecule"));
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("MOLECULE_SHUTDOWN_GRACE_SECS", "5");
+    Proc::spawn(cmd, "serve")
+}
+
+async fn ready_within(addr: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    eventually(within, "GET /readyz = 200", || async {
+        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await;
+    t0.elapsed()
+}
+
+/// URL of the embedded cluster a `serve` in `dir` runs (port from postmaster.pid).
+fn embedded_url(dir: &std::path::Path) -> String {
+    let pw = std::fs::read_to_string(dir.join(".molecule/pg.password")).unwrap();
+    let pid = std::fs::read_to_string(dir.join(".molecule/pg/postmaster.pid")).unwrap();
+    let port = pid.lines().nth(3).unwrap().trim();
+    format!("postgres://postgres:{}@127.0.0.1:{port}/postgres", pw.trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_database_url_runs_on_its_own_postgres_and_keeps_data() {
+    let dir = temp_dir("serve");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+
+    let mut s1 = serve(&dir, port);
+    let took = ready_within(&addr, Duration::from_secs(30)).await;
+    eprintln!("first start ready in {took:?}");
+    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200);
+    let db = molecule_domain::db::connect(&embedded_url(&dir), 2).await.unwrap();
+    sqlx::query("INSERT INTO organizations (name) VALUES ('kept-across-restarts')").execute(&db).await.unwrap();
+    db.close().await;
+    s1.signal(libc::SIGTERM);
+    assert_eq!(s1.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+    assert!(!dir.join(".molecule/pg/postmaster.pid").exists(), "serve stopped its PostgreSQL on exit");
+
+    let mut s2 = serve(&dir, port);
+    let took = ready_within(&addr, Duration::from_secs(30)).await;
+    eprintln!("second start ready in {took:?}");
+    let db = molecule_domain::db::connect(&embedded_url(&dir), 2).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM organizations WHERE name = 'kept-across-restarts'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "data kept across restarts");
+    db.close().await;
+    s2.signal(libc::SIGTERM);
+    assert_eq!(s2.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+}
