@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine (Debian, root, Rust and PostgreSQL 15
+# binaries present). Installs what the tests need, builds once (dev profile), runs the
+# queue benchmark's smoke round, then every test. Tests start their own PostgreSQL
+# clusters (set MOLECULE_TEST_PG_URL to use an existing superuser URL instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/molecule-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# PostgreSQL binaries (initdb, pg_ctl, postgres) and, when root, a `postgres` user to run them.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    apt-get update -q && apt-get install -y -q postgresql-15 postgresql-contrib-15
+fi
+if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
+    useradd --system --create-home --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+cargo build --locked --workspace --bins --tests
+bench/queue/run.sh --smoke
+cargo test --locked --workspace "$@"
