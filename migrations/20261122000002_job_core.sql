@@ -20,6 +20,26 @@ DO $$ BEGIN
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
 
+-- Every index on apalis.jobs costs an entry per job per state change (status is indexed,
+-- so no update is HOT). Keep only what a path reads; apalis' schema leaves duplicates
+-- and indexes for its own fetcher, which we do not run:
+--   unique_job_id           duplicates the primary key
+--   lidx, idx_apalis_jobs_lock_by   full indexes on lock_by (we read it only for running jobs)
+--   idx_apalis_jobs_fetch_partial   apalis' fetch order; our claim has its own index
+--   idx_jobs_idempotency_key        replaced by a partial unique index (same uniqueness:
+--                                   NULL keys never conflict)
+-- The lock_by foreign key is dropped too: it costs a lookup and a row lock on
+-- apalis.workers for every claimed job, and orphan recovery treats a missing worker row
+-- as a dead worker.
+DROP INDEX IF EXISTS apalis.unique_job_id;
+DROP INDEX IF EXISTS apalis.lidx;
+DROP INDEX IF EXISTS apalis.idx_apalis_jobs_lock_by;
+DROP INDEX IF EXISTS apalis.idx_apalis_jobs_fetch_partial;
+ALTER TABLE apalis.jobs DROP CONSTRAINT IF EXISTS fk_worker_lock_by;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key_idx
+    ON apalis.jobs (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL;
+DROP INDEX IF EXISTS apalis.idx_jobs_idempotency_key;
+
 -- The claim path: available jobs of one queue in (priority, run_at, id) order. Ordering by
 -- run_at over this partial index stays flat on a deep queue (NOTES: ordering by id alone
 -- went quadratic once the table was analysed).
@@ -27,7 +47,7 @@ CREATE INDEX IF NOT EXISTS jobs_claim_idx
     ON apalis.jobs (job_type, priority DESC, run_at, id)
     WHERE status IN ('Pending', 'Failed');
 
--- Orphan recovery: running jobs by the worker that holds them.
+-- Orphan recovery and release: running jobs by the worker that holds them.
 CREATE INDEX IF NOT EXISTS jobs_running_idx
     ON apalis.jobs (lock_by) WHERE status IN ('Queued', 'Running');
 
@@ -36,7 +56,8 @@ CREATE INDEX IF NOT EXISTS jobs_finished_idx
     ON apalis.jobs (done_at) WHERE status IN ('Done', 'Killed');
 
 -- Client reads (A13): one org's jobs, optionally of one workspace, newest first.
-CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, created_at DESC, id DESC)
+    WHERE org_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_workspace_idx ON apalis.jobs (workspace_id, created_at DESC)
     WHERE workspace_id IS NOT NULL;
 

@@ -80,7 +80,7 @@ WITH ins AS (
     INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
                              priority, idempotency_key, org_id, workspace_id, expires_at)
     VALUES ($1, $2, $3, 'Pending', 0, $4, COALESCE($5, now()), $6, $7, $8, $9, $10)
-    ON CONFLICT (job_type, idempotency_key) DO NOTHING
+    ON CONFLICT (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT id FROM ins

@@ -3,16 +3,17 @@
 use sqlx::PgPool;
 use std::time::Duration;
 
-/// Jobs held by a worker whose heartbeat is older than the lease are handed back: run
+/// Jobs held by a worker whose heartbeat is older than the lease (or whose row is gone)
+/// are handed back: run
 /// again at once, or dead when that attempt was the last one. Safe on many processes
 /// at once (SKIP LOCKED).
 const RECOVER_ORPHANS: &str = r#"
 WITH stale AS (
     SELECT j.id
     FROM apalis.jobs j
-    JOIN apalis.workers w ON w.id = j.lock_by
+    LEFT JOIN apalis.workers w ON w.id = j.lock_by
     WHERE j.status IN ('Queued', 'Running')
-      AND w.last_seen < now() - $1 * interval '1 millisecond'
+      AND (w.id IS NULL OR w.last_seen < now() - $1 * interval '1 millisecond')
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE apalis.jobs AS j
@@ -51,11 +52,11 @@ WHERE id IN (
 )
 "#;
 
-/// Worker rows silent for a day that no job refers to any more.
+/// Worker rows silent for a day that hold no running job.
 const PRUNE_WORKERS: &str = r#"
 DELETE FROM apalis.workers w
 WHERE w.last_seen < now() - interval '1 day'
-  AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)
+  AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running'))
 "#;
 
 /// Deletes finished jobs (succeeded, dead, expired, cancelled) older than `retention`,

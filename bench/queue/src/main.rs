@@ -10,8 +10,8 @@
 //! The last line is exactly:
 //! `drain_jobs_s=<n> raw_jobs_s=<n> drain_ratio=<x> pickup_p50_ms=<x> pickup_p95_ms=<x> pickup_p99_ms=<x>`
 //!
-//! Flags: --jobs N (20000) --rounds R (3) --samples S (300) --concurrency C (256)
-//! --batch B (500) --raw-clients K (4) --raw-batch M (50). DATABASE_URL unset → a private
+//! Flags: --jobs N (20000) --rounds R (3) --samples S (300) --concurrency C (1000)
+//! --batch B (1000) --raw-clients K (4) --raw-batch M (50) --pools P (1). DATABASE_URL unset → a private
 //! embedded cluster in a temporary directory.
 
 use molecule_domain::embedded_pg::EmbeddedPostgres;
@@ -30,10 +30,11 @@ struct Opts {
     batch: usize,
     raw_clients: usize,
     raw_batch: i64,
+    pools: usize,
 }
 
 fn opts() -> Result<Opts, String> {
-    let mut o = Opts { jobs: 20_000, rounds: 3, samples: 300, concurrency: 256, batch: 500, raw_clients: 4, raw_batch: 50 };
+    let mut o = Opts { jobs: 20_000, rounds: 3, samples: 300, concurrency: 1000, batch: 1000, raw_clients: 4, raw_batch: 50, pools: 1 };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -47,6 +48,7 @@ fn opts() -> Result<Opts, String> {
             "--batch" => o.batch = n.max(1),
             "--raw-clients" => o.raw_clients = n.max(1),
             "--raw-batch" => o.raw_batch = n.max(1) as i64,
+            "--pools" => o.pools = n.max(1),
             other => return Err(format!("unknown flag {other}")),
         }
         i += 2;
@@ -94,11 +96,10 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> f64 {
         }
     });
     let t0 = Instant::now();
-    let rt = Runtime::start(
-        db.clone(),
-        runtime_cfg(o.batch),
-        vec![PoolSpec { queue: queue.clone(), concurrency: o.concurrency, retry: RETRY, handler }],
-    );
+    let specs = (0..o.pools)
+        .map(|_| PoolSpec { queue: queue.clone(), concurrency: o.concurrency, retry: RETRY, handler: handler.clone() })
+        .collect();
+    let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     all_done.notified().await;
     rt.shutdown().await; // flushes the last acks
     let secs = t0.elapsed().as_secs_f64();
