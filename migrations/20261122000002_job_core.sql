@@ -55,10 +55,11 @@ CREATE INDEX IF NOT EXISTS jobs_running_idx
 CREATE INDEX IF NOT EXISTS jobs_finished_idx
     ON apalis.jobs (done_at) WHERE status IN ('Done', 'Killed');
 
--- Client reads (A13): one org's jobs, optionally of one workspace, newest first.
-CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, created_at DESC, id DESC)
+-- Client reads (A13): one org's jobs, optionally of one workspace, newest first (ids are
+-- ULIDs, so id order is creation order); also serves "a pending restart of this workspace".
+CREATE INDEX IF NOT EXISTS jobs_org_idx ON apalis.jobs (org_id, id DESC)
     WHERE org_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_workspace_idx ON apalis.jobs (workspace_id, created_at DESC)
+CREATE INDEX IF NOT EXISTS jobs_workspace_idx ON apalis.jobs (workspace_id, job_type, id DESC)
     WHERE workspace_id IS NOT NULL;
 
 -- apalis' insert trigger only announces jobs that are due now. Announce future-dated ones

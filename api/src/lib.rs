@@ -1,26 +1,79 @@
-//! The HTTP API. It only validates, writes and enqueues (one transaction per request);
-//! it never calls a workspace backend. This routes: liveness and readiness (A16).
+//! The HTTP API. It only validates, writes and enqueues — one transaction per request —
+//! and never calls a workspace backend (this crate does not depend on one).
+//!
+//! route → extractors (auth, ids, body) → handler → one transaction (domain row + job) → answer.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod routes;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
 use sqlx::PgPool;
-use std::time::Duration;
+use std::time::Instant;
+use tracing::Instrument;
+
+pub use auth::{AuthConfig, OrgPin};
+pub use error::ApiError;
+
+/// Request bodies are capped at 1 MiB (SPEC §3).
+pub const BODY_LIMIT: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
+    pub auth: AuthConfig,
 }
 
 pub fn router(state: AppState) -> Router {
+    use routes::*;
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(not_found)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::serve))
+        .route("/workspaces", post(workspaces::create).get(workspaces::list))
+        .route("/workspaces/{id}", get(workspaces::get).delete(workspaces::delete))
+        .route("/workspaces/{id}/restart", post(workspaces::restart))
+        .route("/workspaces/{id}/events", get(workspaces::events))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/retry", post(jobs::retry))
+        .route("/queues", get(queues::queues))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(request_context))
         .with_state(state)
+}
+
+/// Gives every request an id (the caller's `x-request-id` when it is a sane token, else
+/// a ULID), runs it inside a span carrying that id, echoes the id back, and logs one line
+/// per request: method, path, status, latency. Headers and bodies are never logged.
+async fn request_context(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .map(str::to_string)
+        .unwrap_or_else(|| ulid::Ulid::generate().to_string());
+    let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let started = Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    span.in_scope(|| {
+        tracing::info!(status = res.status().as_u16(), latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request")
+    });
+    res
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.
@@ -30,25 +83,4 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
-}
-
-/// The one shape of every error body: `{"error": code, "detail": sentence}`.
-pub fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": code, "detail": detail.into() }))).into_response()
-}
-
-async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
-}
-
-async fn readyz(State(st): State<AppState>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(2), molecule_domain::db::readiness(&st.db)).await {
-        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
-        Ok(Err(why)) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "database did not answer within 2 s"),
-    }
-}
-
-async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such route")
 }

@@ -30,6 +30,50 @@ pub enum Command {
     Scheduler(SchedulerArgs),
     /// Applies every migration (apalis-postgres' and ours) and exits.
     Migrate,
+    /// Organizations and their tokens (for a fresh install and for operators).
+    Org {
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrgCommand {
+    /// Creates an organization and prints its id and a first token (shown once).
+    Create {
+        /// The organization's display name.
+        name: String,
+        /// Print exactly `{"org_id": "...", "token": "..."}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Org tokens: `create` prints a new token once; `revoke` ends one.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Adds a token to an organization and prints it (shown once).
+    Create {
+        /// The organization id.
+        org_id: String,
+        /// A label to recognise the token by.
+        #[arg(long)]
+        label: Option<String>,
+        /// Print exactly `{"token_id": "...", "token": "..."}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token by its id.
+    Revoke {
+        /// The organization id.
+        org_id: String,
+        /// The token id (printed by `create`).
+        token_id: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -56,6 +100,31 @@ pub struct ApiArgs {
     /// Address the API listens on.
     #[arg(long = "listen", env = "LISTEN_ADDR", value_name = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Bearer token for admin and operator routes. Unset: those routes are refused
+    /// (outside dev mode).
+    #[arg(long, env = "ADMIN_TOKEN", value_name = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// 1 = explicit dev mode: admin routes open without a token (a loud banner says so).
+    #[arg(long, env = "MOLECULE_DEV", value_name = "MOLECULE_DEV", default_value = "0", value_parser = ["0", "1"])]
+    pub dev: String,
+    /// Pin this process to one organization (a UUID). Set but empty: every tenant route
+    /// answers 503 platform_misconfigured (fail closed).
+    #[arg(long, env = "MOLECULE_ORG_ID", value_name = "MOLECULE_ORG_ID", value_parser = parse_org_pin)]
+    pub org_id: Option<molecule_api::OrgPin>,
+}
+
+fn parse_org_pin(s: &str) -> Result<molecule_api::OrgPin, String> {
+    molecule_api::OrgPin::from_env_value(Some(s))
+}
+
+impl ApiArgs {
+    pub fn auth(&self) -> molecule_api::AuthConfig {
+        molecule_api::AuthConfig {
+            admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
+            dev: self.dev == "1",
+            org_pin: self.org_id.clone().unwrap_or(molecule_api::OrgPin::Any),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

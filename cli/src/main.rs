@@ -3,7 +3,7 @@
 mod config;
 
 use clap::Parser;
-use config::{ApiArgs, Cli, Command, Common, SchedulerArgs, WorkerArgs};
+use config::{ApiArgs, Cli, Command, Common, OrgCommand, SchedulerArgs, TokenCommand, WorkerArgs};
 use molecule_domain::db;
 use molecule_domain::embedded_pg::EmbeddedPostgres;
 use sqlx::PgPool;
@@ -23,6 +23,8 @@ enum StartError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("API server failed: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Org(OrgError),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn init_tracing(common: &Common) {
 async fn run(cli: Cli) -> Result<(), StartError> {
     let common = cli.common;
     match cli.command.expect("defaulted to serve above") {
+        Command::Org { command } => org_command(&common, command).await,
         Command::Migrate => {
             let db = connect(&common, "migrate").await?;
             db::migrate(&db).await?;
@@ -115,6 +118,82 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum OrgError {
+    #[error("{0} is not an id (a UUID)")]
+    BadId(&'static str),
+    #[error("no live token {0} in that organization")]
+    NoSuchToken(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+async fn org_command(common: &Common, command: OrgCommand) -> Result<(), StartError> {
+    // Without DATABASE_URL, use the embedded cluster of MOLECULE_DATA_DIR (the one `serve`
+    // runs): started for this command and stopped after, or left running if serve has it.
+    let mut embedded = None;
+    let db = match &common.database_url {
+        Some(u) => connect_url(u, 2).await?,
+        None => {
+            let dir = common.data_dir.clone();
+            let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir))
+                .await
+                .map_err(|e| StartError::Serve(std::io::Error::other(e)))??;
+            let db = connect_url(&pg.database_url(), 2).await?;
+            embedded = Some(pg);
+            db
+        }
+    };
+    let res = org_command_on(&db, command).await;
+    db.close().await;
+    if let Some(pg) = embedded {
+        if pg.adopted() {
+            pg.detach();
+        } else {
+            tokio::task::spawn_blocking(move || drop(pg)).await.ok();
+        }
+    }
+    res
+}
+
+async fn org_command_on(db: &PgPool, command: OrgCommand) -> Result<(), StartError> {
+    db::migrate(db).await?;
+    let mut conn = db.acquire().await.map_err(|e| StartError::Org(e.into()))?;
+    let res = async {
+        match command {
+            OrgCommand::Create { name, json } => {
+                let name = name.trim().to_string();
+                let (org, token) = molecule_domain::tokens::create_org(&mut conn, &name).await?;
+                if json {
+                    println!("{}", serde_json::json!({ "org_id": org.to_string(), "token": token }));
+                } else {
+                    println!("org_id: {org}\ntoken:  {token}\n(the token is shown once; store it now)");
+                }
+            }
+            OrgCommand::Token { command: TokenCommand::Create { org_id, label, json } } => {
+                let org = org_id.parse().map_err(|_| OrgError::BadId("org_id"))?;
+                let (id, token) = molecule_domain::tokens::create_org_token(&mut conn, org, label.as_deref()).await?;
+                if json {
+                    println!("{}", serde_json::json!({ "token_id": id.to_string(), "token": token }));
+                } else {
+                    println!("token_id: {id}\ntoken:    {token}\n(the token is shown once; store it now)");
+                }
+            }
+            OrgCommand::Token { command: TokenCommand::Revoke { org_id, token_id } } => {
+                let org = org_id.parse().map_err(|_| OrgError::BadId("org_id"))?;
+                let id = token_id.parse().map_err(|_| OrgError::BadId("token_id"))?;
+                if !molecule_domain::tokens::revoke_org_token(&mut conn, org, id).await? {
+                    return Err(OrgError::NoSuchToken(token_id));
+                }
+                println!("revoked {id}");
+            }
+        }
+        Ok::<(), OrgError>(())
+    }
+    .await;
+    res.map_err(StartError::Org)
+}
+
 async fn connect(common: &Common, role: &'static str) -> Result<PgPool, StartError> {
     let url = common.database_url.as_deref().ok_or(StartError::NoDatabaseUrl(role))?;
     connect_url(url, common.db_max_connections).await
@@ -152,7 +231,17 @@ async fn serve_roles(
                 .map_err(|source| StartError::Listen { addr: a.listen, source })?;
             tracing::info!(addr = %a.listen, "API listening");
             let mut rx = stop_rx.clone();
-            let state = molecule_api::AppState { db: db.clone() };
+            let auth = a.auth();
+            if auth.dev {
+                tracing::warn!("DEV MODE (MOLECULE_DEV=1): admin routes are open without a token; never run this way in production");
+            }
+            if auth.admin_token.is_none() && !auth.dev {
+                tracing::info!("ADMIN_TOKEN not set: admin routes are refused");
+            }
+            if auth.org_pin == molecule_api::OrgPin::Misconfigured {
+                tracing::error!("MOLECULE_ORG_ID is set but empty: every tenant route answers 503 platform_misconfigured");
+            }
+            let state = molecule_api::AppState { db: db.clone(), auth };
             Some(tokio::spawn(molecule_api::serve(listener, state, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })))

@@ -35,6 +35,7 @@ pub struct EmbeddedPostgres {
     password: String,
     run_as: Option<(u32, u32)>,
     stopped: bool,
+    adopted: bool,
 }
 
 impl EmbeddedPostgres {
@@ -65,6 +66,7 @@ impl EmbeddedPostgres {
             password: String::new(),
             run_as,
             stopped: false,
+            adopted: false,
         };
 
         if !me.data_dir.join("PG_VERSION").exists() {
@@ -82,6 +84,7 @@ impl EmbeddedPostgres {
         if let Some(port) = me.running_port() {
             tracing::info!(data_dir = %me.data_dir.display(), port, "embedded PostgreSQL already running; adopting it");
             me.port = port;
+            me.adopted = true;
             return Ok(me);
         }
         me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
@@ -204,6 +207,16 @@ impl EmbeddedPostgres {
     /// Connection URL. Holds the password: never log it.
     pub fn database_url(&self) -> String {
         format!("postgres://postgres:{}@127.0.0.1:{}/postgres", self.password, self.port)
+    }
+
+    /// True when the cluster was already running (another process of ours started it).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Leaves the cluster running when this handle is dropped.
+    pub fn detach(mut self) {
+        self.stopped = true;
     }
 
     pub fn data_dir(&self) -> &Path {

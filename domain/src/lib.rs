@@ -5,7 +5,9 @@
 pub mod db;
 pub mod embedded_pg;
 pub mod ids;
+pub mod runtimes;
 pub mod status;
+pub mod tokens;
 
 pub use ids::{JobId, OrgId, WorkspaceId};
 pub use status::WorkspaceStatus;

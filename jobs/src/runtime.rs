@@ -164,7 +164,7 @@ WHERE job_type = $1 AND status IN ('Pending', 'Failed')
 
 const REGISTER_WORKER: &str = r#"
 INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-VALUES ($1, $2, 'molecule', '', now(), now())
+VALUES ($1, $2, 'molecule', $3, now(), now())
 ON CONFLICT (id) DO UPDATE SET last_seen = now()
 "#;
 
@@ -194,7 +194,8 @@ async fn run_pool(
         if *shutdown.borrow() {
             return 0;
         }
-        match sqlx::query(REGISTER_WORKER).bind(&worker_id).bind(&queue).execute(db).await {
+        let layers = format!("concurrency={}", spec.concurrency);
+        match sqlx::query(REGISTER_WORKER).bind(&worker_id).bind(&queue).bind(&layers).execute(db).await {
             Ok(_) => break,
             Err(e) => {
                 tracing::warn!(queue, error = %e, "cannot register worker; retrying");

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting to run, due now.
@@ -26,6 +26,30 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub const ALL: [JobStatus; 8] = [
+        Self::Pending,
+        Self::Scheduled,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Dead,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Dead => "dead",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => Self::Pending,
@@ -61,7 +85,7 @@ macro_rules! select_view {
         concat!(
             "SELECT j.id, j.job_type, ",
             job_status_sql!(),
-            ", j.attempts, j.max_attempts, j.run_at, j.created_at, \
+            " AS status, j.attempts, j.max_attempts, j.run_at, j.created_at, \
              j.started_at, j.done_at, j.expires_at, j.last_error, \
              CASE WHEN j.status = 'Done' THEN j.last_result -> 'Ok' END, \
              j.org_id, j.workspace_id, j.attempt_log \
@@ -71,7 +95,7 @@ macro_rules! select_view {
     };
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: String,
     pub kind: String,
@@ -84,10 +108,12 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// What the job returned, when it succeeded (any JSON).
     pub result: Option<serde_json::Value>,
     pub org_id: Option<Uuid>,
     pub workspace_id: Option<Uuid>,
     /// One entry per failed attempt: attempt, started_at, failed_at, error.
+    #[schema(value_type = Vec<Object>)]
     pub attempt_log: serde_json::Value,
 }
 
@@ -145,6 +171,40 @@ pub async fn get_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Option<J
     Ok(row.map(view))
 }
 
+/// Filters of a job listing; `org` is mandatory (X1), the rest optional.
+#[derive(Clone, Debug)]
+pub struct ListFilter {
+    pub org: OrgId,
+    pub workspace: Option<Uuid>,
+    pub kind: Option<String>,
+    pub status: Option<JobStatus>,
+    /// Jobs strictly older than this job id (the previous page's last id).
+    pub before: Option<JobId>,
+    pub limit: i64,
+}
+
+const LIST: &str = concat!(
+    "SELECT * FROM (",
+    select_view!("j.org_id = $1 AND ($2::uuid IS NULL OR j.workspace_id = $2) \
+                  AND ($3::text IS NULL OR j.job_type = $3) AND ($5::text IS NULL OR j.id < $5)"),
+    ") v WHERE ($4::text IS NULL OR v.status = $4) ORDER BY v.id DESC LIMIT $6"
+);
+
+/// One page of an org's jobs, newest first.
+pub async fn list(db: &PgPool, f: &ListFilter) -> Result<Vec<JobView>, sqlx::Error> {
+    let status = f.status.map(JobStatus::as_str);
+    let rows: Vec<ViewRow> = sqlx::query_as(LIST)
+        .bind(f.org.0)
+        .bind(f.workspace)
+        .bind(&f.kind)
+        .bind(status)
+        .bind(f.before.as_ref().map(|b| b.as_str().to_string()))
+        .bind(f.limit)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(view).collect())
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Transition {
     Done,
@@ -163,6 +223,22 @@ WHERE id = $1 AND status IN ('Pending', 'Failed')
 pub async fn cancel(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
     let n = sqlx::query(CANCEL).bind(id.as_str()).execute(db).await?.rows_affected();
     settle(db, id, n).await
+}
+
+/// [`cancel`], only when the job belongs to `org` (another org's job is NotFound).
+pub async fn cancel_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Transition, sqlx::Error> {
+    if get_for_org(db, id, org).await?.is_none() {
+        return Ok(Transition::NotFound);
+    }
+    cancel(db, id).await
+}
+
+/// [`retry`], only when the job belongs to `org`.
+pub async fn retry_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Transition, sqlx::Error> {
+    if get_for_org(db, id, org).await?.is_none() {
+        return Ok(Transition::NotFound);
+    }
+    retry(db, id).await
 }
 
 /// Runs a dead, cancelled or failed job again now, with at least one attempt left.

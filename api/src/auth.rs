@@ -1,0 +1,122 @@
+//! Who is calling (X1, X2). Org tokens (canvas, operators), workspace tokens (agents) and
+//! ADMIN_TOKEN (`/admin/*` and operator routes). Every token goes through the one lookup
+//! predicate of `molecule_domain::tokens`.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use molecule_domain::tokens::{self, TokenOwner};
+use molecule_domain::{OrgId, WorkspaceId};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// How this process is bound to organizations (MOLECULE_ORG_ID).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrgPin {
+    /// Unset: any org's tokens are served, each scoped to its own org.
+    Any,
+    /// Only this org's tokens are accepted.
+    Only(OrgId),
+    /// Set but empty: fail closed on every tenant route, before any query (seed 000).
+    Misconfigured,
+}
+
+impl OrgPin {
+    pub fn from_env_value(v: Option<&str>) -> Result<OrgPin, String> {
+        match v {
+            None => Ok(OrgPin::Any),
+            Some(s) if s.trim().is_empty() => Ok(OrgPin::Misconfigured),
+            Some(s) => s
+                .trim()
+                .parse()
+                .map(OrgPin::Only)
+                .map_err(|_| "MOLECULE_ORG_ID must be an organization id (a UUID)".to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub admin_token: Option<String>,
+    /// MOLECULE_DEV=1: admin routes open without a token.
+    pub dev: bool,
+    pub org_pin: OrgPin,
+}
+
+/// An authenticated tenant caller. `org` is never empty: an org pin misconfiguration
+/// fails the request before any token lookup.
+#[derive(Clone, Copy, Debug)]
+pub struct Principal {
+    pub org: OrgId,
+    /// Some for a workspace token: the caller may only touch that workspace.
+    pub workspace: Option<WorkspaceId>,
+}
+
+impl Principal {
+    /// Org tokens only (creating and deleting workspaces, job control).
+    pub fn require_org(&self) -> Result<OrgId, ApiError> {
+        match self.workspace {
+            None => Ok(self.org),
+            Some(_) => Err(ApiError::Forbidden("this route needs an organization token, not a workspace token".into())),
+        }
+    }
+
+    /// A workspace token reaches only its own workspace: anything else reads as absent.
+    pub fn may_see(&self, ws: WorkspaceId) -> bool {
+        self.workspace.is_none_or(|own| own == ws)
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        if st.auth.org_pin == OrgPin::Misconfigured {
+            return Err(ApiError::PlatformMisconfigured);
+        }
+        let token = bearer(parts).ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        let mut conn = st.db.acquire().await?;
+        let owner = tokens::lookup(&mut conn, token).await?.ok_or(ApiError::Unauthorized("invalid or revoked token"))?;
+        let p = match owner {
+            TokenOwner::Org { org_id, .. } => Principal { org: org_id, workspace: None },
+            TokenOwner::Workspace { workspace_id, org_id, .. } => Principal { org: org_id, workspace: Some(workspace_id) },
+        };
+        if let OrgPin::Only(pinned) = st.auth.org_pin {
+            if p.org != pinned {
+                return Err(ApiError::Unauthorized("this token belongs to an organization this server does not serve"));
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// The operator: ADMIN_TOKEN, compared in constant time. No ADMIN_TOKEN configured →
+/// refused (403), unless the server runs in explicit dev mode.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        match (&st.auth.admin_token, st.auth.dev) {
+            (None, true) => Ok(Admin),
+            (None, false) => Err(ApiError::Forbidden(
+                "admin routes are disabled: ADMIN_TOKEN is not configured".into(),
+            )),
+            (Some(expected), _) => {
+                let given = bearer(parts).ok_or(ApiError::Unauthorized("missing bearer token"))?;
+                if tokens::constant_time_eq(given, expected) {
+                    Ok(Admin)
+                } else {
+                    Err(ApiError::Unauthorized("invalid admin token"))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Workspaces (A1–A4) and their lifecycle events. Each mutating route validates, then
+//! writes the domain rows and pushes its jobs in ONE transaction.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use molecule_domain::{runtimes, OrgId, WorkspaceId, WorkspaceStatus};
+use molecule_jobs::{enqueue, JobKind, NewJob};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{parse_workspace_id, ApiJson, ApiQuery};
+use crate::AppState;
+
+#[derive(Serialize, ToSchema, sqlx::FromRow)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub parent_id: Option<Uuid>,
+    pub name: String,
+    pub runtime: String,
+    pub tier: i16,
+    pub status: WorkspaceStatus,
+    pub delivery_mode: DeliveryMode,
+    pub url: Option<String>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub last_sample_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[sqlx(type_name = "delivery_mode", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    Push,
+    Poll,
+}
+
+macro_rules! ws_cols {
+    () => {
+        "id, org_id, parent_id, name, runtime, tier, status, delivery_mode, url, \
+         last_heartbeat_at, last_sample_error, created_at, updated_at"
+    };
+}
+
+macro_rules! ws_select {
+    ($rest:literal) => {
+        concat!("SELECT ", ws_cols!(), " FROM workspaces w ", $rest)
+    };
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspace {
+    /// 1–200 characters, no control characters.
+    pub name: String,
+    /// One of the known runtimes (`echo`, `external`, `claude-code`, …).
+    pub runtime: String,
+    /// 1–4 (default 2). Tier 3 and up may run commands on the host (exec).
+    #[serde(default)]
+    pub tier: Option<i16>,
+    /// Default `push`; `poll` for `external` runtimes.
+    #[serde(default)]
+    pub delivery_mode: Option<DeliveryMode>,
+    /// A workspace of the same organization.
+    #[serde(default)]
+    pub parent_id: Option<Uuid>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Created {
+    pub workspace: Workspace,
+    /// The provision job; null for `external` workspaces (their agent registers itself).
+    pub job_id: Option<String>,
+}
+
+fn validate(body: &CreateWorkspace) -> ApiResult<(String, i16)> {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::bad("invalid_name", "name must be 1 to 200 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad("invalid_name", "name must not contain control characters"));
+    }
+    if !runtimes::is_known(&body.runtime) {
+        return Err(ApiError::bad(
+            "invalid_runtime",
+            format!("unknown runtime; known runtimes: {}", runtimes::KNOWN.join(", ")),
+        ));
+    }
+    let tier = body.tier.unwrap_or(2);
+    if !(1..=4).contains(&tier) {
+        return Err(ApiError::bad("invalid_tier", "tier must be 1, 2, 3 or 4"));
+    }
+    Ok((name.to_string(), tier))
+}
+
+pub(crate) async fn record_event(
+    conn: &mut PgConnection,
+    org: OrgId,
+    ws: Uuid,
+    event_type: &str,
+    payload: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO structure_events (org_id, workspace_id, event_type, payload) VALUES ($1, $2, $3, $4)")
+        .bind(org.0)
+        .bind(ws)
+        .bind(event_type)
+        .bind(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A1: create a workspace; the row and its provision job commit together.
+#[utoipa::path(post, path = "/workspaces", request_body = CreateWorkspace, tag = "workspaces",
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "created; provisioning is queued", body = Created),
+        (status = 400, description = "invalid body", body = ErrorBody),
+        (status = 401, description = "no or invalid token", body = ErrorBody),
+        (status = 403, description = "a workspace token cannot create workspaces", body = ErrorBody),
+        (status = 413, description = "body too large", body = ErrorBody),
+        (status = 415, description = "body is not JSON", body = ErrorBody),
+        (status = 503, description = "database unavailable or platform misconfigured", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiJson(body): ApiJson<CreateWorkspace>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
+    let org = p.require_org()?;
+    let (name, tier) = validate(&body)?;
+    let external = body.runtime == runtimes::EXTERNAL;
+    let delivery = body.delivery_mode.unwrap_or(if external { DeliveryMode::Poll } else { DeliveryMode::Push });
+    let status = if external { WorkspaceStatus::AwaitingAgent } else { WorkspaceStatus::Provisioning };
+
+    let mut tx = st.db.begin().await?;
+    if let Some(parent) = body.parent_id {
+        let ok: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'")
+                .bind(parent)
+                .bind(org.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if ok.is_none() {
+            return Err(ApiError::bad("invalid_parent", "parent_id is not a workspace of your organization"));
+        }
+    }
+    let ws: Workspace = sqlx::query_as(concat!(
+        "INSERT INTO workspaces (org_id, parent_id, name, runtime, tier, status, delivery_mode) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
+        ws_cols!()
+    ))
+    .bind(org.0)
+    .bind(body.parent_id)
+    .bind(&name)
+    .bind(&body.runtime)
+    .bind(tier)
+    .bind(status)
+    .bind(delivery)
+    .fetch_one(&mut *tx)
+    .await?;
+    let job_id = if external {
+        None
+    } else {
+        let job = NewJob::new(JobKind::Provision, &serde_json::json!({ "workspace_id": ws.id }))
+            .org(org)
+            .workspace(WorkspaceId(ws.id));
+        Some(enqueue(&mut tx, &job).await?.to_string())
+    };
+    record_event(&mut tx, org, ws.id, "WORKSPACE_CREATED", serde_json::json!({ "runtime": ws.runtime, "job_id": job_id }))
+        .await?;
+    tx.commit().await?;
+    tracing::info!(event = "workspace.created", workspace_id = %ws.id, org_id = %org, job_id = ?job_id);
+    Ok((StatusCode::ACCEPTED, Json(Created { workspace: ws, job_id })))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// 1–200, default 50.
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WorkspacePage {
+    pub items: Vec<Workspace>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=200).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::bad("invalid_query", "limit must be between 1 and 200")),
+    }
+}
+
+/// A2: this organization's workspaces (not removed), newest first.
+#[utoipa::path(get, path = "/workspaces", params(ListQuery), tag = "workspaces", security(("bearer" = [])),
+    responses(
+        (status = 200, body = WorkspacePage),
+        (status = 400, description = "bad query", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<WorkspacePage>> {
+    let limit = page_limit(q.limit)?;
+    let cursor = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => {
+            let id: Uuid = c.parse().map_err(|_| ApiError::bad("invalid_cursor", "cursor is not one this API returned"))?;
+            let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2")
+                .bind(id)
+                .bind(p.org.0)
+                .fetch_optional(&st.db)
+                .await?;
+            if found.is_none() {
+                return Err(ApiError::bad("invalid_cursor", "cursor is not one this API returned"));
+            }
+            Some(id)
+        }
+    };
+    let mut items: Vec<Workspace> = sqlx::query_as(ws_select!(
+        "WHERE w.org_id = $1 AND ($2::uuid IS NULL OR w.id = $2) AND w.status <> 'removed' \
+         AND ($3::uuid IS NULL OR (w.created_at, w.id) < (SELECT c.created_at, c.id FROM workspaces c WHERE c.id = $3)) \
+         ORDER BY w.created_at DESC, w.id DESC LIMIT $4"
+    ))
+    .bind(p.org.0)
+    .bind(p.workspace.map(|w| w.0))
+    .bind(cursor)
+    .bind(limit + 1)
+    .fetch_all(&st.db)
+    .await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|w| w.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(WorkspacePage { items, next_cursor }))
+}
+
+async fn load(st: &AppState, p: &Principal, id: WorkspaceId) -> ApiResult<Workspace> {
+    if !p.may_see(id) {
+        return Err(ApiError::NotFound("workspace"));
+    }
+    let ws: Option<Workspace> = sqlx::query_as(ws_select!("WHERE w.id = $1 AND w.org_id = $2"))
+        .bind(id.0)
+        .bind(p.org.0)
+        .fetch_optional(&st.db)
+        .await?;
+    ws.ok_or(ApiError::NotFound("workspace"))
+}
+
+/// A2: one workspace of the caller's organization (another org's id reads as not found).
+#[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = String, Path, description = "workspace id (UUID)")),
+    responses(
+        (status = 200, body = Workspace),
+        (status = 400, description = "malformed id", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn get(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<Workspace>> {
+    let id = parse_workspace_id(&id)?;
+    Ok(Json(load(&st, &p, id).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Removed {
+    /// Workspaces this call marked removed (empty when they already were).
+    pub removed: Vec<Uuid>,
+    /// One stop job per removed workspace.
+    pub job_ids: Vec<String>,
+}
+
+/// The workspace and every descendant, in the caller's organization, that are not yet removed.
+const REMOVE_TREE: &str = r#"
+WITH RECURSIVE tree AS (
+    SELECT id FROM workspaces WHERE id = $1 AND org_id = $2
+    UNION
+    SELECT w.id FROM workspaces w JOIN tree t ON w.parent_id = t.id WHERE w.org_id = $2
+)
+UPDATE workspaces SET status = 'removed', updated_at = now()
+WHERE id IN (SELECT id FROM tree) AND status <> 'removed'
+RETURNING id
+"#;
+
+/// A3: remove a workspace and all its descendants; one stop job each. Idempotent.
+#[utoipa::path(delete, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = String, Path, description = "workspace id (UUID)")),
+    responses(
+        (status = 202, body = Removed),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Removed>)> {
+    let id = parse_workspace_id(&id)?;
+    let org = p.require_org()?;
+    let mut tx = st.db.begin().await?;
+    // Serializes concurrent deletes of the same tree.
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE")
+        .bind(id.0)
+        .bind(org.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_none() {
+        return Err(ApiError::NotFound("workspace"));
+    }
+    let removed: Vec<Uuid> = sqlx::query_scalar(REMOVE_TREE).bind(id.0).bind(org.0).fetch_all(&mut *tx).await?;
+    let mut job_ids = Vec::with_capacity(removed.len());
+    for ws in &removed {
+        let job = NewJob::new(JobKind::Stop, &serde_json::json!({ "workspace_id": ws, "reason": "delete" }))
+            .org(org)
+            .workspace(WorkspaceId(*ws));
+        let job_id = enqueue(&mut tx, &job).await?.to_string();
+        record_event(&mut tx, org, *ws, "WORKSPACE_REMOVED", serde_json::json!({ "job_id": job_id, "root": id })).await?;
+        job_ids.push(job_id);
+    }
+    tx.commit().await?;
+    tracing::info!(event = "workspace.removed", workspace_id = %id, org_id = %org, count = removed.len());
+    Ok((StatusCode::ACCEPTED, Json(Removed { removed, job_ids })))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RestartQueued {
+    pub job_id: String,
+    /// True when a restart was already pending and is returned instead of a new one.
+    pub coalesced: bool,
+}
+
+/// A4: queue a restart; a restart already pending for the workspace is returned instead.
+#[utoipa::path(post, path = "/workspaces/{id}/restart", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = String, Path, description = "workspace id (UUID)")),
+    responses(
+        (status = 202, body = RestartQueued),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "removed or external workspace", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn restart(
+    State(st): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<RestartQueued>)> {
+    let id = parse_workspace_id(&id)?;
+    let org = p.require_org()?;
+    let mut tx = st.db.begin().await?;
+    // The row lock makes concurrent restarts of one workspace take turns: the second sees
+    // the first one's pending job.
+    let row: Option<(WorkspaceStatus, String)> =
+        sqlx::query_as("SELECT status, runtime FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE")
+            .bind(id.0)
+            .bind(org.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (status, runtime) = row.ok_or(ApiError::NotFound("workspace"))?;
+    if status == WorkspaceStatus::Removed {
+        return Err(ApiError::Conflict { code: "workspace_removed", detail: "the workspace is removed".into() });
+    }
+    if runtime == runtimes::EXTERNAL {
+        return Err(ApiError::Conflict {
+            code: "not_restartable",
+            detail: "external workspaces run elsewhere; restart their agent there".into(),
+        });
+    }
+    let pending: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM apalis.jobs WHERE workspace_id = $1 AND job_type = 'restart' \
+         AND status IN ('Pending', 'Failed') ORDER BY id DESC LIMIT 1",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(job_id) = pending {
+        tx.commit().await?;
+        return Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id, coalesced: true })));
+    }
+    let job = NewJob::new(JobKind::Restart, &serde_json::json!({ "workspace_id": id }))
+        .org(org)
+        .workspace(id);
+    let job_id = enqueue(&mut tx, &job).await?.to_string();
+    record_event(&mut tx, org, id.0, "RESTART_REQUESTED", serde_json::json!({ "job_id": job_id })).await?;
+    tx.commit().await?;
+    tracing::info!(event = "workspace.restart_requested", workspace_id = %id, org_id = %org, job_id);
+    Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id, coalesced: false })))
+}
+
+#[derive(Serialize, ToSchema, sqlx::FromRow)]
+pub struct Event {
+    pub id: i64,
+    pub event_type: String,
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// 1–200, default 50.
+    pub limit: Option<i64>,
+}
+
+/// Lifecycle events of a workspace (created, removed, restart requested …), newest first.
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = String, Path, description = "workspace id (UUID)"), EventsQuery),
+    responses(
+        (status = 200, body = Vec<Event>),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn events(
+    State(st): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> ApiResult<Json<Vec<Event>>> {
+    let id = parse_workspace_id(&id)?;
+    let limit = page_limit(q.limit)?;
+    load(&st, &p, id).await?;
+    let rows: Vec<Event> = sqlx::query_as(
+        "SELECT id, event_type, payload, created_at FROM structure_events \
+         WHERE workspace_id = $1 AND org_id = $2 ORDER BY id DESC LIMIT $3",
+    )
+    .bind(id.0)
+    .bind(p.org.0)
+    .bind(limit)
+    .fetch_all(&st.db)
+    .await?;
+    Ok(Json(rows))
+}

@@ -1,0 +1,158 @@
+//! Bearer tokens: minted random, shown once, stored only as a sha256 hash (X2).
+//!
+//! Formats: `mol_org_<64 hex>` (organization tokens) and `mol_ws_<64 hex>` (workspace
+//! tokens). The prefix says what a token is without revealing anything of it; logs and
+//! errors never carry any part of a token.
+
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::{OrgId, WorkspaceId};
+
+pub const ORG_PREFIX: &str = "mol_org_";
+pub const WORKSPACE_PREFIX: &str = "mol_ws_";
+
+/// A freshly minted token: the secret (to show once) and its hash (to store).
+pub struct Minted {
+    pub secret: String,
+    pub sha256: [u8; 32],
+}
+
+fn mint(prefix: &str) -> Minted {
+    let mut buf = [0u8; 32];
+    // The OS generator does not fail on Linux once booted; if it ever did, refusing
+    // to mint is the only safe answer.
+    getrandom::getrandom(&mut buf).expect("OS random number generator unavailable");
+    let secret = format!("{prefix}{}", hex::encode(buf));
+    let sha256 = hash(&secret);
+    Minted { secret, sha256 }
+}
+
+pub fn mint_org_token() -> Minted {
+    mint(ORG_PREFIX)
+}
+
+pub fn mint_workspace_token() -> Minted {
+    mint(WORKSPACE_PREFIX)
+}
+
+pub fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Constant-time equality (for ADMIN_TOKEN).
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    // Compare hashes so the length of the secret does not leak through timing either.
+    hash(a).ct_eq(&hash(b)).into()
+}
+
+/// Who a bearer token authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenOwner {
+    Org { org_id: OrgId, token_id: Uuid },
+    Workspace { workspace_id: WorkspaceId, org_id: OrgId, token_id: Uuid },
+}
+
+/// The ONE predicate every token check goes through (seed 003: three copies of it once
+/// drifted). A token authenticates when it is not revoked, and — for a workspace token —
+/// when its workspace is not `removed`.
+const LOOKUP_TOKEN: &str = r#"
+SELECT 'org' AS kind, t.id, t.org_id, NULL::uuid AS workspace_id
+FROM org_tokens t
+WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL
+UNION ALL
+SELECT 'workspace', t.id, w.org_id, w.id
+FROM workspace_auth_tokens t
+JOIN workspaces w ON w.id = t.workspace_id
+WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL AND w.status <> 'removed'
+LIMIT 1
+"#;
+
+pub async fn lookup(conn: &mut PgConnection, secret: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
+    if !(secret.starts_with(ORG_PREFIX) || secret.starts_with(WORKSPACE_PREFIX)) {
+        return Ok(None);
+    }
+    let row: Option<(String, Uuid, Uuid, Option<Uuid>)> =
+        sqlx::query_as(LOOKUP_TOKEN).bind(&hash(secret)[..]).fetch_optional(conn).await?;
+    Ok(row.and_then(|(kind, id, org, ws)| match (kind.as_str(), ws) {
+        ("org", _) => Some(TokenOwner::Org { org_id: OrgId(org), token_id: id }),
+        ("workspace", Some(ws)) => {
+            Some(TokenOwner::Workspace { workspace_id: WorkspaceId(ws), org_id: OrgId(org), token_id: id })
+        }
+        _ => None,
+    }))
+}
+
+/// Creates an organization and its first token; returns (org id, token secret).
+pub async fn create_org(conn: &mut PgConnection, name: &str) -> Result<(OrgId, String), sqlx::Error> {
+    let org: Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ($1) RETURNING id")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (_, secret) = create_org_token(conn, OrgId(org), None).await?;
+    Ok((OrgId(org), secret))
+}
+
+/// Adds a token to an org; returns (token id, secret).
+pub async fn create_org_token(
+    conn: &mut PgConnection,
+    org: OrgId,
+    label: Option<&str>,
+) -> Result<(Uuid, String), sqlx::Error> {
+    let m = mint_org_token();
+    let id: Uuid =
+        sqlx::query_scalar("INSERT INTO org_tokens (org_id, token_sha256, label) VALUES ($1, $2, $3) RETURNING id")
+            .bind(org.0)
+            .bind(&m.sha256[..])
+            .bind(label)
+            .fetch_one(conn)
+            .await?;
+    Ok((id, m.secret))
+}
+
+/// Revokes an org token by id (within its org). True when a live token was revoked.
+pub async fn revoke_org_token(conn: &mut PgConnection, org: OrgId, token_id: Uuid) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query("UPDATE org_tokens SET revoked_at = now() WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL")
+        .bind(token_id)
+        .bind(org.0)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// Issues a workspace token (stored hashed); returns the secret.
+pub async fn create_workspace_token(conn: &mut PgConnection, ws: WorkspaceId) -> Result<String, sqlx::Error> {
+    let m = mint_workspace_token();
+    sqlx::query("INSERT INTO workspace_auth_tokens (workspace_id, token_sha256) VALUES ($1, $2)")
+        .bind(ws.0)
+        .bind(&m.sha256[..])
+        .execute(conn)
+        .await?;
+    Ok(m.secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_tokens_are_distinct_prefixed_and_hash_stably() {
+        let a = mint_org_token();
+        let b = mint_org_token();
+        assert_ne!(a.secret, b.secret);
+        assert!(a.secret.starts_with(ORG_PREFIX) && a.secret.len() == ORG_PREFIX.len() + 64);
+        assert_eq!(hash(&a.secret), a.sha256);
+        assert!(mint_workspace_token().secret.starts_with(WORKSPACE_PREFIX));
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq("s3cret", "s3cret"));
+        assert!(!constant_time_eq("s3cret", "s3cres"));
+        assert!(!constant_time_eq("s3cret", "s3cret-longer"));
+        assert!(!constant_time_eq("", "x"));
+    }
+}
