@@ -177,3 +177,89 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A response read by [`http`]: status, headers (lower-case names) and body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    /// The `error` code of an error body.
+    pub fn code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// One HTTP/1.1 request on loopback (Connection: close). `body` is sent as JSON unless
+/// `content_type` says otherwise.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    content_type: Option<&str>,
+) -> Resp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the API");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n", content_type.unwrap_or("application/json"), b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    if let Some(b) = body {
+        // The server may answer (413) and close before the whole body is sent.
+        let _ = s.write_all(b.as_bytes()).await;
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await.expect("response within 15 s").ok();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string())))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// The API on a random loopback port, in this process, over `db`.
+pub async fn start_api(db: sqlx::PgPool, auth: molecule_api::AuthConfig) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let state = molecule_api::AppState { db, auth };
+    tokio::spawn(molecule_api::serve(listener, state, std::future::pending()));
+    addr
+}
+
+pub fn open_auth() -> molecule_api::AuthConfig {
+    molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any }
+}

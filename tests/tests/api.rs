@@ -1,0 +1,413 @@
+//! The REST API against a real PostgreSQL and the real HTTP server (SPEC §3, X1, X2, X6).
+
+use molecule_api::{AuthConfig, OrgPin};
+use molecule_domain::tokens;
+use molecule_domain::{OrgId, WorkspaceId};
+use molecule_tests::{fresh_db, http, open_auth, start_api, Resp};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::time::{Duration, Instant};
+
+async fn org(db: &PgPool, name: &str) -> (OrgId, String) {
+    let mut c = db.acquire().await.unwrap();
+    tokens::create_org(&mut c, name).await.unwrap()
+}
+
+async fn get(addr: &str, path: &str, t: Option<&str>) -> Resp {
+    http(addr, "GET", path, t, None, None).await
+}
+
+async fn post(addr: &str, path: &str, t: Option<&str>, body: Value) -> Resp {
+    http(addr, "POST", path, t, Some(&body.to_string()), None).await
+}
+
+async fn create_ws(addr: &str, t: &str, body: Value) -> (String, Option<String>) {
+    let r = post(addr, "/workspaces", Some(t), body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json();
+    (v["workspace"]["id"].as_str().unwrap().to_string(), v["job_id"].as_str().map(str::to_string))
+}
+
+async fn count(db: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(db).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_answers_202_with_a_job_and_row_and_job_commit_together() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (org_id, t) = org(&db, "acme").await;
+
+    let (ws, job) = create_ws(&addr, &t, json!({"name": "alpha", "runtime": "echo", "tier": 3})).await;
+    let job = job.expect("a provision job");
+    let r = get(&addr, &format!("/jobs/{job}"), Some(&t)).await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["kind"], "provision");
+    assert_eq!(v["workspace_id"], ws.as_str());
+    assert_eq!(v["org_id"], org_id.to_string());
+    let w = get(&addr, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+    assert_eq!(w["status"], "provisioning");
+    assert_eq!(w["tier"], 3);
+
+    // External runtime: awaiting_agent, poll, and no job.
+    let r = post(&addr, "/workspaces", Some(&t), json!({"name": "ext", "runtime": "external"})).await;
+    assert_eq!(r.status, 202);
+    let v = r.json();
+    assert_eq!(v["workspace"]["status"], "awaiting_agent");
+    assert_eq!(v["workspace"]["delivery_mode"], "poll");
+    assert!(v["job_id"].is_null());
+
+    // Force the job push to fail inside the transaction: neither the row nor a job remains.
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_push() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'injected'; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER fail_push BEFORE INSERT ON apalis.jobs FOR EACH ROW EXECUTE FUNCTION fail_push();",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let before_ws = count(&db, "SELECT count(*) FROM workspaces").await;
+    let before_jobs = count(&db, "SELECT count(*) FROM apalis.jobs").await;
+    let r = post(&addr, "/workspaces", Some(&t), json!({"name": "doomed", "runtime": "echo"})).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.code(), "internal");
+    assert!(!r.body.contains("injected"), "no internals in the response");
+    assert_eq!(count(&db, "SELECT count(*) FROM workspaces").await, before_ws, "the row was rolled back");
+    assert_eq!(count(&db, "SELECT count(*) FROM workspaces WHERE name = 'doomed'").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs").await, before_jobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_hides_other_orgs_and_refuses_bad_tokens() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_a, ta) = org(&db, "a").await;
+    let (_b, tb) = org(&db, "b").await;
+    let (ws, job) = create_ws(&addr, &ta, json!({"name": "a1", "runtime": "echo"})).await;
+    let job = job.unwrap();
+
+    // A revoked org token of org A.
+    let mut c = db.acquire().await.unwrap();
+    let org_a: OrgId = _a;
+    let (revoked_id, revoked) = tokens::create_org_token(&mut c, org_a, Some("old")).await.unwrap();
+    assert!(tokens::revoke_org_token(&mut c, org_a, revoked_id).await.unwrap());
+    // A workspace token whose workspace is removed.
+    let (gone, _) = create_ws(&addr, &ta, json!({"name": "gone", "runtime": "echo"})).await;
+    let gone_token = tokens::create_workspace_token(&mut c, gone.parse::<WorkspaceId>().unwrap()).await.unwrap();
+    assert_eq!(http(&addr, "DELETE", &format!("/workspaces/{gone}"), Some(&ta), None, None).await.status, 202);
+    drop(c);
+
+    let by_id: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/workspaces/{ws}"), None),
+        ("GET", format!("/workspaces/{ws}/events"), None),
+        ("POST", format!("/workspaces/{ws}/restart"), None),
+        ("DELETE", format!("/workspaces/{ws}"), None),
+        ("GET", format!("/jobs/{job}"), None),
+        ("POST", format!("/jobs/{job}/cancel"), None),
+        ("POST", format!("/jobs/{job}/retry"), None),
+    ];
+    for (m, path, _) in &by_id {
+        let r = http(&addr, m, path, Some(&tb), None, None).await;
+        assert_eq!(r.status, 404, "org B on {m} {path}: {}", r.body);
+        assert_eq!(r.code(), "not_found");
+    }
+    // Org B's listings do not show org A's rows.
+    let v = get(&addr, "/workspaces", Some(&tb)).await.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    let v = get(&addr, "/jobs", Some(&tb)).await.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    let v = get(&addr, &format!("/jobs?workspace_id={ws}"), Some(&tb)).await.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+
+    let mut all: Vec<(&str, String)> = by_id.iter().map(|(m, p, _)| (*m, p.clone())).collect();
+    all.extend([("GET", "/workspaces".to_string()), ("POST", "/workspaces".to_string()), ("GET", "/jobs".to_string())]);
+    for (m, path) in &all {
+        let body = (*m == "POST" && path == "/workspaces").then(|| json!({"name": "x", "runtime": "echo"}).to_string());
+        for (who, tok) in [("no token", None), ("revoked token", Some(revoked.as_str())), ("removed workspace's token", Some(gone_token.as_str())), ("garbage", Some("mol_org_nope"))] {
+            let r = http(&addr, m, path, tok, body.as_deref(), None).await;
+            assert_eq!(r.status, 401, "{who} on {m} {path}: {}", r.body);
+            assert_eq!(r.code(), "unauthorized");
+        }
+    }
+    // Nothing of org A was touched by any of that.
+    let w = get(&addr, &format!("/workspaces/{ws}"), Some(&ta)).await.json();
+    assert_eq!(w["status"], "provisioning");
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'restart'").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_token_sees_only_its_own_workspace() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (mine, _) = create_ws(&addr, &t, json!({"name": "mine", "runtime": "echo"})).await;
+    let (other, _) = create_ws(&addr, &t, json!({"name": "other", "runtime": "echo"})).await;
+    let mut c = db.acquire().await.unwrap();
+    let wt = tokens::create_workspace_token(&mut c, mine.parse().unwrap()).await.unwrap();
+    assert_eq!(get(&addr, &format!("/workspaces/{mine}"), Some(&wt)).await.status, 200);
+    assert_eq!(get(&addr, &format!("/workspaces/{other}"), Some(&wt)).await.status, 404);
+    let v = get(&addr, "/workspaces", Some(&wt)).await.json();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    assert_eq!(v["items"][0]["id"], mine.as_str());
+    let r = post(&addr, "/workspaces", Some(&wt), json!({"name": "x", "runtime": "echo"})).await;
+    assert_eq!(r.status, 403);
+    let r = post(&addr, &format!("/workspaces/{mine}/restart"), Some(&wt), json!({})).await;
+    assert_eq!(r.status, 403);
+    let jobs = get(&addr, "/jobs", Some(&wt)).await.json();
+    assert!(jobs["items"].as_array().unwrap().iter().all(|j| j["workspace_id"] == mine.as_str()));
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_org_pin_fails_closed_before_any_query() {
+    // A pool to a port where nothing listens: any query would fail as database_unavailable,
+    // so a platform_misconfigured answer proves that no query ran.
+    // (127.0.0.254:9: loopback, and nothing of ours ever listens there.)
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://nobody:x@127.0.0.254:9/none")
+        .unwrap();
+    let pinned_empty = AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap() };
+    let addr = start_api(db.clone(), pinned_empty).await;
+    let id = uuid::Uuid::new_v4();
+    for (m, path) in [("GET", format!("/workspaces/{id}")), ("GET", "/workspaces".into()), ("GET", "/jobs".into()), ("DELETE", format!("/workspaces/{id}"))] {
+        let r = http(&addr, m, &path, Some("mol_org_0000"), None, None).await;
+        assert_eq!(r.status, 503, "{m} {path}: {}", r.body);
+        assert_eq!(r.code(), "platform_misconfigured");
+    }
+    // The same server with no pin does try the database (and says so).
+    let addr = start_api(db, open_auth()).await;
+    let t0 = Instant::now();
+    let r = get(&addr, "/workspaces", Some("mol_org_0000")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "database_unavailable");
+    assert!(t0.elapsed() < Duration::from_secs(5), "database down must answer quickly, took {:?}", t0.elapsed());
+    assert!(OrgPin::from_env_value(Some("not-a-uuid")).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_gate() {
+    let (db, _) = fresh_db().await;
+    let (_o, org_token) = org(&db, "a").await;
+    let off = start_api(db.clone(), open_auth()).await;
+    let r = get(&off, "/queues", None).await;
+    assert_eq!(r.status, 403, "unset ADMIN_TOKEN outside dev mode refuses");
+    assert_eq!(get(&off, "/queues", Some(&org_token)).await.status, 403, "an org token is no admin token");
+
+    let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any }).await;
+    assert_eq!(get(&dev, "/queues", None).await.status, 200);
+
+    let on = start_api(db.clone(), AuthConfig { admin_token: Some("s3cret-admin".into()), dev: false, org_pin: OrgPin::Any }).await;
+    assert_eq!(get(&on, "/queues", None).await.status, 401);
+    assert_eq!(get(&on, "/queues", Some("s3cret-admi")).await.status, 401);
+    assert_eq!(get(&on, "/queues", Some(&org_token)).await.status, 401);
+    let r = get(&on, "/queues", Some("s3cret-admin")).await;
+    assert_eq!(r.status, 200);
+    let queues = r.json();
+    let names: Vec<&str> = queues.as_array().unwrap().iter().map(|q| q["queue"].as_str().unwrap()).collect();
+    for q in ["provision", "stop", "restart", "rescue_capture", "exec", "a2a_dispatch", "sweep"] {
+        assert!(names.contains(&q), "{q} missing from {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_the_tree_once_with_one_stop_job_each() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (root, _) = create_ws(&addr, &t, json!({"name": "root", "runtime": "echo"})).await;
+    let (c1, _) = create_ws(&addr, &t, json!({"name": "c1", "runtime": "echo", "parent_id": root})).await;
+    let (_c2, _) = create_ws(&addr, &t, json!({"name": "c2", "runtime": "echo", "parent_id": root})).await;
+    let (_g1, _) = create_ws(&addr, &t, json!({"name": "g1", "runtime": "echo", "parent_id": c1})).await;
+    let (bystander, _) = create_ws(&addr, &t, json!({"name": "other", "runtime": "echo"})).await;
+
+    let r = http(&addr, "DELETE", &format!("/workspaces/{root}"), Some(&t), None, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["removed"].as_array().unwrap().len(), 4);
+    assert_eq!(v["job_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(count(&db, "SELECT count(*) FROM workspaces WHERE status = 'removed'").await, 4);
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'stop'").await, 4);
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT workspace_id) FROM apalis.jobs WHERE job_type = 'stop' AND convert_from(job, 'UTF8')::jsonb ->> 'reason' = 'delete'").await,
+        4
+    );
+    let b = get(&addr, &format!("/workspaces/{bystander}"), Some(&t)).await.json();
+    assert_eq!(b["status"], "provisioning");
+
+    // Again: nothing new.
+    let r = http(&addr, "DELETE", &format!("/workspaces/{root}"), Some(&t), None, None).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["job_ids"].as_array().unwrap().len(), 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'stop'").await, 4);
+    // Removed workspaces leave the listing; their events say why.
+    let list = get(&addr, "/workspaces", Some(&t)).await.json();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let ev = get(&addr, &format!("/workspaces/{root}/events"), Some(&t)).await.json();
+    let types: Vec<&str> = ev.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["WORKSPACE_REMOVED", "WORKSPACE_CREATED"]);
+    // A child cannot be created under a removed parent.
+    let r = post(&addr, "/workspaces", Some(&t), json!({"name": "late", "runtime": "echo", "parent_id": root})).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_parent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_restarts_coalesce_into_one_job() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (ws, _) = create_ws(&addr, &t, json!({"name": "w", "runtime": "echo"})).await;
+    let path = format!("/workspaces/{ws}/restart");
+    let (a, b) = tokio::join!(post(&addr, &path, Some(&t), json!({})), post(&addr, &path, Some(&t), json!({})));
+    assert_eq!((a.status, b.status), (202, 202), "{} / {}", a.body, b.body);
+    let (a, b) = (a.json(), b.json());
+    assert_eq!(a["job_id"], b["job_id"]);
+    assert_ne!(a["coalesced"], b["coalesced"], "exactly one created the job");
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'restart'").await, 1);
+    let ev = get(&addr, &format!("/workspaces/{ws}/events"), Some(&t)).await.json();
+    assert_eq!(ev[0]["event_type"], "RESTART_REQUESTED");
+
+    // Once that restart is no longer pending, a new one is queued.
+    let job = a["job_id"].as_str().unwrap();
+    assert_eq!(post(&addr, &format!("/jobs/{job}/cancel"), Some(&t), json!({})).await.status, 200);
+    let c = post(&addr, &path, Some(&t), json!({})).await.json();
+    assert_ne!(c["job_id"], a["job_id"]);
+    assert_eq!(c["coalesced"], false);
+
+    let (ext, _) = create_ws(&addr, &t, json!({"name": "e", "runtime": "external"})).await;
+    let r = post(&addr, &format!("/workspaces/{ext}/restart"), Some(&t), json!({})).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "not_restartable"));
+    assert_eq!(http(&addr, "DELETE", &format!("/workspaces/{ws}"), Some(&t), None, None).await.status, 202);
+    let r = post(&addr, &path, Some(&t), json!({})).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "workspace_removed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_listing_filters_paginates_and_cancel_retry_check_state() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let mut ws = Vec::new();
+    for i in 0..5 {
+        ws.push(create_ws(&addr, &t, json!({"name": format!("w{i}"), "runtime": "echo"})).await);
+    }
+    let page1 = get(&addr, "/jobs?limit=2&kind=provision", Some(&t)).await.json();
+    assert_eq!(page1["items"].as_array().unwrap().len(), 2);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_string();
+    let page2 = get(&addr, &format!("/jobs?limit=2&kind=provision&cursor={cursor}"), Some(&t)).await.json();
+    let page3 = get(&addr, &format!("/jobs?limit=2&kind=provision&cursor={}", page2["next_cursor"].as_str().unwrap()), Some(&t)).await.json();
+    assert_eq!(page3["items"].as_array().unwrap().len(), 1);
+    assert!(page3["next_cursor"].is_null());
+    let mut seen: Vec<String> = [&page1, &page2, &page3]
+        .iter()
+        .flat_map(|p| p["items"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()))
+        .collect();
+    seen.dedup();
+    assert_eq!(seen.len(), 5, "pages neither skip nor repeat");
+
+    let (w0, j0) = (&ws[0].0, ws[0].1.clone().unwrap());
+    let only = get(&addr, &format!("/jobs?workspace_id={w0}"), Some(&t)).await.json();
+    assert_eq!(only["items"].as_array().unwrap().len(), 1);
+    assert_eq!(only["items"][0]["id"], j0.as_str());
+    let pending = get(&addr, "/jobs?status=pending", Some(&t)).await.json();
+    assert_eq!(pending["items"].as_array().unwrap().len(), 5);
+    assert_eq!(get(&addr, "/jobs?status=dead", Some(&t)).await.json()["items"].as_array().unwrap().len(), 0);
+
+    // Cancel: pending → cancelled; again → 409. Retry a cancelled job → pending.
+    let r = post(&addr, &format!("/jobs/{j0}/cancel"), Some(&t), json!({})).await;
+    assert_eq!((r.status, r.json()["status"].as_str().unwrap().to_string()), (200, "cancelled".into()));
+    let r = post(&addr, &format!("/jobs/{j0}/cancel"), Some(&t), json!({})).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "invalid_state"));
+    let r = post(&addr, &format!("/jobs/{}/retry", ws[1].1.clone().unwrap()), Some(&t), json!({})).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "invalid_state"), "a pending job is not retried");
+    let r = post(&addr, &format!("/jobs/{j0}/retry"), Some(&t), json!({})).await;
+    assert_eq!((r.status, r.json()["status"].as_str().unwrap().to_string()), (200, "pending".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_4xx() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let t = Some(t.as_str());
+    let (ws, job) = create_ws(&addr, t.unwrap(), json!({"name": "w", "runtime": "echo"})).await;
+    let job = job.unwrap();
+
+    let cases: Vec<(&str, String, Option<String>, Option<&str>, u16, &str)> = vec![
+        ("POST", "/workspaces".into(), Some("{\"name\": ".into()), None, 400, "invalid_json"),
+        ("POST", "/workspaces".into(), Some("[1,2]".into()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x"}).to_string()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tierr": 3}).to_string()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tier": "3"}).to_string()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "nope"}).to_string()), None, 400, "invalid_runtime"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "  ", "runtime": "echo"}).to_string()), None, 400, "invalid_name"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "a\u{7}b", "runtime": "echo"}).to_string()), None, 400, "invalid_name"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x".repeat(201), "runtime": "echo"}).to_string()), None, 400, "invalid_name"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tier": 5}).to_string()), None, 400, "invalid_tier"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tier": 0}).to_string()), None, 400, "invalid_tier"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "delivery_mode": "carrier-pigeon"}).to_string()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "parent_id": "nope"}).to_string()), None, 400, "invalid_body"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "parent_id": uuid::Uuid::new_v4()}).to_string()), None, 400, "invalid_parent"),
+        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo"}).to_string()), Some("text/plain"), 415, "unsupported_media_type"),
+        ("GET", "/workspaces/not-a-uuid".into(), None, None, 400, "invalid_id"),
+        ("GET", format!("/workspaces/{}", uuid::Uuid::new_v4()), None, None, 404, "not_found"),
+        ("GET", "/jobs/not-a-ulid".into(), None, None, 400, "invalid_id"),
+        ("GET", format!("/jobs/{}", job.to_lowercase()), None, None, 400, "invalid_id"),
+        ("GET", "/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV".into(), None, None, 404, "not_found"),
+        ("POST", "/jobs/not-a-ulid/cancel".into(), Some("{}".into()), None, 400, "invalid_id"),
+        ("GET", "/workspaces?limit=0".into(), None, None, 400, "invalid_query"),
+        ("GET", "/workspaces?limit=abc".into(), None, None, 400, "invalid_query"),
+        ("GET", "/workspaces?bogus=1".into(), None, None, 400, "invalid_query"),
+        ("GET", "/workspaces?cursor=nope".into(), None, None, 400, "invalid_cursor"),
+        ("GET", format!("/workspaces?cursor={}", uuid::Uuid::new_v4()), None, None, 400, "invalid_cursor"),
+        ("GET", "/jobs?status=exploded".into(), None, None, 400, "invalid_query"),
+        ("GET", "/jobs?kind=teleport".into(), None, None, 400, "invalid_query"),
+        ("GET", "/jobs?workspace_id=zzz".into(), None, None, 400, "invalid_id"),
+        ("GET", "/jobs?cursor=zzz".into(), None, None, 400, "invalid_cursor"),
+        ("GET", format!("/workspaces/{ws}/events?limit=500"), None, None, 400, "invalid_query"),
+        ("GET", "/no/such/route".into(), None, None, 404, "not_found"),
+        ("PUT", "/workspaces".into(), Some("{}".into()), None, 405, "method_not_allowed"),
+        ("PATCH", format!("/jobs/{job}"), Some("{}".into()), None, 405, "method_not_allowed"),
+    ];
+    for (m, path, body, ct, status, code) in cases {
+        let r = http(&addr, m, &path, t, body.as_deref(), ct).await;
+        assert_eq!(r.status, status, "{m} {path} {body:?}: {}", r.body);
+        assert_eq!(r.code(), code, "{m} {path}: {}", r.body);
+        assert!(r.json()["detail"].as_str().is_some_and(|d| !d.is_empty()), "{m} {path}: no detail");
+    }
+    // Over the 1 MiB body cap.
+    let big = json!({"name": "x".repeat(1 << 20), "runtime": "echo"}).to_string();
+    let r = http(&addr, "POST", "/workspaces", t, Some(&big), None).await;
+    assert_eq!((r.status, r.code().as_str()), (413, "payload_too_large"));
+    assert_eq!(count(&db, "SELECT count(*) FROM workspaces").await, 1, "no bad request wrote anything");
+    // Every response carries a request id.
+    let r = get(&addr, "/healthz", None).await;
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() == 26));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_route() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db, open_auth()).await;
+    let r = get(&addr, "/openapi.json", None).await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    let paths = doc["paths"].as_object().unwrap();
+    for (p, m) in [
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/workspaces", "post"),
+        ("/workspaces", "get"),
+        ("/workspaces/{id}", "get"),
+        ("/workspaces/{id}", "delete"),
+        ("/workspaces/{id}/restart", "post"),
+        ("/workspaces/{id}/events", "get"),
+        ("/jobs", "get"),
+        ("/jobs/{id}", "get"),
+        ("/jobs/{id}/cancel", "post"),
+        ("/jobs/{id}/retry", "post"),
+        ("/queues", "get"),
+    ] {
+        assert!(paths.get(p).and_then(|x| x.get(m)).is_some(), "{m} {p} is not documented");
+    }
+}
