@@ -236,3 +236,70 @@ async fn serve_without_database_url_runs_on_its_own_postgres_and_keeps_data() {
     s2.signal(libc::SIGTERM);
     assert_eq!(s2.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_cli_prints_tokens_once_and_no_token_reaches_the_logs() {
+    let (db, url) = fresh_db().await;
+    let bin = molecule_tests::bin_path("molecule");
+    let out = Command::new(&bin).args(["org", "create", "acme", "--json"]).env("DATABASE_URL", &url).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["org_id", "token"], "exactly org_id and token");
+    let org_id = v["org_id"].as_str().unwrap().to_string();
+    let token = v["token"].as_str().unwrap().to_string();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM org_tokens WHERE org_id = $1::uuid AND token_sha256 = sha256($2::bytea)")
+        .bind(&org_id)
+        .bind(token.as_bytes())
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "stored as its sha256 only");
+    let plain: i64 = sqlx::query_scalar("SELECT count(*) FROM org_tokens WHERE position($1::bytea in token_sha256) > 0")
+        .bind(token.as_bytes())
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(plain, 0);
+
+    let out = Command::new(&bin).args(["org", "token", "create", &org_id, "--json"]).env("DATABASE_URL", &url).output().unwrap();
+    assert!(out.status.success());
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second_token = second["token"].as_str().unwrap().to_string();
+
+    // serve (API only on the test database), JSON logs captured.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = temp_dir("logs").join("api.log");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["api"]).env("DATABASE_URL", &url).env("LISTEN_ADDR", &addr).env("RUST_LOG", "debug");
+    cmd.stderr(std::fs::File::create(&log).unwrap()).stdout(std::process::Stdio::null());
+    let mut api = Proc { child: cmd.spawn().unwrap(), name: "api".into() };
+    ready_within(&addr, Duration::from_secs(30)).await;
+    let auth = |t: String| {
+        let addr = addr.clone();
+        async move { molecule_tests::http(&addr, "GET", "/workspaces", Some(&t), None, None).await }
+    };
+    assert_eq!(auth(token.clone()).await.status, 200);
+    assert_eq!(auth(second_token.clone()).await.status, 200);
+    assert_eq!(auth("mol_org_0123456789abcdef".into()).await.status, 401);
+
+    let out = Command::new(&bin)
+        .args(["org", "token", "revoke", &org_id, second["token_id"].as_str().unwrap()])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(auth(second_token.clone()).await.status, 401, "a revoked token stops working at once");
+    assert_eq!(auth(token.clone()).await.status, 200);
+
+    api.signal(libc::SIGTERM);
+    assert_eq!(api.wait_exit(Duration::from_secs(15)).and_then(|s| s.code()), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("\"request_id\""), "request ids are logged");
+    for secret in [&token, &second_token] {
+        let hexpart = &secret[secret.len() - 64..];
+        assert!(!text.contains(&hexpart[..12]), "a token (or part of one) reached the log");
+    }
+    assert!(!text.contains("mol_org_0123456789abcdef"));
+}
