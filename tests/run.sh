@@ -17,5 +17,13 @@ if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
 fi
 
 cargo build --locked --workspace --bins --tests
+
+# The API only validates and enqueues: it must never link a workspace backend.
+if cargo tree --locked -p molecule-api -e normal --prefix none | grep -E '^(bollard|aws-|russh)' ; then
+    echo "molecule-api depends on a backend crate (above); it must not" >&2
+    exit 1
+fi
+
 bench/queue/run.sh --smoke
+tests/fuzz_api.sh
 cargo test --locked --workspace "$@"

@@ -22,7 +22,7 @@ fn visible(p: &Principal, v: &JobView) -> bool {
 
 /// A13: a job by id.
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "job id (ULID)")),
+    params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 200, body = JobView),
         (status = 400, body = ErrorBody),
@@ -43,14 +43,18 @@ pub async fn get(State(st): State<AppState>, p: Principal, Path(id): Path<String
 #[into_params(parameter_in = Query)]
 pub struct JobsQuery {
     /// Only this workspace's jobs.
+    #[param(value_type = Option<uuid::Uuid>)]
     pub workspace_id: Option<String>,
     /// pending, scheduled, running, succeeded, failed, dead, expired or cancelled.
+    #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
     /// provision, stop, restart, rescue_capture, exec, a2a_dispatch or sweep.
     pub kind: Option<String>,
     /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")]
     pub cursor: Option<String>,
 }
 
@@ -123,7 +127,7 @@ async fn transition(st: &AppState, p: &Principal, id: &str, cancel: bool) -> Api
 
 /// A14: cancel a waiting job (pending, scheduled, or failed awaiting its retry).
 #[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "job id (ULID)")),
+    params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 200, body = JobView),
         (status = 400, body = ErrorBody),
@@ -139,7 +143,7 @@ pub async fn cancel(State(st): State<AppState>, p: Principal, Path(id): Path<Str
 
 /// A14: run a dead, cancelled or failed job again now.
 #[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])),
-    params(("id" = String, Path, description = "job id (ULID)")),
+    params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 200, body = JobView),
         (status = 400, body = ErrorBody),

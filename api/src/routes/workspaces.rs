@@ -59,11 +59,13 @@ macro_rules! ws_select {
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkspace {
     /// 1–200 characters, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// One of the known runtimes (`echo`, `external`, `claude-code`, …).
     pub runtime: String,
     /// 1–4 (default 2). Tier 3 and up may run commands on the host (exec).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 4)]
     pub tier: Option<i16>,
     /// Default `push`; `poll` for `external` runtimes.
     #[serde(default)]
@@ -187,8 +189,10 @@ pub async fn create(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<uuid::Uuid>)]
     pub cursor: Option<String>,
 }
 
@@ -266,7 +270,7 @@ async fn load(st: &AppState, p: &Principal, id: WorkspaceId) -> ApiResult<Worksp
 
 /// A2: one workspace of the caller's organization (another org's id reads as not found).
 #[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])),
-    params(("id" = String, Path, description = "workspace id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")),
     responses(
         (status = 200, body = Workspace),
         (status = 400, description = "malformed id", body = ErrorBody),
@@ -301,7 +305,7 @@ RETURNING id
 
 /// A3: remove a workspace and all its descendants; one stop job each. Idempotent.
 #[utoipa::path(delete, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])),
-    params(("id" = String, Path, description = "workspace id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")),
     responses(
         (status = 202, body = Removed),
         (status = 400, body = ErrorBody),
@@ -347,7 +351,7 @@ pub struct RestartQueued {
 
 /// A4: queue a restart; a restart already pending for the workspace is returned instead.
 #[utoipa::path(post, path = "/workspaces/{id}/restart", tag = "workspaces", security(("bearer" = [])),
-    params(("id" = String, Path, description = "workspace id (UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")),
     responses(
         (status = 202, body = RestartQueued),
         (status = 400, body = ErrorBody),
@@ -418,12 +422,13 @@ pub struct Event {
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 
 /// Lifecycle events of a workspace (created, removed, restart requested …), newest first.
 #[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])),
-    params(("id" = String, Path, description = "workspace id (UUID)"), EventsQuery),
+    params(("id" = uuid::Uuid, Path, description = "workspace id"), EventsQuery),
     responses(
         (status = 200, body = Vec<Event>),
         (status = 400, body = ErrorBody),
