@@ -135,10 +135,26 @@ pub struct WorkerArgs {
     #[arg(long = "pool", env = "MOLECULE_POOLS", value_name = "MOLECULE_POOLS", value_delimiter = ',',
           value_parser = parse_pool)]
     pub pools: Vec<(JobKind, usize)>,
-    /// Workspace backend: none (docker and ec2 arrive with their issues).
-    #[arg(long, env = "MOLECULE_BACKEND", value_name = "MOLECULE_BACKEND", default_value = "none",
-          value_parser = parse_backend)]
-    pub backend: String,
+    /// Workspace backend: docker or none. Unset: docker when a Docker engine answers, else none.
+    #[arg(long, env = "MOLECULE_BACKEND", value_name = "MOLECULE_BACKEND", value_parser = parse_backend)]
+    pub backend: Option<String>,
+    /// The URL workspaces use to reach the API. Default: http://<LISTEN_ADDR> under
+    /// `serve`, http://127.0.0.1:8080 otherwise.
+    #[arg(long, env = "PLATFORM_URL", value_name = "PLATFORM_URL")]
+    pub platform_url: Option<String>,
+    /// Registry prefix of runtime images (J1).
+    #[arg(long, env = "MOLECULE_IMAGE_REGISTRY", value_name = "MOLECULE_IMAGE_REGISTRY", default_value = "ghcr.io/molecule-ai")]
+    pub image_registry: String,
+    /// Platform of pulled images and created containers, e.g. linux/amd64.
+    #[arg(long, env = "MOLECULE_IMAGE_PLATFORM", value_name = "MOLECULE_IMAGE_PLATFORM")]
+    pub image_platform: Option<String>,
+    /// 1 = ignore runtime image digest pins (use the registry image as is).
+    #[arg(long, env = "WORKSPACE_IMAGE_LOCAL_OVERRIDE", value_name = "WORKSPACE_IMAGE_LOCAL_OVERRIDE", default_value = "0",
+          value_parser = ["0", "1"])]
+    pub image_local_override: String,
+    /// Docker network mode of workspace containers (`host` for local installs and tests).
+    #[arg(long, env = "MOLECULE_DOCKER_NETWORK", value_name = "MOLECULE_DOCKER_NETWORK", default_value = "host")]
+    pub docker_network: String,
     /// Seconds a worker may go without a heartbeat before its jobs run elsewhere.
     #[arg(long, env = "MOLECULE_JOB_LEASE_SECS", value_name = "MOLECULE_JOB_LEASE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -193,9 +209,9 @@ fn parse_pool(s: &str) -> Result<(JobKind, usize), String> {
 
 fn parse_backend(s: &str) -> Result<String, String> {
     match s {
-        "none" => Ok(s.to_string()),
-        "docker" | "ec2" => Err(format!("{s}: this build has no {s} backend yet; use none")),
-        _ => Err(format!("{s:?}: expected none, docker or ec2")),
+        "none" | "docker" => Ok(s.to_string()),
+        "ec2" => Err("ec2: this build has no EC2 backend yet; use docker or none".to_string()),
+        _ => Err(format!("{s:?}: expected docker, ec2 or none")),
     }
 }
 

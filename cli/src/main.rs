@@ -25,6 +25,8 @@ enum StartError {
     Serve(std::io::Error),
     #[error("{0}")]
     Org(OrgError),
+    #[error("MOLECULE_BACKEND=docker: {0}")]
+    Backend(molecule_backends::BackendError),
 }
 
 fn main() -> ExitCode {
@@ -96,7 +98,11 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             };
             let db = connect_url(&url, common.db_max_connections).await?;
             db::migrate(&db).await?;
-            let res = serve_roles(db.clone(), Some(args.api), Some(args.worker), Some(args.scheduler)).await;
+            let mut worker = args.worker;
+            if worker.platform_url.is_none() {
+                worker.platform_url = Some(format!("http://{}", args.api.listen));
+            }
+            let res = serve_roles(db.clone(), Some(args.api), Some(worker), Some(args.scheduler)).await;
             db.close().await;
             if let Some(mut pg) = embedded {
                 tokio::task::spawn_blocking(move || pg.stop()).await.ok();
@@ -249,14 +255,25 @@ async fn serve_roles(
         None => None,
     };
 
-    let runtime = worker.map(|w| {
-        tracing::info!(backend = %w.backend, "workspace backend");
-        if w.backend == "none" {
-            tracing::warn!("no workspace backend: provision, stop, restart, exec, rescue and a2a jobs fail with `no backend configured`");
+    let runtime = match worker {
+        Some(w) => {
+            let backend = select_backend(&w).await?;
+            tracing::info!(backend = backend.name(), "workspace backend");
+            if backend.name() == "none" {
+                tracing::warn!("no workspace backend: provision, stop and restart jobs fail with `no backend configured`");
+            }
+            let deps = molecule_workers::Deps {
+                db: db.clone(),
+                backend,
+                platform_url: w.platform_url.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+                registry: molecule_backends::image::registry_prefix(Some(&w.image_registry)),
+                image_local_override: w.image_local_override == "1",
+            };
+            let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
+            Some(molecule_jobs::Runtime::start(db.clone(), w.runtime_config(), specs))
         }
-        let specs = molecule_jobs::handlers::pool_specs(&w.concurrency());
-        molecule_jobs::Runtime::start(db.clone(), w.runtime_config(), specs)
-    });
+        None => None,
+    };
 
     let sched_task = scheduler.map(|s| tokio::spawn(molecule_scheduler::run(db.clone(), s.config(), stop_rx.clone())));
 
@@ -291,6 +308,23 @@ async fn serve_roles(
         tracing::info!(released = report.released, "worker pools stopped");
     }
     result
+}
+
+/// MOLECULE_BACKEND: docker (must answer), none, or unset (docker when an engine answers).
+async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_backends::Backend>, StartError> {
+    use molecule_backends::docker::{DockerBackend, DockerConfig};
+    let cfg = DockerConfig { network_mode: w.docker_network.clone(), platform: w.image_platform.clone() };
+    match w.backend.as_deref() {
+        Some("none") => Ok(std::sync::Arc::new(molecule_backends::NoBackend)),
+        Some(_) => Ok(std::sync::Arc::new(DockerBackend::connect(cfg).await.map_err(StartError::Backend)?)),
+        None => match DockerBackend::connect(cfg).await {
+            Ok(d) => Ok(std::sync::Arc::new(d)),
+            Err(e) => {
+                tracing::info!(error = %e, "no Docker engine answers; running without a workspace backend");
+                Ok(std::sync::Arc::new(molecule_backends::NoBackend))
+            }
+        },
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

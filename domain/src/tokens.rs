@@ -156,3 +156,55 @@ mod tests {
         assert!(!constant_time_eq("", "x"));
     }
 }
+
+/// Both secrets a workspace starts with. Its fields are private and it is only made by
+/// [`mint_workspace_secrets`]: a backend cannot be handed a workspace to start without
+/// them (seed 003: a provision path once skipped the mint).
+pub struct MintedSecrets {
+    token: String,
+    inbound_secret: String,
+}
+
+impl MintedSecrets {
+    /// The workspace's bearer token for the platform (A12).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+    /// What the platform presents to the workspace's agent (J6).
+    pub fn inbound_secret(&self) -> &str {
+        &self.inbound_secret
+    }
+}
+
+impl std::fmt::Debug for MintedSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MintedSecrets { .. }")
+    }
+}
+
+pub const INBOUND_PREFIX: &str = "mol_pis_";
+
+/// A fresh platform inbound secret (stored as is: the platform must present it).
+pub fn mint_inbound_secret() -> String {
+    let mut buf = [0u8; 32];
+    getrandom::getrandom(&mut buf).expect("OS random number generator unavailable");
+    format!("{INBOUND_PREFIX}{}", hex::encode(buf))
+}
+
+/// THE one function every provision path (create, restart, child workspaces) uses to
+/// mint a workspace's secrets: revokes its live tokens, issues a new one, and sets a new
+/// platform inbound secret. Run it in the transaction that records the provision.
+pub async fn mint_workspace_secrets(conn: &mut PgConnection, ws: WorkspaceId) -> Result<MintedSecrets, sqlx::Error> {
+    sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1 AND revoked_at IS NULL")
+        .bind(ws.0)
+        .execute(&mut *conn)
+        .await?;
+    let token = create_workspace_token(&mut *conn, ws).await?;
+    let inbound_secret = mint_inbound_secret();
+    sqlx::query("UPDATE workspaces SET platform_inbound_secret = $2, updated_at = now() WHERE id = $1")
+        .bind(ws.0)
+        .bind(&inbound_secret)
+        .execute(&mut *conn)
+        .await?;
+    Ok(MintedSecrets { token, inbound_secret })
+}

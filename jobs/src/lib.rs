@@ -8,13 +8,13 @@
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
 //! - [`maintenance`]: orphan recovery and retention pruning.
 //! - [`kinds`]: the job kinds of the product and their retry policies.
-//! - [`handlers`]: what each kind does (backend-dependent kinds fail with `NoBackend`
-//!   until a backend is wired: no fake success).
+//!
+//! What each kind does lives in `molecule-workers` (it needs the backends, which the
+//! API — a user of this crate — must not link).
 
 pub mod backoff;
 pub mod enqueue;
 pub mod handler;
-pub mod handlers;
 pub mod kinds;
 pub mod maintenance;
 pub mod runtime;

@@ -250,13 +250,31 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provision_job_without_a_backend_fails_with_no_backend() {
     let (db, _) = fresh_db().await;
-    let specs = molecule_jobs::handlers::pool_specs(&[(JobKind::Provision, 1)].into_iter().collect());
+    let deps = molecule_workers::Deps {
+        db: db.clone(),
+        backend: std::sync::Arc::new(molecule_backends::NoBackend),
+        platform_url: "http://127.0.0.1:9".into(),
+        registry: molecule_backends::image::DEFAULT_REGISTRY.into(),
+        image_local_override: false,
+    };
+    let ws: uuid::Uuid = sqlx::query_scalar(
+        "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
+         INSERT INTO workspaces (org_id, name, runtime, tier) SELECT id, 'w', 'echo', 2 FROM o RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let specs = molecule_workers::handlers::pool_specs(&deps, &[(JobKind::Provision, 1)].into_iter().collect());
     assert_eq!(specs.len(), 1);
     let rt = Runtime::start(db.clone(), cfg(), specs);
-    let id = push(&db, NewJob::new(JobKind::Provision, &json!({"workspace_id": uuid::Uuid::new_v4()}))).await;
+    let id = push(&db, NewJob::new(JobKind::Provision, &json!({"workspace_id": ws}))).await;
     let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
     rt.shutdown().await;
     assert!(v.last_error.unwrap().starts_with("no backend configured"));
+    let (status, err): (String, String) =
+        sqlx::query_as("SELECT status::text, last_sample_error FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
+    assert_eq!(status, "failed");
+    assert_eq!(err, molecule_workers::provision::CANNED_FAILURE);
     assert_eq!(v.max_attempts, JobKind::Provision.retry_policy().max_attempts);
 }
 

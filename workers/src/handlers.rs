@@ -1,15 +1,14 @@
-//! What each product job kind does. The workspace backends (Docker, EC2) arrive in later
-//! issues; until one is wired, every backend-dependent kind fails its job with
-//! [`JobError::NoBackend`], visible in the job's `last_error` — never a fake success.
+//! The handler of every job kind. Kinds whose capability is not built yet (rescue
+//! capture, exec, A2A dispatch) fail their jobs with a permanent error that says so —
+//! never a fake success.
 
+use molecule_domain::WorkspaceId;
+use molecule_jobs::{maintenance, typed_handler, Handler, JobError, JobKind, PoolSpec};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::handler::{typed_handler, Handler, JobError};
-use crate::kinds::JobKind;
-use crate::maintenance;
-use crate::runtime::PoolSpec;
+use crate::Deps;
 
 /// Payload of the jobs that act on one workspace.
 #[derive(Debug, Deserialize)]
@@ -30,8 +29,10 @@ pub struct SweepArgs {
 
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-fn no_backend() -> Handler {
-    typed_handler(|_ctx, _args: WorkspaceArgs| async { Err(JobError::NoBackend) })
+fn not_built(what: &'static str) -> Handler {
+    typed_handler(move |_ctx, _args: serde_json::Value| async move {
+        Err(JobError::Permanent(format!("{what} is not built yet in this version of the server")))
+    })
 }
 
 fn sweep() -> Handler {
@@ -51,21 +52,31 @@ fn sweep() -> Handler {
 }
 
 /// The handler of a product kind.
-pub fn handler_for(kind: JobKind) -> Handler {
+pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
+    let d = deps.clone();
     match kind {
         JobKind::Sweep => sweep(),
-        JobKind::Provision
-        | JobKind::Stop
-        | JobKind::Restart
-        | JobKind::RescueCapture
-        | JobKind::Exec
-        | JobKind::A2aDispatch => no_backend(),
+        JobKind::Provision => typed_handler(move |ctx, a: WorkspaceArgs| {
+            let d = d.clone();
+            async move { crate::provision::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }
+        }),
+        JobKind::Stop => typed_handler(move |ctx, a: WorkspaceArgs| {
+            let d = d.clone();
+            async move { crate::stop::run(&d, &ctx, WorkspaceId(a.workspace_id), a.reason.as_deref()).await }
+        }),
+        JobKind::Restart => typed_handler(move |ctx, a: WorkspaceArgs| {
+            let d = d.clone();
+            async move { crate::restart::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }
+        }),
+        JobKind::RescueCapture => not_built("rescue capture"),
+        JobKind::Exec => not_built("exec"),
+        JobKind::A2aDispatch => not_built("A2A dispatch"),
     }
 }
 
 /// Pool specs for the given kinds (all kinds when `concurrency` is empty), each with its
 /// configured or default concurrency.
-pub fn pool_specs(concurrency: &HashMap<JobKind, usize>) -> Vec<PoolSpec> {
+pub fn pool_specs(deps: &Deps, concurrency: &HashMap<JobKind, usize>) -> Vec<PoolSpec> {
     let kinds: Vec<JobKind> = if concurrency.is_empty() {
         JobKind::ALL.to_vec()
     } else {
@@ -77,7 +88,7 @@ pub fn pool_specs(concurrency: &HashMap<JobKind, usize>) -> Vec<PoolSpec> {
             queue: k.queue().to_string(),
             concurrency: concurrency.get(&k).copied().unwrap_or_else(|| k.default_concurrency()),
             retry: k.retry_policy(),
-            handler: handler_for(k),
+            handler: handler_for(k, deps),
         })
         .collect()
 }

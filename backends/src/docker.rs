@@ -1,0 +1,243 @@
+//! The Docker backend (bollard). One container `ws-<id prefix>` per workspace, one volume
+//! `ws-<id prefix>-configs` mounted at `/configs`, both labelled managed + workspace id.
+
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use molecule_domain::WorkspaceId;
+use std::collections::HashMap;
+
+use crate::{image, Backend, BackendError, ManagedInstance, StartSpec, Started};
+
+pub const MANAGED_LABEL: &str = "molecule.platform.managed";
+pub const WORKSPACE_LABEL: &str = "molecule.workspace.id";
+
+#[derive(Clone, Debug)]
+pub struct DockerConfig {
+    /// `host` for local installs and tests (loopback only); a network name otherwise.
+    pub network_mode: String,
+    /// MOLECULE_IMAGE_PLATFORM, e.g. `linux/amd64`.
+    pub platform: Option<String>,
+}
+
+pub struct DockerBackend {
+    docker: Docker,
+    cfg: DockerConfig,
+}
+
+/// `ws-` and the first 12 hex digits of the workspace id.
+pub fn container_name(ws: WorkspaceId) -> String {
+    format!("ws-{}", &ws.0.simple().to_string()[..12])
+}
+
+pub fn volume_name(ws: WorkspaceId) -> String {
+    format!("{}-configs", container_name(ws))
+}
+
+fn classify(e: DockerError) -> BackendError {
+    match e {
+        DockerError::DockerResponseServerError { status_code, message } => BackendError::engine(status_code, &message),
+        other => BackendError::EngineUnavailable(other.to_string()),
+    }
+}
+
+fn status_of(e: &DockerError) -> Option<u16> {
+    match e {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn message_of(e: &DockerError) -> &str {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message,
+        _ => "",
+    }
+}
+
+impl DockerBackend {
+    /// Connects to the local engine (unix socket or DOCKER_HOST) and checks that it answers.
+    pub async fn connect(cfg: DockerConfig) -> Result<Self, BackendError> {
+        let docker = Docker::connect_with_local_defaults().map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
+        let docker = docker.negotiate_version().await.map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
+        docker.ping().await.map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
+        Ok(DockerBackend { docker, cfg })
+    }
+
+    fn labels(ws: WorkspaceId) -> HashMap<String, String> {
+        HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string()), (WORKSPACE_LABEL.to_string(), ws.to_string())])
+    }
+
+    /// Present and not a moving tag: use it. Missing, or moving: pull (a failed re-pull of
+    /// a moving tag that is present locally keeps the local copy).
+    async fn ensure_image(&self, reference: &str) -> Result<Option<String>, BackendError> {
+        let present = match self.docker.inspect_image(reference).await {
+            Ok(info) => Some(info.id),
+            Err(e) if status_of(&e) == Some(404) => None,
+            Err(e) => return Err(classify(e)),
+        };
+        if present.is_some() && !image::is_moving(reference) {
+            return Ok(present.flatten());
+        }
+        let mut opts = CreateImageOptionsBuilder::default().from_image(reference);
+        if let Some(p) = &self.cfg.platform {
+            opts = opts.platform(p);
+        }
+        let mut pull = self.docker.create_image(Some(opts.build()), None, None);
+        let mut failure = None;
+        while let Some(step) = pull.next().await {
+            if let Err(e) = step {
+                failure = Some(e);
+                break;
+            }
+        }
+        match (failure, present) {
+            (None, _) => Ok(self.docker.inspect_image(reference).await.ok().and_then(|i| i.id)),
+            (Some(e), Some(local)) => {
+                tracing::warn!(image = reference, error = %e, "re-pull of a moving tag failed; using the local image");
+                Ok(local)
+            }
+            (Some(e), None) => {
+                tracing::warn!(image = reference, error = %e, "image pull failed");
+                Err(BackendError::ImageNotFound(reference.to_string()))
+            }
+        }
+    }
+
+    fn config_archive(spec: &StartSpec) -> Result<Vec<u8>, BackendError> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            (".auth_token", spec.secrets().token().as_bytes()),
+            (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes()),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
+        }
+        b.into_inner().map_err(|e| BackendError::EngineUnavailable(e.to_string()))
+    }
+
+    async fn remove_container(&self, name: &str) -> Result<(), BackendError> {
+        let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            // Someone else is already removing it: the outcome we want.
+            Err(e) if status_of(&e) == Some(409) && message_of(&e).contains("already in progress") => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
+        let ws = spec.workspace_id;
+        let name = container_name(ws);
+        let digest = self.ensure_image(&spec.image).await?;
+        // A leftover container from an earlier attempt is replaced.
+        self.remove_container(&name).await?;
+        let volume = volume_name(ws);
+        self.docker
+            .create_volume(VolumeCreateRequest { name: Some(volume.clone()), labels: Some(Self::labels(ws)), ..Default::default() })
+            .await
+            .map_err(classify)?;
+        let mut env: Vec<String> = spec.env().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if self.cfg.network_mode == "host" {
+            // Host networking shares one port space: each agent gets its own port.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| BackendError::EngineUnavailable(format!("no free port for the agent: {e}")))?;
+            env.push(format!("AGENT_PORT={port}"));
+        }
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(env),
+            labels: Some(Self::labels(ws)),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{volume}:/configs")]),
+                network_mode: Some(self.cfg.network_mode.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut opts = CreateContainerOptionsBuilder::default().name(&name);
+        if let Some(p) = &self.cfg.platform {
+            opts = opts.platform(p);
+        }
+        self.docker.create_container(Some(opts.build()), body).await.map_err(classify)?;
+        // The secrets land in /configs before the agent can start.
+        let archive = Self::config_archive(spec)?;
+        let upload = UploadToContainerOptionsBuilder::default().path("/configs").build();
+        self.docker
+            .upload_to_container(&name, Some(upload), bollard::body_full(archive.into()))
+            .await
+            .map_err(classify)?;
+        self.docker.start_container(&name, None).await.map_err(classify)?;
+        tracing::info!(event = "provision.container_started", workspace_id = %ws, org_id = %spec.org_id, container = name);
+        Ok(Started { container_name: name, image_digest: digest })
+    }
+
+    async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError> {
+        let name = container_name(ws);
+        let docker = self.docker.clone();
+        // Detached from the caller: a cancelled job must not leave a half-stopped container.
+        let stop = tokio::spawn(async move {
+            let opts = StopContainerOptionsBuilder::default().t(10).build();
+            match docker.stop_container(&name, Some(opts)).await {
+                Ok(()) => Ok(()),
+                Err(e) if matches!(status_of(&e), Some(404) | Some(304)) => Ok(()),
+                Err(e) => Err(classify(e)),
+            }
+        });
+        stop.await.map_err(|e| BackendError::EngineUnavailable(e.to_string()))??;
+        self.remove_container(&container_name(ws)).await
+    }
+
+    async fn remove_volume(&self, ws: WorkspaceId) -> Result<(), BackendError> {
+        let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
+        match self.docker.remove_volume(&volume_name(ws), Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>) {
+        match self.docker.inspect_container(&container_name(ws), None).await {
+            Ok(info) => match info.state.and_then(|s| s.running) {
+                Some(r) => (r, None),
+                None => (true, Some(BackendError::engine(200, "container state missing from the engine's answer"))),
+            },
+            Err(e) if status_of(&e) == Some(404) => (false, None),
+            Err(e) => (true, Some(classify(e))),
+        }
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{MANAGED_LABEL}=true")])]);
+        let opts = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = self.docker.list_containers(Some(opts)).await.map_err(classify)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ManagedInstance {
+                name: c.names.and_then(|n| n.first().cloned()).unwrap_or_default().trim_start_matches('/').to_string(),
+                workspace_id: c.labels.and_then(|l| l.get(WORKSPACE_LABEL).cloned()),
+                running: c.state.map(|s| format!("{s:?}").to_lowercase().contains("running")).unwrap_or(false),
+            })
+            .collect())
+    }
+}

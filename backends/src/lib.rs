@@ -1,0 +1,152 @@
+//! Workspace backends (SPEC §6): where a workspace actually runs. The job handlers
+//! (`molecule-workers`) drive them; the API never links this crate.
+//!
+//! - [`docker`]: containers on a Docker engine (bollard).
+//! - [`NoBackend`]: fails every call with [`BackendError::NoBackend`] — never panics,
+//!   never pretends.
+//! - [`image`]: image resolution and tag classification (J1).
+
+pub mod docker;
+pub mod image;
+
+use molecule_domain::tokens::MintedSecrets;
+use molecule_domain::{OrgId, WorkspaceId};
+
+/// Upstream bodies are read into errors up to this many bytes, never more.
+pub const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no backend configured")]
+    NoBackend,
+    #[error("container engine unavailable: {0}")]
+    EngineUnavailable(String),
+    #[error("image {0} is not available")]
+    ImageNotFound(String),
+    #[error("container engine error (status {status}): {message}")]
+    Engine { status: u16, message: String },
+}
+
+impl BackendError {
+    /// Worth another attempt later (engine hiccups), as opposed to a definite answer.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackendError::NoBackend => false,
+            BackendError::ImageNotFound(_) => true, // a registry may come back
+            BackendError::EngineUnavailable(_) => true,
+            BackendError::Engine { status, .. } => *status >= 500,
+        }
+    }
+
+    pub(crate) fn engine(status: u16, message: &str) -> Self {
+        let mut m = message.to_string();
+        if m.len() > MAX_UPSTREAM_BODY {
+            let mut end = MAX_UPSTREAM_BODY;
+            while !m.is_char_boundary(end) {
+                end -= 1;
+            }
+            m.truncate(end);
+        }
+        BackendError::Engine { status, message: m }
+    }
+}
+
+/// Everything a backend needs to start a workspace. It can only be built with secrets
+/// from [`molecule_domain::tokens::mint_workspace_secrets`], so no provision path can
+/// skip minting them (seed 003).
+pub struct StartSpec {
+    pub workspace_id: WorkspaceId,
+    pub org_id: OrgId,
+    pub parent_id: Option<WorkspaceId>,
+    pub runtime: String,
+    /// Resolved image reference (J1).
+    pub image: String,
+    pub platform_url: String,
+    secrets: MintedSecrets,
+}
+
+impl StartSpec {
+    pub fn new(
+        workspace_id: WorkspaceId,
+        org_id: OrgId,
+        parent_id: Option<WorkspaceId>,
+        runtime: String,
+        image: String,
+        platform_url: String,
+        secrets: MintedSecrets,
+    ) -> Self {
+        StartSpec { workspace_id, org_id, parent_id, runtime, image, platform_url, secrets }
+    }
+
+    pub fn secrets(&self) -> &MintedSecrets {
+        &self.secrets
+    }
+
+    /// Environment of the workspace: platform URL, ids, runtime; PARENT_ID only when set.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PLATFORM_URL".to_string(), self.platform_url.clone()),
+            ("WORKSPACE_ID".to_string(), self.workspace_id.to_string()),
+            ("RUNTIME".to_string(), self.runtime.clone()),
+        ];
+        if let Some(p) = self.parent_id {
+            env.push(("PARENT_ID".to_string(), p.to_string()));
+        }
+        env
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub container_name: String,
+    pub image_digest: Option<String>,
+}
+
+/// A workspace instance the backend manages (carries the managed label).
+#[derive(Debug, Clone)]
+pub struct ManagedInstance {
+    pub name: String,
+    pub workspace_id: Option<String>,
+    pub running: bool,
+}
+
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts (or replaces) the workspace's instance, with its secrets written into its
+    /// config volume before it starts.
+    async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError>;
+    /// Stops and removes the instance. Already gone is success.
+    async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError>;
+    /// Removes the config volume (call only after a successful stop).
+    async fn remove_volume(&self, ws: WorkspaceId) -> Result<(), BackendError>;
+    /// `(true, Some(err))` when the answer is unknown: alive, degraded signal — never a
+    /// reason to restart. `(false, None)` only when definitely not running.
+    async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>);
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
+}
+
+/// The backend of a process with none configured.
+pub struct NoBackend;
+
+#[async_trait::async_trait]
+impl Backend for NoBackend {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    async fn start(&self, _: &StartSpec) -> Result<Started, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
+        (true, Some(BackendError::NoBackend))
+    }
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+}

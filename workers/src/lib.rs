@@ -1,0 +1,26 @@
+//! What each job kind does: pool → handler (here) → backend (`molecule-backends`).
+//!
+//! - [`provision`] (J1), [`stop`] (J2), [`restart`] (J3): workspace lifecycle.
+//! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
+
+pub mod handlers;
+pub mod provision;
+pub mod restart;
+pub mod stop;
+
+use molecule_backends::Backend;
+use sqlx::PgPool;
+use std::sync::Arc;
+
+/// What the handlers need, shared by every pool of a process.
+#[derive(Clone)]
+pub struct Deps {
+    pub db: PgPool,
+    pub backend: Arc<dyn Backend>,
+    /// The URL workspaces use to reach the API (PLATFORM_URL).
+    pub platform_url: String,
+    /// MOLECULE_IMAGE_REGISTRY (prefix, no trailing slash).
+    pub registry: String,
+    /// WORKSPACE_IMAGE_LOCAL_OVERRIDE=1: ignore digest pins.
+    pub image_local_override: bool,
+}
