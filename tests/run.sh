@@ -16,7 +16,20 @@ if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
     useradd --system --create-home --home-dir /var/lib/postgresql --shell /bin/bash postgres
 fi
 
+# A Docker engine (no bridge, no iptables: containers use host networking, loopback only).
+if ! command -v dockerd >/dev/null; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io
+fi
+if ! docker info >/dev/null 2>&1; then
+    mkdir -p /var/log
+    nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/molecule-dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/molecule-dockerd.log" >&2; exit 1; }
+fi
+
 cargo build --locked --workspace --bins --tests
+# The reference agent's image (runtime `echo`), built locally.
+AGENT_PROFILE=debug infra/build-agent-image.sh
 
 # The API only validates and enqueues: it must never link a workspace backend.
 if cargo tree --locked -p molecule-api -e normal --prefix none | grep -E '^(bollard|aws-|russh)' ; then

@@ -41,6 +41,9 @@ pub struct AuthConfig {
     /// MOLECULE_DEV=1: admin routes open without a token.
     pub dev: bool,
     pub org_pin: OrgPin,
+    /// Agent URLs on loopback are accepted (dev mode, or MOLECULE_ALLOW_LOOPBACK_AGENTS=1
+    /// for local installs and tests). Private and metadata addresses never are.
+    pub allow_loopback_agents: bool,
 }
 
 /// An authenticated tenant caller. `org` is never empty: an org pin misconfiguration

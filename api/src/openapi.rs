@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{health, jobs, queues, workspaces};
+use crate::routes::{health, jobs, queues, registry, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,7 @@ use crate::routes::{health, jobs, queues, workspaces};
         workspaces::create, workspaces::list, workspaces::get, workspaces::delete, workspaces::restart, workspaces::events,
         jobs::get, jobs::list, jobs::cancel, jobs::retry,
         queues::queues,
+        registry::register, registry::heartbeat,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&Security),

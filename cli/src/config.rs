@@ -111,6 +111,11 @@ pub struct ApiArgs {
     /// answers 503 platform_misconfigured (fail closed).
     #[arg(long, env = "MOLECULE_ORG_ID", value_name = "MOLECULE_ORG_ID", value_parser = parse_org_pin)]
     pub org_id: Option<molecule_api::OrgPin>,
+    /// 1 = accept agent URLs on loopback (local installs with host networking, tests).
+    /// Private, link-local and metadata addresses are refused regardless (X5).
+    #[arg(long, env = "MOLECULE_ALLOW_LOOPBACK_AGENTS", value_name = "MOLECULE_ALLOW_LOOPBACK_AGENTS", default_value = "0",
+          value_parser = ["0", "1"])]
+    pub allow_loopback_agents: String,
 }
 
 fn parse_org_pin(s: &str) -> Result<molecule_api::OrgPin, String> {
@@ -123,6 +128,7 @@ impl ApiArgs {
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
             dev: self.dev == "1",
             org_pin: self.org_id.clone().unwrap_or(molecule_api::OrgPin::Any),
+            allow_loopback_agents: self.dev == "1" || self.allow_loopback_agents == "1",
         }
     }
 }

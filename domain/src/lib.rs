@@ -6,6 +6,7 @@ pub mod db;
 pub mod embedded_pg;
 pub mod ids;
 pub mod runtimes;
+pub mod ssrf;
 pub mod status;
 pub mod tokens;
 

@@ -261,5 +261,5 @@ pub async fn start_api(db: sqlx::PgPool, auth: molecule_api::AuthConfig) -> Stri
 }
 
 pub fn open_auth() -> molecule_api::AuthConfig {
-    molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any }
+    molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: true }
 }

@@ -167,7 +167,7 @@ async fn an_empty_org_pin_fails_closed_before_any_query() {
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy("postgres://nobody:x@127.0.0.254:9/none")
         .unwrap();
-    let pinned_empty = AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap() };
+    let pinned_empty = AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap(), allow_loopback_agents: false };
     let addr = start_api(db.clone(), pinned_empty).await;
     let id = uuid::Uuid::new_v4();
     for (m, path) in [("GET", format!("/workspaces/{id}")), ("GET", "/workspaces".into()), ("GET", "/jobs".into()), ("DELETE", format!("/workspaces/{id}"))] {
@@ -194,10 +194,10 @@ async fn admin_token_gate() {
     assert_eq!(r.status, 403, "unset ADMIN_TOKEN outside dev mode refuses");
     assert_eq!(get(&off, "/queues", Some(&org_token)).await.status, 403, "an org token is no admin token");
 
-    let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any }).await;
+    let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     assert_eq!(get(&dev, "/queues", None).await.status, 200);
 
-    let on = start_api(db.clone(), AuthConfig { admin_token: Some("s3cret-admin".into()), dev: false, org_pin: OrgPin::Any }).await;
+    let on = start_api(db.clone(), AuthConfig { admin_token: Some("s3cret-admin".into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     assert_eq!(get(&on, "/queues", None).await.status, 401);
     assert_eq!(get(&on, "/queues", Some("s3cret-admi")).await.status, 401);
     assert_eq!(get(&on, "/queues", Some(&org_token)).await.status, 401);

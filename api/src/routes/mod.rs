@@ -1,4 +1,5 @@
 pub mod health;
 pub mod jobs;
 pub mod queues;
+pub mod registry;
 pub mod workspaces;
