@@ -1,0 +1,293 @@
+//! Workspaces for real: the API, the job runtime and the Docker backend against a real
+//! Docker engine and PostgreSQL, with the reference agent (runtime `echo`) registering
+//! back (J1–J3, A12). Needs `infra/build-agent-image.sh` to have run (tests/run.sh does).
+
+use molecule_backends::docker::{container_name, volume_name, DockerBackend, DockerConfig};
+use molecule_domain::{tokens, WorkspaceId};
+use molecule_jobs::{enqueue, JobKind, NewJob, Runtime, RuntimeConfig};
+use molecule_tests::{eventually, fresh_db, http, open_auth, start_api};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Env {
+    db: PgPool,
+    addr: String,
+    token: String,
+    rt: Option<Runtime>,
+}
+
+impl Env {
+    async fn new(registry: &str) -> Env {
+        let (db, _) = fresh_db().await;
+        let addr = start_api(db.clone(), open_auth()).await;
+        let mut c = db.acquire().await.unwrap();
+        let (_, token) = tokens::create_org(&mut c, "docker-e2e").await.unwrap();
+        drop(c);
+        let backend = DockerBackend::connect(DockerConfig { network_mode: "host".into(), platform: None })
+            .await
+            .expect("a Docker engine (tests/run.sh starts one)");
+        let deps = molecule_workers::Deps {
+            db: db.clone(),
+            backend: Arc::new(backend),
+            platform_url: format!("http://{addr}"),
+            registry: registry.into(),
+            image_local_override: false,
+        };
+        let mut specs = molecule_workers::handlers::pool_specs(&deps, &Default::default());
+        for s in &mut specs {
+            // Short backoff so retry paths finish within a test.
+            s.retry.base = Duration::from_millis(300);
+            s.retry.cap = Duration::from_secs(2);
+        }
+        let cfg = RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(20), ..Default::default() };
+        let rt = Runtime::start(db.clone(), cfg, specs);
+        Env { db, addr, token, rt: Some(rt) }
+    }
+
+    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> molecule_tests::Resp {
+        http(&self.addr, method, path, Some(&self.token), body.map(|b| b.to_string()).as_deref(), None).await
+    }
+
+    async fn status(&self, ws: &str) -> String {
+        self.req("GET", &format!("/workspaces/{ws}"), None).await.json()["status"].as_str().unwrap_or("").to_string()
+    }
+
+    async fn wait_status(&self, ws: &str, want: &str, within: Duration) {
+        eventually(within, &format!("workspace {ws} to be {want}"), || async {
+            (self.status(ws).await == want).then_some(())
+        })
+        .await
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        self.req("GET", &format!("/jobs/{id}"), None).await.json()
+    }
+
+    async fn wait_job(&self, id: &str, want: &str, within: Duration) -> Value {
+        eventually(within, &format!("job {id} to be {want}"), || async {
+            let j = self.job(id).await;
+            (j["status"] == want).then_some(j)
+        })
+        .await
+    }
+
+    async fn stop(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown().await;
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn container_exists(ws: WorkspaceId) -> bool {
+    docker(&["inspect", &container_name(ws)]).0
+}
+
+fn volume_exists(ws: WorkspaceId) -> bool {
+    docker(&["volume", "inspect", &volume_name(ws)]).0
+}
+
+fn ws_id(s: &str) -> WorkspaceId {
+    s.parse().unwrap()
+}
+
+async fn create(env: &Env, body: Value) -> (String, String) {
+    let r = env.req("POST", "/workspaces", Some(body)).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json();
+    (v["workspace"]["id"].as_str().unwrap().to_string(), v["job_id"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_comes_online_then_delete_removes_container_and_volume() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let t0 = Instant::now();
+    let (ws, _job) = create(&env, json!({"name": "e2e", "runtime": "echo", "tier": 3})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    eprintln!("online after {:?}", t0.elapsed());
+    let id = ws_id(&ws);
+    let name = container_name(id);
+    let (_, labels) = docker(&["inspect", &name, "--format", "{{json .Config.Labels}}"]);
+    let labels: Value = serde_json::from_str(&labels).unwrap();
+    assert_eq!(labels["molecule.platform.managed"], "true");
+    assert_eq!(labels["molecule.workspace.id"], ws.as_str());
+    let (_, vlabels) = docker(&["volume", "inspect", &volume_name(id), "--format", "{{json .Labels}}"]);
+    let vlabels: Value = serde_json::from_str(&vlabels).unwrap();
+    assert_eq!(vlabels["molecule.workspace.id"], ws.as_str());
+    let (_, envs) = docker(&["inspect", &name, "--format", "{{json .Config.Env}}"]);
+    assert!(!envs.contains("PARENT_ID"), "no PARENT_ID without a parent: {envs}");
+    // The token in the volume is the live one (hash match), written before the start.
+    let (ok, token) = docker(&["exec", &name, "cat", "/configs/.auth_token"]);
+    assert!(ok);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL AND token_sha256 = sha256($2::bytea)",
+    )
+    .bind(id.0)
+    .bind(token.as_bytes())
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(live, 1);
+    let row: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT url, platform_inbound_secret FROM workspaces WHERE id = $1").bind(id.0).fetch_one(&env.db).await.unwrap();
+    assert!(row.0.unwrap().starts_with("http://127.0.0.1:"));
+    assert!(row.1.is_some());
+
+    let r = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    assert_eq!(r.status, 202);
+    let stop_job = r.json()["job_ids"][0].as_str().unwrap().to_string();
+    env.wait_job(&stop_job, "succeeded", Duration::from_secs(30)).await;
+    assert!(!container_exists(id), "container gone");
+    assert!(!volume_exists(id), "volume gone");
+    assert_eq!(env.status(&ws).await, "removed");
+    let again = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    assert_eq!(again.json()["job_ids"].as_array().unwrap().len(), 0, "deleting again is a no-op");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_replaces_the_container_and_the_old_token_stops_working() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "r", "runtime": "echo"})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let id = ws_id(&ws);
+    let name = container_name(id);
+    let (_, old_container) = docker(&["inspect", &name, "--format", "{{.Id}}"]);
+    let (_, old_token) = docker(&["exec", &name, "cat", "/configs/.auth_token"]);
+    let r = http(&env.addr, "GET", &format!("/workspaces/{ws}"), Some(&old_token), None, None).await;
+    assert_eq!(r.status, 200, "the agent's token works before the restart");
+
+    let r = env.req("POST", &format!("/workspaces/{ws}/restart"), Some(json!({}))).await;
+    assert_eq!(r.status, 202);
+    let job = r.json()["job_id"].as_str().unwrap().to_string();
+    env.wait_job(&job, "succeeded", Duration::from_secs(40)).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let (_, new_container) = docker(&["inspect", &name, "--format", "{{.Id}}"]);
+    assert_ne!(old_container, new_container, "the container was replaced");
+    let (_, new_token) = docker(&["exec", &name, "cat", "/configs/.auth_token"]);
+    assert_ne!(old_token, new_token);
+    let r = http(&env.addr, "GET", &format!("/workspaces/{ws}"), Some(&old_token), None, None).await;
+    assert_eq!(r.status, 401, "the old token no longer works");
+    let r = http(&env.addr, "GET", &format!("/workspaces/{ws}"), Some(&new_token), None, None).await;
+    assert_eq!(r.status, 200, "the re-registered agent's token works");
+    // The agent re-registered after the restart (its heartbeat time moved past the job).
+    let ev = env.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
+    let types: Vec<&str> = ev.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types.iter().filter(|t| **t == "WORKSPACE_ONLINE").count(), 2, "{types:?}");
+    env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_container_that_is_already_gone_succeeds() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "g", "runtime": "echo"})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let id = ws_id(&ws);
+    assert!(docker(&["rm", "-f", &container_name(id)]).0);
+    let r = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    let job = r.json()["job_ids"][0].as_str().unwrap().to_string();
+    let j = env.wait_job(&job, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(j["attempts"], 1);
+    assert!(!volume_exists(id), "the volume is removed after the (trivially) successful stop");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_retries_then_fails_with_a_canned_error() {
+    // Images come from a registry on a loopback port where nothing listens: pulls fail fast.
+    let env = Env::new("127.0.0.1:9/none").await;
+    let org: uuid::Uuid = sqlx::query_scalar("SELECT id FROM organizations").fetch_one(&env.db).await.unwrap();
+    let ws: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO workspaces (org_id, name, runtime, tier) VALUES ($1, 'noimg', 'hermes', 2) RETURNING id",
+    )
+    .bind(org)
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    let mut c = env.db.acquire().await.unwrap();
+    let job = enqueue(
+        &mut c,
+        &NewJob::new(JobKind::Provision, &json!({"workspace_id": ws})).org(molecule_domain::OrgId(org)).workspace(WorkspaceId(ws)).max_attempts(3),
+    )
+    .await
+    .unwrap();
+    drop(c);
+    let j = env.wait_job(job.as_str(), "dead", Duration::from_secs(60)).await;
+    assert_eq!(j["attempts"], 3, "retried before giving up");
+    let log = j["attempt_log"].as_array().unwrap();
+    assert_eq!(log.len(), 3);
+    let w = env.req("GET", &format!("/workspaces/{ws}"), None).await.json();
+    assert_eq!(w["status"], "failed");
+    let msg = w["last_sample_error"].as_str().unwrap();
+    assert_eq!(msg, molecule_workers::provision::CANNED_FAILURE);
+    for leak in ["127.0.0.1", "hermes", "workspace-template", "docker", "pull", "image"] {
+        assert!(!msg.to_lowercase().contains(leak), "canned error leaks {leak:?}: {msg}");
+    }
+    let ev = env.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
+    assert_eq!(ev[0]["event_type"], "WORKSPACE_PROVISION_FAILED");
+    let payload = ev[0]["payload"].to_string();
+    assert!(!payload.contains("127.0.0.1") && !payload.contains("hermes"), "event leaks detail: {payload}");
+    assert!(!container_exists(WorkspaceId(ws)));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_workspace_gets_both_secrets_and_its_parent_id() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (parent, _) = create(&env, json!({"name": "parent", "runtime": "echo"})).await;
+    let (child, _) = create(&env, json!({"name": "child", "runtime": "echo", "parent_id": parent})).await;
+    env.wait_status(&parent, "online", Duration::from_secs(30)).await;
+    env.wait_status(&child, "online", Duration::from_secs(30)).await;
+    for ws in [&parent, &child] {
+        let (tokens, secret): (i64, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND t.revoked_at IS NULL), \
+             w.platform_inbound_secret FROM workspaces w WHERE w.id = $1",
+        )
+        .bind(ws_id(ws).0)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+        assert_eq!(tokens, 1, "{ws}: one live workspace token");
+        let secret = secret.expect("platform inbound secret minted");
+        let (_, in_volume) = docker(&["exec", &container_name(ws_id(ws)), "cat", "/configs/.platform_inbound_secret"]);
+        assert_eq!(in_volume, secret, "{ws}: the volume holds the minted inbound secret");
+    }
+    let (_, envs) = docker(&["inspect", &container_name(ws_id(&child)), "--format", "{{json .Config.Env}}"]);
+    assert!(envs.contains(&format!("PARENT_ID={parent}")), "{envs}");
+    let r = env.req("DELETE", &format!("/workspaces/{parent}"), None).await;
+    for j in r.json()["job_ids"].as_array().unwrap() {
+        env.wait_job(j.as_str().unwrap(), "succeeded", Duration::from_secs(30)).await;
+    }
+    assert!(!container_exists(ws_id(&child)) && !container_exists(ws_id(&parent)));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_answers_a2a_only_with_the_inbound_secret() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "a2a", "runtime": "echo"})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let (url, secret): (String, String) =
+        sqlx::query_as("SELECT url, platform_inbound_secret FROM workspaces WHERE id = $1").bind(ws_id(&ws).0).fetch_one(&env.db).await.unwrap();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": "message/send",
+        "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "hello"}], "messageId": "m1", "kind": "message"}}})
+    .to_string();
+    let r = http(&addr, "POST", "/", Some(&secret), Some(&body), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["parts"][0]["text"], "hello");
+    assert_eq!(r.json()["id"], 7);
+    let r = http(&addr, "POST", "/", Some("wrong"), Some(&body), None).await;
+    assert_eq!(r.status, 401);
+    env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    env.stop().await;
+}
+
