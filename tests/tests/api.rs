@@ -407,7 +407,70 @@ async fn openapi_documents_every_route() {
         ("/jobs/{id}/cancel", "post"),
         ("/jobs/{id}/retry", "post"),
         ("/queues", "get"),
+        ("/registry/register", "post"),
+        ("/registry/heartbeat", "post"),
     ] {
         assert!(paths.get(p).and_then(|x| x.get(m)).is_some(), "{m} {p} is not documented");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_register_and_heartbeat() {
+    let (db, _) = fresh_db().await;
+    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let local = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (ws, _) = create_ws(&strict, &t, json!({"name": "agent", "runtime": "echo"})).await;
+    let mut c = db.acquire().await.unwrap();
+    let wt = tokens::create_workspace_token(&mut c, ws.parse().unwrap()).await.unwrap();
+    drop(c);
+
+    // Org tokens are not agents.
+    let r = post(&strict, "/registry/register", Some(&t), json!({"url": "http://127.0.0.1:9000"})).await;
+    assert_eq!(r.status, 403);
+    // X5: internal targets are refused; loopback only with the explicit flag.
+    for url in ["http://10.0.0.7:8000", "http://169.254.169.254/", "http://192.168.0.2", "ftp://example.com", "http://127.0.0.1:9000"] {
+        let r = post(&strict, "/registry/register", Some(&wt), json!({"url": url})).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "invalid_url"), "{url}: {}", r.body);
+        assert!(!r.body.contains("10.0.0.7"), "the refusal does not echo addresses");
+    }
+    let r = post(&strict, "/registry/register", Some(&wt), json!({})).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_url"), "push needs a url");
+    assert_eq!(get(&strict, &format!("/workspaces/{ws}"), Some(&t)).await.json()["status"], "provisioning", "refusals change nothing");
+    let r = post(&local, "/registry/register", Some(&wt), json!({"url": "http://10.0.0.7:8000"})).await;
+    assert_eq!(r.status, 400, "the loopback flag does not open private ranges");
+
+    // Lazy heal: no inbound secret yet → minted now and stored.
+    let before: Option<String> =
+        sqlx::query_scalar("SELECT platform_inbound_secret FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&db).await.unwrap();
+    assert!(before.is_none());
+    let r = post(&local, "/registry/register", Some(&wt), json!({"url": "http://127.0.0.1:9000", "agent_card": {"name": "x"}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["status"], "online");
+    assert_eq!(v["delivery_mode"], "push");
+    let secret = v["platform_inbound_secret"].as_str().unwrap().to_string();
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT platform_inbound_secret FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&db).await.unwrap();
+    assert_eq!(stored.as_deref(), Some(secret.as_str()));
+    // Registering again keeps the secret and adds no second online event.
+    let again = post(&local, "/registry/register", Some(&wt), json!({"url": "http://127.0.0.1:9000"})).await.json();
+    assert_eq!(again["platform_inbound_secret"], secret.as_str());
+    let ev = get(&local, &format!("/workspaces/{ws}/events"), Some(&t)).await.json();
+    assert_eq!(ev.as_array().unwrap().iter().filter(|e| e["event_type"] == "WORKSPACE_ONLINE").count(), 1);
+    let r = post(&local, "/registry/heartbeat", Some(&wt), json!({})).await;
+    assert_eq!((r.status, r.json()["status"].as_str().unwrap().to_string()), (200, "online".into()));
+
+    // External workspaces poll: no URL needed; the stored poll mode is kept.
+    let (ext, _) = {
+        let r = post(&local, "/workspaces", Some(&t), json!({"name": "ext", "runtime": "external"})).await;
+        (r.json()["workspace"]["id"].as_str().unwrap().to_string(), ())
+    };
+    let mut c = db.acquire().await.unwrap();
+    let et = tokens::create_workspace_token(&mut c, ext.parse().unwrap()).await.unwrap();
+    drop(c);
+    let r = post(&strict, "/registry/register", Some(&et), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["delivery_mode"], "poll");
+    assert_eq!(r.json()["status"], "online");
 }

@@ -291,3 +291,41 @@ async fn the_agent_answers_a2a_only_with_the_inbound_secret() {
     env.stop().await;
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_teardown_keeps_the_volume_and_retries_with_backoff() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "busy", "runtime": "echo"})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let id = ws_id(&ws);
+    // Another container holds the config volume: the engine refuses to remove it.
+    let blocker = format!("blocker-{}", &ws[..8]);
+    let vol = format!("{}:/held", volume_name(id));
+    assert!(docker(&["run", "-d", "--name", &blocker, "--network", "host", "-v", &vol, "--entrypoint", "/bin/sleep",
+        molecule_backends::image::ECHO_IMAGE, "300"]).0);
+    let r = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    let job = r.json()["job_ids"][0].as_str().unwrap().to_string();
+    let j = eventually(Duration::from_secs(30), "a failed teardown attempt", || async {
+        let j = env.job(&job).await;
+        (j["attempt_log"].as_array().map_or(0, |l| l.len()) >= 2).then_some(j)
+    })
+    .await;
+    assert!(j["attempt_log"][0]["error"].as_str().unwrap().contains("409"), "{j}");
+    assert!(volume_exists(id), "the volume is kept while its removal fails");
+    assert!(!container_exists(id), "the workspace container itself is stopped");
+    let gaps: Vec<i64> = j["attempt_log"]
+        .as_array()
+        .unwrap()
+        .windows(2)
+        .map(|w| {
+            let a: chrono::DateTime<chrono::Utc> = w[0]["started_at"].as_str().unwrap().parse().unwrap();
+            let b: chrono::DateTime<chrono::Utc> = w[1]["started_at"].as_str().unwrap().parse().unwrap();
+            (b - a).num_milliseconds()
+        })
+        .collect();
+    assert!(gaps.iter().all(|g| *g >= 300), "retries wait at least the base backoff: {gaps:?}");
+    assert!(docker(&["rm", "-f", &blocker]).0);
+    env.wait_job(&job, "succeeded", Duration::from_secs(30)).await;
+    assert!(!volume_exists(id), "removed once the engine allows it");
+    env.stop().await;
+}

@@ -36,3 +36,67 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
     tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed);
     Ok(json!({ "stopped": true, "volume_removed": volume_removed }))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The ordering rule with a fake backend (the Docker end-to-end tests cover the engine).
+    use super::*;
+    use molecule_backends::{Backend, BackendError, ManagedInstance, StartSpec, Started};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct FailingStop {
+        volume_removals: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for FailingStop {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn start(&self, _: &StartSpec) -> Result<Started, BackendError> {
+            unreachable!("not used")
+        }
+        async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            Err(BackendError::Engine { status: 500, message: "engine said no".into() })
+        }
+        async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            self.volume_removals.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
+            (true, None)
+        }
+        async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+            Ok(vec![])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_stop_never_removes_the_volume_and_is_retried() {
+        let fake = Arc::new(FailingStop::default());
+        // Never connected: a failed stop must return before any database write.
+        let db = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://x@127.0.0.254:9/none").unwrap();
+        let deps = Deps {
+            db: db.clone(),
+            backend: fake.clone(),
+            platform_url: String::new(),
+            registry: String::new(),
+            image_local_override: false,
+        };
+        let ctx = molecule_jobs::JobContext {
+            id: molecule_domain::JobId::generate(),
+            queue: "stop".into(),
+            attempt: 1,
+            max_attempts: 10,
+            org_id: None,
+            workspace_id: None,
+            payload: Arc::from(&b"{}"[..]),
+            db,
+        };
+        let err = run(&deps, &ctx, WorkspaceId::new(), Some("delete")).await.unwrap_err();
+        assert!(matches!(err, JobError::Retryable(_)), "{err:?}");
+        assert_eq!(fake.volume_removals.load(Ordering::SeqCst), 0);
+    }
+}
