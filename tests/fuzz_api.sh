@@ -18,7 +18,8 @@ BIN="$CARGO_TARGET_DIR/debug/molecule"
 WORK="$(mktemp -d /tmp/molecule-fuzz.XXXXXX)"
 chmod 755 "$WORK"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-export MOLECULE_DATA_DIR="$WORK/data" LISTEN_ADDR="127.0.0.1:$PORT" ADMIN_TOKEN="fuzz-admin-$RANDOM$RANDOM"
+# No workspace backend: the fuzz exercises the API, not the engine.
+export MOLECULE_DATA_DIR="$WORK/data" LISTEN_ADDR="127.0.0.1:$PORT" ADMIN_TOKEN="fuzz-admin-$RANDOM$RANDOM" MOLECULE_BACKEND=none
 unset DATABASE_URL
 "$BIN" serve >"$WORK/serve.log" 2>&1 &
 SERVE=$!

@@ -74,6 +74,14 @@ impl Env {
         .await
     }
 
+    /// Deletes a workspace and waits for its stop jobs, so no container outlives a test.
+    async fn delete(&self, ws: &str) {
+        let r = self.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+        for j in r.json()["job_ids"].as_array().cloned().unwrap_or_default() {
+            self.wait_job(j.as_str().unwrap(), "succeeded", Duration::from_secs(30)).await;
+        }
+    }
+
     async fn stop(mut self) {
         if let Some(rt) = self.rt.take() {
             rt.shutdown().await;
@@ -181,7 +189,7 @@ async fn restart_replaces_the_container_and_the_old_token_stops_working() {
     let ev = env.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
     let types: Vec<&str> = ev.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
     assert_eq!(types.iter().filter(|t| **t == "WORKSPACE_ONLINE").count(), 2, "{types:?}");
-    env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    env.delete(&ws).await;
     env.stop().await;
 }
 
@@ -287,7 +295,7 @@ async fn the_agent_answers_a2a_only_with_the_inbound_secret() {
     assert_eq!(r.json()["id"], 7);
     let r = http(&addr, "POST", "/", Some("wrong"), Some(&body), None).await;
     assert_eq!(r.status, 401);
-    env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+    env.delete(&ws).await;
     env.stop().await;
 }
 
