@@ -148,10 +148,15 @@ async fn create_comes_online_then_delete_removes_container_and_volume() {
     assert!(row.0.unwrap().starts_with("http://127.0.0.1:"));
     assert!(row.1.is_some());
 
+    let probe = DockerBackend::connect(DockerConfig { network_mode: "host".into(), platform: None }).await.unwrap();
+    use molecule_backends::Backend;
+    assert!(matches!(probe.is_running(id).await, (true, None)), "is_running: definitely running");
+
     let r = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
     assert_eq!(r.status, 202);
     let stop_job = r.json()["job_ids"][0].as_str().unwrap().to_string();
     env.wait_job(&stop_job, "succeeded", Duration::from_secs(30)).await;
+    assert!(matches!(probe.is_running(id).await, (false, None)), "is_running: definitely stopped");
     assert!(!container_exists(id), "container gone");
     assert!(!volume_exists(id), "volume gone");
     assert_eq!(env.status(&ws).await, "removed");
