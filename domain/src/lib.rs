@@ -5,6 +5,7 @@
 pub mod db;
 pub mod embedded_pg;
 pub mod ids;
+pub mod redact;
 pub mod runtimes;
 pub mod ssrf;
 pub mod status;
