@@ -41,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}", get(workspaces::get).delete(workspaces::delete))
         .route("/workspaces/{id}/restart", post(workspaces::restart))
         .route("/workspaces/{id}/events", get(workspaces::events))
+        .route("/workspaces/{id}/rescue", get(rescue::latest))
+        .route("/admin/workspaces/{id}/bootstrap-failed", post(rescue::bootstrap_failed))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/cancel", post(jobs::cancel))

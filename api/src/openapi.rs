@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{health, jobs, queues, registry, workspaces};
+use crate::routes::{health, jobs, queues, registry, rescue, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,6 +15,7 @@ use crate::routes::{health, jobs, queues, registry, workspaces};
         jobs::get, jobs::list, jobs::cancel, jobs::retry,
         queues::queues,
         registry::register, registry::heartbeat,
+        rescue::bootstrap_failed, rescue::latest,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&Security),

@@ -100,6 +100,7 @@ async fn every_route_hides_other_orgs_and_refuses_bad_tokens() {
     let by_id: Vec<(&str, String, Option<Value>)> = vec![
         ("GET", format!("/workspaces/{ws}"), None),
         ("GET", format!("/workspaces/{ws}/events"), None),
+        ("GET", format!("/workspaces/{ws}/rescue"), None),
         ("POST", format!("/workspaces/{ws}/restart"), None),
         ("DELETE", format!("/workspaces/{ws}"), None),
         ("GET", format!("/jobs/{job}"), None),
@@ -170,7 +171,13 @@ async fn an_empty_org_pin_fails_closed_before_any_query() {
     let pinned_empty = AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap(), allow_loopback_agents: false };
     let addr = start_api(db.clone(), pinned_empty).await;
     let id = uuid::Uuid::new_v4();
-    for (m, path) in [("GET", format!("/workspaces/{id}")), ("GET", "/workspaces".into()), ("GET", "/jobs".into()), ("DELETE", format!("/workspaces/{id}"))] {
+    for (m, path) in [
+        ("GET", format!("/workspaces/{id}")),
+        ("GET", format!("/workspaces/{id}/rescue")),
+        ("GET", "/workspaces".into()),
+        ("GET", "/jobs".into()),
+        ("DELETE", format!("/workspaces/{id}")),
+    ] {
         let r = http(&addr, m, &path, Some("mol_org_0000"), None, None).await;
         assert_eq!(r.status, 503, "{m} {path}: {}", r.body);
         assert_eq!(r.code(), "platform_misconfigured");
@@ -409,6 +416,8 @@ async fn openapi_documents_every_route() {
         ("/queues", "get"),
         ("/registry/register", "post"),
         ("/registry/heartbeat", "post"),
+        ("/workspaces/{id}/rescue", "get"),
+        ("/admin/workspaces/{id}/bootstrap-failed", "post"),
     ] {
         assert!(paths.get(p).and_then(|x| x.get(m)).is_some(), "{m} {p} is not documented");
     }
@@ -473,4 +482,85 @@ async fn registry_register_and_heartbeat() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["delivery_mode"], "poll");
     assert_eq!(r.json()["status"], "online");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_failed_flips_once_and_queues_one_rescue() {
+    let (db, _) = fresh_db().await;
+    let admin = "adm1n-token";
+    let addr = start_api(db.clone(), AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let (_o, t) = org(&db, "a").await;
+    let (ws, _) = create_ws(&addr, &t, json!({"name": "stuck", "runtime": "echo"})).await;
+    let path = format!("/admin/workspaces/{ws}/bootstrap-failed");
+    let log = format!("{}\nboot: exporting OPENAI_API_KEY=sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo\nagent never registered", "x".repeat(10_000));
+    let body = json!({"error": "agent never registered within 10 min", "log_tail": log});
+
+    assert_eq!(post(&addr, &path, Some(&t), body.clone()).await.status, 401, "org tokens are not admin");
+    let r = post(&addr, &path, Some(admin), body.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!((v["flipped"].as_bool(), v["status"].as_str()), (Some(true), Some("failed")));
+    let job = v["job_id"].as_str().unwrap().to_string();
+    let j = get(&addr, &format!("/jobs/{job}"), Some(&t)).await.json();
+    assert_eq!(j["kind"], "rescue_capture");
+
+    let w = get(&addr, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+    let sample = w["last_sample_error"].as_str().unwrap();
+    assert!(sample.starts_with("agent never registered within 10 min"));
+    assert!(sample.len() < 4096 + 1200, "bounded: {} bytes", sample.len());
+    assert!(sample.ends_with("agent never registered"), "the tail is the end of the log");
+    assert!(!sample.contains("sk-proj-4fJk"), "redacted before it is stored");
+
+    // Idempotent: a second verdict (and one on a non-provisioning workspace) adds nothing.
+    let again = post(&addr, &path, Some(admin), body.clone()).await.json();
+    assert_eq!((again["flipped"].as_bool(), again["status"].as_str()), (Some(false), Some("failed")));
+    let (online, _) = create_ws(&addr, &t, json!({"name": "fine", "runtime": "external"})).await;
+    let r = post(&addr, &format!("/admin/workspaces/{online}/bootstrap-failed"), Some(admin), json!({})).await.json();
+    assert_eq!((r["flipped"].as_bool(), r["status"].as_str()), (Some(false), Some("awaiting_agent")));
+    assert_eq!(count(&db, "SELECT count(*) FROM apalis.jobs WHERE job_type = 'rescue_capture'").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM structure_events WHERE event_type = 'WORKSPACE_PROVISION_FAILED'").await, 1);
+    let r = post(&addr, &format!("/admin/workspaces/{}/bootstrap-failed", uuid::Uuid::new_v4()), Some(admin), json!({})).await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescue_read_serves_the_latest_bundle_to_its_org_only() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (org_a, ta) = org(&db, "a").await;
+    let (_b, tb) = org(&db, "b").await;
+    let (ws, _) = create_ws(&addr, &ta, json!({"name": "w", "runtime": "echo"})).await;
+    let path = format!("/workspaces/{ws}/rescue");
+    let r = get(&addr, &path, Some(&ta)).await;
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"), "no bundle yet");
+    let big = "y".repeat(100 * 1024);
+    sqlx::query(
+        "INSERT INTO rescue_bundles (workspace_id, org_id, trigger, captured_at, sections) VALUES \
+         ($1::uuid, $2, 'provision_timeout', now() - interval '1 hour', '{\"docker_ps\": \"old\"}'), \
+         ($1::uuid, $2, 'bootstrap_failed', now(), jsonb_build_object('docker_ps', 'new', 'agent_logs', $3::text))",
+    )
+    .bind(&ws)
+    .bind(org_a.0)
+    .bind(&big)
+    .execute(&db)
+    .await
+    .unwrap();
+    let r = get(&addr, &path, Some(&ta)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["trigger"], "bootstrap_failed");
+    assert_eq!(v["sections"]["docker_ps"], "new");
+    assert_eq!(v["sections"]["agent_logs"].as_str().unwrap().len(), 64 * 1024, "sections are capped at 64 KiB");
+    let r = get(&addr, &path, Some(&tb)).await;
+    assert_eq!(r.status, 404, "another org sees nothing");
+    // A bundle row of another org for this workspace id is never served (strict org_id = $2).
+    sqlx::query("DELETE FROM rescue_bundles").execute(&db).await.unwrap();
+    let other: uuid::Uuid = sqlx::query_scalar("SELECT id FROM organizations WHERE name = 'b'").fetch_one(&db).await.unwrap();
+    sqlx::query("INSERT INTO rescue_bundles (workspace_id, org_id, trigger, sections) VALUES ($1::uuid, $2, 'bootstrap_failed', '{}')")
+        .bind(&ws)
+        .bind(other)
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(get(&addr, &path, Some(&ta)).await.status, 404);
 }

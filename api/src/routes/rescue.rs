@@ -1,0 +1,173 @@
+//! Boot failures: the bootstrap-failed verdict (A7, admin) and the rescue bundle read (A6).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use molecule_domain::redact::Redactor;
+use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
+use molecule_jobs::{enqueue, JobKind, NewJob};
+use serde::{Deserialize, Serialize};
+use std::sync::LazyLock;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::{Admin, Principal};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{parse_workspace_id, ApiJson};
+use crate::routes::workspaces::record_event;
+use crate::AppState;
+
+static REDACTOR: LazyLock<Redactor> = LazyLock::new(Redactor::new);
+
+/// The log tail kept in `last_sample_error` (the end of the log: where boots die).
+pub const LOG_TAIL_BYTES: usize = 4096;
+/// Rescue sections are served verbatim up to this size each…
+pub const SECTION_MAX_BYTES: usize = 64 * 1024;
+/// …and at most this many.
+pub const MAX_SECTIONS: usize = 16;
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapFailed {
+    /// What the watcher saw, e.g. "agent never registered".
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The end of the boot log; only its last 4 KiB are kept, redacted.
+    #[serde(default)]
+    pub log_tail: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Verdict {
+    /// True when this call moved the workspace from provisioning to failed.
+    pub flipped: bool,
+    pub status: WorkspaceStatus,
+    /// The rescue_capture job, when the row flipped.
+    pub job_id: Option<String>,
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn head(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A7: the control plane's boot-failure verdict. Flips `provisioning → failed` only (any
+/// other status: a 200 no-op), stores the error and a bounded, redacted log tail, records
+/// `WORKSPACE_PROVISION_FAILED`, and enqueues `rescue_capture` only when the row flipped.
+#[utoipa::path(post, path = "/admin/workspaces/{id}/bootstrap-failed", tag = "operations", security(("admin" = [])),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")), request_body = BootstrapFailed,
+    responses(
+        (status = 200, body = Verdict),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn bootstrap_failed(
+    State(st): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<BootstrapFailed>,
+) -> ApiResult<Json<Verdict>> {
+    let id = parse_workspace_id(&id)?;
+    let error = head(body.error.as_deref().unwrap_or("bootstrap failed"), 1024);
+    let mut sample = error.to_string();
+    if let Some(log) = body.log_tail.as_deref().filter(|l| !l.is_empty()) {
+        sample.push_str("\n--- log tail ---\n");
+        sample.push_str(tail(log, LOG_TAIL_BYTES));
+    }
+    let sample = REDACTOR.redact(&sample).into_owned();
+    let mut tx = st.db.begin().await?;
+    let flipped: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
+         WHERE id = $1 AND status = 'provisioning' RETURNING org_id",
+    )
+    .bind(id.0)
+    .bind(&sample)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(org) = flipped else {
+        let status: Option<WorkspaceStatus> =
+            sqlx::query_scalar("SELECT status FROM workspaces WHERE id = $1").bind(id.0).fetch_optional(&mut *tx).await?;
+        let status = status.ok_or(ApiError::NotFound("workspace"))?;
+        return Ok(Json(Verdict { flipped: false, status, job_id: None }));
+    };
+    let org = OrgId(org);
+    let job = NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": id, "trigger": "bootstrap_failed" }))
+        .org(org)
+        .workspace(WorkspaceId(id.0));
+    let job_id = enqueue(&mut tx, &job).await?.to_string();
+    record_event(&mut tx, org, id.0, "WORKSPACE_PROVISION_FAILED", serde_json::json!({ "source": "bootstrap_failed", "job_id": job_id }))
+        .await?;
+    tx.commit().await?;
+    tracing::info!(event = "workspace.bootstrap_failed", workspace_id = %id, org_id = %org, job_id);
+    Ok(Json(Verdict { flipped: true, status: WorkspaceStatus::Failed, job_id: Some(job_id) }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RescueBundle {
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    /// provision_timeout or bootstrap_failed.
+    pub trigger: String,
+    pub captured_at: DateTime<Utc>,
+    /// Section name → text, already redacted at capture; each at most 64 KiB.
+    pub sections: std::collections::BTreeMap<String, String>,
+}
+
+/// A6: the latest rescue bundle of a workspace of the caller's organization.
+#[utoipa::path(get, path = "/workspaces/{id}/rescue", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")),
+    responses(
+        (status = 200, body = RescueBundle),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "no such workspace, or no bundle", body = ErrorBody),
+        (status = 503, description = "platform misconfigured or store fault", body = ErrorBody),
+    ))]
+pub async fn latest(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<RescueBundle>> {
+    let id = parse_workspace_id(&id)?;
+    if !p.may_see(id) {
+        return Err(ApiError::NotFound("rescue bundle"));
+    }
+    // Strict org equality (seed 000: an empty org once disabled this filter).
+    let row: Option<(Uuid, String, DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
+        "SELECT id, trigger, captured_at, sections FROM rescue_bundles \
+         WHERE workspace_id = $1 AND org_id = $2 ORDER BY captured_at DESC, id DESC LIMIT 1",
+    )
+    .bind(id.0)
+    .bind(p.org.0)
+    .fetch_optional(&st.db)
+    .await?;
+    let (bundle_id, trigger, captured_at, sections) = row.ok_or(ApiError::NotFound("rescue bundle"))?;
+    let sections = sections
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .take(MAX_SECTIONS)
+                .map(|(k, v)| (k.clone(), head(v.as_str().unwrap_or_default(), SECTION_MAX_BYTES).to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Json(RescueBundle { id: bundle_id, workspace_id: id.0, trigger, captured_at, sections }))
+}
