@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}/restart", post(workspaces::restart))
         .route("/workspaces/{id}/events", get(workspaces::events))
         .route("/workspaces/{id}/rescue", get(rescue::latest))
+        .route("/workspaces/{id}/exec", post(exec::exec))
         .route("/admin/workspaces/{id}/bootstrap-failed", post(rescue::bootstrap_failed))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))

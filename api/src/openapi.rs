@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{health, jobs, queues, registry, rescue, workspaces};
+use crate::routes::{exec, health, jobs, queues, registry, rescue, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use crate::routes::{health, jobs, queues, registry, rescue, workspaces};
         queues::queues,
         registry::register, registry::heartbeat,
         rescue::bootstrap_failed, rescue::latest,
+        exec::exec,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&Security),

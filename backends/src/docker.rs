@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use molecule_domain::WorkspaceId;
 use std::collections::HashMap;
 
-use crate::{image, Backend, BackendError, ManagedInstance, StartSpec, Started};
+use crate::{image, Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, OutputStream, StartSpec, Started};
 
 pub const MANAGED_LABEL: &str = "molecule.platform.managed";
 pub const WORKSPACE_LABEL: &str = "molecule.workspace.id";
@@ -125,6 +125,25 @@ impl DockerBackend {
         b.into_inner().map_err(|e| BackendError::EngineUnavailable(e.to_string()))
     }
 
+    /// Kills a timed-out exec. The engine has no kill for an exec, so its process (the
+    /// host pid the engine reports) is killed directly — this needs the engine on this
+    /// host, which is how the Docker backend is deployed (local installs and tests).
+    async fn kill_exec(&self, exec_id: &str) {
+        match self.docker.inspect_exec(exec_id).await {
+            Ok(info) => match info.pid.filter(|p| *p > 1) {
+                Some(pid) => {
+                    // SAFETY: kill(2) on a pid; no memory is shared.
+                    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    if rc != 0 {
+                        tracing::warn!(pid, "could not kill the timed-out exec process");
+                    }
+                }
+                None => tracing::warn!("timed-out exec has no pid to kill"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot inspect the timed-out exec"),
+        }
+    }
+
     async fn remove_container(&self, name: &str) -> Result<(), BackendError> {
         let opts = RemoveContainerOptionsBuilder::default().force(true).build();
         match self.docker.remove_container(name, Some(opts)).await {
@@ -225,6 +244,69 @@ impl Backend for DockerBackend {
             Err(e) if status_of(&e) == Some(404) => (false, None),
             Err(e) => (true, Some(classify(e))),
         }
+    }
+
+    async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        use bollard::container::LogOutput;
+        let name = container_name(ws);
+        let created = self
+            .docker
+            .create_exec(
+                &name,
+                CreateExecOptions::<String> {
+                    cmd: Some(req.argv.clone()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(classify)?;
+        let started = self
+            .docker
+            .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) }))
+            .await
+            .map_err(classify)?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            return Err(BackendError::engine(500, "exec started detached"));
+        };
+        let mut out = ExecOutcome::default();
+        let cap = req.max_bytes_per_stream;
+        let read = async {
+            while let Some(item) = output.next().await {
+                let (stream, bytes) = match item.map_err(classify)? {
+                    LogOutput::StdOut { message } => (OutputStream::Stdout, message),
+                    LogOutput::StdErr { message } => (OutputStream::Stderr, message),
+                    _ => continue,
+                };
+                let (buf, truncated) = match stream {
+                    OutputStream::Stdout => (&mut out.stdout, &mut out.stdout_truncated),
+                    OutputStream::Stderr => (&mut out.stderr, &mut out.stderr_truncated),
+                };
+                let room = cap.saturating_sub(buf.len());
+                let take = bytes.len().min(room);
+                if take < bytes.len() {
+                    *truncated = true;
+                }
+                if take > 0 {
+                    buf.extend_from_slice(&bytes[..take]);
+                    sink(stream, &bytes[..take]);
+                }
+            }
+            Ok::<(), BackendError>(())
+        };
+        match tokio::time::timeout(req.timeout, read).await {
+            Ok(r) => r?,
+            Err(_) => {
+                out.timed_out = true;
+                self.kill_exec(&created.id).await;
+                return Ok(out);
+            }
+        }
+        let info = self.docker.inspect_exec(&created.id).await.map_err(classify)?;
+        out.exit_code = info.exit_code;
+        Ok(out)
     }
 
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {

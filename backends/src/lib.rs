@@ -110,6 +110,35 @@ pub struct ManagedInstance {
     pub running: bool,
 }
 
+/// A one-shot command: argv only (no shell is added), a timeout, a cap per stream.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub timeout: std::time::Duration,
+    pub max_bytes_per_stream: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// How a command ended. Output beyond the cap is dropped and flagged.
+#[derive(Debug, Default)]
+pub struct ExecOutcome {
+    /// None when it timed out (killed) or the engine did not report one.
+    pub exit_code: Option<i64>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub timed_out: bool,
+}
+
+/// Called with each chunk of output as it arrives (after the cap is applied).
+pub type ChunkSink<'a> = &'a (dyn Fn(OutputStream, &[u8]) + Send + Sync);
+
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -124,6 +153,8 @@ pub trait Backend: Send + Sync {
     /// reason to restart. `(false, None)` only when definitely not running.
     async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>);
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
+    /// Runs argv in the workspace; on timeout the process is killed.
+    async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError>;
 }
 
 /// The backend of a process with none configured.
@@ -147,6 +178,9 @@ impl Backend for NoBackend {
         (true, Some(BackendError::NoBackend))
     }
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
         Err(BackendError::NoBackend)
     }
 }

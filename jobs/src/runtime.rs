@@ -427,7 +427,17 @@ async fn run_acker(
         let mut delay = Duration::from_millis(50);
         let give_up_at = tokio::time::Instant::now() + grace;
         loop {
-            match write_acks(&db, &worker_id, &buf).await {
+            let res = match write_acks(&db, &worker_id, &buf).await {
+                // The database refused the batch itself (not a connection fault): one ack
+                // must be bad (say, a result jsonb cannot hold). Isolate it instead of
+                // retrying the whole batch forever.
+                Err(sqlx::Error::Database(e)) => {
+                    tracing::warn!(worker_id, error = %e, "batch ack refused; writing acks one by one");
+                    write_acks_one_by_one(&db, &worker_id, &mut buf).await
+                }
+                other => other,
+            };
+            match res {
                 Ok(()) => {
                     if buf.iter().any(|a| a.status == "Failed" || a.status == "Pending") {
                         wake.notify_one();
@@ -449,6 +459,30 @@ async fn run_acker(
             }
         }
     }
+}
+
+/// Writes acks singly; an ack the database refuses becomes a failure of its job
+/// ("result could not be stored"), so it is never lost and never blocks the others.
+async fn write_acks_one_by_one(db: &PgPool, worker_id: &str, buf: &mut Vec<Ack>) -> Result<(), sqlx::Error> {
+    for ack in buf.iter_mut() {
+        match write_acks(db, worker_id, std::slice::from_ref(ack)).await {
+            Ok(()) => {}
+            Err(sqlx::Error::Database(e)) => {
+                let stored = Ack {
+                    id: std::mem::take(&mut ack.id),
+                    status: "Killed",
+                    outcome: Some("dead"),
+                    delay_ms: 0,
+                    error: Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300))),
+                    result: None,
+                };
+                write_acks(db, worker_id, std::slice::from_ref(&stored)).await?;
+                ack.id = stored.id;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The common case, kept cheap: successes without a result value.

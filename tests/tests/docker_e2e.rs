@@ -342,3 +342,95 @@ async fn a_failing_teardown_keeps_the_volume_and_retries_with_backoff() {
     assert!(!volume_exists(id), "removed once the engine allows it");
     env.stop().await;
 }
+
+async fn exec(env: &Env, ws: &str, body: Value) -> molecule_tests::Resp {
+    env.req("POST", &format!("/workspaces/{ws}/exec"), Some(body)).await
+}
+
+async fn exec_result(env: &Env, ws: &str, body: Value) -> Value {
+    let r = exec(env, ws, body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = r.json()["job_id"].as_str().unwrap().to_string();
+    env.wait_job(&job, "succeeded", Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_argv_separates_streams_caps_output_and_kills_on_timeout() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "ex", "runtime": "echo", "tier": 3})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+
+    let j = exec_result(&env, &ws, json!({"argv": ["sh", "-c", "echo out; echo err >&2; exit 3"]})).await;
+    let r = &j["result"];
+    assert_eq!((r["outcome"].as_str(), r["exit_code"].as_i64()), (Some("exited"), Some(3)));
+    assert_eq!((r["stdout"].as_str(), r["stderr"].as_str()), (Some("out\n"), Some("err\n")));
+
+    // No shell is added: the argument is printed literally.
+    let j = exec_result(&env, &ws, json!({"argv": ["echo", "$(id)"]})).await;
+    assert_eq!(j["result"]["stdout"], "$(id)\n");
+
+    // 3 MiB of output: 1 MiB kept, plus the marker.
+    let j = exec_result(&env, &ws, json!({"argv": ["sh", "-c", "yes aaaaaaaaaaaaaaa | head -c 3145728"]})).await;
+    let out = j["result"]["stdout"].as_str().unwrap();
+    assert_eq!(j["result"]["truncated"]["stdout"], true);
+    assert!(out.ends_with(molecule_workers::exec::TRUNCATION_MARKER));
+    assert_eq!(out.len(), (1 << 20) + molecule_workers::exec::TRUNCATION_MARKER.len());
+
+    // Timeout: the command is killed and the job says so within about the timeout.
+    let t0 = Instant::now();
+    let j = exec_result(&env, &ws, json!({"argv": ["sleep", "200"], "timeout_s": 2})).await;
+    assert_eq!(j["result"]["outcome"], "timeout");
+    assert!(j["result"]["exit_code"].is_null());
+    assert!(t0.elapsed() < Duration::from_secs(6), "timed out after {:?}", t0.elapsed());
+    let (_, ps) = docker(&["exec", &container_name(ws_id(&ws)), "ps"]);
+    assert!(!ps.contains("sleep 200"), "the process is gone: {ps}");
+
+    // The audit: one row per exec, argv and exit code, never output — even of a secret.
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&env.db).await.unwrap();
+    assert_eq!(before, 4);
+    let (_, token) = docker(&["exec", &container_name(ws_id(&ws)), "cat", "/configs/.auth_token"]);
+    let j = exec_result(&env, &ws, json!({"argv": ["cat", "/configs/.auth_token"]})).await;
+    assert!(!j.to_string().contains(&token[8..24]), "the job result is redacted");
+    let rows: Vec<(String, Vec<String>, Option<i32>, i64)> =
+        sqlx::query_as("SELECT actor, argv, exit_code, duration_ms FROM audit_events WHERE workspace_id = $1::uuid ORDER BY id")
+            .bind(&ws)
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[4].1, ["cat", "/configs/.auth_token"]);
+    assert_eq!(rows[4].2, Some(0));
+    assert!(rows[0].0.starts_with("org:"));
+    assert_eq!(rows[0].2, Some(3));
+    let dump: String = sqlx::query_scalar("SELECT string_agg(row_to_json(a)::text, ' ') FROM audit_events a").fetch_one(&env.db).await.unwrap();
+    assert!(!dump.contains(&token[8..24]), "no output in the audit table");
+    assert!(!dump.contains("aaaaaaaaaaaaaaa\n"), "no output in the audit table");
+    env.delete(&ws).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_refuses_bad_requests_low_tiers_and_other_orgs_without_queueing() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (low, _) = create(&env, json!({"name": "t2", "runtime": "echo", "tier": 2})).await;
+    let (hi, _) = create(&env, json!({"name": "t3", "runtime": "echo", "tier": 3})).await;
+    env.wait_status(&hi, "online", Duration::from_secs(30)).await;
+    let r = exec(&env, &low, json!({"argv": ["id"]})).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    for bad in [json!({"cmd": "ls -la"}), json!({"argv": "ls -la"}), json!({"argv": []}), json!({"argv": ["ls", 3]}), json!({"argv": ["ls"], "timeout_s": 0})] {
+        let r = exec(&env, &hi, bad.clone()).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    let mut c = env.db.acquire().await.unwrap();
+    let (_, other) = tokens::create_org(&mut c, "other").await.unwrap();
+    drop(c);
+    let r = http(&env.addr, "POST", &format!("/workspaces/{hi}/exec"), Some(&other), Some(&json!({"argv": ["id"]}).to_string()), None).await;
+    assert_eq!(r.status, 404);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'exec'").fetch_one(&env.db).await.unwrap();
+    assert_eq!(queued, 0, "no refused request queued a job");
+    let r = exec(&env, &hi, json!({"argv": ["true"], "timeout_s": 999})).await;
+    assert_eq!(r.json()["timeout_s"], 120, "clamped");
+    env.delete(&hi).await;
+    env.delete(&low).await;
+    env.stop().await;
+}

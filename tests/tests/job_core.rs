@@ -331,3 +331,28 @@ async fn an_idle_pool_wakes_on_notify_well_before_its_poll_interval() {
     let late = (v.started_at.unwrap() - at).num_milliseconds();
     assert!((0..5000).contains(&late), "future-dated job started {late} ms after its run_at");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_database_cannot_store_fails_that_job_only() {
+    let (db, _) = fresh_db().await;
+    // jsonb cannot hold a NUL character.
+    let handler = handler_fn(|ctx| async move {
+        let bad: bool = ctx.decode::<serde_json::Value>()?["bad"].as_bool().unwrap_or(false);
+        Ok(if bad { json!({"out": "a\u{0}b"}) } else { json!({"out": "fine"}) })
+    });
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "nul".into(), concurrency: 4, retry: policy(100), handler }]);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push((i == 3, push(&db, NewJob::to_queue("nul", &json!({"bad": i == 3})).max_attempts(1)).await));
+    }
+    for (bad, id) in &ids {
+        if *bad {
+            let v = wait_status(&db, id, JobStatus::Dead, Duration::from_secs(10)).await;
+            assert!(v.last_error.unwrap().contains("could not be stored"));
+        } else {
+            let v = wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(10)).await;
+            assert_eq!(v.result, Some(json!({"out": "fine"})));
+        }
+    }
+    rt.shutdown().await;
+}

@@ -1,5 +1,5 @@
 //! The handler of every job kind. Kinds whose capability is not built yet (rescue
-//! capture, exec, A2A dispatch) fail their jobs with a permanent error that says so —
+//! capture, A2A dispatch) fail their jobs with a permanent error that says so —
 //! never a fake success.
 
 use molecule_domain::WorkspaceId;
@@ -69,7 +69,10 @@ pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
             async move { crate::restart::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }
         }),
         JobKind::RescueCapture => not_built("rescue capture"),
-        JobKind::Exec => not_built("exec"),
+        JobKind::Exec => typed_handler(move |ctx, a: crate::exec::ExecArgs| {
+            let d = d.clone();
+            async move { crate::exec::run(&d, &ctx, a).await }
+        }),
         JobKind::A2aDispatch => not_built("A2A dispatch"),
     }
 }

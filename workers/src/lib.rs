@@ -1,8 +1,10 @@
 //! What each job kind does: pool → handler (here) → backend (`molecule-backends`).
 //!
 //! - [`provision`] (J1), [`stop`] (J2), [`restart`] (J3): workspace lifecycle.
+//! - [`exec`] (J5): one-shot commands.
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
+pub mod exec;
 pub mod handlers;
 pub mod provision;
 pub mod restart;

@@ -41,7 +41,7 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
 mod tests {
     //! The ordering rule with a fake backend (the Docker end-to-end tests cover the engine).
     use super::*;
-    use molecule_backends::{Backend, BackendError, ManagedInstance, StartSpec, Started};
+    use molecule_backends::{Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, StartSpec, Started};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -70,6 +70,9 @@ mod tests {
         }
         async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
             Ok(vec![])
+        }
+        async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+            unreachable!("not used")
         }
     }
 

@@ -1,3 +1,4 @@
+pub mod exec;
 pub mod health;
 pub mod jobs;
 pub mod queues;
