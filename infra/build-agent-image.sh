@@ -13,11 +13,13 @@ PROFILE="${AGENT_PROFILE:-release}"
 if ! command -v busybox >/dev/null || ! (ldd "$(command -v busybox)" 2>&1 || true) | grep -q "not a dynamic"; then
     apt-get update -q && apt-get install -y -q busybox-static
 fi
+# Same flags as tests/run.sh's build, so this is a no-op there (a package-only build
+# unifies features differently and would rebuild dependencies).
 if [[ "$PROFILE" == release ]]; then
     cargo build -q --release -p molecule-agent
     BIN="$CARGO_TARGET_DIR/release/molecule-agent"
 else
-    cargo build -q -p molecule-agent
+    cargo build -q --workspace --bins --tests
     BIN="$CARGO_TARGET_DIR/debug/molecule-agent"
 fi
 

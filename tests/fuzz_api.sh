@@ -12,7 +12,7 @@ if [[ ! -x "$VENV/bin/schemathesis" ]]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'schemathesis>=4,<5'
 fi
-cargo build -q --bin molecule
+cargo build -q --workspace --bins --tests   # no-op after tests/run.sh's build
 BIN="$CARGO_TARGET_DIR/debug/molecule"
 
 WORK="$(mktemp -d /tmp/molecule-fuzz.XXXXXX)"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/molecule-target}"
 if [[ "${1:-}" == "--smoke" ]]; then
     shift
-    cargo build -q -p molecule-bench-queue
+    cargo build -q --workspace --bins --tests   # no-op after tests/run.sh's build
     exec "$CARGO_TARGET_DIR/debug/molecule-bench-queue" --jobs 2000 --rounds 1 --samples 30 "$@"
 fi
 cargo build -q --release -p molecule-bench-queue

@@ -434,3 +434,77 @@ async fn exec_refuses_bad_requests_low_tiers_and_other_orgs_without_queueing() {
     env.delete(&low).await;
     env.stop().await;
 }
+
+/// Reads a streaming (chunked) response: the NDJSON frames and when each arrived.
+async fn read_frames(addr: &str, path: &str, token: &str, body: &str) -> (u16, Vec<(Duration, Value)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: application/x-ndjson\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    let (mut raw, mut frames, mut buf) = (String::new(), Vec::new(), [0u8; 8192]);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf)).await.expect("stream stalled").unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.push_str(&String::from_utf8_lossy(&buf[..n]));
+        // Frames are JSON lines inside chunks; take every complete one seen so far.
+        while let Some(start) = raw.find("\n{").map(|i| i + 1).or_else(|| raw.starts_with('{').then_some(0)) {
+            let Some(end) = raw[start..].find('\n') else { break };
+            let line = raw[start..start + end].to_string();
+            frames.push((t0.elapsed(), serde_json::from_str::<Value>(&line).unwrap()));
+            raw.replace_range(..start + end, "");
+        }
+    }
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(200);
+    (status, frames)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_frames_in_order_from_a_worker_in_another_process() {
+    let (db, url) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let mut c = db.acquire().await.unwrap();
+    let (_, token) = tokens::create_org(&mut c, "stream").await.unwrap();
+    drop(c);
+    // The worker pools run in their own process (`molecule worker`), the API in this one.
+    let mut cmd = Command::new(molecule_tests::bin_path("molecule"));
+    cmd.args(["worker", "--pool", "provision=2", "--pool", "exec=2", "--pool", "stop=2"])
+        .env("DATABASE_URL", &url)
+        .env("MOLECULE_BACKEND", "docker")
+        .env("PLATFORM_URL", format!("http://{addr}"))
+        .env("MOLECULE_POLL_INTERVAL_MS", "200");
+    let mut worker = molecule_tests::Proc::spawn(cmd, "worker");
+    let env = Env { db, addr, token, rt: None };
+    let (ws, _) = create(&env, json!({"name": "s", "runtime": "echo", "tier": 4})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+
+    let body = json!({"argv": ["sh", "-c", "echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 4"]}).to_string();
+    let (status, frames) = read_frames(&env.addr, &format!("/workspaces/{ws}/exec"), &env.token, &body).await;
+    assert_eq!(status, 200);
+    let values: Vec<&Value> = frames.iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        values,
+        [
+            &json!({"stream": "stdout", "data": "one\n"}),
+            &json!({"stream": "stderr", "data": "two\n"}),
+            &json!({"stream": "stdout", "data": "three\n"}),
+            &json!({"exit_code": 4}),
+        ],
+        "{frames:?}"
+    );
+    assert!(frames[2].0 - frames[0].0 >= Duration::from_millis(1500), "frames arrive as produced: {frames:?}");
+
+    let body = json!({"argv": ["sleep", "30"], "timeout_s": 1}).to_string();
+    let (_, frames) = read_frames(&env.addr, &format!("/workspaces/{ws}/exec"), &env.token, &body).await;
+    assert_eq!(frames.last().unwrap().1, json!({"error": "timeout", "status": 504}));
+
+    env.delete(&ws).await;
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+}

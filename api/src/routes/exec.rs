@@ -1,9 +1,16 @@
 //! A5: run a one-shot command in a workspace (X3): argv only, tier ≥ 3, timeout default
 //! 30 s and at most 120 s. The API validates and enqueues; the exec pool runs it.
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use molecule_domain::JobId;
+use molecule_jobs::status::{self, JobStatus};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::time::Duration;
 use chrono::Utc;
 use molecule_domain::WorkspaceStatus;
 use molecule_jobs::{enqueue, JobKind, NewJob};
@@ -40,6 +47,10 @@ pub struct ExecQueued {
 }
 
 /// A5: queue a command; `GET /jobs/{job_id}` carries `{outcome, exit_code, stdout, stderr, truncated}`.
+/// With `Accept: application/x-ndjson` the answer instead streams the output as the
+/// worker produces it — `{"stream":"stdout","data":…}` / `{"stream":"stderr",…}` — and
+/// ends with `{"exit_code":n}`, or `{"error":"timeout","status":504}` when the command
+/// was killed at its timeout.
 #[utoipa::path(post, path = "/workspaces/{id}/exec", tag = "workspaces", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path, description = "workspace id")), request_body = ExecBody,
     responses(
@@ -56,9 +67,14 @@ pub struct ExecQueued {
 pub async fn exec(
     State(st): State<AppState>,
     p: Principal,
+    headers: HeaderMap,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ExecBody>,
-) -> ApiResult<(StatusCode, Json<ExecQueued>)> {
+) -> ApiResult<Response> {
+    let stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().starts_with("application/x-ndjson")));
     let id = parse_workspace_id(&id)?;
     let org = p.require_org()?;
     if body.argv.is_empty() || body.argv[0].is_empty() {
@@ -100,7 +116,79 @@ pub async fn exec(
         .org(org)
         .workspace(id)
         .expires_at(Utc::now() + chrono::Duration::minutes(5));
-    let job_id = enqueue(&mut tx, &job).await?.to_string();
+    let job_id = enqueue(&mut tx, &job).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(ExecQueued { job_id, timeout_s })))
+    if !stream {
+        return Ok((StatusCode::ACCEPTED, Json(ExecQueued { job_id: job_id.to_string(), timeout_s })).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(follow(st.db.clone(), job_id.clone(), Duration::from_secs(timeout_s + 300), tx));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header("x-job-id", job_id.as_str())
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+fn frame(v: serde_json::Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// Follows a job's output (chunks persisted by the worker, announced by NOTIFY, with a
+/// polling fallback) until the job ends, then sends the final frame. The worker can be
+/// any process: everything goes through PostgreSQL.
+async fn follow(db: PgPool, job: JobId, give_up_after: Duration, tx: tokio::sync::mpsc::Sender<Bytes>) {
+    let mut listener = match PgListener::connect_with(&db).await {
+        Ok(mut l) => l.listen("molecule_exec_output").await.ok().map(|_| l),
+        Err(_) => None,
+    };
+    let deadline = tokio::time::Instant::now() + give_up_after;
+    let mut last = 0i32;
+    loop {
+        let terminal = match status::get(&db, &job).await {
+            Ok(v) => v.filter(|v| !matches!(v.status, JobStatus::Pending | JobStatus::Scheduled | JobStatus::Running | JobStatus::Failed)),
+            Err(_) => None,
+        };
+        // Chunks are all written before the job's outcome is: read them after the status.
+        let rows: Vec<(i32, String, String)> = sqlx::query_as(
+            "SELECT seq, stream, data FROM exec_output WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(job.as_str())
+        .bind(last)
+        .fetch_all(&db)
+        .await
+        .unwrap_or_default();
+        for (seq, stream, data) in rows {
+            last = seq;
+            if tx.send(frame(serde_json::json!({ "stream": stream, "data": data }))).await.is_err() {
+                return; // the caller went away; the command still runs to its end
+            }
+        }
+        if let Some(v) = terminal {
+            let result = v.result.unwrap_or_default();
+            let end = match (v.status, result["outcome"].as_str()) {
+                (JobStatus::Succeeded, Some("timeout")) => serde_json::json!({ "error": "timeout", "status": 504 }),
+                (JobStatus::Succeeded, _) => serde_json::json!({ "exit_code": result["exit_code"] }),
+                (s, _) => serde_json::json!({ "error": s.as_str(), "detail": v.last_error }),
+            };
+            let _ = tx.send(frame(end)).await;
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = tx.send(frame(serde_json::json!({ "error": "timeout", "status": 504 }))).await;
+            return;
+        }
+        match listener.as_mut() {
+            Some(l) => {
+                let _ = tokio::time::timeout(Duration::from_millis(250), l.recv()).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
 }
