@@ -11,3 +11,7 @@ CREATE TABLE IF NOT EXISTS exec_output (
     PRIMARY KEY (job_id, seq)
 );
 CREATE INDEX IF NOT EXISTS exec_output_created_idx ON exec_output (created_at);
+
+-- One bundle per capture job (at-least-once delivery must not store two).
+ALTER TABLE rescue_bundles ADD COLUMN IF NOT EXISTS job_id text;
+CREATE UNIQUE INDEX IF NOT EXISTS rescue_bundles_job_idx ON rescue_bundles (job_id) WHERE job_id IS NOT NULL;

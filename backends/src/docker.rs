@@ -4,7 +4,8 @@
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
     UploadToContainerOptionsBuilder,
 };
@@ -142,6 +143,35 @@ impl DockerBackend {
             },
             Err(e) => tracing::warn!(error = %e, "cannot inspect the timed-out exec"),
         }
+    }
+
+    /// A file of a container (running or not), via the archive API. None when absent.
+    async fn read_file(&self, name: &str, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let opts = DownloadFromContainerOptionsBuilder::default().path(path).build();
+        let mut stream = self.docker.download_from_container(name, Some(opts));
+        let mut archive = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => {
+                    archive.extend_from_slice(&b);
+                    if archive.len() > 4 * crate::MAX_UPSTREAM_BODY + 1024 {
+                        break; // enough for a 64 KiB section; the rest is not kept anyway
+                    }
+                }
+                Err(e) if status_of(&e) == Some(404) => return Ok(None),
+                Err(e) => return Err(classify(e)),
+            }
+        }
+        let mut ar = tar::Archive::new(&archive[..]);
+        let entries = ar.entries().map_err(|e| BackendError::engine(500, &e.to_string()))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| BackendError::engine(500, &e.to_string()))?;
+            let mut data = Vec::new();
+            use std::io::Read;
+            let _ = (&mut entry).take(crate::MAX_UPSTREAM_BODY as u64 * 4).read_to_end(&mut data);
+            return Ok(Some(data));
+        }
+        Ok(None)
     }
 
     async fn remove_container(&self, name: &str) -> Result<(), BackendError> {
@@ -306,6 +336,73 @@ impl Backend for DockerBackend {
         }
         let info = self.docker.inspect_exec(&created.id).await.map_err(classify)?;
         out.exit_code = info.exit_code;
+        Ok(out)
+    }
+
+    async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+        let name = container_name(ws);
+        let info = match self.docker.inspect_container(&name, None).await {
+            Ok(i) => Some(i),
+            Err(e) if status_of(&e) == Some(404) => None,
+            Err(e) => return Err(classify(e)),
+        };
+        let mut out = Vec::new();
+        for (section, path) in [("config.yaml", "/configs/config.yaml"), ("system-prompt.md", "/configs/system-prompt.md")] {
+            let text = match &info {
+                None => "(no container)".to_string(),
+                Some(_) => match self.read_file(&name, path).await {
+                    Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Ok(None) => format!("({path} does not exist)"),
+                    Err(e) => format!("({path} could not be read: {e})"),
+                },
+            };
+            out.push((section.to_string(), text));
+        }
+        out.push(("cloud-init-output.log".into(), "(not applicable: Docker workspaces do not boot with cloud-init)".into()));
+        // `docker ps -a` of the managed containers.
+        let ps = match self.list_managed().await {
+            Ok(list) => {
+                let mut t = String::from("NAME	WORKSPACE	RUNNING\n");
+                for c in list {
+                    t.push_str(&format!("{}	{}	{}\n", c.name, c.workspace_id.unwrap_or_default(), c.running));
+                }
+                t
+            }
+            Err(e) => format!("(could not list containers: {e})"),
+        };
+        out.push(("docker-ps".into(), ps));
+        let logs = match &info {
+            None => "(no container)".to_string(),
+            Some(_) => {
+                let opts = LogsOptionsBuilder::default().stdout(true).stderr(true).tail("200").build();
+                let mut stream = self.docker.logs(&name, Some(opts));
+                let mut t = String::new();
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(chunk) => t.push_str(&chunk.to_string()),
+                        Err(e) => {
+                            t.push_str(&format!("\n(log read failed: {e})"));
+                            break;
+                        }
+                    }
+                }
+                t
+            }
+        };
+        out.push(("agent-logs".into(), logs));
+        let env = info
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|kv| {
+                let key = kv.split('=').next().unwrap_or("");
+                ["MODEL", "PROVIDER", "RUNTIME"].iter().any(|k| key.contains(k))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        out.push(("runtime-env".into(), env));
         Ok(out)
     }
 

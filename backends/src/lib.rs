@@ -155,7 +155,14 @@ pub trait Backend: Send + Sync {
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
     /// Runs argv in the workspace; on timeout the process is killed.
     async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError>;
+    /// The fixed rescue section set (J4), raw (the caller redacts): each section's text,
+    /// or a note saying why it could not be read. Works on a stopped instance.
+    async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError>;
 }
+
+/// The sections of a rescue bundle, in order (J4).
+pub const RESCUE_SECTIONS: [&str; 6] =
+    ["config.yaml", "system-prompt.md", "cloud-init-output.log", "docker-ps", "agent-logs", "runtime-env"];
 
 /// The backend of a process with none configured.
 pub struct NoBackend;
@@ -181,6 +188,9 @@ impl Backend for NoBackend {
         Err(BackendError::NoBackend)
     }
     async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
         Err(BackendError::NoBackend)
     }
 }

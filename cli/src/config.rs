@@ -158,6 +158,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKSPACE_IMAGE_LOCAL_OVERRIDE", value_name = "WORKSPACE_IMAGE_LOCAL_OVERRIDE", default_value = "0",
           value_parser = ["0", "1"])]
     pub image_local_override: String,
+    /// Where rescue bundle sections are pushed (Loki push API base URL). Unset: not shipped.
+    #[arg(long, env = "LOKI_URL", value_name = "LOKI_URL")]
+    pub loki_url: Option<String>,
     /// Docker network mode of workspace containers (`host` for local installs and tests).
     #[arg(long, env = "MOLECULE_DOCKER_NETWORK", value_name = "MOLECULE_DOCKER_NETWORK", default_value = "host")]
     pub docker_network: String,

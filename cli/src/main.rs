@@ -268,6 +268,8 @@ async fn serve_roles(
                 platform_url: w.platform_url.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into()),
                 registry: molecule_backends::image::registry_prefix(Some(&w.image_registry)),
                 image_local_override: w.image_local_override == "1",
+                redactor: Some(std::sync::Arc::new(molecule_domain::redact::Redactor::new())),
+                loki_url: w.loki_url.clone().filter(|u| !u.is_empty()),
             };
             let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
             Some(molecule_jobs::Runtime::start(db.clone(), w.runtime_config(), specs))

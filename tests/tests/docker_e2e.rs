@@ -21,6 +21,11 @@ struct Env {
 
 impl Env {
     async fn new(registry: &str) -> Env {
+        Env::with(registry, None, None).await
+    }
+
+    /// `platform_url`: where agents register (None: this API); `loki`: LOKI_URL.
+    async fn with(registry: &str, platform_url: Option<String>, loki: Option<String>) -> Env {
         let (db, _) = fresh_db().await;
         let addr = start_api(db.clone(), open_auth()).await;
         let mut c = db.acquire().await.unwrap();
@@ -32,9 +37,11 @@ impl Env {
         let deps = molecule_workers::Deps {
             db: db.clone(),
             backend: Arc::new(backend),
-            platform_url: format!("http://{addr}"),
+            platform_url: platform_url.unwrap_or_else(|| format!("http://{addr}")),
             registry: registry.into(),
             image_local_override: false,
+            redactor: Some(Arc::new(molecule_domain::redact::Redactor::new())),
+            loki_url: loki.clone(),
         };
         let mut specs = molecule_workers::handlers::pool_specs(&deps, &Default::default());
         for s in &mut specs {
@@ -507,4 +514,114 @@ async fn exec_streams_frames_in_order_from_a_worker_in_another_process() {
     env.delete(&ws).await;
     worker.signal(libc::SIGTERM);
     assert_eq!(worker.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+}
+
+/// A stand-in for Loki's push endpoint on loopback: records each push (path and JSON body)
+/// and answers 204 only when the body has Loki's push shape.
+async fn fake_loki() -> (String, Arc<std::sync::Mutex<Vec<(String, Value)>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                            let v: Value = serde_json::from_str(&body[..len]).unwrap_or(Value::Null);
+                            let ok = v["streams"][0]["stream"].is_object() && v["streams"][0]["values"].is_array();
+                            seen.lock().unwrap().push((path, v));
+                            let status = if ok { "204 No Content" } else { "400 Bad Request" };
+                            let _ = sock.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes()).await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_failure_leaves_one_redacted_rescue_bundle_shipped_to_loki() {
+    let (loki, pushes) = fake_loki().await;
+    // Agents are told a platform address where nothing listens: this one never registers.
+    let env = Env::with("127.0.0.1:9/none", Some("http://127.0.0.1:9".into()), Some(loki)).await;
+    let (ws, _) = create(&env, json!({"name": "wedged", "runtime": "echo"})).await;
+    let id = ws_id(&ws);
+    eventually(Duration::from_secs(30), "the container to run", || async { container_exists(id).then_some(()) }).await;
+    // A secret planted in the workspace's config.
+    let planted = "sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo";
+    assert!(docker(&["exec", &container_name(id), "sh", "-c", &format!("printf 'model: x\\napi_key: {planted}\\n' > /configs/config.yaml")]).0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.status(&ws).await, "provisioning", "the agent never registered");
+
+    // The control plane's verdict (admin route of an API with ADMIN_TOKEN).
+    let admin_addr = start_api(
+        env.db.clone(),
+        molecule_api::AuthConfig { admin_token: Some("adm".into()), dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: true },
+    )
+    .await;
+    let verdict = http(&admin_addr, "POST", &format!("/admin/workspaces/{ws}/bootstrap-failed"), Some("adm"),
+        Some(&json!({"error": "agent never registered"}).to_string()), None).await;
+    assert_eq!(verdict.status, 200, "{}", verdict.body);
+    let job = verdict.json()["job_id"].as_str().unwrap().to_string();
+    let j = env.wait_job(&job, "succeeded", Duration::from_secs(60)).await;
+    assert_eq!(j["result"]["shipped"], true, "{j}");
+    assert_eq!(env.status(&ws).await, "failed", "capture never changes the status");
+
+    let bundle = env.req("GET", &format!("/workspaces/{ws}/rescue"), None).await;
+    assert_eq!(bundle.status, 200);
+    let b = bundle.json();
+    assert_eq!(b["trigger"], "bootstrap_failed");
+    let names: Vec<&str> = b["sections"].as_object().unwrap().keys().map(String::as_str).collect();
+    for s in molecule_backends::RESCUE_SECTIONS {
+        assert!(names.contains(&s), "{s} missing from {names:?}");
+    }
+    let config = b["sections"]["config.yaml"].as_str().unwrap();
+    assert!(config.contains("model: x") && config.contains("api_key: [REDACTED]"), "{config}");
+    assert!(!b.to_string().contains(&planted[..12]), "no part of the secret in the bundle");
+    assert!(b["sections"]["agent-logs"].as_str().unwrap().contains("echo-agent"));
+    assert!(b["sections"]["runtime-env"].as_str().unwrap().contains("RUNTIME=echo"));
+
+    let pushes = pushes.lock().unwrap().clone();
+    assert_eq!(pushes.len(), 1);
+    let (path, body) = &pushes[0];
+    assert_eq!(path, "/loki/api/v1/push");
+    let stream = &body["streams"][0];
+    assert_eq!(stream["stream"]["kind"], "rescue");
+    assert_eq!(stream["stream"]["event_type"], "rescue.bundle");
+    assert_eq!(stream["stream"]["workspace_id"], ws.as_str());
+    assert!(stream["stream"]["org"].as_str().is_some_and(|o| !o.is_empty()));
+    assert_eq!(stream["values"].as_array().unwrap().len(), molecule_backends::RESCUE_SECTIONS.len());
+    assert!(stream["values"][0][0].as_str().unwrap().parse::<i64>().is_ok(), "timestamps are nanosecond strings");
+    assert!(!body.to_string().contains(&planted[..12]), "no part of the secret shipped");
+
+    // A second verdict adds nothing.
+    let again = http(&admin_addr, "POST", &format!("/admin/workspaces/{ws}/bootstrap-failed"), Some("adm"), Some("{}"), None).await;
+    assert_eq!(again.json()["flipped"], false);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rescue_bundles").fetch_one(&env.db).await.unwrap();
+    assert_eq!(n, 1);
+    // Nothing reaps a failed workspace: its container and volume are still there.
+    assert!(container_exists(id) && volume_exists(id));
+    env.delete(&ws).await;
+    env.stop().await;
 }

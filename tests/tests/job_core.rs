@@ -256,6 +256,8 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
         platform_url: "http://127.0.0.1:9".into(),
         registry: molecule_backends::image::DEFAULT_REGISTRY.into(),
         image_local_override: false,
+        redactor: None,
+        loki_url: None,
     };
     let ws: uuid::Uuid = sqlx::query_scalar(
         "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
@@ -355,4 +357,38 @@ async fn a_result_the_database_cannot_store_fails_that_job_only() {
         }
     }
     rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescue_capture_without_a_redactor_stores_and_ships_nothing() {
+    let (db, _) = fresh_db().await;
+    let deps = molecule_workers::Deps {
+        db: db.clone(),
+        backend: std::sync::Arc::new(molecule_backends::NoBackend),
+        platform_url: String::new(),
+        registry: String::new(),
+        image_local_override: false,
+        redactor: None,
+        loki_url: Some("http://127.0.0.254:9".into()),
+    };
+    let ws: uuid::Uuid = sqlx::query_scalar(
+        "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
+         INSERT INTO workspaces (org_id, name, runtime, tier, status) SELECT id, 'w', 'echo', 2, 'failed' FROM o RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let specs = molecule_workers::handlers::pool_specs(&deps, &[(JobKind::RescueCapture, 1)].into_iter().collect());
+    let rt = Runtime::start(db.clone(), cfg(), specs);
+    let id = push(&db, NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "bootstrap_failed"}))).await;
+    let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
+    let normal = push(&db, NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "deprovision"}))).await;
+    let n = wait_status(&db, &normal, JobStatus::Dead, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert!(v.last_error.unwrap().contains("fail closed"));
+    assert!(n.last_error.unwrap().contains("only for boot failures"), "never on a normal teardown");
+    let bundles: i64 = sqlx::query_scalar("SELECT count(*) FROM rescue_bundles").fetch_one(&db).await.unwrap();
+    assert_eq!(bundles, 0);
+    let status: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
+    assert_eq!(status, "failed");
 }

@@ -1,5 +1,5 @@
-//! The handler of every job kind. Kinds whose capability is not built yet (rescue
-//! capture, A2A dispatch) fail their jobs with a permanent error that says so —
+//! The handler of every job kind. Kinds whose capability is not built yet (A2A
+//! dispatch) fail their jobs with a permanent error that says so —
 //! never a fake success.
 
 use molecule_domain::WorkspaceId;
@@ -68,7 +68,10 @@ pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
             let d = d.clone();
             async move { crate::restart::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }
         }),
-        JobKind::RescueCapture => not_built("rescue capture"),
+        JobKind::RescueCapture => typed_handler(move |ctx, a: crate::rescue::RescueArgs| {
+            let d = d.clone();
+            async move { crate::rescue::run(&d, &ctx, a).await }
+        }),
         JobKind::Exec => typed_handler(move |ctx, a: crate::exec::ExecArgs| {
             let d = d.clone();
             async move { crate::exec::run(&d, &ctx, a).await }

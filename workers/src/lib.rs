@@ -2,11 +2,13 @@
 //!
 //! - [`provision`] (J1), [`stop`] (J2), [`restart`] (J3): workspace lifecycle.
 //! - [`exec`] (J5): one-shot commands.
+//! - [`rescue`] (J4): forensic bundles of boot failures.
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
 pub mod exec;
 pub mod handlers;
 pub mod provision;
+pub mod rescue;
 pub mod restart;
 pub mod stop;
 
@@ -25,4 +27,8 @@ pub struct Deps {
     pub registry: String,
     /// WORKSPACE_IMAGE_LOCAL_OVERRIDE=1: ignore digest pins.
     pub image_local_override: bool,
+    /// The secret redactor (X4). None → rescue capture stores and ships nothing.
+    pub redactor: Option<std::sync::Arc<molecule_domain::redact::Redactor>>,
+    /// LOKI_URL: where rescue sections are pushed (unset: not shipped).
+    pub loki_url: Option<String>,
 }

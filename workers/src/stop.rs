@@ -74,6 +74,9 @@ mod tests {
         async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
             unreachable!("not used")
         }
+        async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+            unreachable!("not used")
+        }
     }
 
     #[tokio::test]
@@ -87,6 +90,8 @@ mod tests {
             platform_url: String::new(),
             registry: String::new(),
             image_local_override: false,
+            redactor: None,
+            loki_url: None,
         };
         let ctx = molecule_jobs::JobContext {
             id: molecule_domain::JobId::generate(),
