@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}/events", get(workspaces::events))
         .route("/workspaces/{id}/rescue", get(rescue::latest))
         .route("/workspaces/{id}/exec", post(exec::exec))
+        .route("/workspaces/{id}/console", get(rescue::console))
         .route("/admin/workspaces/{id}/bootstrap-failed", post(rescue::bootstrap_failed))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))

@@ -15,7 +15,7 @@ use crate::routes::{exec, health, jobs, queues, registry, rescue, workspaces};
         jobs::get, jobs::list, jobs::cancel, jobs::retry,
         queues::queues,
         registry::register, registry::heartbeat,
-        rescue::bootstrap_failed, rescue::latest,
+        rescue::bootstrap_failed, rescue::latest, rescue::console,
         exec::exec,
     ),
     components(schemas(crate::error::ErrorBody)),

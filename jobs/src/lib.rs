@@ -19,6 +19,7 @@ pub mod kinds;
 pub mod maintenance;
 pub mod runtime;
 pub mod status;
+pub mod verdicts;
 
 pub use enqueue::{enqueue, enqueue_many, NewJob};
 pub use handler::{handler_fn, typed_handler, Handler, JobContext, JobError};

@@ -101,6 +101,7 @@ async fn every_route_hides_other_orgs_and_refuses_bad_tokens() {
         ("GET", format!("/workspaces/{ws}"), None),
         ("GET", format!("/workspaces/{ws}/events"), None),
         ("GET", format!("/workspaces/{ws}/rescue"), None),
+        ("GET", format!("/workspaces/{ws}/console"), None),
         ("POST", format!("/workspaces/{ws}/restart"), None),
         ("DELETE", format!("/workspaces/{ws}"), None),
         ("GET", format!("/jobs/{job}"), None),
@@ -417,6 +418,8 @@ async fn openapi_documents_every_route() {
         ("/registry/register", "post"),
         ("/registry/heartbeat", "post"),
         ("/workspaces/{id}/rescue", "get"),
+        ("/workspaces/{id}/console", "get"),
+        ("/workspaces/{id}/exec", "post"),
         ("/admin/workspaces/{id}/bootstrap-failed", "post"),
     ] {
         assert!(paths.get(p).and_then(|x| x.get(m)).is_some(), "{m} {p} is not documented");
@@ -553,6 +556,11 @@ async fn rescue_read_serves_the_latest_bundle_to_its_org_only() {
     assert_eq!(v["sections"]["agent_logs"].as_str().unwrap().len(), 64 * 1024, "sections are capped at 64 KiB");
     let r = get(&addr, &path, Some(&tb)).await;
     assert_eq!(r.status, 404, "another org sees nothing");
+    // A8: no console on Docker: a clear 501 (after the same org check).
+    let r = get(&addr, &format!("/workspaces/{ws}/console"), Some(&ta)).await;
+    assert_eq!((r.status, r.code().as_str()), (501, "not_implemented"));
+    assert!(r.json()["detail"].as_str().unwrap().contains("Docker"));
+    assert_eq!(get(&addr, &format!("/workspaces/{ws}/console"), Some(&tb)).await.status, 404);
     // A bundle row of another org for this workspace id is never served (strict org_id = $2).
     sqlx::query("DELETE FROM rescue_bundles").execute(&db).await.unwrap();
     let other: uuid::Uuid = sqlx::query_scalar("SELECT id FROM organizations WHERE name = 'b'").fetch_one(&db).await.unwrap();

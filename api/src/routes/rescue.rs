@@ -4,8 +4,8 @@ use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use molecule_domain::redact::Redactor;
-use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
-use molecule_jobs::{enqueue, JobKind, NewJob};
+use molecule_domain::WorkspaceStatus;
+use molecule_jobs::verdicts;
 use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use utoipa::ToSchema;
@@ -14,7 +14,6 @@ use uuid::Uuid;
 use crate::auth::{Admin, Principal};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{parse_workspace_id, ApiJson};
-use crate::routes::workspaces::record_event;
 use crate::AppState;
 
 static REDACTOR: LazyLock<Redactor> = LazyLock::new(Redactor::new);
@@ -98,30 +97,16 @@ pub async fn bootstrap_failed(
     }
     let sample = REDACTOR.redact(&sample).into_owned();
     let mut tx = st.db.begin().await?;
-    let flipped: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
-         WHERE id = $1 AND status = 'provisioning' RETURNING org_id",
-    )
-    .bind(id.0)
-    .bind(&sample)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(org) = flipped else {
+    let flipped = verdicts::boot_failed(&mut tx, id, verdicts::Trigger::BootstrapFailed, &sample).await?;
+    let Some((org, job_id)) = flipped else {
         let status: Option<WorkspaceStatus> =
             sqlx::query_scalar("SELECT status FROM workspaces WHERE id = $1").bind(id.0).fetch_optional(&mut *tx).await?;
         let status = status.ok_or(ApiError::NotFound("workspace"))?;
         return Ok(Json(Verdict { flipped: false, status, job_id: None }));
     };
-    let org = OrgId(org);
-    let job = NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": id, "trigger": "bootstrap_failed" }))
-        .org(org)
-        .workspace(WorkspaceId(id.0));
-    let job_id = enqueue(&mut tx, &job).await?.to_string();
-    record_event(&mut tx, org, id.0, "WORKSPACE_PROVISION_FAILED", serde_json::json!({ "source": "bootstrap_failed", "job_id": job_id }))
-        .await?;
     tx.commit().await?;
-    tracing::info!(event = "workspace.bootstrap_failed", workspace_id = %id, org_id = %org, job_id);
-    Ok(Json(Verdict { flipped: true, status: WorkspaceStatus::Failed, job_id: Some(job_id) }))
+    tracing::info!(event = "workspace.bootstrap_failed", workspace_id = %id, org_id = %org, job_id = %job_id);
+    Ok(Json(Verdict { flipped: true, status: WorkspaceStatus::Failed, job_id: Some(job_id.to_string()) }))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -170,4 +155,35 @@ pub async fn latest(State(st): State<AppState>, p: Principal, Path(id): Path<Str
         })
         .unwrap_or_default();
     Ok(Json(RescueBundle { id: bundle_id, workspace_id: id.0, trigger, captured_at, sections }))
+}
+
+/// A8: the serial console of an EC2 workspace. Docker workspaces have none (their agent
+/// logs are in the rescue bundle), and the EC2 backend is not built yet: 501 either way,
+/// after the same org-scoped lookup as every workspace route.
+#[utoipa::path(get, path = "/workspaces/{id}/console", tag = "workspaces", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "workspace id")),
+    responses(
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 501, description = "no console for this backend", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn console(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<RescueBundle>> {
+    let id = parse_workspace_id(&id)?;
+    if !p.may_see(id) {
+        return Err(ApiError::NotFound("workspace"));
+    }
+    let instance: Option<Option<String>> =
+        sqlx::query_scalar("SELECT instance_id FROM workspaces WHERE id = $1 AND org_id = $2")
+            .bind(id.0)
+            .bind(p.org.0)
+            .fetch_optional(&st.db)
+            .await?;
+    match instance.ok_or(ApiError::NotFound("workspace"))? {
+        None => Err(ApiError::NotImplemented(
+            "console output exists for EC2 workspaces only; this one runs on Docker — its agent logs are in its rescue bundle".into(),
+        )),
+        Some(_) => Err(ApiError::NotImplemented("the EC2 console is not built in this version of the server".into())),
+    }
 }

@@ -1,0 +1,57 @@
+//! Boot-failure verdicts: the one entry point shared by `POST
+//! /admin/workspaces/:id/bootstrap-failed` (A7) and the provision-timeout sweeper (S1).
+//! It flips `provisioning → failed` only, and fires the rescue capture only when the
+//! UPDATE actually flipped the row — never on a race, never twice.
+
+use molecule_domain::{JobId, OrgId, WorkspaceId};
+use sqlx::PgConnection;
+
+use crate::enqueue::{enqueue, NewJob};
+use crate::kinds::JobKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    ProvisionTimeout,
+    BootstrapFailed,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::ProvisionTimeout => "provision_timeout",
+            Trigger::BootstrapFailed => "bootstrap_failed",
+        }
+    }
+}
+
+/// Run inside the caller's transaction. Some((org, rescue job)) when the row flipped.
+pub async fn boot_failed(
+    conn: &mut PgConnection,
+    ws: WorkspaceId,
+    trigger: Trigger,
+    last_sample_error: &str,
+) -> Result<Option<(OrgId, JobId)>, sqlx::Error> {
+    let flipped: Option<uuid::Uuid> = sqlx::query_scalar(
+        "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
+         WHERE id = $1 AND status = 'provisioning' RETURNING org_id",
+    )
+    .bind(ws.0)
+    .bind(last_sample_error)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(org) = flipped else { return Ok(None) };
+    let org = OrgId(org);
+    let job = NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": ws, "trigger": trigger.as_str() }))
+        .org(org)
+        .workspace(ws);
+    let job_id = enqueue(&mut *conn, &job).await?;
+    sqlx::query(
+        "INSERT INTO structure_events (org_id, workspace_id, event_type, payload) VALUES ($1, $2, 'WORKSPACE_PROVISION_FAILED', $3)",
+    )
+    .bind(org.0)
+    .bind(ws.0)
+    .bind(serde_json::json!({ "source": trigger.as_str(), "job_id": job_id.as_str() }))
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some((org, job_id)))
+}
