@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the API from its own OpenAPI document with schemathesis (PyPI), bounded:
-# no 5xx, and no response that breaks the documented schema or status codes.
+# no 5xx (but the console's documented 501), and no response that breaks the documented
+# schema or status codes.
 # Runs `molecule serve` on its own embedded PostgreSQL in a temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,19 @@ for n in 1 2 3; do
         -H 'Content-Type: application/json' -d "{\"name\":\"seed$n\",\"runtime\":\"echo\"}" >/dev/null
 done
 
+CHECKS=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance
+# The console answers a documented 501 on the Docker backend (A8): it is fuzzed on its
+# own, with every check but "no 5xx".
 "$VENV/bin/schemathesis" run "http://$LISTEN_ADDR/openapi.json" \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+    --exclude-path '/workspaces/{id}/console' \
+    --checks "$CHECKS" \
+    -H "Authorization: Bearer $TOKEN" \
+    --max-examples "$MAX_EXAMPLES" \
+    --seed 42 \
+    --no-color
+"$VENV/bin/schemathesis" run "http://$LISTEN_ADDR/openapi.json" \
+    --include-path '/workspaces/{id}/console' \
+    --checks "${CHECKS#not_a_server_error,}" \
     -H "Authorization: Bearer $TOKEN" \
     --max-examples "$MAX_EXAMPLES" \
     --seed 42 \
