@@ -9,6 +9,7 @@ pub mod redact;
 pub mod runtimes;
 pub mod ssrf;
 pub mod status;
+pub mod text;
 pub mod tokens;
 
 pub use ids::{JobId, OrgId, WorkspaceId};

@@ -25,17 +25,6 @@ pub struct RescueArgs {
     pub trigger: String,
 }
 
-fn tail_bounded(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 pub async fn run(d: &Deps, ctx: &JobContext, a: RescueArgs) -> HandlerResult {
     if !matches!(a.trigger.as_str(), "provision_timeout" | "bootstrap_failed") {
         return Err(JobError::Permanent(format!("rescue capture is only for boot failures, not {:?}", a.trigger)));
@@ -73,7 +62,7 @@ async fn capture(d: &Deps, ctx: &JobContext, a: &RescueArgs, redactor: &Redactor
         .into_iter()
         .map(|(name, text)| {
             let redacted = redactor.redact(&text).replace('\0', "\u{FFFD}");
-            (name, json!(tail_bounded(&redacted, SECTION_MAX_BYTES)))
+            (name, json!(molecule_domain::text::tail(&redacted, SECTION_MAX_BYTES)))
         })
         .collect();
     let bundle: uuid::Uuid = sqlx::query_scalar(

@@ -4,6 +4,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use molecule_domain::redact::Redactor;
+use molecule_domain::text::{head, tail};
 use molecule_domain::WorkspaceStatus;
 use molecule_jobs::verdicts;
 use serde::{Deserialize, Serialize};
@@ -43,28 +44,6 @@ pub struct Verdict {
     pub status: WorkspaceStatus,
     /// The rescue_capture job, when the row flipped.
     pub job_id: Option<String>,
-}
-
-fn tail(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
-fn head(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// A7: the control plane's boot-failure verdict. Flips `provisioning → failed` only (any
