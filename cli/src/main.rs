@@ -72,6 +72,11 @@ fn init_tracing(common: &Common) {
 }
 
 async fn run(cli: Cli) -> Result<(), StartError> {
+    // Before anything else: a SIGTERM that arrives during start-up (say, from an
+    // orchestrator) must lead to the same graceful stop, not the default instant death
+    // that would leave the embedded PostgreSQL running.
+    let serving = !matches!(cli.command, Some(Command::Migrate) | Some(Command::Org { .. }));
+    let stop = serving.then(Stop::install);
     let common = cli.common;
     match cli.command.expect("defaulted to serve above") {
         Command::Org { command } => org_command(&common, command).await,
@@ -102,7 +107,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             if worker.platform_url.is_none() {
                 worker.platform_url = Some(format!("http://{}", args.api.listen));
             }
-            let res = serve_roles(db.clone(), Some(args.api), Some(worker), Some(args.scheduler)).await;
+            let res = serve_roles(db.clone(), stop.unwrap_or_else(Stop::install), Some(args.api), Some(worker), Some(args.scheduler)).await;
             db.close().await;
             if let Some(mut pg) = embedded {
                 tokio::task::spawn_blocking(move || pg.stop()).await.ok();
@@ -111,15 +116,15 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         }
         Command::Api(args) => {
             let db = connect(&common, "api").await?;
-            serve_roles(db, Some(args), None, None).await
+            serve_roles(db, stop.unwrap_or_else(Stop::install), Some(args), None, None).await
         }
         Command::Worker(args) => {
             let db = connect(&common, "worker").await?;
-            serve_roles(db, None, Some(args), None).await
+            serve_roles(db, stop.unwrap_or_else(Stop::install), None, Some(args), None).await
         }
         Command::Scheduler(args) => {
             let db = connect(&common, "scheduler").await?;
-            serve_roles(db, None, None, Some(args)).await
+            serve_roles(db, stop.unwrap_or_else(Stop::install), None, None, Some(args)).await
         }
     }
 }
@@ -224,6 +229,7 @@ async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
 /// taking requests, the scheduler stops firing, the pools finish or release their jobs.
 async fn serve_roles(
     db: PgPool,
+    mut stop: Stop,
     api: Option<ApiArgs>,
     worker: Option<WorkerArgs>,
     scheduler: Option<SchedulerArgs>,
@@ -284,11 +290,11 @@ async fn serve_roles(
     // Run until a signal, or until the API server dies on its own (then stop the rest too).
     let api_ended = match api_task.as_mut() {
         Some(t) => tokio::select! {
-            _ = wait_for_signal() => None,
+            _ = stop.wait() => None,
             r = t => Some(r),
         },
         None => {
-            wait_for_signal().await;
+            stop.wait().await;
             None
         }
     };
@@ -329,19 +335,38 @@ async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_ba
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the SIGTERM handler; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, caught from the first moment of the process.
+struct Stop {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Stop {
+    fn install() -> Stop {
+        use tokio::signal::unix::{signal, SignalKind};
+        let take = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, signal = name, "cannot install a signal handler");
+                None
+            }
+        };
+        Stop { term: take(SignalKind::terminate(), "SIGTERM"), int: take(SignalKind::interrupt(), "SIGINT") }
+    }
+
+    /// Resolves on SIGTERM or SIGINT (also one that arrived before this was awaited).
+    async fn wait(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        tokio::select! {
+            _ = recv(&mut self.term) => tracing::info!("SIGTERM received"),
+            _ = recv(&mut self.int) => tracing::info!("SIGINT received"),
+        }
     }
 }

@@ -303,3 +303,18 @@ async fn org_cli_prints_tokens_once_and_no_token_reaches_the_logs() {
     }
     assert!(!text.contains("mol_org_0123456789abcdef"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_startup_still_stops_cleanly() {
+    let dir = temp_dir("early-term");
+    let mut s = serve(&dir, free_port());
+    // The embedded cluster is up but serve is still starting its roles.
+    eventually(Duration::from_secs(30), "the embedded cluster to start", || async {
+        dir.join(".molecule/pg/postmaster.pid").exists().then_some(())
+    })
+    .await;
+    s.signal(libc::SIGTERM);
+    let st = s.wait_exit(Duration::from_secs(30)).expect("serve exits after an early SIGTERM");
+    assert_eq!(st.code(), Some(0), "a graceful exit, not death by signal: {st:?}");
+    assert!(!dir.join(".molecule/pg/postmaster.pid").exists(), "and it stopped its PostgreSQL");
+}
