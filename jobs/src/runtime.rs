@@ -3,7 +3,7 @@
 //! Per pool: a fetcher claims up to `min(free slots, batch)` jobs in one statement
 //! (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own task,
 //! and an acker writes outcomes back in batches. When the queue runs dry the fetcher
-//! sleeps until the first of: a NOTIFY for its queue (apalis' insert trigger), the next
+//! sleeps until the first of: a NOTIFY for its queue (the insert trigger), the next
 //! job's `run_at` (retries, future-dated jobs), or the polling interval (missed NOTIFYs).
 //!
 //! Per process: one LISTEN connection, one heartbeat for every pool's worker row, and
@@ -28,7 +28,8 @@ use crate::handler::{Handler, JobContext, JobError};
 use crate::kinds::RetryPolicy;
 use crate::maintenance;
 
-/// apalis-postgres' insert trigger publishes `{"job_type": …, "id": …, "run_at": …}` here.
+/// Inserts into `apalis.jobs` publish `{"job_type": …}` here, once per queue per statement
+/// (migrations/…_statement_notify.sql; apalis' own channel name is kept).
 pub const INSERT_CHANNEL: &str = "apalis::job::insert";
 
 #[derive(Clone, Debug)]
