@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod embedded_pg;
+pub mod events;
 pub mod ids;
 pub mod redact;
 pub mod runtimes;

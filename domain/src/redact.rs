@@ -76,6 +76,12 @@ impl Redactor {
     }
 }
 
+/// The process-wide redactor (built once; its patterns are compiled at first use).
+pub fn global() -> &'static Redactor {
+    static R: std::sync::LazyLock<Redactor> = std::sync::LazyLock::new(Redactor::new);
+    &R
+}
+
 impl Default for Redactor {
     fn default() -> Self {
         Self::new()

@@ -362,15 +362,10 @@ impl Ack {
     }
 }
 
+/// At most `max` bytes of an error, marked when cut.
 fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    let head = molecule_domain::text::head(s, max);
+    if head.len() == s.len() { s.to_string() } else { format!("{head}…") }
 }
 
 /// Writes a batch of outcomes in one statement. Only rows this worker still holds are

@@ -45,13 +45,13 @@ pub async fn boot_failed(
         .org(org)
         .workspace(ws);
     let job_id = enqueue(&mut *conn, &job).await?;
-    sqlx::query(
-        "INSERT INTO structure_events (org_id, workspace_id, event_type, payload) VALUES ($1, $2, 'WORKSPACE_PROVISION_FAILED', $3)",
+    molecule_domain::events::record(
+        conn,
+        org,
+        ws.0,
+        "WORKSPACE_PROVISION_FAILED",
+        serde_json::json!({ "source": trigger.as_str(), "job_id": job_id.as_str() }),
     )
-    .bind(org.0)
-    .bind(ws.0)
-    .bind(serde_json::json!({ "source": trigger.as_str(), "job_id": job_id.as_str() }))
-    .execute(&mut *conn)
     .await?;
     Ok(Some((org, job_id)))
 }

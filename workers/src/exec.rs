@@ -3,13 +3,11 @@
 //! never output). Output is redacted (X4) before it is stored in the job's result.
 
 use molecule_backends::{BackendError, ExecRequest, OutputStream};
-use molecule_domain::redact::Redactor;
 use molecule_domain::WorkspaceId;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use crate::provision::db_err;
@@ -17,7 +15,6 @@ use crate::Deps;
 
 pub const MAX_STREAM_BYTES: usize = 1 << 20;
 pub const TRUNCATION_MARKER: &str = "\n[molecule: output truncated at 1 MiB]\n";
-static REDACTOR: LazyLock<Redactor> = LazyLock::new(Redactor::new);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +29,7 @@ pub struct ExecArgs {
 fn text(bytes: &[u8], truncated: bool) -> String {
     // PostgreSQL text cannot hold NUL: show it as U+FFFD, like other undecodable bytes.
     let lossy = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
-    let mut s = REDACTOR.redact(&lossy).into_owned();
+    let mut s = molecule_domain::redact::global().redact(&lossy).into_owned();
     if truncated {
         s.push_str(TRUNCATION_MARKER);
     }

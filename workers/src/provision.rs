@@ -121,15 +121,9 @@ pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org
     .map_err(db_err)?
     .rows_affected();
     if flipped == 1 {
-        sqlx::query(
-            "INSERT INTO structure_events (org_id, workspace_id, event_type, payload) VALUES ($1, $2, 'WORKSPACE_PROVISION_FAILED', $3)",
-        )
-        .bind(org.0)
-        .bind(ws.0)
-        .bind(json!({ "job_id": ctx.id.as_str() }))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_PROVISION_FAILED", json!({ "job_id": ctx.id.as_str() }))
+            .await
+            .map_err(db_err)?;
     }
     tx.commit().await.map_err(db_err)?;
     Ok(())

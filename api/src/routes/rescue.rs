@@ -3,12 +3,10 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use molecule_domain::redact::Redactor;
 use molecule_domain::text::{head, tail};
 use molecule_domain::WorkspaceStatus;
 use molecule_jobs::verdicts;
 use serde::{Deserialize, Serialize};
-use std::sync::LazyLock;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -16,8 +14,6 @@ use crate::auth::{Admin, Principal};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{parse_workspace_id, ApiJson};
 use crate::AppState;
-
-static REDACTOR: LazyLock<Redactor> = LazyLock::new(Redactor::new);
 
 /// The log tail kept in `last_sample_error` (the end of the log: where boots die).
 pub const LOG_TAIL_BYTES: usize = 4096;
@@ -74,7 +70,7 @@ pub async fn bootstrap_failed(
         sample.push_str("\n--- log tail ---\n");
         sample.push_str(tail(log, LOG_TAIL_BYTES));
     }
-    let sample = REDACTOR.redact(&sample).into_owned();
+    let sample = molecule_domain::redact::global().redact(&sample).into_owned();
     let mut tx = st.db.begin().await?;
     let flipped = verdicts::boot_failed(&mut tx, id, verdicts::Trigger::BootstrapFailed, &sample).await?;
     let Some((org, job_id)) = flipped else {

@@ -5,10 +5,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use molecule_domain::{runtimes, OrgId, WorkspaceId, WorkspaceStatus};
+use molecule_domain::{runtimes, WorkspaceId, WorkspaceStatus};
 use molecule_jobs::{enqueue, JobKind, NewJob};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -103,22 +102,7 @@ fn validate(body: &CreateWorkspace) -> ApiResult<(String, i16)> {
     Ok((name.to_string(), tier))
 }
 
-pub(crate) async fn record_event(
-    conn: &mut PgConnection,
-    org: OrgId,
-    ws: Uuid,
-    event_type: &str,
-    payload: serde_json::Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO structure_events (org_id, workspace_id, event_type, payload) VALUES ($1, $2, $3, $4)")
-        .bind(org.0)
-        .bind(ws)
-        .bind(event_type)
-        .bind(payload)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
+pub(crate) use molecule_domain::events::record as record_event;
 
 /// A1: create a workspace; the row and its provision job commit together.
 #[utoipa::path(post, path = "/workspaces", request_body = CreateWorkspace, tag = "workspaces",
