@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use molecule_domain::WorkspaceId;
 use std::collections::HashMap;
 
-use crate::{image, Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, OutputStream, StartSpec, Started};
+use crate::{image, AgentEndpoint, Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, OutputStream, StartSpec, Started};
 
 pub const MANAGED_LABEL: &str = "molecule.platform.managed";
 pub const WORKSPACE_LABEL: &str = "molecule.workspace.id";
@@ -25,6 +25,16 @@ pub struct DockerConfig {
     pub network_mode: String,
     /// MOLECULE_IMAGE_PLATFORM, e.g. `linux/amd64`.
     pub platform: Option<String>,
+    /// Write config files straight into a volume's mountpoint when it is a directory on
+    /// this host (a local engine); false: always through the engine's archive API.
+    pub direct_volume_writes: bool,
+}
+
+impl DockerConfig {
+    /// Host networking, the engine's platform, direct volume writes where possible.
+    pub fn local() -> Self {
+        DockerConfig { network_mode: "host".into(), platform: None, direct_volume_writes: true }
+    }
 }
 
 pub struct DockerBackend {
@@ -111,19 +121,52 @@ impl DockerBackend {
         }
     }
 
-    fn config_archive(spec: &StartSpec) -> Result<Vec<u8>, BackendError> {
+    fn config_archive(files: &[(&str, &[u8])]) -> Result<Vec<u8>, BackendError> {
         let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in [
-            (".auth_token", spec.secrets().token().as_bytes()),
-            (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes()),
-        ] {
+        for (name, data) in files {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o600);
             h.set_cksum();
-            b.append_data(&mut h, name, data).map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
+            b.append_data(&mut h, name, *data).map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
         }
         b.into_inner().map_err(|e| BackendError::EngineUnavailable(e.to_string()))
+    }
+
+    /// Writes the workspace's secrets into its config volume. With the engine on this host
+    /// (the volume's mountpoint is a directory here) they are written there directly: the
+    /// engine's archive upload into a created container costs about a second of the
+    /// first-start time. Otherwise (a remote engine, Docker Desktop's VM) through the
+    /// archive API.
+    async fn write_secrets(&self, container: &str, volume: &str, spec: &StartSpec) -> Result<(), BackendError> {
+        let files = [
+            (".auth_token", spec.secrets().token().as_bytes()),
+            (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes()),
+        ];
+        let mountpoint = self.docker.inspect_volume(volume).await.map_err(classify)?.mountpoint;
+        let dir = std::path::Path::new(&mountpoint);
+        if self.cfg.direct_volume_writes && !mountpoint.is_empty() && dir.is_dir() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            for (name, data) in files {
+                let path = dir.join(name);
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(data));
+                written.map_err(|e| BackendError::EngineUnavailable(format!("cannot write the workspace's config volume: {e}")))?;
+            }
+            return Ok(());
+        }
+        let archive = Self::config_archive(&files)?;
+        let upload = UploadToContainerOptionsBuilder::default().path("/configs").build();
+        self.docker
+            .upload_to_container(container, Some(upload), bollard::body_full(archive.into()))
+            .await
+            .map_err(classify)
     }
 
     /// Kills a timed-out exec. The engine has no kill for an exec, so its process (the
@@ -192,6 +235,18 @@ impl Backend for DockerBackend {
         "docker"
     }
 
+    fn assign_agent_endpoint(&self, _ws: WorkspaceId) -> Result<Option<AgentEndpoint>, BackendError> {
+        if self.cfg.network_mode != "host" {
+            return Ok(None);
+        }
+        // Host networking shares one port space: each agent gets its own loopback port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| BackendError::EngineUnavailable(format!("no free port for the agent: {e}")))?;
+        Ok(Some(AgentEndpoint { url: format!("http://127.0.0.1:{port}"), port }))
+    }
+
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
         let ws = spec.workspace_id;
         let name = container_name(ws);
@@ -203,15 +258,7 @@ impl Backend for DockerBackend {
             .create_volume(VolumeCreateRequest { name: Some(volume.clone()), labels: Some(Self::labels(ws)), ..Default::default() })
             .await
             .map_err(classify)?;
-        let mut env: Vec<String> = spec.env().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-        if self.cfg.network_mode == "host" {
-            // Host networking shares one port space: each agent gets its own port.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| BackendError::EngineUnavailable(format!("no free port for the agent: {e}")))?;
-            env.push(format!("AGENT_PORT={port}"));
-        }
+        let env: Vec<String> = spec.env().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(env),
@@ -229,12 +276,7 @@ impl Backend for DockerBackend {
         }
         self.docker.create_container(Some(opts.build()), body).await.map_err(classify)?;
         // The secrets land in /configs before the agent can start.
-        let archive = Self::config_archive(spec)?;
-        let upload = UploadToContainerOptionsBuilder::default().path("/configs").build();
-        self.docker
-            .upload_to_container(&name, Some(upload), bollard::body_full(archive.into()))
-            .await
-            .map_err(classify)?;
+        self.write_secrets(&name, &volume, spec).await?;
         self.docker.start_container(&name, None).await.map_err(classify)?;
         tracing::info!(event = "provision.container_started", workspace_id = %ws, org_id = %spec.org_id, container = name);
         Ok(Started { container_name: name, image_digest: digest })

@@ -51,6 +51,15 @@ impl BackendError {
     }
 }
 
+/// Where the platform will reach a workspace's agent, decided by the backend before the
+/// instance starts (host networking: a free loopback port). The provision job records the
+/// URL as the workspace's `assigned_url`; an agent registering exactly it is trusted (A12).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    pub url: String,
+    pub port: u16,
+}
+
 /// Everything a backend needs to start a workspace. It can only be built with secrets
 /// from [`molecule_domain::tokens::mint_workspace_secrets`], so no provision path can
 /// skip minting them (seed 003).
@@ -62,6 +71,8 @@ pub struct StartSpec {
     /// Resolved image reference (J1).
     pub image: String,
     pub platform_url: String,
+    /// The agent's endpoint when the backend assigns one ([`Backend::assign_agent_endpoint`]).
+    pub agent: Option<AgentEndpoint>,
     secrets: MintedSecrets,
 }
 
@@ -75,14 +86,20 @@ impl StartSpec {
         platform_url: String,
         secrets: MintedSecrets,
     ) -> Self {
-        StartSpec { workspace_id, org_id, parent_id, runtime, image, platform_url, secrets }
+        StartSpec { workspace_id, org_id, parent_id, runtime, image, platform_url, agent: None, secrets }
+    }
+
+    pub fn with_agent(mut self, agent: Option<AgentEndpoint>) -> Self {
+        self.agent = agent;
+        self
     }
 
     pub fn secrets(&self) -> &MintedSecrets {
         &self.secrets
     }
 
-    /// Environment of the workspace: platform URL, ids, runtime; PARENT_ID only when set.
+    /// Environment of the workspace: platform URL, ids, runtime; PARENT_ID only when set;
+    /// AGENT_PORT and AGENT_URL when the backend assigned the agent's endpoint.
     pub fn env(&self) -> Vec<(String, String)> {
         let mut env = vec![
             ("PLATFORM_URL".to_string(), self.platform_url.clone()),
@@ -91,6 +108,10 @@ impl StartSpec {
         ];
         if let Some(p) = self.parent_id {
             env.push(("PARENT_ID".to_string(), p.to_string()));
+        }
+        if let Some(a) = &self.agent {
+            env.push(("AGENT_PORT".to_string(), a.port.to_string()));
+            env.push(("AGENT_URL".to_string(), a.url.clone()));
         }
         env
     }
@@ -142,6 +163,11 @@ pub type ChunkSink<'a> = &'a (dyn Fn(OutputStream, &[u8]) + Send + Sync);
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The endpoint the workspace's agent will listen on, when this backend decides it
+    /// (None: the agent reports its own URL, which the X5 check then judges).
+    fn assign_agent_endpoint(&self, _ws: WorkspaceId) -> Result<Option<AgentEndpoint>, BackendError> {
+        Ok(None)
+    }
     /// Starts (or replaces) the workspace's instance, with its secrets written into its
     /// config volume before it starts.
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError>;

@@ -82,17 +82,20 @@ pub struct Common {
     /// the other commands need it.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Where the embedded cluster and local state live.
-    #[arg(long, env = "MOLECULE_DATA_DIR", value_name = "MOLECULE_DATA_DIR", default_value = "./.molecule", global = true)]
-    pub data_dir: PathBuf,
+    /// Where the embedded cluster and local state live [default: ./.molecule, or, when
+    /// running as root where the `postgres` user cannot reach it (a 0700 directory such as
+    /// root's home), a directory under /var/lib/molecule named after it; logged at start].
+    #[arg(long, env = "MOLECULE_DATA_DIR", value_name = "MOLECULE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
     /// Most connections this process opens to PostgreSQL.
     #[arg(long, env = "MOLECULE_DB_MAX_CONNECTIONS", value_name = "MOLECULE_DB_MAX_CONNECTIONS", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(2..=1000), global = true)]
     pub db_max_connections: u32,
-    /// Log format: json (default) or text.
-    #[arg(long, env = "MOLECULE_LOG_FORMAT", value_name = "MOLECULE_LOG_FORMAT", default_value = "json",
-          value_parser = ["json", "text"], global = true)]
-    pub log_format: String,
+    /// Log format: json or text [default: text when standard error is a terminal, else
+    /// json]. Text written to anything but a terminal carries no colour codes.
+    #[arg(long, env = "MOLECULE_LOG_FORMAT", value_name = "MOLECULE_LOG_FORMAT", value_parser = ["json", "text"],
+          global = true)]
+    pub log_format: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -192,6 +195,11 @@ pub struct SchedulerArgs {
     #[arg(long, env = "MOLECULE_JOB_RETENTION_SECS", value_name = "MOLECULE_JOB_RETENTION_SECS", default_value_t = 604_800,
           value_parser = clap::value_parser!(u64).range(60..))]
     pub job_retention_secs: u64,
+    /// Seconds a workspace may stay `provisioning` (its agent never registered) before it
+    /// is marked failed with a rescue capture (S1; checked every tenth of it, at most 30 s).
+    #[arg(long, env = "MOLECULE_PROVISION_TIMEOUT_SECS", value_name = "MOLECULE_PROVISION_TIMEOUT_SECS",
+          default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub provision_timeout_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -247,6 +255,7 @@ impl SchedulerArgs {
         molecule_scheduler::SchedulerConfig {
             retention_every: Duration::from_secs(self.retention_every_secs),
             job_retention: Duration::from_secs(self.job_retention_secs),
+            provision_timeout: Duration::from_secs(self.provision_timeout_secs),
         }
     }
 }

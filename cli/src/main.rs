@@ -25,6 +25,8 @@ enum StartError {
     Serve(std::io::Error),
     #[error("{0}")]
     Org(OrgError),
+    #[error("data directory {0}: {1}")]
+    DataDir(&'static str, std::io::Error),
     #[error("MOLECULE_BACKEND=docker: {0}")]
     Backend(molecule_backends::BackendError),
 }
@@ -60,16 +62,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// Human-readable text for a person at a terminal, JSON for everything else (log
+/// collectors); MOLECULE_LOG_FORMAT overrides. Colour only where a terminal shows it.
 fn init_tracing(common: &Common) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if common.log_format == "json" {
+    let terminal = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(terminal);
+    let json = match common.log_format.as_deref() {
+        Some(f) => f == "json",
+        None => !terminal,
+    };
+    if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
 }
+
+/// The embedded cluster's directory: MOLECULE_DATA_DIR as given, else the default (see
+/// `embedded_pg::default_data_dir`), logged with its path either way.
+fn embedded_data_dir(common: &Common) -> Result<std::path::PathBuf, StartError> {
+    if let Some(dir) = &common.data_dir {
+        tracing::info!(data_dir = %dir.display(), "data directory (MOLECULE_DATA_DIR)");
+        return Ok(dir.clone());
+    }
+    let chosen = molecule_domain::embedded_pg::default_data_dir(std::path::Path::new(DEFAULT_DATA_DIR))
+        .map_err(|e| StartError::DataDir(DEFAULT_DATA_DIR, e))?;
+    match &chosen.relocated_from {
+        Some((from, blocked)) => tracing::info!(
+            data_dir = %chosen.path.display(),
+            "data directory: {} is not reachable by the postgres user ({} does not let it in), so the embedded \
+             PostgreSQL lives in {} (set MOLECULE_DATA_DIR to choose)",
+            from.display(), blocked.display(), chosen.path.display()
+        ),
+        None => tracing::info!(data_dir = %chosen.path.display(), "data directory"),
+    }
+    Ok(chosen.path)
+}
+
+const DEFAULT_DATA_DIR: &str = "./.molecule";
 
 async fn run(cli: Cli) -> Result<(), StartError> {
     // Before anything else: a SIGTERM that arrives during start-up (say, from an
@@ -92,7 +125,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             let url = match &common.database_url {
                 Some(u) => u.clone(),
                 None => {
-                    let dir = common.data_dir.clone();
+                    let dir = embedded_data_dir(&common)?;
                     let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir))
                         .await
                         .map_err(|e| StartError::Serve(std::io::Error::other(e)))??;
@@ -146,7 +179,7 @@ async fn org_command(common: &Common, command: OrgCommand) -> Result<(), StartEr
     let db = match &common.database_url {
         Some(u) => connect_url(u, 2).await?,
         None => {
-            let dir = common.data_dir.clone();
+            let dir = embedded_data_dir(common)?;
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir))
                 .await
                 .map_err(|e| StartError::Serve(std::io::Error::other(e)))??;
@@ -321,7 +354,7 @@ async fn serve_roles(
 /// MOLECULE_BACKEND: docker (must answer), none, or unset (docker when an engine answers).
 async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_backends::Backend>, StartError> {
     use molecule_backends::docker::{DockerBackend, DockerConfig};
-    let cfg = DockerConfig { network_mode: w.docker_network.clone(), platform: w.image_platform.clone() };
+    let cfg = DockerConfig { network_mode: w.docker_network.clone(), platform: w.image_platform.clone(), direct_volume_writes: true };
     match w.backend.as_deref() {
         Some("none") => Ok(std::sync::Arc::new(molecule_backends::NoBackend)),
         Some(_) => Ok(std::sync::Arc::new(DockerBackend::connect(cfg).await.map_err(StartError::Backend)?)),

@@ -19,8 +19,11 @@ pub enum EmbeddedPgError {
     NoPostgresUser,
     #[error("data directory {path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("data directory {0} is not reachable by the postgres user: choose a MOLECULE_DATA_DIR every user can traverse")]
-    NotTraversable(String),
+    #[error(
+        "data directory {dir} is not reachable by the postgres user ({blocked} does not let it in): \
+         choose a MOLECULE_DATA_DIR under a directory every user can traverse, or unset it to use the default"
+    )]
+    NotTraversable { dir: String, blocked: String },
     #[error("{step} failed (exit {code:?}); see {log}")]
     Command { step: &'static str, code: Option<i32>, log: String },
     #[error("no free TCP port on 127.0.0.1: {0}")]
@@ -47,8 +50,13 @@ impl EmbeddedPostgres {
             let p = path.display().to_string();
             move |source| EmbeddedPgError::Io { path: p, source }
         };
+        let created = !root.exists();
         std::fs::create_dir_all(root).map_err(io(root))?;
         let root = root.canonicalize().map_err(io(root))?;
+        if created {
+            // Whatever the umask: the server user must be able to enter it.
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).map_err(io(&root))?;
+        }
         let data_dir = root.join("pg");
         let log_file = root.join("pg.log");
         let pw_file = root.join("pg.password");
@@ -57,6 +65,14 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        if let Some((uid, gid)) = run_as {
+            if let Some(blocked) = first_unsearchable(&root, uid, gid) {
+                return Err(EmbeddedPgError::NotTraversable {
+                    dir: root.display().to_string(),
+                    blocked: blocked.display().to_string(),
+                });
+            }
+        }
 
         let mut me = EmbeddedPostgres {
             bin_dir,
@@ -147,10 +163,6 @@ impl EmbeddedPostgres {
         if let Some((uid, gid)) = self.run_as {
             chown(&self.data_dir, uid, gid).map_err(io(&self.data_dir))?;
             chown(&init_pw, uid, gid).map_err(io(&init_pw))?;
-            if !traversable_by_others(root) {
-                let _ = std::fs::remove_file(&init_pw);
-                return Err(EmbeddedPgError::NotTraversable(root.display().to_string()));
-            }
         }
         let out = self
             .pg_command("initdb")
@@ -294,8 +306,66 @@ fn chown(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
 }
 
-fn traversable_by_others(dir: &Path) -> bool {
-    dir.ancestors().all(|a| std::fs::metadata(a).map(|m| m.mode() & 0o001 != 0).unwrap_or(false))
+/// The first existing directory on the way to `dir` (itself included) that the user
+/// `uid`/`gid` may not search, by its owner/group/other execute bits.
+fn first_unsearchable(dir: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+    let mut chain: Vec<&Path> = dir.ancestors().collect();
+    chain.reverse();
+    chain.into_iter().find_map(|a| {
+        let m = std::fs::metadata(a).ok()?;
+        let mode = m.mode();
+        let searchable = if m.uid() == uid {
+            mode & 0o100 != 0
+        } else if m.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        (!searchable).then(|| a.to_path_buf())
+    })
+}
+
+/// Where relocated data directories live: a place the `postgres` user can always reach.
+pub const RELOCATED_BASE: &str = "/var/lib/molecule";
+
+/// A data directory chosen for the embedded cluster.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub path: PathBuf,
+    /// When the preferred directory could not be used: (it, the directory that blocked it).
+    pub relocated_from: Option<(PathBuf, PathBuf)>,
+}
+
+/// The data directory to use when none was configured: `preferred` (e.g. `./.molecule`)
+/// when the cluster's user can reach it; otherwise — running as root under a 0700
+/// directory such as root's home or a `mktemp -d` — one under [`RELOCATED_BASE`] named
+/// after `preferred`'s absolute path, so every command run from the same place (`serve`,
+/// `org create`) finds the same cluster again.
+pub fn default_data_dir(preferred: &Path) -> std::io::Result<DataDir> {
+    let plain = DataDir { path: preferred.to_path_buf(), relocated_from: None };
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(plain);
+    }
+    let Some((uid, gid)) = postgres_user() else { return Ok(plain) };
+    let abs = std::path::absolute(preferred)?;
+    // Resolve symlinks and `..` in the part that exists; keep the rest as written.
+    let existing = abs.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let abs = existing.canonicalize()?.join(abs.strip_prefix(existing).unwrap_or(Path::new("")));
+    let Some(blocked) = first_unsearchable(&abs, uid, gid) else {
+        return Ok(DataDir { path: abs, relocated_from: None });
+    };
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes()));
+    let owner: String = abs
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(40).collect())
+        .filter(|n: &String| !n.is_empty())
+        .unwrap_or_else(|| "root".into());
+    let base = Path::new(RELOCATED_BASE);
+    std::fs::create_dir_all(base)?;
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))?;
+    Ok(DataDir { path: base.join(format!("{owner}-{}", &digest[..12])), relocated_from: Some((abs, blocked)) })
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -305,4 +375,63 @@ fn free_port() -> std::io::Result<u16> {
 fn random_hex(_bytes: usize) -> String {
     // Two v4 UUIDs: 244 random bits from the OS generator.
     format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_0700_ancestor_blocks_other_users_and_not_its_owner() {
+        let base = std::env::temp_dir().join(format!("molecule-reach-{}", uuid::Uuid::new_v4().simple()));
+        let closed = base.join("closed");
+        let inner = closed.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let me = std::fs::metadata(&closed).unwrap();
+        let (owner, group) = (me.uid(), me.gid());
+        // Someone else (neither owner nor group) cannot enter `closed`; its owner can.
+        assert_eq!(first_unsearchable(&inner, owner + 4242, group + 4242), Some(closed.clone()));
+        assert_eq!(first_unsearchable(&inner, owner, group), None);
+        // Group-searchable lets the group in, and only the group.
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o710)).unwrap();
+        assert_eq!(first_unsearchable(&inner, owner + 4242, group), None);
+        assert_eq!(first_unsearchable(&inner, owner + 4242, group + 4242), Some(closed.clone()));
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(first_unsearchable(&inner, owner + 4242, group + 4242), None);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn default_dir_moves_out_of_a_0700_directory_only_when_it_must() {
+        let root = unsafe { libc::geteuid() } == 0;
+        let base = std::env::temp_dir().join(format!("molecule-dd-{}", uuid::Uuid::new_v4().simple()));
+        let open = base.join("open");
+        let closed = base.join("closed");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::create_dir_all(&closed).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        let d = default_data_dir(&open.join(".molecule")).unwrap();
+        assert!(d.relocated_from.is_none(), "{d:?}");
+        assert!(d.path.ends_with("open/.molecule"), "{d:?}");
+
+        let d1 = default_data_dir(&closed.join(".molecule")).unwrap();
+        if root && postgres_user().is_some() {
+            let (from, blocked) = d1.relocated_from.clone().expect("relocated");
+            assert_eq!(blocked, closed.canonicalize().unwrap());
+            assert!(from.ends_with("closed/.molecule"));
+            assert!(d1.path.starts_with(RELOCATED_BASE) && d1.path.file_name().unwrap().to_string_lossy().starts_with("closed-"));
+            // The same place gives the same directory (serve and `org create` agree); another place another.
+            assert_eq!(default_data_dir(&closed.join(".molecule")).unwrap().path, d1.path);
+            assert_ne!(default_data_dir(&closed.join("other")).unwrap().path, d1.path);
+        } else {
+            // Not root: the cluster runs as this user, who can reach its own directory.
+            assert!(d1.relocated_from.is_none());
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

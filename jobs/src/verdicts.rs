@@ -31,12 +31,37 @@ pub async fn boot_failed(
     trigger: Trigger,
     last_sample_error: &str,
 ) -> Result<Option<(OrgId, JobId)>, sqlx::Error> {
+    flip(conn, ws, trigger, last_sample_error, None).await
+}
+
+/// S1's verdict: like [`boot_failed`] with trigger `provision_timeout`, and the age
+/// predicate re-checked in the UPDATE itself, so a workspace that went online, or was
+/// restarted (provisioning anew), after the sweep selected it is left alone.
+pub async fn provision_timed_out(
+    conn: &mut PgConnection,
+    ws: WorkspaceId,
+    timeout: std::time::Duration,
+    last_sample_error: &str,
+) -> Result<Option<(OrgId, JobId)>, sqlx::Error> {
+    flip(conn, ws, Trigger::ProvisionTimeout, last_sample_error, Some(timeout.as_secs_f64())).await
+}
+
+async fn flip(
+    conn: &mut PgConnection,
+    ws: WorkspaceId,
+    trigger: Trigger,
+    last_sample_error: &str,
+    provisioning_for_s: Option<f64>,
+) -> Result<Option<(OrgId, JobId)>, sqlx::Error> {
     let flipped: Option<uuid::Uuid> = sqlx::query_scalar(
         "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
-         WHERE id = $1 AND status = 'provisioning' RETURNING org_id",
+         WHERE id = $1 AND status = 'provisioning' \
+           AND ($3::float8 IS NULL OR status_changed_at <= now() - make_interval(secs => $3)) \
+         RETURNING org_id",
     )
     .bind(ws.0)
     .bind(last_sample_error)
+    .bind(provisioning_for_s)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(org) = flipped else { return Ok(None) };

@@ -1,6 +1,7 @@
 //! The scheduler: fires sweeper jobs on their ticks. Each tick's job carries the
 //! idempotency key (sweeper, tick), so any number of scheduler replicas fire it once.
-//! This issue ships the retention sweep; the workspace sweepers (S1–S6) come later.
+//! Today: retention (S7) and provision timeout (S1) on fixed periods; the other
+//! sweepers (S2–S6) and cron expressions per sweeper are not built yet.
 
 use molecule_jobs::{enqueue, JobKind, NewJob};
 use sqlx::PgPool;
@@ -13,6 +14,37 @@ pub struct SchedulerConfig {
     pub retention_every: Duration,
     /// Finished jobs older than this are pruned.
     pub job_retention: Duration,
+    /// How long a workspace may stay `provisioning` (S1).
+    pub provision_timeout: Duration,
+}
+
+/// One sweeper the scheduler fires: its name, period and job settings.
+struct Sweeper {
+    name: &'static str,
+    every: Duration,
+    args: serde_json::Value,
+}
+
+impl SchedulerConfig {
+    fn sweepers(&self) -> Vec<Sweeper> {
+        vec![
+            Sweeper {
+                name: "retention",
+                every: self.retention_every,
+                args: serde_json::json!({ "retention_s": self.job_retention.as_secs() }),
+            },
+            Sweeper {
+                name: "provision_timeout",
+                every: provision_sweep_period(self.provision_timeout),
+                args: serde_json::json!({ "timeout_s": self.provision_timeout.as_secs() }),
+            },
+        ]
+    }
+}
+
+/// S1 runs often enough that a timeout is noticed within a tenth of itself (at most 30 s late).
+pub fn provision_sweep_period(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
 /// The tick a moment belongs to: the start of its `every`-long slot since the epoch.
@@ -31,23 +63,29 @@ pub async fn fire(db: &PgPool, sweeper: &str, tick: i64, args: serde_json::Value
 }
 
 pub async fn run(db: PgPool, cfg: SchedulerConfig, mut shutdown: watch::Receiver<bool>) {
-    tracing::info!(retention_every_s = cfg.retention_every.as_secs(), "scheduler started");
-    let mut last_tick = None;
+    let sweepers = cfg.sweepers();
+    for s in &sweepers {
+        tracing::info!(sweeper = s.name, every_s = s.every.as_secs(), "scheduler: sweeper");
+    }
+    let mut last_tick: Vec<Option<i64>> = vec![None; sweepers.len()];
     loop {
         let now = chrono::Utc::now().timestamp();
-        let tick = tick_of(now, cfg.retention_every);
-        if last_tick != Some(tick) {
-            let args = serde_json::json!({ "retention_s": cfg.job_retention.as_secs() });
-            match fire(&db, "retention", tick, args).await {
-                Ok(job_id) => {
-                    tracing::info!(event = "sweep.fired", sweeper = "retention", tick, job_id, "sweep enqueued");
-                    last_tick = Some(tick);
+        let mut wait = Duration::from_secs(3600);
+        for (s, last) in sweepers.iter().zip(last_tick.iter_mut()) {
+            let tick = tick_of(now, s.every);
+            if *last != Some(tick) {
+                match fire(&db, s.name, tick, s.args.clone()).await {
+                    Ok(job_id) => {
+                        tracing::debug!(event = "sweep.fired", sweeper = s.name, tick, job_id, "sweep enqueued");
+                        *last = Some(tick);
+                    }
+                    Err(e) => tracing::warn!(sweeper = s.name, error = %e, "cannot enqueue sweep; retrying"),
                 }
-                Err(e) => tracing::warn!(sweeper = "retention", error = %e, "cannot enqueue sweep; retrying"),
             }
+            let next = tick + s.every.as_secs().max(1) as i64;
+            let this = if *last == Some(tick) { Duration::from_secs((next - now).max(1) as u64) } else { Duration::from_secs(2) };
+            wait = wait.min(this);
         }
-        let next = tick + cfg.retention_every.as_secs().max(1) as i64;
-        let wait = if last_tick == Some(tick) { Duration::from_secs((next - now).max(1) as u64) } else { Duration::from_secs(2) };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
@@ -65,5 +103,12 @@ mod tests {
         assert_eq!(tick_of(1_200, ten), 1_200);
         assert_eq!(tick_of(1_799, ten), 1_200);
         assert_eq!(tick_of(1_800, ten), 1_800);
+    }
+
+    #[test]
+    fn provision_sweeps_run_within_a_tenth_of_the_timeout() {
+        assert_eq!(provision_sweep_period(Duration::from_secs(600)), Duration::from_secs(30));
+        assert_eq!(provision_sweep_period(Duration::from_secs(100)), Duration::from_secs(10));
+        assert_eq!(provision_sweep_period(Duration::from_secs(3)), Duration::from_secs(1));
     }
 }

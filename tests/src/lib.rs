@@ -32,7 +32,7 @@ pub fn admin_url() -> String {
             if let Ok(u) = std::env::var("MOLECULE_TEST_PG_URL") {
                 return u;
             }
-            let dir = temp_dir("cluster");
+            let dir = molecule_domain::embedded_pg::default_data_dir(&temp_dir("cluster")).expect("cluster directory").path;
             let pg = EmbeddedPostgres::start(&dir).expect("start the embedded test cluster");
             let url = pg.database_url();
             CLUSTER.get_or_init(|| Mutex::new(Some(pg)));
@@ -260,6 +260,13 @@ pub async fn start_api(db: sqlx::PgPool, auth: molecule_api::AuthConfig) -> Stri
     addr
 }
 
+/// No admin token, and loopback agent URLs allowed (MOLECULE_ALLOW_LOOPBACK_AGENTS=1).
 pub fn open_auth() -> molecule_api::AuthConfig {
     molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: true }
+}
+
+/// What plain `serve` runs with: no dev mode, no loopback flag. Workspaces the platform
+/// starts itself still come online through their assigned URL.
+pub fn strict_auth() -> molecule_api::AuthConfig {
+    molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: false }
 }

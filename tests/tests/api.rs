@@ -487,6 +487,94 @@ async fn registry_register_and_heartbeat() {
     assert_eq!(r.json()["status"], "online");
 }
 
+/// Issue 8, item 3: the URL the platform assigned to a container it started (recorded as
+/// `assigned_url` by the provision job) is trusted from that workspace's token without the
+/// loopback flag; every other URL — another port, another workspace's assigned URL, an
+/// external agent's loopback URL — still meets X5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assigned_agent_url_is_trusted_and_nothing_else_is() {
+    let (db, _) = fresh_db().await;
+    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let (_o, t) = org(&db, "a").await;
+    let (a, _) = create_ws(&strict, &t, json!({"name": "a", "runtime": "echo"})).await;
+    let (b, _) = create_ws(&strict, &t, json!({"name": "b", "runtime": "echo"})).await;
+    for (ws, url) in [(&a, "http://127.0.0.1:41001"), (&b, "http://127.0.0.1:41002")] {
+        sqlx::query("UPDATE workspaces SET assigned_url = $2 WHERE id = $1::uuid").bind(ws).bind(url).execute(&db).await.unwrap();
+    }
+    let mut c = db.acquire().await.unwrap();
+    let at = tokens::create_workspace_token(&mut c, a.parse().unwrap()).await.unwrap();
+    let bt = tokens::create_workspace_token(&mut c, b.parse().unwrap()).await.unwrap();
+    drop(c);
+
+    // Refused: a loopback URL that is not A's assigned one, A's URL presented with B's token, and
+    // the same port under another name.
+    for (tok, url) in [(&at, "http://127.0.0.1:41009"), (&bt, "http://127.0.0.1:41001"), (&at, "http://localhost:41001")] {
+        let r = post(&strict, "/registry/register", Some(tok), json!({"url": url})).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "invalid_url"), "{url}: {}", r.body);
+        assert!(r.json()["detail"].as_str().unwrap().contains("loopback"), "{}", r.body);
+    }
+    // Trusted: each workspace's own assigned URL with its own token.
+    for (ws, tok, url) in [(&a, &at, "http://127.0.0.1:41001"), (&b, &bt, "http://127.0.0.1:41002")] {
+        let r = post(&strict, "/registry/register", Some(tok), json!({"url": url, "delivery_mode": "push"})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["status"], "online");
+        let w = get(&strict, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+        assert_eq!((w["status"].as_str(), w["url"].as_str()), (Some("online"), Some(url)));
+        assert!(w["last_sample_error"].is_null(), "going online clears the refusal: {w}");
+    }
+    // An external agent has no assigned URL: loopback is refused.
+    let r = post(&strict, "/workspaces", Some(&t), json!({"name": "ext", "runtime": "external"})).await;
+    let ext = r.json()["workspace"]["id"].as_str().unwrap().to_string();
+    let mut c = db.acquire().await.unwrap();
+    let et = tokens::create_workspace_token(&mut c, ext.parse().unwrap()).await.unwrap();
+    drop(c);
+    let r = post(&strict, "/registry/register", Some(&et), json!({"url": "http://127.0.0.1:41001", "delivery_mode": "push"})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// Issue 8, item 4: a refused registration is written on the workspace, once per distinct
+/// reason, and a later successful registration clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_registration_says_why_on_the_workspace() {
+    let (db, _) = fresh_db().await;
+    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let (_o, t) = org(&db, "a").await;
+    let (ws, _) = create_ws(&strict, &t, json!({"name": "w", "runtime": "echo"})).await;
+    let mut c = db.acquire().await.unwrap();
+    let wt = tokens::create_workspace_token(&mut c, ws.parse().unwrap()).await.unwrap();
+    drop(c);
+    let refused = |r: &Resp| r.status == 400 && r.code() == "invalid_url";
+    // An agent retrying the same refused URL three times: one event, one message.
+    for _ in 0..3 {
+        assert!(refused(&post(&strict, "/registry/register", Some(&wt), json!({"url": "http://127.0.0.1:9000"})).await));
+    }
+    let w = get(&strict, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+    assert_eq!(w["status"], "provisioning");
+    assert_eq!(
+        w["last_sample_error"].as_str(),
+        Some("The agent's registration was refused: url refused: the URL resolves to a loopback address.")
+    );
+    let refusals = |ev: &Value| {
+        ev.as_array().unwrap().iter().filter(|e| e["event_type"] == "WORKSPACE_REGISTRATION_REFUSED").cloned().collect::<Vec<_>>()
+    };
+    let ev = get(&strict, &format!("/workspaces/{ws}/events"), Some(&t)).await.json();
+    assert_eq!(refusals(&ev).len(), 1, "{ev}");
+    // Another reason is another event; its message names no address.
+    assert!(refused(&post(&strict, "/registry/register", Some(&wt), json!({"url": "http://10.1.2.3:9000"})).await));
+    let w = get(&strict, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+    let msg = w["last_sample_error"].as_str().unwrap();
+    assert!(msg.contains("private address") && !msg.contains("10.1.2.3"), "{msg}");
+    let ev = get(&strict, &format!("/workspaces/{ws}/events"), Some(&t)).await.json();
+    assert_eq!(refusals(&ev).len(), 2, "{ev}");
+    // The platform-assigned URL then brings it online and clears the message.
+    sqlx::query("UPDATE workspaces SET assigned_url = 'http://127.0.0.1:41077' WHERE id = $1::uuid").bind(&ws).execute(&db).await.unwrap();
+    let r = post(&strict, "/registry/register", Some(&wt), json!({"url": "http://127.0.0.1:41077"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let w = get(&strict, &format!("/workspaces/{ws}"), Some(&t)).await.json();
+    assert_eq!(w["status"], "online");
+    assert!(w["last_sample_error"].is_null(), "{w}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_failed_flips_once_and_queues_one_rescue() {
     let (db, _) = fresh_db().await;

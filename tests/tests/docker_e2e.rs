@@ -4,8 +4,9 @@
 
 use molecule_backends::docker::{container_name, volume_name, DockerBackend, DockerConfig};
 use molecule_domain::{tokens, WorkspaceId};
+use molecule_workers::provision::StartFailure;
 use molecule_jobs::{enqueue, JobKind, NewJob, Runtime, RuntimeConfig};
-use molecule_tests::{eventually, fresh_db, http, open_auth, start_api};
+use molecule_tests::{eventually, fresh_db, http, start_api, strict_auth};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::process::Command;
@@ -26,12 +27,17 @@ impl Env {
 
     /// `platform_url`: where agents register (None: this API); `loki`: LOKI_URL.
     async fn with(registry: &str, platform_url: Option<String>, loki: Option<String>) -> Env {
+        Env::build(registry, platform_url, loki, DockerConfig::local()).await
+    }
+
+    async fn build(registry: &str, platform_url: Option<String>, loki: Option<String>, docker: DockerConfig) -> Env {
         let (db, _) = fresh_db().await;
-        let addr = start_api(db.clone(), open_auth()).await;
+        // As plain `serve`: no loopback flag; agents come online through their assigned URL.
+        let addr = start_api(db.clone(), strict_auth()).await;
         let mut c = db.acquire().await.unwrap();
         let (_, token) = tokens::create_org(&mut c, "docker-e2e").await.unwrap();
         drop(c);
-        let backend = DockerBackend::connect(DockerConfig { network_mode: "host".into(), platform: None })
+        let backend = DockerBackend::connect(docker)
             .await
             .expect("a Docker engine (tests/run.sh starts one)");
         let deps = molecule_workers::Deps {
@@ -120,6 +126,19 @@ async fn create(env: &Env, body: Value) -> (String, String) {
     (v["workspace"]["id"].as_str().unwrap().to_string(), v["job_id"].as_str().unwrap().to_string())
 }
 
+/// The secrets also reach a workspace through the engine's archive API (the path for an
+/// engine that is not on this host), with the same file modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_the_agent_through_the_archive_api_too() {
+    let env = Env::build("127.0.0.1:9/none", None, None, DockerConfig { direct_volume_writes: false, ..DockerConfig::local() }).await;
+    let (ws, _job) = create(&env, json!({"name": "archive", "runtime": "echo", "tier": 3})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let (ok, owner_only) = docker(&["exec", &container_name(ws_id(&ws)), "sh", "-c", "ls -lna /configs | grep -c '^-rw------- '"]);
+    assert!(ok && owner_only == "2", "both secret files, mode 0600: {owner_only}");
+    env.delete(&ws).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_comes_online_then_delete_removes_container_and_volume() {
     let env = Env::new("127.0.0.1:9/none").await;
@@ -127,6 +146,19 @@ async fn create_comes_online_then_delete_removes_container_and_volume() {
     let (ws, _job) = create(&env, json!({"name": "e2e", "runtime": "echo", "tier": 3})).await;
     env.wait_status(&ws, "online", Duration::from_secs(30)).await;
     eprintln!("online after {:?}", t0.elapsed());
+    // Online without the loopback flag: the agent registered the URL the platform assigned.
+    let (url, assigned): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT url, assigned_url FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&env.db).await.unwrap();
+    assert!(assigned.as_deref().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "{assigned:?}");
+    assert_eq!(url, assigned);
+    let (ok, owner_only) = docker(&["exec", &container_name(ws_id(&ws)), "sh", "-c", "ls -lna /configs | grep -c '^-rw------- '"]);
+    assert!(ok && owner_only == "2", "both secret files, mode 0600, written into the volume directly: {owner_only}");
+    let ev = env.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
+    let mut kinds: Vec<&str> = ev.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    kinds.sort();
+    // STARTED (written by the provision job after the engine started the container) may land
+    // after ONLINE: the agent can register before the job writes it.
+    assert_eq!(kinds, ["WORKSPACE_CREATED", "WORKSPACE_ONLINE", "WORKSPACE_STARTED"], "{ev}");
     let id = ws_id(&ws);
     let name = container_name(id);
     let (_, labels) = docker(&["inspect", &name, "--format", "{{json .Config.Labels}}"]);
@@ -155,7 +187,7 @@ async fn create_comes_online_then_delete_removes_container_and_volume() {
     assert!(row.0.unwrap().starts_with("http://127.0.0.1:"));
     assert!(row.1.is_some());
 
-    let probe = DockerBackend::connect(DockerConfig { network_mode: "host".into(), platform: None }).await.unwrap();
+    let probe = DockerBackend::connect(DockerConfig::local()).await.unwrap();
     use molecule_backends::Backend;
     assert!(matches!(probe.is_running(id).await, (true, None)), "is_running: definitely running");
 
@@ -247,14 +279,22 @@ async fn a_missing_image_retries_then_fails_with_a_canned_error() {
     let w = env.req("GET", &format!("/workspaces/{ws}"), None).await.json();
     assert_eq!(w["status"], "failed");
     let msg = w["last_sample_error"].as_str().unwrap();
-    assert_eq!(msg, molecule_workers::provision::CANNED_FAILURE);
-    for leak in ["127.0.0.1", "hermes", "workspace-template", "docker", "pull", "image"] {
+    // Issue 8: it says why (the image is missing) in a canned sentence.
+    assert_eq!(msg, StartFailure::ImageMissing.final_message());
+    for leak in ["127.0.0.1", "hermes", "workspace-template", "docker", "pull", "none"] {
         assert!(!msg.to_lowercase().contains(leak), "canned error leaks {leak:?}: {msg}");
     }
     let ev = env.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
     assert_eq!(ev[0]["event_type"], "WORKSPACE_PROVISION_FAILED");
-    let payload = ev[0]["payload"].to_string();
-    assert!(!payload.contains("127.0.0.1") && !payload.contains("hermes"), "event leaks detail: {payload}");
+    assert_eq!(ev[0]["payload"]["reason"], "image_missing");
+    // Each failed attempt before the last said so while it retried.
+    let retries: Vec<&Value> = ev.as_array().unwrap().iter().filter(|e| e["event_type"] == "WORKSPACE_PROVISION_RETRYING").collect();
+    assert_eq!(retries.len(), 2, "{ev}");
+    assert!(retries.iter().all(|e| e["payload"]["reason"] == "image_missing"));
+    for e in ev.as_array().unwrap() {
+        let payload = e["payload"].to_string();
+        assert!(!payload.contains("127.0.0.1") && !payload.contains("hermes"), "event leaks detail: {payload}");
+    }
     assert!(!container_exists(WorkspaceId(ws)));
     env.stop().await;
 }
@@ -475,7 +515,7 @@ async fn read_frames(addr: &str, path: &str, token: &str, body: &str) -> (u16, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_streams_frames_in_order_from_a_worker_in_another_process() {
     let (db, url) = fresh_db().await;
-    let addr = start_api(db.clone(), open_auth()).await;
+    let addr = start_api(db.clone(), strict_auth()).await;
     let mut c = db.acquire().await.unwrap();
     let (_, token) = tokens::create_org(&mut c, "stream").await.unwrap();
     drop(c);
@@ -577,7 +617,7 @@ async fn a_boot_failure_leaves_one_redacted_rescue_bundle_shipped_to_loki() {
     // The control plane's verdict (admin route of an API with ADMIN_TOKEN).
     let admin_addr = start_api(
         env.db.clone(),
-        molecule_api::AuthConfig { admin_token: Some("adm".into()), dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: true },
+        molecule_api::AuthConfig { admin_token: Some("adm".into()), ..strict_auth() },
     )
     .await;
     let verdict = http(&admin_addr, "POST", &format!("/admin/workspaces/{ws}/bootstrap-failed"), Some("adm"),

@@ -276,7 +276,7 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
     let (status, err): (String, String) =
         sqlx::query_as("SELECT status::text, last_sample_error FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
     assert_eq!(status, "failed");
-    assert_eq!(err, molecule_workers::provision::CANNED_FAILURE);
+    assert_eq!(err, molecule_workers::provision::StartFailure::NoBackend.final_message());
     assert_eq!(v.max_attempts, JobKind::Provision.retry_policy().max_attempts);
 }
 

@@ -3,10 +3,9 @@
 //! never a fake success.
 
 use molecule_domain::WorkspaceId;
-use molecule_jobs::{maintenance, typed_handler, Handler, JobError, JobKind, PoolSpec};
+use molecule_jobs::{typed_handler, Handler, JobError, JobKind, PoolSpec};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::time::Duration;
 
 use crate::Deps;
 
@@ -19,35 +18,9 @@ pub struct WorkspaceArgs {
     pub reason: Option<String>,
 }
 
-/// Payload of a sweep job: which sweeper, and its tick (for the idempotency key).
-#[derive(Debug, Deserialize)]
-pub struct SweepArgs {
-    pub sweeper: String,
-    #[serde(default)]
-    pub retention_s: Option<u64>,
-}
-
-pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
 fn not_built(what: &'static str) -> Handler {
     typed_handler(move |_ctx, _args: serde_json::Value| async move {
         Err(JobError::Permanent(format!("{what} is not built yet in this version of the server")))
-    })
-}
-
-fn sweep() -> Handler {
-    typed_handler(|ctx, args: SweepArgs| async move {
-        match args.sweeper.as_str() {
-            "retention" => {
-                let retention = args.retention_s.map(Duration::from_secs).unwrap_or(DEFAULT_JOB_RETENTION);
-                let pruned = maintenance::prune_finished(&ctx.db, retention, 1000)
-                    .await
-                    .map_err(|e| JobError::Retryable(format!("prune failed: {e}")))?;
-                tracing::info!(event = "sweep.retention", pruned, job_id = %ctx.id, "pruned finished jobs");
-                Ok(serde_json::json!({ "pruned_jobs": pruned }))
-            }
-            other => Err(JobError::Permanent(format!("unknown sweeper {other:?}"))),
-        }
     })
 }
 
@@ -55,7 +28,7 @@ fn sweep() -> Handler {
 pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
     let d = deps.clone();
     match kind {
-        JobKind::Sweep => sweep(),
+        JobKind::Sweep => crate::sweeps::handler(),
         JobKind::Provision => typed_handler(move |ctx, a: WorkspaceArgs| {
             let d = d.clone();
             async move { crate::provision::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }

@@ -3,6 +3,7 @@
 //! - [`provision`] (J1), [`stop`] (J2), [`restart`] (J3): workspace lifecycle.
 //! - [`exec`] (J5): one-shot commands.
 //! - [`rescue`] (J4): forensic bundles of boot failures.
+//! - [`sweeps`]: maintenance fired by the scheduler (S1 provision timeout, S7 retention).
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
 pub mod exec;
@@ -11,6 +12,7 @@ pub mod provision;
 pub mod rescue;
 pub mod restart;
 pub mod stop;
+pub mod sweeps;
 
 use molecule_backends::Backend;
 use sqlx::PgPool;

@@ -13,9 +13,57 @@ use uuid::Uuid;
 
 use crate::Deps;
 
-/// What a user sees of a failed provision: nothing about images, hosts or engines.
-pub const CANNED_FAILURE: &str =
-    "The workspace could not be started. Its diagnostics were kept for support; retry or contact your operator.";
+/// Why a start failed, in words a tenant may read: no image reference, registry, host or
+/// engine text (J1). The detail goes to the server log and the job's `last_error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartFailure {
+    ImageMissing,
+    EngineUnavailable,
+    EngineRefused,
+    NoBackend,
+}
+
+impl StartFailure {
+    pub fn of(e: &BackendError) -> Self {
+        match e {
+            BackendError::ImageNotFound(_) => Self::ImageMissing,
+            BackendError::EngineUnavailable(_) => Self::EngineUnavailable,
+            BackendError::Engine { .. } => Self::EngineRefused,
+            BackendError::NoBackend => Self::NoBackend,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ImageMissing => "image_missing",
+            Self::EngineUnavailable => "engine_unavailable",
+            Self::EngineRefused => "engine_refused",
+            Self::NoBackend => "no_backend",
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ImageMissing => "its runtime image is not available on this platform",
+            Self::EngineUnavailable => "the platform's container engine did not answer",
+            Self::EngineRefused => "the platform's container engine refused to start it",
+            Self::NoBackend => "this platform has no workspace backend configured",
+        }
+    }
+
+    /// `last_sample_error` once provisioning has given up.
+    pub fn final_message(self) -> String {
+        format!(
+            "The workspace could not be started: {}. Its diagnostics were kept for support; retry or contact your operator.",
+            self.reason()
+        )
+    }
+
+    /// `last_sample_error` while attempts remain.
+    pub fn retry_message(self, attempt: i32, max_attempts: i32) -> String {
+        format!("Starting the workspace failed: {} (attempt {attempt} of {max_attempts}); retrying.", self.reason())
+    }
+}
 
 pub(crate) struct Row {
     pub org: OrgId,
@@ -70,33 +118,66 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row) -> HandlerResult {
     tracing::info!(event = "provision.start", workspace_id = %ws, org_id = %row.org, job_id = %ctx.id);
     let image = resolve_image(d, &row.runtime).await?;
+    let agent = match d.backend.assign_agent_endpoint(ws) {
+        Ok(a) => a,
+        Err(e) => return failed(d, ctx, ws, row.org, e).await,
+    };
+    // The secrets and the agent's assigned URL land together, before the agent can exist.
     let mut tx = d.db.begin().await.map_err(db_err)?;
     let secrets = mint_workspace_secrets(&mut tx, ws).await.map_err(db_err)?;
+    sqlx::query("UPDATE workspaces SET assigned_url = $2 WHERE id = $1")
+        .bind(ws.0)
+        .bind(agent.as_ref().map(|a| a.url.as_str()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
-    let spec = StartSpec::new(ws, row.org, row.parent, row.runtime.clone(), image, d.platform_url.clone(), secrets);
+    let spec = StartSpec::new(ws, row.org, row.parent, row.runtime.clone(), image, d.platform_url.clone(), secrets)
+        .with_agent(agent);
     match d.backend.start(&spec).await {
         Ok(started) => {
+            let mut tx = d.db.begin().await.map_err(db_err)?;
+            // A hint from an earlier failed attempt no longer applies (unless the agent was
+            // quicker than this write and the row already moved on).
             sqlx::query(
-                "UPDATE workspaces SET container_name = $2, runtime_image_digest = $3, updated_at = now() WHERE id = $1",
+                "UPDATE workspaces SET container_name = $2, runtime_image_digest = $3, \
+                 last_sample_error = CASE WHEN status = 'provisioning' THEN NULL ELSE last_sample_error END, \
+                 updated_at = now() WHERE id = $1",
             )
             .bind(ws.0)
             .bind(&started.container_name)
             .bind(&started.image_digest)
-            .execute(&d.db)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+            molecule_domain::events::record(
+                &mut tx,
+                row.org,
+                ws.0,
+                "WORKSPACE_STARTED",
+                json!({ "job_id": ctx.id.as_str(), "next": "its agent registers" }),
+            )
+            .await
+            .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
             Ok(json!({ "container": started.container_name }))
         }
-        Err(e) => {
-            let last = !e.is_retryable() || ctx.attempt >= ctx.max_attempts;
-            tracing::warn!(workspace_id = %ws, job_id = %ctx.id, attempt = ctx.attempt, error = %e, final_attempt = last, "provision failed");
-            if last {
-                mark_failed(d, ctx, ws, row.org).await?;
-                Err(permanent(e))
-            } else {
-                Err(JobError::Retryable(e.to_string()))
-            }
-        }
+        Err(e) => failed(d, ctx, ws, row.org, e).await,
+    }
+}
+
+/// A start that failed: says why on the workspace (a canned sentence and an event), then
+/// retries, or gives up on the last attempt or a definite answer.
+async fn failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, e: BackendError) -> HandlerResult {
+    let last = !e.is_retryable() || ctx.attempt >= ctx.max_attempts;
+    let why = StartFailure::of(&e);
+    tracing::warn!(workspace_id = %ws, job_id = %ctx.id, attempt = ctx.attempt, error = %e, final_attempt = last, "provision failed");
+    if last {
+        mark_failed(d, ctx, ws, org, why).await?;
+        Err(permanent(e))
+    } else {
+        note_retry(d, ctx, ws, org, why).await?;
+        Err(JobError::Retryable(e.to_string()))
     }
 }
 
@@ -107,23 +188,56 @@ fn permanent(e: BackendError) -> JobError {
     }
 }
 
+/// While attempts remain: the workspace says what went wrong and that it is retrying.
+async fn note_retry(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, why: StartFailure) -> Result<(), JobError> {
+    let mut tx = d.db.begin().await.map_err(db_err)?;
+    let noted = sqlx::query(
+        "UPDATE workspaces SET last_sample_error = $2, updated_at = now() WHERE id = $1 AND status = 'provisioning'",
+    )
+    .bind(ws.0)
+    .bind(why.retry_message(ctx.attempt, ctx.max_attempts))
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?
+    .rows_affected();
+    if noted == 1 {
+        molecule_domain::events::record(
+            &mut tx,
+            org,
+            ws.0,
+            "WORKSPACE_PROVISION_RETRYING",
+            json!({ "job_id": ctx.id.as_str(), "attempt": ctx.attempt, "reason": why.code() }),
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    tx.commit().await.map_err(db_err)?;
+    Ok(())
+}
+
 /// `provisioning → failed` (only that transition), with the canned message and an event.
-pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId) -> Result<(), JobError> {
+pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, why: StartFailure) -> Result<(), JobError> {
     let mut tx = d.db.begin().await.map_err(db_err)?;
     let flipped = sqlx::query(
         "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
          WHERE id = $1 AND status = 'provisioning'",
     )
     .bind(ws.0)
-    .bind(CANNED_FAILURE)
+    .bind(why.final_message())
     .execute(&mut *tx)
     .await
     .map_err(db_err)?
     .rows_affected();
     if flipped == 1 {
-        molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_PROVISION_FAILED", json!({ "job_id": ctx.id.as_str() }))
-            .await
-            .map_err(db_err)?;
+        molecule_domain::events::record(
+            &mut tx,
+            org,
+            ws.0,
+            "WORKSPACE_PROVISION_FAILED",
+            json!({ "job_id": ctx.id.as_str(), "reason": why.code() }),
+        )
+        .await
+        .map_err(db_err)?;
     }
     tx.commit().await.map_err(db_err)?;
     Ok(())

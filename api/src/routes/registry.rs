@@ -43,6 +43,12 @@ fn workspace_of(p: &Principal) -> ApiResult<Uuid> {
 }
 
 /// A12: register (or re-register) the calling workspace's agent.
+///
+/// Trust: the URL the platform itself assigned when it started the workspace's container
+/// on its own engine (`assigned_url`, a loopback port under host networking) is accepted
+/// from that workspace's token as is; any other URL must pass the X5 check. A refusal is
+/// also written on the workspace (`last_sample_error`, a `WORKSPACE_REGISTRATION_REFUSED`
+/// event), so a workspace that cannot come online says why.
 #[utoipa::path(post, path = "/registry/register", tag = "registry", request_body = Register, security(("bearer" = [])),
     responses(
         (status = 200, body = Registered),
@@ -56,30 +62,38 @@ fn workspace_of(p: &Principal) -> ApiResult<Uuid> {
 pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): ApiJson<Register>) -> ApiResult<Json<Registered>> {
     let ws = workspace_of(&p)?;
     let mut tx = st.db.begin().await?;
-    let row: Option<(WorkspaceStatus, DeliveryMode, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT status, delivery_mode, url, platform_inbound_secret FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE",
+    let row: Option<RegistryRow> = sqlx::query_as(
+        "SELECT status, delivery_mode, url, assigned_url, platform_inbound_secret FROM workspaces \
+         WHERE id = $1 AND org_id = $2 FOR UPDATE",
     )
     .bind(ws)
     .bind(p.org.0)
     .fetch_optional(&mut *tx)
     .await?;
-    let (status, stored_mode, stored_url, secret) = row.ok_or(ApiError::NotFound("workspace"))?;
+    let row = row.ok_or(ApiError::NotFound("workspace"))?;
     // payload → stored row (external workspaces are created with poll) → push.
-    let mode = body.delivery_mode.unwrap_or(stored_mode);
-    let url = body.url.clone().or(stored_url);
+    let mode = body.delivery_mode.unwrap_or(row.delivery_mode);
+    let url = body.url.clone().or(row.url);
     if mode == DeliveryMode::Push {
-        let u = url.as_deref().ok_or_else(|| ApiError::bad("invalid_url", "push delivery needs the agent's url"))?;
-        ssrf::check(u, st.auth.allow_loopback_agents)
-            .await
-            .map_err(|why| ApiError::bad("invalid_url", format!("url refused: {why}")))?;
+        let refusal = match url.as_deref() {
+            None => Some("push delivery needs the agent's url".to_string()),
+            Some(u) if row.assigned_url.as_deref() == Some(u) => None,
+            Some(u) => ssrf::check(u, st.auth.allow_loopback_agents).await.err().map(|why| format!("url refused: {why}")),
+        };
+        if let Some(why) = refusal {
+            drop(tx);
+            note_refusal(&st, p.org, ws, &why).await?;
+            return Err(ApiError::bad("invalid_url", why));
+        }
     }
     // Lazy heal: a workspace without an inbound secret gets one now.
-    let secret = match secret {
+    let secret = match row.platform_inbound_secret {
         Some(s) => s,
         None => tokens::mint_inbound_secret(),
     };
     let new_status: WorkspaceStatus = sqlx::query_scalar(
         "UPDATE workspaces SET delivery_mode = $2, url = $3, platform_inbound_secret = $4, last_heartbeat_at = now(), \
+         last_sample_error = CASE WHEN status IN ('provisioning', 'awaiting_agent') THEN NULL ELSE last_sample_error END, \
          status = CASE WHEN status IN ('provisioning', 'awaiting_agent') THEN 'online'::workspace_status ELSE status END, \
          updated_at = now() WHERE id = $1 RETURNING status",
     )
@@ -89,12 +103,44 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
     .bind(&secret)
     .fetch_one(&mut *tx)
     .await?;
-    if new_status != status {
-        record_event(&mut tx, p.org, ws, "WORKSPACE_ONLINE", serde_json::json!({ "from": status })).await?;
+    if new_status != row.status {
+        record_event(&mut tx, p.org, ws, "WORKSPACE_ONLINE", serde_json::json!({ "from": row.status })).await?;
     }
     tx.commit().await?;
     tracing::info!(event = "registry.registered", workspace_id = %ws, org_id = %p.org, status = new_status.as_str());
     Ok(Json(Registered { workspace_id: ws, status: new_status, delivery_mode: mode, platform_inbound_secret: secret }))
+}
+
+#[derive(sqlx::FromRow)]
+struct RegistryRow {
+    status: WorkspaceStatus,
+    delivery_mode: DeliveryMode,
+    url: Option<String>,
+    assigned_url: Option<String>,
+    platform_inbound_secret: Option<String>,
+}
+
+/// Writes a refused registration on the workspace: once per distinct reason (an agent
+/// retrying every second adds no event), never on a removed one.
+async fn note_refusal(st: &AppState, org: molecule_domain::OrgId, ws: Uuid, why: &str) -> ApiResult<()> {
+    let message = format!("The agent's registration was refused: {why}.");
+    let mut tx = st.db.begin().await?;
+    let changed = sqlx::query(
+        "UPDATE workspaces SET last_sample_error = $3, updated_at = now() \
+         WHERE id = $1 AND org_id = $2 AND status <> 'removed' AND last_sample_error IS DISTINCT FROM $3",
+    )
+    .bind(ws)
+    .bind(org.0)
+    .bind(&message)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 1 {
+        record_event(&mut tx, org, ws, "WORKSPACE_REGISTRATION_REFUSED", serde_json::json!({ "reason": why })).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(event = "registry.refused", workspace_id = %ws, org_id = %org, reason = why);
+    Ok(())
 }
 
 #[derive(Serialize, ToSchema)]

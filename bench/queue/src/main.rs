@@ -230,7 +230,10 @@ async fn main() {
     let (_embedded, admin) = match std::env::var("DATABASE_URL") {
         Ok(u) => (None, u),
         Err(_) => {
-            let dir = std::env::temp_dir().join(format!("molecule-bench-{}", std::process::id()));
+            // Under TMPDIR unless the cluster's user cannot reach it there (a 0700 TMPDIR, as root).
+            let preferred = std::env::temp_dir().join(format!("molecule-bench-{}", std::process::id()));
+            let dir = molecule_domain::embedded_pg::default_data_dir(&preferred).expect("data directory").path;
+            eprintln!("bench-queue: private PostgreSQL in {}", dir.display());
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir)).await.unwrap().expect("embedded PostgreSQL");
             let url = pg.database_url();
             (Some(pg), url)
