@@ -24,6 +24,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{detail}")]
+    TooManyRequests { code: &'static str, detail: String },
     #[error("{0}")]
     NotImplemented(String),
     #[error("platform misconfigured")]
@@ -59,6 +61,7 @@ impl ApiError {
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is over the size limit".into()),
             UnsupportedMediaType(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", d.clone()),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method".into()),
+            TooManyRequests { code, detail } => (StatusCode::TOO_MANY_REQUESTS, code, detail.clone()),
             NotImplemented(d) => (StatusCode::NOT_IMPLEMENTED, "not_implemented", d.clone()),
             PlatformMisconfigured => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -8,6 +8,8 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod routes;
+pub mod server;
+pub mod streams;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
@@ -29,6 +31,17 @@ pub const BODY_LIMIT: usize = 1 << 20;
 pub struct AppState {
     pub db: PgPool,
     pub auth: AuthConfig,
+    /// NDJSON followers: one shared LISTEN connection, per-org caps.
+    pub streams: streams::Streams,
+}
+
+impl AppState {
+    /// State over `db` with the default stream cap. Starts the streams' listener: call
+    /// inside a tokio runtime.
+    pub fn new(db: PgPool, auth: AuthConfig) -> Self {
+        let streams = streams::Streams::start(&db, streams::DEFAULT_STREAMS_PER_ORG);
+        AppState { db, auth, streams }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -82,11 +95,4 @@ async fn request_context(req: Request, next: Next) -> Response {
     res
 }
 
-/// Serves until `shutdown` resolves, then finishes in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
-}
+pub use server::{serve, serve_with, HttpLimits};

@@ -368,10 +368,33 @@ impl Backend for DockerBackend {
             }
             Ok::<(), BackendError>(())
         };
-        match tokio::time::timeout(req.timeout, read).await {
-            Ok(r) => r?,
-            Err(_) => {
-                out.timed_out = true;
+        let stopped = async {
+            match req.stop.clone() {
+                Some(mut rx) => {
+                    if rx.wait_for(|v| *v).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        enum End {
+            Read(Result<(), BackendError>),
+            TimedOut,
+            Stopped,
+        }
+        let end = tokio::select! {
+            r = tokio::time::timeout(req.timeout, read) => match r {
+                Ok(r) => End::Read(r),
+                Err(_) => End::TimedOut,
+            },
+            _ = stopped => End::Stopped,
+        };
+        match end {
+            End::Read(r) => r?,
+            End::TimedOut | End::Stopped => {
+                out.timed_out = matches!(end, End::TimedOut);
+                out.interrupted = matches!(end, End::Stopped);
                 self.kill_exec(&created.id).await;
                 return Ok(out);
             }

@@ -137,6 +137,9 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     pub timeout: std::time::Duration,
     pub max_bytes_per_stream: usize,
+    /// When this turns true (the worker's shutdown grace ran out) the command is killed
+    /// and the outcome says `interrupted`.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +158,8 @@ pub struct ExecOutcome {
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub timed_out: bool,
+    /// Killed because [`ExecRequest::stop`] fired.
+    pub interrupted: bool,
 }
 
 /// Called with each chunk of output as it arrives (after the cap is applied).

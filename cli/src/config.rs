@@ -119,6 +119,24 @@ pub struct ApiArgs {
     #[arg(long, env = "MOLECULE_ALLOW_LOOPBACK_AGENTS", value_name = "MOLECULE_ALLOW_LOOPBACK_AGENTS", default_value = "0",
           value_parser = ["0", "1"])]
     pub allow_loopback_agents: String,
+    /// Seconds a connection may take to send a whole request head, counted from when it
+    /// opened or from its previous response (so it also ends idle keep-alive connections).
+    #[arg(long, env = "MOLECULE_HTTP_HEADER_TIMEOUT_SECS", value_name = "MOLECULE_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub http_header_timeout_secs: u64,
+    /// Most HTTP connections served at once; more wait in the kernel's backlog.
+    #[arg(long, env = "MOLECULE_HTTP_MAX_CONNECTIONS", value_name = "MOLECULE_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub http_max_connections: u64,
+    /// Seconds open requests and streams get after SIGTERM before they are cut.
+    #[arg(long, env = "MOLECULE_HTTP_SHUTDOWN_SECS", value_name = "MOLECULE_HTTP_SHUTDOWN_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub http_shutdown_secs: u64,
+    /// Most NDJSON exec streams one organization may follow at once on this API process
+    /// (past it: 429 too_many_streams).
+    #[arg(long, env = "MOLECULE_STREAMS_PER_ORG", value_name = "MOLECULE_STREAMS_PER_ORG", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub streams_per_org: u64,
 }
 
 fn parse_org_pin(s: &str) -> Result<molecule_api::OrgPin, String> {
@@ -126,6 +144,14 @@ fn parse_org_pin(s: &str) -> Result<molecule_api::OrgPin, String> {
 }
 
 impl ApiArgs {
+    pub fn http_limits(&self) -> molecule_api::HttpLimits {
+        molecule_api::HttpLimits {
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            max_connections: self.http_max_connections as usize,
+            shutdown_timeout: Duration::from_secs(self.http_shutdown_secs),
+        }
+    }
+
     pub fn auth(&self) -> molecule_api::AuthConfig {
         molecule_api::AuthConfig {
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
@@ -171,7 +197,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOLECULE_JOB_LEASE_SECS", value_name = "MOLECULE_JOB_LEASE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub lease_secs: u64,
-    /// Seconds running jobs get to finish after SIGTERM before they are handed back.
+    /// Seconds running jobs get to finish after SIGTERM. Then they are interrupted: kinds
+    /// that may run again are handed back to another worker; exec ends `interrupted`.
     #[arg(long, env = "MOLECULE_SHUTDOWN_GRACE_SECS", value_name = "MOLECULE_SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub grace_secs: u64,
@@ -245,7 +272,7 @@ impl WorkerArgs {
             poll_interval: Duration::from_millis(self.poll_ms),
             grace: Duration::from_secs(self.grace_secs),
             batch: self.claim_batch as usize,
-            node: molecule_jobs::runtime::default_node(),
+            ..Default::default()
         }
     }
 }

@@ -134,14 +134,25 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                     url
                 }
             };
-            let db = connect_url(&url, common.db_max_connections).await?;
-            db::migrate(&db).await?;
+            // One pool per role (see README, "Connections"): the API's requests, the
+            // handlers' work and the scheduler never wait for each other's connections.
+            let api_db = connect_url(&url, common.db_max_connections).await?;
+            db::migrate(&api_db).await?;
+            let jobs_db = connect_url(&url, common.db_max_connections).await?;
+            let sched_db = connect_url(&url, SCHEDULER_CONNECTIONS).await?;
             let mut worker = args.worker;
             if worker.platform_url.is_none() {
                 worker.platform_url = Some(format!("http://{}", args.api.listen));
             }
-            let res = serve_roles(db.clone(), stop.unwrap_or_else(Stop::install), Some(args.api), Some(worker), Some(args.scheduler)).await;
-            db.close().await;
+            let roles = Roles {
+                api: Some((api_db.clone(), args.api)),
+                worker: Some((jobs_db.clone(), worker)),
+                scheduler: Some((sched_db.clone(), args.scheduler)),
+            };
+            let res = serve_roles(stop.unwrap_or_else(Stop::install), roles).await;
+            for db in [api_db, jobs_db, sched_db] {
+                db.close().await;
+            }
             if let Some(mut pg) = embedded {
                 tokio::task::spawn_blocking(move || pg.stop()).await.ok();
             }
@@ -149,17 +160,29 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         }
         Command::Api(args) => {
             let db = connect(&common, "api").await?;
-            serve_roles(db, stop.unwrap_or_else(Stop::install), Some(args), None, None).await
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { api: Some((db, args)), ..Roles::default() }).await
         }
         Command::Worker(args) => {
             let db = connect(&common, "worker").await?;
-            serve_roles(db, stop.unwrap_or_else(Stop::install), None, Some(args), None).await
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { worker: Some((db, args)), ..Roles::default() }).await
         }
         Command::Scheduler(args) => {
-            let db = connect(&common, "scheduler").await?;
-            serve_roles(db, stop.unwrap_or_else(Stop::install), None, None, Some(args)).await
+            let url = common.database_url.as_deref().ok_or(StartError::NoDatabaseUrl("scheduler"))?;
+            let db = connect_url(url, SCHEDULER_CONNECTIONS).await?;
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { scheduler: Some((db, args)), ..Roles::default() }).await
         }
     }
+}
+
+/// The scheduler enqueues a handful of jobs a minute.
+const SCHEDULER_CONNECTIONS: u32 = 2;
+
+/// The roles one process runs, each with its own connection pool.
+#[derive(Default)]
+struct Roles {
+    api: Option<(PgPool, ApiArgs)>,
+    worker: Option<(PgPool, WorkerArgs)>,
+    scheduler: Option<(PgPool, SchedulerArgs)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -259,18 +282,13 @@ async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
 }
 
 /// Runs the given roles until SIGTERM or Ctrl-C, then stops them in order: the API stops
-/// taking requests, the scheduler stops firing, the pools finish or release their jobs.
-async fn serve_roles(
-    db: PgPool,
-    mut stop: Stop,
-    api: Option<ApiArgs>,
-    worker: Option<WorkerArgs>,
-    scheduler: Option<SchedulerArgs>,
-) -> Result<(), StartError> {
+/// taking requests (streams get their final frame), the scheduler stops firing, the pools
+/// finish, interrupt or hand back their jobs.
+async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let api_task = match api {
-        Some(a) => {
+    let api_task = match roles.api {
+        Some((db, a)) => {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .map_err(|source| StartError::Listen { addr: a.listen, source })?;
@@ -286,16 +304,22 @@ async fn serve_roles(
             if auth.org_pin == molecule_api::OrgPin::Misconfigured {
                 tracing::error!("MOLECULE_ORG_ID is set but empty: every tenant route answers 503 platform_misconfigured");
             }
-            let state = molecule_api::AppState { db: db.clone(), auth };
-            Some(tokio::spawn(molecule_api::serve(listener, state, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })))
+            let streams = molecule_api::streams::Streams::start(&db, a.streams_per_org as usize);
+            let state = molecule_api::AppState { db, auth, streams };
+            Some(tokio::spawn(molecule_api::serve_with(
+                listener,
+                state,
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+                a.http_limits(),
+            )))
         }
         None => None,
     };
 
-    let runtime = match worker {
-        Some(w) => {
+    let runtime = match roles.worker {
+        Some((db, w)) => {
             let backend = select_backend(&w).await?;
             tracing::info!(backend = backend.name(), "workspace backend");
             if backend.name() == "none" {
@@ -311,12 +335,12 @@ async fn serve_roles(
                 loki_url: w.loki_url.clone().filter(|u| !u.is_empty()),
             };
             let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
-            Some(molecule_jobs::Runtime::start(db.clone(), w.runtime_config(), specs))
+            Some(molecule_jobs::Runtime::start(db, w.runtime_config(), specs))
         }
         None => None,
     };
 
-    let sched_task = scheduler.map(|s| tokio::spawn(molecule_scheduler::run(db.clone(), s.config(), stop_rx.clone())));
+    let sched_task = roles.scheduler.map(|(db, s)| tokio::spawn(molecule_scheduler::run(db, s.config(), stop_rx.clone())));
 
     let mut api_task = api_task;
     let mut result = Ok(());
@@ -346,7 +370,8 @@ async fn serve_roles(
     }
     if let Some(rt) = runtime {
         let report = rt.shutdown().await;
-        tracing::info!(released = report.released, "worker pools stopped");
+        tracing::info!(released = report.released, interrupted = report.interrupted, stale_acks = report.stale_acks,
+            "worker pools stopped");
     }
     result
 }

@@ -12,6 +12,8 @@ pub mod ssrf;
 pub mod status;
 pub mod text;
 pub mod tokens;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use ids::{JobId, OrgId, WorkspaceId};
 pub use status::WorkspaceStatus;

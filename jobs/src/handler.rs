@@ -19,6 +19,45 @@ pub struct JobContext {
     pub workspace_id: Option<WorkspaceId>,
     pub payload: Arc<[u8]>,
     pub db: PgPool,
+    /// Set when the worker's shutdown grace period ran out with this attempt still running.
+    pub interrupt: Interrupt,
+}
+
+/// The end of a worker's shutdown grace period, as a running attempt sees it. A handler
+/// that can stop cleanly (say, kill the command it started) waits on [`Interrupt::wait`]
+/// and returns [`JobError::Interrupted`]; one that does not is aborted a little later.
+#[derive(Clone, Debug)]
+pub struct Interrupt(tokio::sync::watch::Receiver<bool>);
+
+impl Interrupt {
+    pub fn new(rx: tokio::sync::watch::Receiver<bool>) -> Self {
+        Interrupt(rx)
+    }
+
+    /// Never fires (jobs run outside a pool, tests).
+    pub fn never() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        std::mem::forget(tx);
+        Interrupt(rx)
+    }
+
+    /// The underlying signal, for code that cannot depend on this crate (backends).
+    pub fn receiver(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.clone()
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves when the grace period is over.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|v| *v).await.is_err() {
+            // The pool is gone without interrupting: nothing will ever come.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl JobContext {
@@ -43,11 +82,15 @@ pub enum JobError {
     /// No workspace backend is configured in this process (MOLECULE_BACKEND=none).
     #[error("no backend configured: set MOLECULE_BACKEND to docker or ec2 and retry the job")]
     NoBackend,
+    /// The attempt stopped because its worker shut down ([`Interrupt`]). Kinds that must
+    /// not run twice end `interrupted`; the others are handed back.
+    #[error("interrupted: the worker shut down before the job finished")]
+    Interrupted,
 }
 
 impl JobError {
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, JobError::Retryable(_))
+        !matches!(self, JobError::Retryable(_) | JobError::Interrupted)
     }
 }
 

@@ -65,6 +65,17 @@ impl JobKind {
         }
     }
 
+    /// Jobs of this kind must never run twice without someone asking: a user's command.
+    /// One still running when its worker stops ends `interrupted` instead of running again.
+    pub fn runs_once(self) -> bool {
+        matches!(self, Self::Exec)
+    }
+
+    /// Jobs of this kind stream output that clients follow until the job finishes.
+    pub fn streams_output(self) -> bool {
+        matches!(self, Self::Exec)
+    }
+
     /// Default concurrency of the kind's pool in one process.
     pub fn default_concurrency(self) -> usize {
         match self {

@@ -5,9 +5,13 @@
 //! - [`runtime`]: worker pools (one per queue), woken by LISTEN/NOTIFY with a polling
 //!   and next-due fallback, batched claims (`FOR UPDATE SKIP LOCKED`) and batched acks,
 //!   persisted retries with backoff, expiry, leases for orphaned jobs, graceful shutdown.
+//! - [`store`]: every other statement on the job tables — claims, fenced acks, worker
+//!   rows, queue statistics — so `apalis.jobs` has one owner.
+//! - [`state`]: the stored states ([`JobState`], [`Outcome`]).
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
-//! - [`maintenance`]: orphan recovery and retention pruning.
-//! - [`kinds`]: the job kinds of the product and their retry policies.
+//! - [`output`]: job output chunks for streaming readers, and the "finished" announcement.
+//! - [`maintenance`]: the lease rescuer and the pruner, one file each with its test.
+//! - [`kinds`]: the job kinds of the product, their retry policies and shutdown rules.
 //!
 //! What each kind does lives in `molecule-workers` (it needs the backends, which the
 //! API — a user of this crate — must not link).
@@ -17,12 +21,16 @@ pub mod enqueue;
 pub mod handler;
 pub mod kinds;
 pub mod maintenance;
+pub mod output;
 pub mod runtime;
+pub mod state;
 pub mod status;
+pub mod store;
 pub mod verdicts;
 
 pub use enqueue::{enqueue, enqueue_many, NewJob};
-pub use handler::{handler_fn, typed_handler, Handler, JobContext, JobError};
+pub use handler::{handler_fn, typed_handler, Handler, Interrupt, JobContext, JobError};
 pub use kinds::{JobKind, RetryPolicy};
 pub use runtime::{PoolSpec, Runtime, RuntimeConfig, ShutdownReport};
+pub use state::{JobState, Outcome};
 pub use status::JobStatus;

@@ -23,10 +23,13 @@ pub enum JobStatus {
     /// Not run: past its `expires_at`.
     Expired,
     Cancelled,
+    /// Was running when its worker stopped; of a kind that must not run twice (exec), so
+    /// not run again automatically (`POST /jobs/{id}/retry` can).
+    Interrupted,
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 8] = [
+    pub const ALL: [JobStatus; 9] = [
         Self::Pending,
         Self::Scheduled,
         Self::Running,
@@ -35,6 +38,7 @@ impl JobStatus {
         Self::Dead,
         Self::Expired,
         Self::Cancelled,
+        Self::Interrupted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,7 +51,13 @@ impl JobStatus {
             Self::Dead => "dead",
             Self::Expired => "expired",
             Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
         }
+    }
+
+    /// The job will not change any more on its own.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Scheduled | Self::Running | Self::Failed)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -60,6 +70,7 @@ impl JobStatus {
             "dead" => Self::Dead,
             "expired" => Self::Expired,
             "cancelled" => Self::Cancelled,
+            "interrupted" => Self::Interrupted,
             _ => return None,
         })
     }
@@ -80,16 +91,27 @@ macro_rules! job_status_sql {
     };
 }
 
+/// Columns of a job's view, over `apalis.jobs j`. `result` only in full views: an exec
+/// result can hold 2 MiB, so listings never read it.
+macro_rules! view_columns {
+    ($result:literal) => {
+        concat!(
+            "j.id, j.job_type AS kind, ",
+            job_status_sql!(),
+            " AS status, j.attempts, j.max_attempts, j.run_at, j.created_at, \
+             j.started_at, j.done_at AS finished_at, j.expires_at, j.last_error, ",
+            $result,
+            " AS result, j.org_id, j.workspace_id, j.attempt_log"
+        )
+    };
+}
+
 macro_rules! select_view {
     ($filter:literal) => {
         concat!(
-            "SELECT j.id, j.job_type, ",
-            job_status_sql!(),
-            " AS status, j.attempts, j.max_attempts, j.run_at, j.created_at, \
-             j.started_at, j.done_at, j.expires_at, j.last_error, \
-             CASE WHEN j.status = 'Done' THEN j.last_result -> 'Ok' END, \
-             j.org_id, j.workspace_id, j.attempt_log \
-             FROM apalis.jobs j WHERE ",
+            "SELECT ",
+            view_columns!("CASE WHEN j.status = 'Done' THEN j.last_result -> 'Ok' END"),
+            " FROM apalis.jobs j WHERE ",
             $filter
         )
     };
@@ -108,8 +130,13 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
-    /// What the job returned, when it succeeded (any JSON).
+    /// What the job returned, when it succeeded (any JSON). Listings leave it out: see
+    /// `result_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// Where the full result is read (`GET /jobs/{id}`), in listings of succeeded jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_url: Option<String>,
     pub org_id: Option<Uuid>,
     pub workspace_id: Option<Uuid>,
     /// One entry per failed attempt: attempt, started_at, failed_at, error.
@@ -117,42 +144,50 @@ pub struct JobView {
     pub attempt_log: serde_json::Value,
 }
 
-type ViewRow = (
-    String,
-    String,
-    String,
-    i32,
-    i32,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-    Option<serde_json::Value>,
-    Option<Uuid>,
-    Option<Uuid>,
-    serde_json::Value,
-);
+#[derive(sqlx::FromRow)]
+struct ViewRow {
+    id: String,
+    kind: String,
+    status: String,
+    attempts: i32,
+    max_attempts: i32,
+    run_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    result: Option<serde_json::Value>,
+    org_id: Option<Uuid>,
+    workspace_id: Option<Uuid>,
+    attempt_log: serde_json::Value,
+}
+
+impl From<ViewRow> for JobView {
+    fn from(r: ViewRow) -> Self {
+        JobView {
+            id: r.id,
+            kind: r.kind,
+            status: JobStatus::parse(&r.status).unwrap_or(JobStatus::Dead),
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            run_at: r.run_at,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            expires_at: r.expires_at,
+            last_error: r.last_error,
+            result: r.result,
+            result_url: None,
+            org_id: r.org_id,
+            workspace_id: r.workspace_id,
+            attempt_log: r.attempt_log,
+        }
+    }
+}
 
 fn view(r: ViewRow) -> JobView {
-    JobView {
-        id: r.0,
-        kind: r.1,
-        status: JobStatus::parse(&r.2).unwrap_or(JobStatus::Dead),
-        attempts: r.3,
-        max_attempts: r.4,
-        run_at: r.5,
-        created_at: r.6,
-        started_at: r.7,
-        finished_at: r.8,
-        expires_at: r.9,
-        last_error: r.10,
-        result: r.11,
-        org_id: r.12,
-        workspace_id: r.13,
-        attempt_log: r.14,
-    }
+    r.into()
 }
 
 /// A job by id, whoever owns it (workers, operators, tests). API reads use [`get_for_org`].
@@ -184,13 +219,15 @@ pub struct ListFilter {
 }
 
 const LIST: &str = concat!(
-    "SELECT * FROM (",
-    select_view!("j.org_id = $1 AND ($2::uuid IS NULL OR j.workspace_id = $2) \
-                  AND ($3::text IS NULL OR j.job_type = $3) AND ($5::text IS NULL OR j.id < $5)"),
+    "SELECT * FROM (SELECT ",
+    view_columns!("NULL::jsonb"),
+    " FROM apalis.jobs j WHERE j.org_id = $1 AND ($2::uuid IS NULL OR j.workspace_id = $2) \
+      AND ($3::text IS NULL OR j.job_type = $3) AND ($5::text IS NULL OR j.id < $5)",
     ") v WHERE ($4::text IS NULL OR v.status = $4) ORDER BY v.id DESC LIMIT $6"
 );
 
-/// One page of an org's jobs, newest first.
+/// One page of an org's jobs, newest first, without their results (`result_url` says
+/// where a succeeded job's result is).
 pub async fn list(db: &PgPool, f: &ListFilter) -> Result<Vec<JobView>, sqlx::Error> {
     let status = f.status.map(JobStatus::as_str);
     let rows: Vec<ViewRow> = sqlx::query_as(LIST)
@@ -202,7 +239,16 @@ pub async fn list(db: &PgPool, f: &ListFilter) -> Result<Vec<JobView>, sqlx::Err
         .bind(f.limit)
         .fetch_all(db)
         .await?;
-    Ok(rows.into_iter().map(view).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut v = view(r);
+            if v.status == JobStatus::Succeeded {
+                v.result_url = Some(format!("/jobs/{}", v.id));
+            }
+            v
+        })
+        .collect())
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -241,13 +287,13 @@ pub async fn retry_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Transi
     retry(db, id).await
 }
 
-/// Runs a dead, cancelled or failed job again now, with at least one attempt left.
+/// Runs a dead, cancelled, interrupted or failed job again now, with at least one attempt left.
 const RETRY: &str = r#"
 WITH r AS (
     UPDATE apalis.jobs
     SET status = 'Pending', outcome = NULL, done_at = NULL, run_at = now(), lock_by = NULL,
         lock_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)
-    WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled')))
+    WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled', 'interrupted')))
     RETURNING job_type
 )
 SELECT pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r

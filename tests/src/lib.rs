@@ -5,74 +5,10 @@
 //! unset, a private embedded cluster started once per test binary and stopped at exit.
 //! Each test gets its own database, migrated, so tests run in parallel.
 
-use molecule_domain::embedded_pg::EmbeddedPostgres;
-use sqlx::PgPool;
+pub use molecule_domain::testing::{admin_url, fresh_db, fresh_db_on, temp_dir, url_for};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-static CLUSTER: OnceLock<Mutex<Option<EmbeddedPostgres>>> = OnceLock::new();
-static ADMIN_URL: OnceLock<String> = OnceLock::new();
-
-extern "C" fn stop_cluster() {
-    if let Some(m) = CLUSTER.get() {
-        if let Ok(mut g) = m.lock() {
-            if let Some(mut pg) = g.take() {
-                pg.stop();
-            }
-        }
-    }
-}
-
-/// Superuser URL of the shared test cluster (its `postgres` database).
-pub fn admin_url() -> String {
-    ADMIN_URL
-        .get_or_init(|| {
-            if let Ok(u) = std::env::var("MOLECULE_TEST_PG_URL") {
-                return u;
-            }
-            let dir = molecule_domain::embedded_pg::default_data_dir(&temp_dir("cluster")).expect("cluster directory").path;
-            let pg = EmbeddedPostgres::start(&dir).expect("start the embedded test cluster");
-            let url = pg.database_url();
-            CLUSTER.get_or_init(|| Mutex::new(Some(pg)));
-            unsafe { libc::atexit(stop_cluster) };
-            url
-        })
-        .clone()
-}
-
-/// A temporary directory every user can traverse (the cluster runs as `postgres`).
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("molecule-test-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// URL of `db` on the cluster whose admin URL is `admin`.
-pub fn url_for(admin: &str, db: &str) -> String {
-    let (base, _) = admin.rsplit_once('/').expect("admin URL has a database");
-    format!("{base}/{db}")
-}
-
-/// A fresh, migrated database on the shared cluster: (pool, url).
-pub async fn fresh_db() -> (PgPool, String) {
-    fresh_db_on(&admin_url()).await
-}
-
-pub async fn fresh_db_on(admin: &str) -> (PgPool, String) {
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let admin_pool = molecule_domain::db::connect(admin, 2).await.expect("connect to the test cluster");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin_pool)
-        .await
-        .expect("create test database");
-    admin_pool.close().await;
-    let url = url_for(admin, &name);
-    let pool = molecule_domain::db::connect(&url, 10).await.expect("connect to the test database");
-    molecule_domain::db::migrate(&pool).await.expect("migrate");
-    (pool, url)
-}
 
 /// Path of one of the workspace's binaries (built by `cargo build --bins`, which
 /// `tests/run.sh` runs before the tests).
@@ -255,7 +191,7 @@ fn dechunk(mut s: &str) -> String {
 pub async fn start_api(db: sqlx::PgPool, auth: molecule_api::AuthConfig) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let state = molecule_api::AppState { db, auth };
+    let state = molecule_api::AppState::new(db, auth);
     tokio::spawn(molecule_api::serve(listener, state, std::future::pending()));
     addr
 }

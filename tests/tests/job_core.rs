@@ -22,6 +22,7 @@ fn cfg() -> RuntimeConfig {
         grace: Duration::from_secs(5),
         batch: 50,
         node: "test".into(),
+        ..Default::default()
     }
 }
 
@@ -98,7 +99,7 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
     let rt = Runtime::start(
         db.clone(),
         cfg(),
-        vec![PoolSpec { queue: "flaky".into(), concurrency: 2, retry: policy(base), handler }],
+        vec![PoolSpec::new("flaky", 2, policy(base), handler)],
     );
     let id = push(&db, NewJob::to_queue("flaky", &json!({})).max_attempts(5)).await;
     let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(20)).await;
@@ -122,7 +123,7 @@ async fn retries_run_out_and_the_job_is_dead() {
     let rt = Runtime::start(
         db.clone(),
         cfg(),
-        vec![PoolSpec { queue: "doomed".into(), concurrency: 1, retry: policy(50), handler }],
+        vec![PoolSpec::new("doomed", 1, policy(50), handler)],
     );
     let id = push(&db, NewJob::to_queue("doomed", &json!({})).max_attempts(3)).await;
     let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(20)).await;
@@ -145,7 +146,7 @@ async fn a_job_past_expires_at_ends_expired_without_running() {
         }
     });
     let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "ttl".into(), concurrency: 2, retry: policy(100), handler }]);
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ttl", 2, policy(100), handler)]);
     let expired = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() - chrono::Duration::seconds(5))).await;
     let fresh = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() + chrono::Duration::hours(1))).await;
     let v = wait_status(&db, &expired, JobStatus::Expired, Duration::from_secs(10)).await;
@@ -166,7 +167,7 @@ async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
     let (db, _) = fresh_db().await;
     let handler = typed_handler(|_ctx, a: Args| async move { Ok(json!({"n": a.n})) });
     let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "typed".into(), concurrency: 2, retry: policy(100), handler }]);
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("typed", 2, policy(100), handler)]);
     let mut bad = NewJob::to_queue("typed", &json!({}));
     bad.payload = b"\xff not json at all".to_vec();
     let bad = push(&db, bad).await;
@@ -195,7 +196,7 @@ async fn a_panicking_handler_fails_the_attempt_not_the_pool() {
         Ok(json!("recovered"))
     });
     let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "panicky".into(), concurrency: 1, retry: policy(50), handler }]);
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("panicky", 1, policy(50), handler)]);
     let id = push(&db, NewJob::to_queue("panicky", &json!({})).max_attempts(3)).await;
     let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(10)).await;
     rt.shutdown().await;
@@ -220,7 +221,7 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
         }
     });
     let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "ops".into(), concurrency: 2, retry: policy(50), handler }]);
+        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ops", 2, policy(50), handler)]);
 
     let scheduled =
         push(&db, NewJob::to_queue("ops", &json!({})).run_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
@@ -281,45 +282,12 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_prunes_old_finished_jobs_in_batches_and_keeps_the_rest() {
-    let (db, _) = fresh_db().await;
-    // 2 500 old finished jobs, 10 recent finished, 10 old but still pending.
-    sqlx::query(
-        "INSERT INTO apalis.jobs (id, job_type, job, status, run_at, done_at)
-         SELECT 'old' || g, 'q', '\\x7b7d', CASE WHEN g % 2 = 0 THEN 'Done' ELSE 'Killed' END,
-                now() - interval '10 days', now() - interval '9 days'
-         FROM generate_series(1, 2500) g",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO apalis.jobs (id, job_type, job, status, done_at)
-         SELECT 'new' || g, 'q', '\\x7b7d', 'Done', now() FROM generate_series(1, 10) g",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO apalis.jobs (id, job_type, job, status, run_at)
-         SELECT 'wait' || g, 'q', '\\x7b7d', 'Pending', now() - interval '10 days' FROM generate_series(1, 10) g",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    let pruned = molecule_jobs::maintenance::prune_finished(&db, Duration::from_secs(7 * 86400), 1000).await.unwrap();
-    assert_eq!(pruned, 2500);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
-    assert_eq!(left, 20);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pool_wakes_on_notify_well_before_its_poll_interval() {
     let (db, _) = fresh_db().await;
     let handler = handler_fn(|_ctx| async { Ok(json!(null)) });
     let mut c = cfg();
     c.poll_interval = Duration::from_secs(30); // only NOTIFY can wake it in time
-    let rt = Runtime::start(db.clone(), c, vec![PoolSpec { queue: "idle".into(), concurrency: 1, retry: policy(100), handler }]);
+    let rt = Runtime::start(db.clone(), c, vec![PoolSpec::new("idle", 1, policy(100), handler)]);
     tokio::time::sleep(Duration::from_millis(500)).await; // let it go idle
     for _ in 0..3 {
         let id = push(&db, NewJob::to_queue("idle", &json!({}))).await;
@@ -342,7 +310,7 @@ async fn a_result_the_database_cannot_store_fails_that_job_only() {
         let bad: bool = ctx.decode::<serde_json::Value>()?["bad"].as_bool().unwrap_or(false);
         Ok(if bad { json!({"out": "a\u{0}b"}) } else { json!({"out": "fine"}) })
     });
-    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec { queue: "nul".into(), concurrency: 4, retry: policy(100), handler }]);
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("nul", 4, policy(100), handler)]);
     let mut ids = Vec::new();
     for i in 0..6 {
         ids.push((i == 3, push(&db, NewJob::to_queue("nul", &json!({"bad": i == 3})).max_attempts(1)).await));

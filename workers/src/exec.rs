@@ -1,10 +1,13 @@
 //! J5 exec: argv only (no shell added), each stream capped at 1 MiB with an explicit
-//! marker, killed on timeout, exactly one audit row (actor, argv, exit code, duration —
-//! never output). Output is redacted (X4) before it is stored in the job's result.
+//! marker, killed on timeout, exactly one audit row per run (actor, argv, exit code,
+//! duration, outcome — never output), written before the command starts. Output is
+//! redacted (X4) before it is stored in the job's result. An exec runs once: when its
+//! worker's shutdown grace runs out the command is killed and the job ends `interrupted`.
 
 use molecule_backends::{BackendError, ExecRequest, OutputStream};
 use molecule_domain::WorkspaceId;
 use molecule_jobs::handler::HandlerResult;
+use molecule_jobs::output::{self, Chunk};
 use molecule_jobs::{JobContext, JobError};
 use serde::Deserialize;
 use serde_json::json;
@@ -56,7 +59,7 @@ async fn write_chunks(
         while let Ok((s, b)) = rx.try_recv() {
             pending[s as usize].extend_from_slice(&b);
         }
-        let mut rows: Vec<(i32, &'static str, String)> = Vec::new();
+        let mut chunks: Vec<Chunk> = Vec::new();
         for (i, name) in [(0usize, "stdout"), (1usize, "stderr")] {
             let buf = &mut pending[i];
             let cut = if !open { buf.len() } else {
@@ -69,27 +72,63 @@ async fn write_chunks(
             if cut > 0 {
                 let chunk: Vec<u8> = buf.drain(..cut).collect();
                 seq += 1;
-                rows.push((seq, name, text(&chunk, false)));
+                chunks.push(Chunk { seq, stream: name.to_string(), data: text(&chunk, false) });
             }
         }
-        if rows.is_empty() {
+        if chunks.is_empty() {
             continue;
         }
-        let res = sqlx::query(
-            "WITH ins AS (INSERT INTO exec_output (job_id, seq, stream, data) \
-             SELECT $1, s, st, d FROM unnest($2::int[], $3::text[], $4::text[]) AS t(s, st, d) RETURNING 1) \
-             SELECT pg_notify('molecule_exec_output', $1) FROM (SELECT count(*) FROM ins) c",
-        )
-        .bind(&job_id)
-        .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
-        .execute(&db)
-        .await;
-        if let Err(e) = res {
+        if let Err(e) = output::append(&db, &job_id, &chunks).await {
             // Streaming is best effort; the job's result still carries the whole output.
             tracing::warn!(job_id, error = %e, "could not persist exec output chunk");
         }
+    }
+}
+
+/// The exec's audit row (X3): written before the command starts — so a command whose
+/// worker dies mid-run still has its row — and completed after it. One row per run
+/// (job, attempt); never any output.
+mod audit {
+    use super::*;
+
+    pub async fn started(d: &Deps, ctx: &JobContext, a: &ExecArgs) -> Result<(), JobError> {
+        sqlx::query(
+            "INSERT INTO audit_events (actor, action, workspace_id, org_id, argv, job_id, attempt, outcome) \
+             VALUES ($1, 'exec', $2, $3, $4, $5, $6, 'started') \
+             ON CONFLICT (job_id, attempt) WHERE job_id IS NOT NULL DO NOTHING",
+        )
+        .bind(&a.actor)
+        .bind(a.workspace_id)
+        .bind(ctx.org_id.map(|o| o.0))
+        .bind(&a.argv)
+        .bind(ctx.id.as_str())
+        .bind(ctx.attempt)
+        .execute(&d.db)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn finished(
+        d: &Deps,
+        ctx: &JobContext,
+        outcome: &str,
+        exit_code: Option<i64>,
+        duration_ms: i64,
+    ) -> Result<(), JobError> {
+        sqlx::query(
+            "UPDATE audit_events SET outcome = $3, exit_code = $4, duration_ms = $5, finished_at = now() \
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(ctx.id.as_str())
+        .bind(ctx.attempt)
+        .bind(outcome)
+        .bind(exit_code.map(|c| c as i32))
+        .bind(duration_ms)
+        .execute(&d.db)
+        .await
+        .map_err(db_err)?;
+        Ok(())
     }
 }
 
@@ -102,7 +141,9 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
         argv: a.argv.clone(),
         timeout: Duration::from_secs(a.timeout_s.clamp(1, 120)),
         max_bytes_per_stream: MAX_STREAM_BYTES,
+        stop: Some(ctx.interrupt.receiver()),
     };
+    audit::started(d, ctx, &a).await?;
     let started = Instant::now();
     // Chunks go to a writer task that persists them in order and NOTIFYs followers.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(OutputStream, Vec<u8>)>();
@@ -114,26 +155,21 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
     drop(sink);
     let _ = writer.await;
     let duration_ms = started.elapsed().as_millis() as i64;
-    let exit_code = outcome.as_ref().ok().and_then(|o| o.exit_code);
-    // Exactly one audit row, whatever happened; never any output.
-    sqlx::query(
-        "INSERT INTO audit_events (actor, action, workspace_id, org_id, argv, exit_code, duration_ms) \
-         VALUES ($1, 'exec', $2, $3, $4, $5, $6)",
-    )
-    .bind(&a.actor)
-    .bind(ws.0)
-    .bind(ctx.org_id.map(|o| o.0))
-    .bind(&a.argv)
-    .bind(exit_code.map(|c| c as i32))
-    .bind(duration_ms)
-    .execute(&d.db)
-    .await
-    .map_err(db_err)?;
+    let label = match &outcome {
+        Ok(o) if o.interrupted => "interrupted",
+        Ok(o) if o.timed_out => "timeout",
+        Ok(_) => "exited",
+        Err(_) => "error",
+    };
+    audit::finished(d, ctx, label, outcome.as_ref().ok().and_then(|o| o.exit_code), duration_ms).await?;
     let o = outcome.map_err(|e| match e {
         BackendError::NoBackend => JobError::NoBackend,
         other => JobError::Permanent(other.to_string()),
     })?;
-    tracing::info!(event = "exec.done", workspace_id = %ws, job_id = %ctx.id, exit_code = ?o.exit_code, timed_out = o.timed_out, duration_ms);
+    tracing::info!(event = "exec.done", workspace_id = %ws, job_id = %ctx.id, exit_code = ?o.exit_code, outcome = label, duration_ms);
+    if o.interrupted {
+        return Err(JobError::Interrupted);
+    }
     Ok(json!({
         "outcome": if o.timed_out { "timeout" } else { "exited" },
         "exit_code": o.exit_code,

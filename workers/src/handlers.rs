@@ -63,11 +63,6 @@ pub fn pool_specs(deps: &Deps, concurrency: &HashMap<JobKind, usize>) -> Vec<Poo
     };
     kinds
         .into_iter()
-        .map(|k| PoolSpec {
-            queue: k.queue().to_string(),
-            concurrency: concurrency.get(&k).copied().unwrap_or_else(|| k.default_concurrency()),
-            retry: k.retry_policy(),
-            handler: handler_for(k, deps),
-        })
+        .map(|k| PoolSpec::for_kind(k, concurrency.get(&k).copied().unwrap_or_else(|| k.default_concurrency()), handler_for(k, deps)))
         .collect()
 }

@@ -11,20 +11,30 @@ use crate::provision::{db_err, load};
 use crate::Deps;
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
-    // Session-level advisory lock, held on one connection for the whole restart.
-    let mut lock = d.db.acquire().await.map_err(db_err)?;
-    let key = format!("molecule.restart.{ws}");
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-        .bind(&key)
-        .fetch_one(&mut *lock)
+    match one_at_a_time(&d.db, ws, restart(d, ctx, ws)).await? {
+        Some(res) => res,
+        None => Err(JobError::Retryable("another restart of this workspace is running".into())),
+    }
+}
+
+/// Runs `work` holding the workspace's restart lock, or answers None when another
+/// restart holds it. The lock is transaction-scoped, on a transaction kept open for the
+/// duration: it ends with the transaction whatever happens — return, error, panic or an
+/// aborted task (the connection rolls back before it is reused) — so it cannot leak the
+/// way a session lock on a pooled connection did.
+pub async fn one_at_a_time<T>(db: &sqlx::PgPool, ws: WorkspaceId, work: impl std::future::Future<Output = T>) -> Result<Option<T>, JobError> {
+    let mut tx = db.begin().await.map_err(db_err)?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("molecule.restart.{ws}"))
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
     if !got {
-        return Err(JobError::Retryable("another restart of this workspace is running".into()));
+        return Ok(None);
     }
-    let res = restart(d, ctx, ws).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))").bind(&key).execute(&mut *lock).await;
-    res
+    let out = work.await;
+    let _ = tx.rollback().await;
+    Ok(Some(out))
 }
 
 async fn restart(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {

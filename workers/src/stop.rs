@@ -102,6 +102,7 @@ mod tests {
             workspace_id: None,
             payload: Arc::from(&b"{}"[..]),
             db,
+            interrupt: molecule_jobs::Interrupt::never(),
         };
         let err = run(&deps, &ctx, WorkspaceId::new(), Some("delete")).await.unwrap_err();
         assert!(matches!(err, JobError::Retryable(_)), "{err:?}");

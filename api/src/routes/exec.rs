@@ -7,8 +7,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use molecule_domain::JobId;
+use molecule_jobs::output;
 use molecule_jobs::status::{self, JobStatus};
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::time::Duration;
 use chrono::Utc;
@@ -20,6 +20,7 @@ use utoipa::ToSchema;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{parse_workspace_id, ApiJson};
+use crate::streams::{Admission, Subscription};
 use crate::AppState;
 
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
@@ -62,6 +63,7 @@ pub struct ExecQueued {
         (status = 409, description = "the workspace is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
+        (status = 429, description = "the organization follows too many exec streams on this server", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
 pub async fn exec(
@@ -87,6 +89,17 @@ pub async fn exec(
         None => DEFAULT_TIMEOUT_S,
         Some(0) => return Err(ApiError::bad("invalid_timeout", "timeout_s must be at least 1")),
         Some(t) => t.min(MAX_TIMEOUT_S),
+    };
+    // Streams are capped per org: refuse before anything is queued.
+    let admission = match stream {
+        true => Some(st.streams.admit(org).ok_or_else(|| ApiError::TooManyRequests {
+            code: "too_many_streams",
+            detail: format!(
+                "this organization already follows {} exec streams on this server; wait for one to end, or poll GET /jobs/{{id}} instead",
+                st.streams.max_per_org()
+            ),
+        })?),
+        false => None,
     };
     let mut tx = st.db.begin().await?;
     let row: Option<(i16, WorkspaceStatus)> =
@@ -117,12 +130,22 @@ pub async fn exec(
         .workspace(id)
         .expires_at(Utc::now() + chrono::Duration::minutes(5));
     let job_id = enqueue(&mut tx, &job).await?;
+    // Subscribed before the job can run, so no announcement is missed.
+    let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
     tx.commit().await?;
-    if !stream {
+    let (Some(admission), Some(subscription)) = (admission, subscription) else {
         return Ok((StatusCode::ACCEPTED, Json(ExecQueued { job_id: job_id.to_string(), timeout_s })).into_response());
-    }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    tokio::spawn(follow(st.db.clone(), job_id.clone(), Duration::from_secs(timeout_s + 300), tx));
+    let follower = Follower {
+        db: st.db.clone(),
+        job: job_id.clone(),
+        subscription,
+        closing: st.streams.closing(),
+        give_up_after: Duration::from_secs(timeout_s + 300),
+        _admission: admission,
+    };
+    tokio::spawn(follower.run(tx));
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
     });
@@ -140,55 +163,70 @@ fn frame(v: serde_json::Value) -> Bytes {
     Bytes::from(s)
 }
 
-/// Follows a job's output (chunks persisted by the worker, announced by NOTIFY, with a
-/// polling fallback) until the job ends, then sends the final frame. The worker can be
-/// any process: everything goes through PostgreSQL.
-async fn follow(db: PgPool, job: JobId, give_up_after: Duration, tx: tokio::sync::mpsc::Sender<Bytes>) {
-    let mut listener = match PgListener::connect_with(&db).await {
-        Ok(mut l) => l.listen("molecule_exec_output").await.ok().map(|_| l),
-        Err(_) => None,
-    };
-    let deadline = tokio::time::Instant::now() + give_up_after;
-    let mut last = 0i32;
-    loop {
-        let terminal = match status::get(&db, &job).await {
-            Ok(v) => v.filter(|v| !matches!(v.status, JobStatus::Pending | JobStatus::Scheduled | JobStatus::Running | JobStatus::Failed)),
-            Err(_) => None,
-        };
-        // Chunks are all written before the job's outcome is: read them after the status.
-        let rows: Vec<(i32, String, String)> = sqlx::query_as(
-            "SELECT seq, stream, data FROM exec_output WHERE job_id = $1 AND seq > $2 ORDER BY seq",
-        )
-        .bind(job.as_str())
-        .bind(last)
-        .fetch_all(&db)
-        .await
-        .unwrap_or_default();
-        for (seq, stream, data) in rows {
-            last = seq;
-            if tx.send(frame(serde_json::json!({ "stream": stream, "data": data }))).await.is_err() {
-                return; // the caller went away; the command still runs to its end
-            }
-        }
-        if let Some(v) = terminal {
-            let result = v.result.unwrap_or_default();
-            let end = match (v.status, result["outcome"].as_str()) {
-                (JobStatus::Succeeded, Some("timeout")) => serde_json::json!({ "error": "timeout", "status": 504 }),
-                (JobStatus::Succeeded, _) => serde_json::json!({ "exit_code": result["exit_code"] }),
-                (s, _) => serde_json::json!({ "error": s.as_str(), "detail": v.last_error }),
+/// Resolves when the server starts shutting down (never, if the signal is gone).
+async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Follows one job's output until the job ends, then sends the final frame. The worker
+/// can be any process: chunks and the job's outcome are read from PostgreSQL whenever
+/// the shared listener announces something for this job (or once a second, should the
+/// listener be down). Holds no connection while it waits; ends when its client goes away.
+struct Follower {
+    db: PgPool,
+    job: JobId,
+    subscription: Subscription,
+    closing: tokio::sync::watch::Receiver<bool>,
+    give_up_after: Duration,
+    _admission: Admission,
+}
+
+impl Follower {
+    async fn run(mut self, tx: tokio::sync::mpsc::Sender<Bytes>) {
+        let deadline = tokio::time::Instant::now() + self.give_up_after;
+        let mut last = 0i32;
+        loop {
+            let terminal = match status::get(&self.db, &self.job).await {
+                Ok(v) => v.filter(|v| v.status.is_final()),
+                Err(_) => None,
             };
-            let _ = tx.send(frame(end)).await;
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = tx.send(frame(serde_json::json!({ "error": "timeout", "status": 504 }))).await;
-            return;
-        }
-        match listener.as_mut() {
-            Some(l) => {
-                let _ = tokio::time::timeout(Duration::from_millis(250), l.recv()).await;
+            // Chunks are all written before the job's outcome is: read them after the status.
+            let chunks = output::read_after(&self.db, self.job.as_str(), last).await.unwrap_or_default();
+            for c in chunks {
+                last = c.seq;
+                if tx.send(frame(serde_json::json!({ "stream": c.stream, "data": c.data }))).await.is_err() {
+                    return; // the caller went away; the command still runs to its end
+                }
             }
-            None => tokio::time::sleep(Duration::from_millis(250)).await,
+            if let Some(v) = terminal {
+                let result = v.result.unwrap_or_default();
+                let end = match (v.status, result["outcome"].as_str()) {
+                    (JobStatus::Succeeded, Some("timeout")) => serde_json::json!({ "error": "timeout", "status": 504 }),
+                    (JobStatus::Succeeded, _) => serde_json::json!({ "exit_code": result["exit_code"] }),
+                    (s, _) => serde_json::json!({ "error": s.as_str(), "detail": v.last_error }),
+                };
+                let _ = tx.send(frame(end)).await;
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = tx.send(frame(serde_json::json!({ "error": "timeout", "status": 504 }))).await;
+                return;
+            }
+            tokio::select! {
+                _ = self.subscription.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tx.closed() => return,
+                _ = closed(&mut self.closing) => {
+                    let _ = tx.send(frame(serde_json::json!({
+                        "error": "server_shutting_down",
+                        "status": 503,
+                        "detail": format!("the command goes on; follow it with GET /jobs/{}", self.job),
+                    }))).await;
+                    return;
+                }
+            }
         }
     }
 }

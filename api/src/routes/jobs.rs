@@ -45,7 +45,7 @@ pub struct JobsQuery {
     /// Only this workspace's jobs.
     #[param(value_type = Option<uuid::Uuid>)]
     pub workspace_id: Option<String>,
-    /// pending, scheduled, running, succeeded, failed, dead, expired or cancelled.
+    /// pending, scheduled, running, succeeded, failed, dead, expired, cancelled or interrupted.
     #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
     /// provision, stop, restart, rescue_capture, exec, a2a_dispatch or sweep.
@@ -60,6 +60,8 @@ pub struct JobsQuery {
 
 #[derive(Serialize, ToSchema)]
 pub struct JobPage {
+    /// Without results (an exec's can hold 2 MiB): a succeeded job's `result_url` says
+    /// where its result is.
     pub items: Vec<JobView>,
     pub next_cursor: Option<String>,
 }
@@ -84,7 +86,7 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::bad("invalid_query", "status must be one of pending, scheduled, running, succeeded, failed, dead, expired, cancelled")
+            ApiError::bad("invalid_query", "status must be one of pending, scheduled, running, succeeded, failed, dead, expired, cancelled, interrupted")
         })?),
     };
     if let Some(k) = q.kind.as_deref() {

@@ -371,16 +371,9 @@ pub async fn restart(
             detail: "external workspaces run elsewhere; restart their agent there".into(),
         });
     }
-    let pending: Option<String> = sqlx::query_scalar(
-        "SELECT id FROM apalis.jobs WHERE workspace_id = $1 AND job_type = 'restart' \
-         AND status IN ('Pending', 'Failed') ORDER BY id DESC LIMIT 1",
-    )
-    .bind(id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(job_id) = pending {
+    if let Some(job_id) = molecule_jobs::store::stats::waiting_job_of(&mut tx, id, JobKind::Restart).await? {
         tx.commit().await?;
-        return Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id, coalesced: true })));
+        return Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id: job_id.to_string(), coalesced: true })));
     }
     let job = NewJob::new(JobKind::Restart, &serde_json::json!({ "workspace_id": id }))
         .org(org)

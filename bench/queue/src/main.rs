@@ -64,6 +64,7 @@ fn runtime_cfg(batch: usize) -> RuntimeConfig {
         grace: Duration::from_secs(10),
         batch,
         node: "bench".into(),
+        ..Default::default()
     }
 }
 
@@ -100,7 +101,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
     });
     let t0 = Instant::now();
     let specs = (0..o.pools)
-        .map(|_| PoolSpec { queue: queue.clone(), concurrency: o.concurrency, retry: RETRY, handler: handler.clone() })
+        .map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone()))
         .collect();
     let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     all_done.notified().await;
@@ -189,7 +190,7 @@ async fn pickup(db: &PgPool, o: &Opts) -> Vec<f64> {
     let rt = Runtime::start(
         db.clone(),
         runtime_cfg(o.batch),
-        vec![PoolSpec { queue: "bench_pickup".into(), concurrency: 4, retry: RETRY, handler }],
+        vec![PoolSpec::new("bench_pickup", 4, RETRY, handler)],
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut conn = db.acquire().await.expect("connection");

@@ -66,18 +66,14 @@ async fn main() {
         poll_interval: Duration::from_millis(env_u64("TW_POLL_MS", 1000)),
         grace: Duration::from_millis(env_u64("TW_GRACE_MS", 10_000)),
         batch: 100,
-        node: molecule_jobs::runtime::default_node(),
+        ..Default::default()
     };
-    let spec = PoolSpec {
-        queue: "test".into(),
-        concurrency: env_u64("TW_CONCURRENCY", 8) as usize,
-        retry: RetryPolicy {
-            base: Duration::from_millis(env_u64("TW_BASE_MS", 500)),
-            cap: Duration::from_millis(env_u64("TW_CAP_MS", 60_000)),
-            max_attempts: env_u64("TW_MAX_ATTEMPTS", 10) as i32,
-        },
-        handler,
+    let retry = RetryPolicy {
+        base: Duration::from_millis(env_u64("TW_BASE_MS", 500)),
+        cap: Duration::from_millis(env_u64("TW_CAP_MS", 60_000)),
+        max_attempts: env_u64("TW_MAX_ATTEMPTS", 10) as i32,
     };
+    let spec = PoolSpec::new("test", env_u64("TW_CONCURRENCY", 8) as usize, retry, handler);
     let rt = Runtime::start(db, cfg, vec![spec]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     term.recv().await;

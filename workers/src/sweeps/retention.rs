@@ -1,4 +1,4 @@
-//! S7 retention: finished jobs older than the retention are deleted in batches.
+//! S7 retention: finished jobs older than the retention, and their output, are deleted in batches.
 
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{maintenance, JobContext, JobError};
@@ -15,6 +15,7 @@ pub async fn run(ctx: &JobContext, args: &SweepArgs) -> HandlerResult {
     let pruned = maintenance::prune_finished(&ctx.db, retention, 1000)
         .await
         .map_err(|e| JobError::Retryable(format!("prune failed: {e}")))?;
-    tracing::info!(event = "sweep.retention", pruned, job_id = %ctx.id, "pruned finished jobs");
-    Ok(serde_json::json!({ "pruned_jobs": pruned }))
+    tracing::info!(event = "sweep.retention", jobs = pruned.jobs, output_chunks = pruned.output_chunks,
+        workers = pruned.workers, job_id = %ctx.id, "pruned finished jobs and their output");
+    Ok(serde_json::json!({ "pruned_jobs": pruned.jobs, "pruned_output_chunks": pruned.output_chunks }))
 }

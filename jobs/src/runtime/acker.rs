@@ -1,0 +1,177 @@
+//! A pool's acker: outcomes of attempts, written back in batches under their claims'
+//! fences. A refused ack (its job was claimed again since) is counted and logged, never
+//! applied to the newer attempt. Database faults are retried with backoff; an ack the
+//! database refuses outright fails only its own job.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+
+use super::Shared;
+use crate::backoff::retry_delay;
+use crate::handler::JobError;
+use crate::kinds::RetryPolicy;
+use crate::state::{JobState, Outcome};
+use crate::store::{self, Ack};
+
+/// The claim an ack answers.
+#[derive(Clone, Debug)]
+pub(super) struct Claim {
+    pub id: String,
+    pub fence: i64,
+}
+
+fn ack(c: Claim, state: JobState, outcome: Option<Outcome>) -> Ack {
+    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, result: None }
+}
+
+pub(super) fn succeeded(c: Claim, result: Value) -> Ack {
+    Ack { result: Some(result), ..ack(c, JobState::Done, Some(Outcome::Succeeded)) }
+}
+
+pub(super) fn expired(c: Claim) -> Ack {
+    Ack { error: Some("expired before it could run".into()), ..ack(c, JobState::Killed, Some(Outcome::Expired)) }
+}
+
+/// Handed back: runs again at once elsewhere, the attempt not counted.
+pub(super) fn release(c: Claim) -> Ack {
+    ack(c, JobState::Pending, None)
+}
+
+pub(super) fn interrupted(c: Claim) -> Ack {
+    Ack { error: Some(JobError::Interrupted.to_string()), ..ack(c, JobState::Killed, Some(Outcome::Interrupted)) }
+}
+
+pub(super) fn failed(c: Claim, e: &JobError, attempt: i32, max_attempts: i32, retry: &RetryPolicy) -> Ack {
+    let error = Some(truncate(&e.to_string(), 2000));
+    if e.is_permanent() || attempt >= max_attempts {
+        Ack { error, ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
+    } else {
+        let delay_ms = retry_delay(retry, attempt).as_millis() as i64;
+        Ack { error, delay_ms, ..ack(c, JobState::Failed, None) }
+    }
+}
+
+/// At most `max` bytes of an error, marked when cut.
+fn truncate(s: &str, max: usize) -> String {
+    let head = molecule_domain::text::head(s, max);
+    if head.len() == s.len() { s.to_string() } else { format!("{head}…") }
+}
+
+/// `wake` is the pool's own waker: after writing a retry (a new future run_at) the
+/// fetcher must re-read its next due time.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    worker_id: String,
+    notify_finished: bool,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+    wake: Arc<Notify>,
+) {
+    let db = &shared.core;
+    let mut buf: Vec<Ack> = Vec::new();
+    let mut closed = false;
+    while !closed || !buf.is_empty() {
+        if buf.is_empty() {
+            match rx.recv().await {
+                Some(a) => buf.push(a),
+                None => break,
+            }
+        }
+        while buf.len() < 5000 {
+            match rx.try_recv() {
+                Ok(a) => buf.push(a),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        let give_up_at = tokio::time::Instant::now() + shared.cfg.grace;
+        loop {
+            let res = match store::write_acks(db, &buf).await {
+                // The database refused the batch itself (not a connection fault): one ack
+                // must be bad (say, a result jsonb cannot hold). Isolate it instead of
+                // retrying the whole batch forever.
+                Err(sqlx::Error::Database(e)) => {
+                    tracing::warn!(worker_id, error = %e, "batch ack refused; writing acks one by one");
+                    write_one_by_one(db, &mut buf).await
+                }
+                other => other.map(|w| w.applied),
+            };
+            match res {
+                Ok(applied) => {
+                    report_stale(&shared, &worker_id, &buf, &applied);
+                    if notify_finished && !applied.is_empty() {
+                        let finished: Vec<String> = buf
+                            .iter()
+                            .filter(|a| a.state.is_terminal() && applied.contains(&a.id))
+                            .map(|a| a.id.clone())
+                            .collect();
+                        if let Err(e) = store::ack::notify_finished(db, &finished).await {
+                            // Followers fall back to their own polling.
+                            tracing::warn!(worker_id, error = %e, "could not announce finished jobs");
+                        }
+                    }
+                    if buf.iter().any(|a| matches!(a.state, JobState::Failed | JobState::Pending)) {
+                        wake.notify_one();
+                    }
+                    buf.clear();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(worker_id, pending = buf.len(), error = %e, "ack failed; retrying");
+                    if rx.is_closed() && tokio::time::Instant::now() >= give_up_at {
+                        // Shutting down with the database gone: the jobs stay Running under
+                        // our name and the lease rescuer takes them once our rows expire.
+                        tracing::warn!(worker_id, lost_acks = buf.len(), "giving up on acks at shutdown");
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn report_stale(shared: &Shared, worker_id: &str, sent: &[Ack], applied: &[String]) {
+    if applied.len() == sent.len() {
+        return;
+    }
+    for a in sent.iter().filter(|a| !applied.contains(&a.id)) {
+        shared.stale_acks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            worker_id,
+            job_id = a.id,
+            fence = a.fence,
+            state = a.state.as_str(),
+            "stale ack refused: the job was claimed again since (or taken by the lease rescuer)"
+        );
+    }
+}
+
+/// Writes acks singly; an ack the database refuses becomes a failure of its job
+/// ("result could not be stored"), so it is never lost and never blocks the others.
+async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<String>, sqlx::Error> {
+    let mut applied = Vec::new();
+    for a in buf.iter_mut() {
+        match store::write_acks(db, std::slice::from_ref(a)).await {
+            Ok(w) => applied.extend(w.applied),
+            Err(sqlx::Error::Database(e)) => {
+                a.state = JobState::Killed;
+                a.outcome = Some(Outcome::Dead);
+                a.result = None;
+                a.delay_ms = 0;
+                a.error = Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300)));
+                applied.extend(store::write_acks(db, std::slice::from_ref(a)).await?.applied);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(applied)
+}

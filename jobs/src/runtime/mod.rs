@@ -1,0 +1,258 @@
+//! Worker pools: one per queue, each with its own concurrency, in one runtime per process.
+//!
+//! Per pool ([`pool`]): a fetcher claims up to `min(free slots, batch)` jobs in one
+//! statement (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own
+//! task, and an acker ([`acker`]) writes outcomes back in batches, each under the fence of
+//! its claim. When the queue runs dry the fetcher sleeps until the first of: a NOTIFY for
+//! its queue (the insert trigger), the next job's `run_at` (retries, future-dated jobs), or
+//! the polling interval (missed NOTIFYs).
+//!
+//! Per process: one LISTEN connection ([`listener`]) and one heartbeat connection
+//! ([`heartbeat`]), both dedicated, outside every pool; claims and acks on a small pool of
+//! their own ("core"); handlers on the pool they were given. So handlers that hold
+//! connections can never starve claims, acks or the heartbeat that keeps their leases.
+//!
+//! Shutdown: stop claiming; running jobs get `grace` to finish and are acked as what they
+//! are, while the heartbeat goes on (their leases hold: nobody else runs them). When the
+//! grace runs out, attempts still running are interrupted ([`crate::handler::Interrupt`]);
+//! then kinds that may run again are handed back (the attempt does not count) and kinds
+//! that must not ([`PoolSpec::runs_once`]) end `interrupted`. The heartbeat stops, and the
+//! worker rows are removed, only after the last ack.
+
+mod acker;
+mod heartbeat;
+mod listener;
+mod pool;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use crate::handler::Handler;
+use crate::kinds::{JobKind, RetryPolicy};
+use crate::store::workers::WorkerRow;
+
+/// Inserts into `apalis.jobs` publish `{"job_type": …}` here, once per queue per statement
+/// (migrations/…_statement_notify.sql; apalis' own channel name is kept).
+pub const INSERT_CHANNEL: &str = "apalis::job::insert";
+
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// A job whose worker has not heartbeaten for this long is taken from it.
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    /// Fallback poll when no NOTIFY arrives.
+    pub poll_interval: Duration,
+    /// How long running jobs may take to finish after shutdown is asked.
+    pub grace: Duration,
+    /// After the grace: how long interrupted handlers of run-once kinds get to stop what
+    /// they started before they are aborted (the others are aborted at once).
+    pub interrupt_wait: Duration,
+    /// Most jobs one claim takes.
+    pub batch: usize,
+    /// Identifies this process in worker names (host and pid by default).
+    pub node: String,
+    /// Queues whose jobs must never run twice: the lease rescuer ends theirs `interrupted`.
+    pub run_once_queues: Vec<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+            grace: Duration::from_secs(30),
+            interrupt_wait: Duration::from_secs(5),
+            batch: 200,
+            node: default_node(),
+            run_once_queues: JobKind::ALL.iter().filter(|k| k.runs_once()).map(|k| k.queue().to_string()).collect(),
+        }
+    }
+}
+
+pub fn default_node() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// One pool: the queue it serves, how many jobs it runs at once, and what it runs.
+#[derive(Clone)]
+pub struct PoolSpec {
+    pub queue: String,
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub handler: Handler,
+    /// Jobs of this queue must never run twice (a user's command): one still running at
+    /// the end of the grace period ends `interrupted` instead of being handed back.
+    pub runs_once: bool,
+    /// Announce each finished job on `output::FINISHED_CHANNEL` (streaming followers wait on it).
+    pub notify_finished: bool,
+}
+
+impl PoolSpec {
+    pub fn new(queue: impl Into<String>, concurrency: usize, retry: RetryPolicy, handler: Handler) -> Self {
+        PoolSpec { queue: queue.into(), concurrency, retry, handler, runs_once: false, notify_finished: false }
+    }
+
+    /// The pool of a product kind, with the kind's retry policy and shutdown rule.
+    pub fn for_kind(kind: JobKind, concurrency: usize, handler: Handler) -> Self {
+        PoolSpec {
+            queue: kind.queue().to_string(),
+            concurrency,
+            retry: kind.retry_policy(),
+            handler,
+            runs_once: kind.runs_once(),
+            notify_finished: kind.streams_output(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Jobs still running when the grace period ended, handed back to the queue.
+    pub released: u64,
+    /// Jobs still running when the grace period ended that must not run twice: `interrupted`.
+    pub interrupted: u64,
+    /// Acks refused because their fence was stale (over the runtime's life).
+    pub stale_acks: u64,
+}
+
+/// What every pool of a process shares.
+struct Shared {
+    /// Handlers' pool (given by the caller).
+    db: PgPool,
+    /// Claims, acks, next-due reads and the lease rescuer: a pool of their own.
+    core: PgPool,
+    cfg: RuntimeConfig,
+    stale_acks: AtomicU64,
+}
+
+pub struct Runtime {
+    pools_stop: watch::Sender<bool>,
+    services_stop: watch::Sender<bool>,
+    pools: Vec<tokio::task::JoinHandle<pool::PoolReport>>,
+    services: Vec<tokio::task::JoinHandle<()>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    worker_ids: Vec<String>,
+    shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// Starts every pool. Never fails: a database that is down now is retried by each pool.
+    pub fn start(db: PgPool, cfg: RuntimeConfig, specs: Vec<PoolSpec>) -> Runtime {
+        let options = db.connect_options().as_ref().clone();
+        // A claimer and an acker per pool, plus the lease rescuer: none of them waits for a
+        // connection a handler holds.
+        let core = PgPoolOptions::new()
+            .max_connections((2 * specs.len() + 1).max(2) as u32)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options.clone());
+        let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });
+        let (pools_stop, pools_rx) = watch::channel(false);
+        let (services_stop, services_rx) = watch::channel(false);
+        let (registered_tx, registered_rx) = watch::channel(false);
+        let mut wakers = std::collections::HashMap::new();
+        let mut rows = Vec::new();
+        let mut pools = Vec::new();
+        for spec in specs {
+            let row = WorkerRow {
+                id: format!("{}@{}#{}", spec.queue, shared.cfg.node, ulid::Ulid::generate()),
+                queue: spec.queue.clone(),
+                concurrency: spec.concurrency,
+            };
+            let notify = Arc::new(Notify::new());
+            wakers.insert(spec.queue.clone(), notify.clone());
+            rows.push(row.clone());
+            pools.push(tokio::spawn(pool::run(shared.clone(), spec, row.id, notify, registered_rx.clone(), pools_rx.clone())));
+        }
+        let heartbeat =
+            tokio::spawn(heartbeat::run(options.clone(), shared.cfg.heartbeat, rows.clone(), registered_tx, services_rx.clone()));
+        let services = vec![
+            tokio::spawn(listener::run(options, Arc::new(wakers), services_rx.clone())),
+            tokio::spawn(run_rescuer(shared.clone(), pools_rx)),
+        ];
+        Runtime {
+            pools_stop,
+            services_stop,
+            pools,
+            services,
+            heartbeat,
+            worker_ids: rows.into_iter().map(|r| r.id).collect(),
+            shared,
+        }
+    }
+
+    pub fn worker_ids(&self) -> &[String] {
+        &self.worker_ids
+    }
+
+    /// Acks refused so far because a newer claim of their job exists.
+    pub fn stale_acks(&self) -> u64 {
+        self.shared.stale_acks.load(Ordering::Relaxed)
+    }
+
+    /// Stops claiming, lets running jobs finish within the grace period, interrupts the
+    /// rest, writes every outcome — heartbeating all along — then stops the heartbeat and
+    /// removes this process's worker rows.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let _ = self.pools_stop.send(true);
+        let mut report = ShutdownReport::default();
+        for p in self.pools {
+            let r = p.await.unwrap_or_default();
+            report.released += r.released;
+            report.interrupted += r.interrupted;
+        }
+        let _ = self.services_stop.send(true);
+        for s in self.services {
+            let _ = s.await;
+        }
+        let _ = self.heartbeat.await;
+        report.stale_acks = self.shared.stale_acks.load(Ordering::Relaxed);
+        self.shared.core.close().await;
+        report
+    }
+}
+
+/// The lease rescuer, every third of a lease, until the pools stop.
+async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let period = (shared.cfg.lease / 3).max(Duration::from_millis(200));
+    let run_once: Vec<&str> = shared.cfg.run_once_queues.iter().map(String::as_str).collect();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match crate::maintenance::rescue_expired_leases(&shared.core, shared.cfg.lease, &run_once).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(rescued = n, "took back jobs of workers past their lease"),
+            Err(e) => tracing::warn!(error = %e, "lease rescue failed"),
+        }
+    }
+}
+
+/// Exponential wait after database errors: 100 ms doubling to 5 s, cut short by `stop`.
+pub(crate) struct ErrorBackoff(Duration);
+
+impl ErrorBackoff {
+    pub(crate) fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+    pub(crate) fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+    pub(crate) async fn wait(&mut self, stop: &mut watch::Receiver<bool>) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.0) => {}
+            _ = stop.changed() => {}
+        }
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,198 @@
+//! One pool: claim, run, hand outcomes to the acker; and its part of a shutdown.
+
+use futures_util::FutureExt;
+use molecule_domain::{JobId, OrgId, WorkspaceId};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use super::acker::{self, Claim};
+use super::{ErrorBackoff, PoolSpec, Shared};
+use crate::handler::{Interrupt, JobContext, JobError};
+use crate::store;
+
+#[derive(Debug, Default)]
+pub(super) struct PoolReport {
+    pub released: u64,
+    pub interrupted: u64,
+}
+
+/// Claims whose attempt has not produced an ack yet: job id → fence.
+type InFlight = Arc<Mutex<HashMap<String, i64>>>;
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    spec: PoolSpec,
+    worker_id: String,
+    notify: Arc<Notify>,
+    mut registered: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> PoolReport {
+    let cfg = &shared.cfg;
+    let queue = spec.queue.clone();
+    // No claim before the heartbeat has written our worker row: a claimed job whose
+    // worker row does not exist looks orphaned to every lease rescuer.
+    tokio::select! {
+        r = registered.wait_for(|r| *r) => { if r.is_err() { return PoolReport::default(); } }
+        _ = shutdown.wait_for(|s| *s) => return PoolReport::default(),
+    }
+    tracing::info!(queue, worker_id, concurrency = spec.concurrency, "pool started");
+
+    let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
+    let acker = tokio::spawn(acker::run(shared.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
+    let (interrupt_tx, interrupt_rx) = watch::channel(false);
+    let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
+    let ended = Arc::new(Ended::default());
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut backoff = ErrorBackoff::new();
+
+    while !*shutdown.borrow() {
+        while running.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                p = slots.acquire() => drop(p),
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let want = free.min(cfg.batch.max(1));
+        let claimed = match store::claim(&shared.core, &queue, want as i64, &worker_id).await {
+            Ok(rows) => {
+                backoff.reset();
+                rows
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "claim failed; backing off");
+                backoff.wait(&mut shutdown).await;
+                continue;
+            }
+        };
+        let n = claimed.len();
+        for job in claimed {
+            let claim = Claim { id: job.id.clone(), fence: job.fence };
+            if job.expired {
+                let _ = ack_tx.send(acker::expired(claim));
+                continue;
+            }
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Cannot happen (only this loop takes slots and it asked for `free`);
+                // if it did, the job goes back rather than overfilling the pool.
+                let _ = ack_tx.send(acker::release(claim));
+                continue;
+            };
+            lock(&in_flight).insert(claim.id.clone(), claim.fence);
+            let ctx = JobContext {
+                id: JobId::from_db(job.id),
+                queue: queue.clone(),
+                attempt: job.attempts,
+                max_attempts: job.max_attempts,
+                org_id: job.org_id.map(OrgId),
+                workspace_id: job.workspace_id.map(WorkspaceId),
+                payload: job.job.into(),
+                db: shared.db.clone(),
+                interrupt: Interrupt::new(interrupt_rx.clone()),
+            };
+            let handler = spec.handler.clone();
+            let retry = spec.retry;
+            let runs_once = spec.runs_once;
+            let ack_tx = ack_tx.clone();
+            let in_flight = in_flight.clone();
+            let ended = ended.clone();
+            let (attempt, max_attempts) = (job.attempts, job.max_attempts);
+            running.spawn(async move {
+                let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
+                let ack = match outcome {
+                    Ok(Ok(result)) => acker::succeeded(claim, result),
+                    Ok(Err(JobError::Interrupted)) => {
+                        ended.count(runs_once);
+                        if runs_once { acker::interrupted(claim) } else { acker::release(claim) }
+                    }
+                    Ok(Err(e)) => acker::failed(claim, &e, attempt, max_attempts, &retry),
+                    Err(_) => acker::failed(claim, &JobError::Retryable("handler panicked".into()), attempt, max_attempts, &retry),
+                };
+                // Out of the in-flight set before the ack leaves: whatever is still in it
+                // after an abort never produced one.
+                lock(&in_flight).remove(&ack.id);
+                let _ = ack_tx.send(ack);
+                drop(permit);
+            });
+        }
+        if n < want {
+            let wait = match store::next_due_ms(&shared.core, &queue).await {
+                Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
+                // Due now but skipped (another worker holds the row lock): look again soon.
+                Ok(Some(_)) => Duration::from_millis(10).min(cfg.poll_interval),
+                Ok(None) | Err(_) => cfg.poll_interval,
+            };
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    // Shutdown: no more claims. Running jobs get the grace period to finish; meanwhile
+    // the heartbeat goes on, so their leases hold and nobody else runs them.
+    let mut report = PoolReport::default();
+    if !running.is_empty() {
+        tracing::info!(queue, in_flight = running.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
+    }
+    if tokio::time::timeout(cfg.grace, drain(&mut running)).await.is_err() {
+        tracing::warn!(queue, still_running = running.len(), runs_once = spec.runs_once, "grace period over; interrupting");
+        let _ = interrupt_tx.send(true);
+        // Kinds that must not run twice get a moment to stop what they started (exec kills
+        // its command and completes its audit row); the others go back to the queue now.
+        let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
+        if tokio::time::timeout(wait, drain(&mut running)).await.is_err() {
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+        }
+        // Attempts that never produced an ack: handed back, or `interrupted` when the
+        // kind must not run twice.
+        let left: Vec<(String, i64)> = lock(&in_flight).drain().collect();
+        for (id, fence) in left {
+            let claim = Claim { id, fence };
+            let ack = if spec.runs_once { acker::interrupted(claim) } else { acker::release(claim) };
+            let _ = ack_tx.send(ack);
+            ended.count(spec.runs_once);
+        }
+    }
+    drop(ack_tx);
+    let acks_written = acker.await;
+    if acks_written.is_err() {
+        tracing::warn!(queue, "acker ended abnormally");
+    }
+    report.released = ended.released.load(Ordering::Relaxed);
+    report.interrupted = ended.interrupted.load(Ordering::Relaxed);
+    tracing::info!(queue, released = report.released, interrupted = report.interrupted, "pool stopped");
+    report
+}
+
+fn lock(m: &Mutex<HashMap<String, i64>>) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn drain(running: &mut JoinSet<()>) {
+    while running.join_next().await.is_some() {}
+}
+
+/// Attempts a shutdown ended early: handed back, or `interrupted`.
+#[derive(Default)]
+struct Ended {
+    released: AtomicU64,
+    interrupted: AtomicU64,
+}
+
+impl Ended {
+    fn count(&self, runs_once: bool) {
+        let c = if runs_once { &self.interrupted } else { &self.released };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,38 @@
+//! Worker rows (`apalis.workers`): one per pool per process, named
+//! `<queue>@<host>:<pid>#<ulid>`. A row's `last_seen` is the lease of every job it holds.
+
+use sqlx::PgConnection;
+
+/// One pool's row.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub id: String,
+    pub queue: String,
+    pub concurrency: usize,
+}
+
+/// Upserts every row with `last_seen = now()`: a heartbeat that also re-creates a row a
+/// pruner removed, so a live worker's jobs are never taken for orphans.
+const HEARTBEAT: &str = r#"
+INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+SELECT id, queue, 'molecule', layers, now(), now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, queue, layers)
+ON CONFLICT (id) DO UPDATE SET last_seen = now()
+"#;
+
+pub async fn heartbeat(conn: &mut PgConnection, rows: &[WorkerRow]) -> Result<(), sqlx::Error> {
+    sqlx::query(HEARTBEAT)
+        .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| format!("concurrency={}", r.concurrency)).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A clean exit: the rows go (after every job of theirs was acked or handed back), so
+/// operators' views stop counting them at once.
+pub async fn remove(conn: &mut PgConnection, ids: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM apalis.workers WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    Ok(())
+}
