@@ -145,11 +145,30 @@ pub async fn http(
     body: Option<&str>,
     content_type: Option<&str>,
 ) -> Resp {
+    let headers: Vec<(&str, &str)> = content_type.map(|c| vec![("Content-Type", c)]).unwrap_or_default();
+    http_full(addr, method, path, token, body, &headers, Duration::from_secs(15)).await
+}
+
+/// [`http`] with extra headers (the last `Content-Type` wins) and a read deadline, for
+/// streams.
+pub async fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+    within: Duration,
+) -> Resp {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the API");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let content_type = headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| *v);
+    for (k, v) in headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("content-type")) {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     if let Some(b) = body {
         req.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n", content_type.unwrap_or("application/json"), b.len()));
@@ -161,7 +180,7 @@ pub async fn http(
         let _ = s.write_all(b.as_bytes()).await;
     }
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await.expect("response within 15 s").ok();
+    tokio::time::timeout(within, s.read_to_end(&mut buf)).await.unwrap_or_else(|_| panic!("response within {within:?}")).ok();
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -189,11 +208,20 @@ fn dechunk(mut s: &str) -> String {
 
 /// The API on a random loopback port, in this process, over `db`.
 pub async fn start_api(db: sqlx::PgPool, auth: molecule_api::AuthConfig) -> String {
+    start_api_with(db, auth, molecule_api::HttpLimits::default()).await
+}
+
+pub async fn start_api_with(db: sqlx::PgPool, auth: molecule_api::AuthConfig, limits: molecule_api::HttpLimits) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let state = molecule_api::AppState::new(db, auth);
-    tokio::spawn(molecule_api::serve(listener, state, std::future::pending()));
+    tokio::spawn(molecule_api::serve_with(listener, state, std::future::pending(), limits));
     addr
+}
+
+/// NDJSON frames of a body (one JSON value per line).
+pub fn frames(body: &str) -> Vec<serde_json::Value> {
+    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("frame {l:?}: {e}"))).collect()
 }
 
 /// No admin token, and loopback agent URLs allowed (MOLECULE_ALLOW_LOOPBACK_AGENTS=1).

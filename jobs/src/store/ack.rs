@@ -112,3 +112,75 @@ pub async fn notify_finished(db: &PgPool, ids: &[String]) -> Result<(), sqlx::Er
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enqueue::{enqueue, NewJob};
+    use crate::maintenance::rescue_expired_leases;
+    use crate::store::claim;
+    use crate::store::workers::{heartbeat, WorkerRow};
+    use molecule_domain::testing::fresh_db;
+    use std::time::Duration;
+
+    #[derive(sqlx::FromRow, Debug, PartialEq)]
+    struct Row {
+        status: String,
+        fence: i64,
+        attempts: i32,
+        lock_by: Option<String>,
+        last_result: Option<Value>,
+    }
+
+    async fn row(db: &PgPool, id: &str) -> Row {
+        sqlx::query_as("SELECT status, fence, attempts, lock_by, last_result FROM apalis.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(db)
+            .await
+            .unwrap()
+    }
+
+    fn done(id: &str, fence: i64, result: Value) -> Ack {
+        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, result: Some(result) }
+    }
+
+    /// The bug this fences off: a worker's heartbeat lapses, the rescuer hands its job
+    /// back, the SAME worker claims it again — and the first attempt's late ack must not
+    /// finalize the second attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_ack_after_a_reclaim_changes_nothing() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let w = WorkerRow { id: "q@slow".into(), queue: "q".into(), concurrency: 1 };
+        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(5)).await.unwrap();
+        let first = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        assert_eq!(first.fence, 1);
+
+        sqlx::query("UPDATE apalis.workers SET last_seen = now() - interval '1 minute'").execute(&db).await.unwrap();
+        assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &[]).await.unwrap(), 1);
+        assert_eq!(row(&db, id.as_str()).await.lock_by, None, "the rescue clears the lock");
+        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let second = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        assert_eq!((second.fence, second.attempts), (2, 2));
+        let before = row(&db, id.as_str()).await;
+
+        // Attempt 1's ack arrives late, from the same worker: refused.
+        let w1 = write_acks(&db, &[done(id.as_str(), first.fence, serde_json::json!("from attempt 1"))]).await.unwrap();
+        assert!(w1.applied.is_empty());
+        assert_eq!(row(&db, id.as_str()).await, before, "the newer attempt's row is untouched");
+        // A stale failure or hand-back is refused the same way.
+        let stale_release = Ack { state: JobState::Pending, outcome: None, result: None, ..done(id.as_str(), first.fence, Value::Null) };
+        assert!(write_acks(&db, &[stale_release]).await.unwrap().applied.is_empty());
+        assert_eq!(row(&db, id.as_str()).await, before);
+
+        // Attempt 2's own ack lands.
+        let w2 = write_acks(&db, &[done(id.as_str(), second.fence, serde_json::json!("from attempt 2"))]).await.unwrap();
+        assert_eq!(w2.applied, vec![id.as_str().to_string()]);
+        let after = row(&db, id.as_str()).await;
+        assert_eq!(after.status, "Done");
+        assert_eq!(after.last_result, Some(serde_json::json!({ "Ok": "from attempt 2" })));
+        // And a repeat of it (a retried batch) changes nothing more.
+        assert!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)]).await.unwrap().applied.is_empty());
+    }
+}
