@@ -60,3 +60,64 @@ async fn restart(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     };
     crate::provision::start(d, ctx, ws, &row).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use molecule_domain::testing::fresh_db;
+    use std::time::Duration;
+
+    /// A small pool, so a leaked lock would stay on a connection the next caller reuses.
+    async fn small_pool() -> sqlx::PgPool {
+        let (_, url) = fresh_db().await;
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_restart_of_the_same_workspace_waits_its_turn() {
+        let db = small_pool().await;
+        let ws = WorkspaceId(uuid::Uuid::new_v4());
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let (release, done) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let db = db.clone();
+            async move { one_at_a_time(&db, ws, async { entered.send(()).unwrap(); done.await.unwrap() }).await.unwrap() }
+        });
+        inside.await.unwrap();
+        assert!(one_at_a_time(&db, ws, async {}).await.unwrap().is_none(), "held by the first");
+        let other = WorkspaceId(uuid::Uuid::new_v4());
+        assert!(one_at_a_time(&db, other, async {}).await.unwrap().is_some(), "another workspace is not blocked");
+        release.send(()).unwrap();
+        assert!(first.await.unwrap().is_some());
+        assert!(one_at_a_time(&db, ws, async {}).await.unwrap().is_some(), "released on return");
+    }
+
+    /// The leak of the session lock this replaced: a panicking or aborted restart must
+    /// leave the workspace restartable, on every connection of the pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lock_is_released_when_the_restart_panics_or_is_aborted() {
+        let db = small_pool().await;
+        let ws = WorkspaceId(uuid::Uuid::new_v4());
+        let panicked = tokio::spawn({
+            let db = db.clone();
+            async move { one_at_a_time(&db, ws, async { panic!("restart handler bug") }).await }
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let aborted = tokio::spawn({
+            let db = db.clone();
+            async move { one_at_a_time(&db, ws, async { entered.send(()).unwrap(); std::future::pending::<()>().await }).await }
+        });
+        inside.await.unwrap();
+        aborted.abort();
+        assert!(aborted.await.unwrap_err().is_cancelled());
+        // Every connection of the pool in turn: none of them still holds the lock.
+        for _ in 0..4 {
+            let got = tokio::time::timeout(Duration::from_secs(10), one_at_a_time(&db, ws, async {})).await.expect("no deadlock");
+            assert!(got.unwrap().is_some(), "the lock was released");
+        }
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())").fetch_one(&db).await.unwrap();
+        assert_eq!(held, 0);
+    }
+}
