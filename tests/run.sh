@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine (Debian, root, Rust and PostgreSQL 15
 # binaries present). Installs what the tests need, builds once (dev profile), runs the
-# queue benchmark's smoke round, then every test. Tests start their own PostgreSQL
+# smoke rounds of both benchmarks, then every test. Tests start their own PostgreSQL
 # clusters (set MOLECULE_TEST_PG_URL to use an existing superuser URL instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,5 +44,6 @@ if cargo tree --locked -p molecule-api -e normal --prefix none | grep -E '^(boll
 fi
 
 bench/queue/run.sh --smoke
+bench/exec/run.sh --smoke
 tests/fuzz_api.sh
 cargo test --locked --workspace "$@"
