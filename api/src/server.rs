@@ -53,8 +53,12 @@ pub async fn serve_with(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    // Every connection's task, so that those still open when the shutdown timeout ends are
+    // dropped (with their streams) rather than left running past `serve` returning.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
             _ = &mut shutdown => break,
@@ -75,7 +79,7 @@ pub async fn serve_with(
         let _ = stream.set_nodelay(true);
         let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -87,8 +91,11 @@ pub async fn serve_with(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(limits.shutdown_timeout) => {
-            tracing::warn!(timeout_s = limits.shutdown_timeout.as_secs(), "connections still open at the end of the shutdown timeout; dropping them");
+            tracing::warn!(still_open = connections.len(), timeout_s = limits.shutdown_timeout.as_secs(),
+                "connections still open at the end of the shutdown timeout; dropping them");
         }
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     Ok(())
 }

@@ -86,11 +86,6 @@ impl Streams {
     pub fn close(&self) {
         self.inner.closing.send_replace(true);
     }
-
-    /// Streams open now (all orgs).
-    pub fn open(&self) -> usize {
-        lock(&self.inner.per_org).values().sum()
-    }
 }
 
 /// One admitted stream; its place is given back on drop.

@@ -281,9 +281,9 @@ async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
     }
 }
 
-/// Runs the given roles until SIGTERM or Ctrl-C, then stops them in order: the API stops
+/// Runs the given roles until SIGTERM or Ctrl-C, then stops them together: the API stops
 /// taking requests (streams get their final frame), the scheduler stops firing, the pools
-/// finish, interrupt or hand back their jobs.
+/// stop claiming and finish, interrupt or hand back their jobs.
 async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -357,21 +357,30 @@ async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
     };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let api_outcome = match (api_ended, api_task) {
-        (Some(r), _) => Some(r),
-        (None, Some(t)) => Some(t.await),
-        (None, None) => None,
+    // All at once: the pools stop claiming the moment the signal arrives, not after the
+    // API's shutdown timeout, and the total is the longest of the three, not their sum.
+    let api = async {
+        match (api_ended, api_task) {
+            (Some(r), _) => Some(r),
+            (None, Some(t)) => Some(t.await),
+            (None, None) => None,
+        }
     };
+    let scheduler = async {
+        if let Some(t) = sched_task {
+            let _ = t.await;
+        }
+    };
+    let pools = async {
+        if let Some(rt) = runtime {
+            let report = rt.shutdown().await;
+            tracing::info!(released = report.released, interrupted = report.interrupted, stale_acks = report.stale_acks,
+                "worker pools stopped");
+        }
+    };
+    let (api_outcome, (), ()) = tokio::join!(api, scheduler, pools);
     if let Some(Ok(Err(e))) = api_outcome {
         result = Err(StartError::Serve(e));
-    }
-    if let Some(t) = sched_task {
-        let _ = t.await;
-    }
-    if let Some(rt) = runtime {
-        let report = rt.shutdown().await;
-        tracing::info!(released = report.released, interrupted = report.interrupted, stale_acks = report.stale_acks,
-            "worker pools stopped");
     }
     result
 }

@@ -19,12 +19,13 @@ pub struct JobContext {
     pub workspace_id: Option<WorkspaceId>,
     pub payload: Arc<[u8]>,
     pub db: PgPool,
-    /// Set when the worker's shutdown grace period ran out with this attempt still running.
+    /// Set when this attempt must stop: its worker's shutdown grace period ran out, or the
+    /// worker lost its lease (no heartbeat written for half a lease).
     pub interrupt: Interrupt,
 }
 
-/// The end of a worker's shutdown grace period, as a running attempt sees it. A handler
-/// that can stop cleanly (say, kill the command it started) waits on [`Interrupt::wait`]
+/// The end of a worker's shutdown grace period (or of its lease), as a running attempt
+/// sees it. A handler that can stop cleanly (say, kill the command it started) waits on [`Interrupt::wait`]
 /// and returns [`JobError::Interrupted`]; one that does not is aborted a little later.
 #[derive(Clone, Debug)]
 pub struct Interrupt(tokio::sync::watch::Receiver<bool>);
@@ -46,11 +47,7 @@ impl Interrupt {
         self.0.clone()
     }
 
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    /// Resolves when the grace period is over.
+    /// Resolves when the attempt must stop.
     pub async fn wait(&self) {
         let mut rx = self.0.clone();
         if rx.wait_for(|v| *v).await.is_err() {
@@ -84,7 +81,7 @@ pub enum JobError {
     NoBackend,
     /// The attempt stopped because its worker shut down ([`Interrupt`]). Kinds that must
     /// not run twice end `interrupted`; the others are handed back.
-    #[error("interrupted: the worker shut down before the job finished")]
+    #[error("interrupted: its worker stopped it before it finished (shutdown grace over, or heartbeat lost)")]
     Interrupted,
 }
 

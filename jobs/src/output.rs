@@ -35,6 +35,15 @@ pub async fn append(db: &PgPool, job_id: &str, chunks: &[Chunk]) -> Result<(), s
     Ok(())
 }
 
+/// The last chunk number written for a job (0 when none): a later attempt of the same
+/// job (a retried exec) goes on from here, so its chunks follow the earlier ones.
+pub async fn last_seq(db: &PgPool, job_id: &str) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM exec_output WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(db)
+        .await
+}
+
 /// The chunks after `seq`, in order.
 pub async fn read_after(db: &PgPool, job_id: &str, seq: i32) -> Result<Vec<Chunk>, sqlx::Error> {
     sqlx::query_as("SELECT seq, stream, data FROM exec_output WHERE job_id = $1 AND seq > $2 ORDER BY seq")

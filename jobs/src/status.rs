@@ -296,11 +296,11 @@ WITH r AS (
     WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled', 'interrupted')))
     RETURNING job_type
 )
-SELECT pg_notify('apalis::job::insert', json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r
+SELECT pg_notify($2, json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r
 "#;
 
 pub async fn retry(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
-    let n = sqlx::query(RETRY).bind(id.as_str()).execute(db).await?.rows_affected();
+    let n = sqlx::query(RETRY).bind(id.as_str()).bind(crate::runtime::INSERT_CHANNEL).execute(db).await?.rows_affected();
     settle(db, id, n).await
 }
 

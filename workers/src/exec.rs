@@ -44,9 +44,9 @@ fn text(bytes: &[u8], truncated: bool) -> String {
 async fn write_chunks(
     db: sqlx::PgPool,
     job_id: String,
+    mut seq: i32,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(OutputStream, Vec<u8>)>,
 ) {
-    let mut seq = 0i32;
     let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut open = true;
     while open {
@@ -143,11 +143,13 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
         max_bytes_per_stream: MAX_STREAM_BYTES,
         stop: Some(ctx.interrupt.receiver()),
     };
+    // A retried job's chunks follow its earlier attempts' (they share the job id).
+    let first_seq = output::last_seq(&d.db, ctx.id.as_str()).await.map_err(db_err)?;
     audit::started(d, ctx, &a).await?;
     let started = Instant::now();
     // Chunks go to a writer task that persists them in order and NOTIFYs followers.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(OutputStream, Vec<u8>)>();
-    let writer = tokio::spawn(write_chunks(d.db.clone(), ctx.id.as_str().to_string(), rx));
+    let writer = tokio::spawn(write_chunks(d.db.clone(), ctx.id.as_str().to_string(), first_seq, rx));
     let sink = move |s: OutputStream, b: &[u8]| {
         let _ = tx.send((s, b.to_vec()));
     };
@@ -161,7 +163,11 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
         Ok(_) => "exited",
         Err(_) => "error",
     };
-    audit::finished(d, ctx, label, outcome.as_ref().ok().and_then(|o| o.exit_code), duration_ms).await?;
+    // The command has run: a failed audit update must not throw its result away (the row
+    // exists since `started`; it stays `started`, which the log line below explains).
+    if let Err(e) = audit::finished(d, ctx, label, outcome.as_ref().ok().and_then(|o| o.exit_code), duration_ms).await {
+        tracing::warn!(job_id = %ctx.id, error = %e, "could not complete the exec's audit row");
+    }
     let o = outcome.map_err(|e| match e {
         BackendError::NoBackend => JobError::NoBackend,
         other => JobError::Permanent(other.to_string()),

@@ -19,21 +19,28 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 
 /// Runs `work` holding the workspace's restart lock, or answers None when another
 /// restart holds it. The lock is transaction-scoped, on a transaction kept open for the
-/// duration: it ends with the transaction whatever happens — return, error, panic or an
-/// aborted task (the connection rolls back before it is reused) — so it cannot leak the
-/// way a session lock on a pooled connection did.
+/// duration, on a connection of its own: it ends with the transaction or the connection
+/// whatever happens — return, error, panic or an aborted task — so it cannot leak the way
+/// a session lock on a pooled connection did. Not a pooled connection, because a restart
+/// holds it for its whole run (stop, then provision) while that work needs the pool:
+/// restarts as many as the pool's size would sit on every connection their work waits for.
 pub async fn one_at_a_time<T>(db: &sqlx::PgPool, ws: WorkspaceId, work: impl std::future::Future<Output = T>) -> Result<Option<T>, JobError> {
-    let mut tx = db.begin().await.map_err(db_err)?;
+    use sqlx::{Connection, PgConnection};
+    let mut conn = PgConnection::connect_with(&db.connect_options()).await.map_err(db_err)?;
+    let mut tx = conn.begin().await.map_err(db_err)?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("molecule.restart.{ws}"))
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
     if !got {
+        let _ = tx.rollback().await;
+        let _ = conn.close().await;
         return Ok(None);
     }
     let out = work.await;
     let _ = tx.rollback().await;
+    let _ = conn.close().await;
     Ok(Some(out))
 }
 
@@ -73,8 +80,20 @@ mod tests {
         sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap()
     }
 
+    /// Tries to take the lock until it is free (the server ends a dropped connection's
+    /// session, and its locks, a moment after the socket closes).
+    async fn lock_becomes_free(db: &sqlx::PgPool, ws: WorkspaceId) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while one_at_a_time(db, ws, async {}).await.unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the lock was released within 10 s");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_second_restart_of_the_same_workspace_waits_its_turn() {
+    async fn a_second_restart_of_the_same_workspace_is_refused_while_the_first_runs() {
         let db = small_pool().await;
         let ws = WorkspaceId(uuid::Uuid::new_v4());
         let (entered, inside) = tokio::sync::oneshot::channel();
@@ -92,6 +111,27 @@ mod tests {
         assert!(one_at_a_time(&db, ws, async {}).await.unwrap().is_some(), "released on return");
     }
 
+    /// The restart's work needs the pool while the lock is held: holding the lock must not
+    /// take one of the pool's connections (with a pool of one, that would wait forever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn holding_the_lock_takes_no_connection_from_the_pool() {
+        let (_, url) = fresh_db().await;
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&url)
+            .await
+            .unwrap();
+        let ws = WorkspaceId(uuid::Uuid::new_v4());
+        let n = one_at_a_time(&db, ws, async {
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&db).await
+        })
+        .await
+        .unwrap()
+        .expect("lock taken");
+        assert_eq!(n.expect("the work got the pool's connection"), 1);
+    }
+
     /// The leak of the session lock this replaced: a panicking or aborted restart must
     /// leave the workspace restartable, on every connection of the pool.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,6 +144,7 @@ mod tests {
         })
         .await;
         assert!(panicked.unwrap_err().is_panic());
+        lock_becomes_free(&db, ws).await;
         let (entered, inside) = tokio::sync::oneshot::channel();
         let aborted = tokio::spawn({
             let db = db.clone();
@@ -112,11 +153,7 @@ mod tests {
         inside.await.unwrap();
         aborted.abort();
         assert!(aborted.await.unwrap_err().is_cancelled());
-        // Every connection of the pool in turn: none of them still holds the lock.
-        for _ in 0..4 {
-            let got = tokio::time::timeout(Duration::from_secs(10), one_at_a_time(&db, ws, async {})).await.expect("no deadlock");
-            assert!(got.unwrap().is_some(), "the lock was released");
-        }
+        lock_becomes_free(&db, ws).await;
         let held: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())").fetch_one(&db).await.unwrap();
         assert_eq!(held, 0);
     }

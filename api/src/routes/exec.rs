@@ -196,8 +196,8 @@ impl Follower {
             let chunks = output::read_after(&self.db, self.job.as_str(), last).await.unwrap_or_default();
             for c in chunks {
                 last = c.seq;
-                if tx.send(frame(serde_json::json!({ "stream": c.stream, "data": c.data }))).await.is_err() {
-                    return; // the caller went away; the command still runs to its end
+                if !self.send(&tx, deadline, serde_json::json!({ "stream": c.stream, "data": c.data })).await {
+                    return; // the caller went away or stopped reading; the command still runs to its end
                 }
             }
             if let Some(v) = terminal {
@@ -207,11 +207,11 @@ impl Follower {
                     (JobStatus::Succeeded, _) => serde_json::json!({ "exit_code": result["exit_code"] }),
                     (s, _) => serde_json::json!({ "error": s.as_str(), "detail": v.last_error }),
                 };
-                let _ = tx.send(frame(end)).await;
+                self.send(&tx, deadline, end).await;
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
-                let _ = tx.send(frame(serde_json::json!({ "error": "timeout", "status": 504 }))).await;
+                last_frame(&tx, serde_json::json!({ "error": "timeout", "status": 504 })).await;
                 return;
             }
             tokio::select! {
@@ -219,14 +219,38 @@ impl Follower {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = tx.closed() => return,
                 _ = closed(&mut self.closing) => {
-                    let _ = tx.send(frame(serde_json::json!({
-                        "error": "server_shutting_down",
-                        "status": 503,
-                        "detail": format!("the command goes on; follow it with GET /jobs/{}", self.job),
-                    }))).await;
+                    last_frame(&tx, self.shutting_down()).await;
                     return;
                 }
             }
         }
     }
+
+    /// Sends a frame, waiting while the client reads slowly, but not past the deadline or
+    /// the server's shutdown: a client that stops reading must not hold its admission (and
+    /// this task) forever. False when the stream is over.
+    async fn send(&mut self, tx: &tokio::sync::mpsc::Sender<Bytes>, deadline: tokio::time::Instant, v: serde_json::Value) -> bool {
+        tokio::select! {
+            r = tx.send(frame(v)) => r.is_ok(),
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = closed(&mut self.closing) => {
+                last_frame(tx, self.shutting_down()).await;
+                false
+            }
+        }
+    }
+
+    fn shutting_down(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": "server_shutting_down",
+            "status": 503,
+            "detail": format!("the command goes on; follow it with GET /jobs/{}", self.job),
+        })
+    }
+}
+
+/// A stream's final frame: given a second to get into the buffer, dropped if the client
+/// is not reading.
+async fn last_frame(tx: &tokio::sync::mpsc::Sender<Bytes>, v: serde_json::Value) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(frame(v))).await;
 }

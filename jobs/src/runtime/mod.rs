@@ -18,6 +18,12 @@
 //! then kinds that may run again are handed back (the attempt does not count) and kinds
 //! that must not ([`PoolSpec::runs_once`]) end `interrupted`. The heartbeat stops, and the
 //! worker rows are removed, only after the last ack.
+//!
+//! Lost lease: when no heartbeat has been written for half a lease, other processes are
+//! about to take this one's jobs. The pools stop claiming and end their running attempts
+//! the same way as at the end of a grace period (run-once kinds get at most a quarter
+//! lease to stop), so nothing runs here once it may run elsewhere; they claim again when
+//! beats are written again.
 
 mod acker;
 mod heartbeat;
@@ -55,7 +61,9 @@ pub struct RuntimeConfig {
     pub batch: usize,
     /// Identifies this process in worker names (host and pid by default).
     pub node: String,
-    /// Queues whose jobs must never run twice: the lease rescuer ends theirs `interrupted`.
+    /// Queues whose jobs must never run twice: the lease rescuer ends theirs `interrupted`
+    /// (including other processes' jobs). Defaults to the run-once [`JobKind`]s; the pools
+    /// given to [`Runtime::start`] with [`PoolSpec::runs_once`] are added.
     pub run_once_queues: Vec<String>,
 }
 
@@ -139,13 +147,19 @@ pub struct Runtime {
     pools: Vec<tokio::task::JoinHandle<pool::PoolReport>>,
     services: Vec<tokio::task::JoinHandle<()>>,
     heartbeat: tokio::task::JoinHandle<()>,
-    worker_ids: Vec<String>,
     shared: Arc<Shared>,
 }
 
 impl Runtime {
     /// Starts every pool. Never fails: a database that is down now is retried by each pool.
-    pub fn start(db: PgPool, cfg: RuntimeConfig, specs: Vec<PoolSpec>) -> Runtime {
+    pub fn start(db: PgPool, mut cfg: RuntimeConfig, specs: Vec<PoolSpec>) -> Runtime {
+        // The rescuer ends run-once jobs `interrupted`: the product's run-once kinds (the
+        // default) and whatever pool here says so, from one source each.
+        for spec in specs.iter().filter(|s| s.runs_once) {
+            if !cfg.run_once_queues.contains(&spec.queue) {
+                cfg.run_once_queues.push(spec.queue.clone());
+            }
+        }
         let options = db.connect_options().as_ref().clone();
         // A claimer and an acker per pool, plus the lease rescuer: none of them waits for a
         // connection a handler holds.
@@ -156,7 +170,8 @@ impl Runtime {
         let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });
         let (pools_stop, pools_rx) = watch::channel(false);
         let (services_stop, services_rx) = watch::channel(false);
-        let (registered_tx, registered_rx) = watch::channel(false);
+        // False until the first beat is written, and again whenever beats lapse for half a lease.
+        let (lease_tx, lease_rx) = watch::channel(false);
         let mut wakers = std::collections::HashMap::new();
         let mut rows = Vec::new();
         let mut pools = Vec::new();
@@ -169,10 +184,15 @@ impl Runtime {
             let notify = Arc::new(Notify::new());
             wakers.insert(spec.queue.clone(), notify.clone());
             rows.push(row.clone());
-            pools.push(tokio::spawn(pool::run(shared.clone(), spec, row.id, notify, registered_rx.clone(), pools_rx.clone())));
+            pools.push(tokio::spawn(pool::run(shared.clone(), spec, row.id, notify, lease_rx.clone(), pools_rx.clone())));
         }
-        let heartbeat =
-            tokio::spawn(heartbeat::run(options.clone(), shared.cfg.heartbeat, rows.clone(), registered_tx, services_rx.clone()));
+        let beat = heartbeat::Heartbeat {
+            options: options.clone(),
+            interval: shared.cfg.heartbeat,
+            lease: shared.cfg.lease,
+            rows,
+        };
+        let heartbeat = tokio::spawn(heartbeat::run(beat, lease_tx, services_rx.clone()));
         let services = vec![
             tokio::spawn(listener::run(options, Arc::new(wakers), services_rx.clone())),
             tokio::spawn(run_rescuer(shared.clone(), pools_rx)),
@@ -183,13 +203,8 @@ impl Runtime {
             pools,
             services,
             heartbeat,
-            worker_ids: rows.into_iter().map(|r| r.id).collect(),
             shared,
         }
-    }
-
-    pub fn worker_ids(&self) -> &[String] {
-        &self.worker_ids
     }
 
     /// Acks refused so far because a newer claim of their job exists.

@@ -2,7 +2,7 @@
 
 use futures_util::FutureExt;
 use molecule_domain::{JobId, OrgId, WorkspaceId};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,15 +21,12 @@ pub(super) struct PoolReport {
     pub interrupted: u64,
 }
 
-/// Claims whose attempt has not produced an ack yet: job id → fence.
-type InFlight = Arc<Mutex<HashMap<String, i64>>>;
-
 pub(super) async fn run(
     shared: Arc<Shared>,
     spec: PoolSpec,
     worker_id: String,
     notify: Arc<Notify>,
-    mut registered: watch::Receiver<bool>,
+    mut lease: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> PoolReport {
     let cfg = &shared.cfg;
@@ -37,7 +34,7 @@ pub(super) async fn run(
     // No claim before the heartbeat has written our worker row: a claimed job whose
     // worker row does not exist looks orphaned to every lease rescuer.
     tokio::select! {
-        r = registered.wait_for(|r| *r) => { if r.is_err() { return PoolReport::default(); } }
+        r = lease.wait_for(|held| *held) => { if r.is_err() { return PoolReport::default(); } }
         _ = shutdown.wait_for(|s| *s) => return PoolReport::default(),
     }
     tracing::info!(queue, worker_id, concurrency = spec.concurrency, "pool started");
@@ -45,19 +42,27 @@ pub(super) async fn run(
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
     let acker = tokio::spawn(acker::run(shared.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
-    let (interrupt_tx, interrupt_rx) = watch::channel(false);
-    let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
-    let ended = Arc::new(Ended::default());
-    let mut running: JoinSet<()> = JoinSet::new();
+    let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
 
     while !*shutdown.borrow() {
-        while running.try_join_next().is_some() {}
+        if !*lease.borrow() {
+            // Half a lease without a written heartbeat: others will soon take our jobs.
+            let wait = if spec.runs_once { cfg.interrupt_wait.min(cfg.lease / 4) } else { Duration::ZERO };
+            attempts.stop(wait, &ack_tx).await;
+            tokio::select! {
+                r = lease.wait_for(|held| *held) => { if r.is_err() { break; } }
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        attempts.reap();
         let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
                 p = slots.acquire() => drop(p),
                 _ = shutdown.changed() => {}
+                _ = lease.changed() => {}
             }
             continue;
         }
@@ -86,7 +91,7 @@ pub(super) async fn run(
                 let _ = ack_tx.send(acker::release(claim));
                 continue;
             };
-            lock(&in_flight).insert(claim.id.clone(), claim.fence);
+            attempts.start(&claim);
             let ctx = JobContext {
                 id: JobId::from_db(job.id),
                 queue: queue.clone(),
@@ -96,16 +101,16 @@ pub(super) async fn run(
                 workspace_id: job.workspace_id.map(WorkspaceId),
                 payload: job.job.into(),
                 db: shared.db.clone(),
-                interrupt: Interrupt::new(interrupt_rx.clone()),
+                interrupt: attempts.signal(),
             };
             let handler = spec.handler.clone();
             let retry = spec.retry;
             let runs_once = spec.runs_once;
             let ack_tx = ack_tx.clone();
-            let in_flight = in_flight.clone();
-            let ended = ended.clone();
+            let unacked = attempts.unacked.clone();
+            let ended = attempts.ended.clone();
             let (attempt, max_attempts) = (job.attempts, job.max_attempts);
-            running.spawn(async move {
+            attempts.tasks.spawn(async move {
                 let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
                 let ack = match outcome {
                     Ok(Ok(result)) => acker::succeeded(claim, result),
@@ -118,7 +123,7 @@ pub(super) async fn run(
                 };
                 // Out of the in-flight set before the ack leaves: whatever is still in it
                 // after an abort never produced one.
-                lock(&in_flight).remove(&ack.id);
+                lock(&unacked).remove(&(ack.id.clone(), ack.fence));
                 let _ = ack_tx.send(ack);
                 drop(permit);
             });
@@ -134,48 +139,102 @@ pub(super) async fn run(
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
+                _ = lease.changed() => {}
             }
         }
     }
 
     // Shutdown: no more claims. Running jobs get the grace period to finish; meanwhile
     // the heartbeat goes on, so their leases hold and nobody else runs them.
-    let mut report = PoolReport::default();
-    if !running.is_empty() {
-        tracing::info!(queue, in_flight = running.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
+    if !attempts.tasks.is_empty() {
+        tracing::info!(queue, in_flight = attempts.tasks.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
     }
-    if tokio::time::timeout(cfg.grace, drain(&mut running)).await.is_err() {
-        tracing::warn!(queue, still_running = running.len(), runs_once = spec.runs_once, "grace period over; interrupting");
-        let _ = interrupt_tx.send(true);
+    let finished = tokio::select! {
+        r = tokio::time::timeout(cfg.grace, drain(&mut attempts.tasks)) => r.is_ok(),
+        // Unless the lease goes first: then they stop now, as below.
+        _ = lease.wait_for(|held| !*held) => false,
+    };
+    if !finished {
+        tracing::warn!(queue, still_running = attempts.tasks.len(), runs_once = spec.runs_once, "grace period over; interrupting");
         // Kinds that must not run twice get a moment to stop what they started (exec kills
         // its command and completes its audit row); the others go back to the queue now.
         let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
-        if tokio::time::timeout(wait, drain(&mut running)).await.is_err() {
-            running.abort_all();
-            while running.join_next().await.is_some() {}
-        }
-        // Attempts that never produced an ack: handed back, or `interrupted` when the
-        // kind must not run twice.
-        let left: Vec<(String, i64)> = lock(&in_flight).drain().collect();
-        for (id, fence) in left {
-            let claim = Claim { id, fence };
-            let ack = if spec.runs_once { acker::interrupted(claim) } else { acker::release(claim) };
-            let _ = ack_tx.send(ack);
-            ended.count(spec.runs_once);
-        }
+        attempts.stop(wait, &ack_tx).await;
     }
     drop(ack_tx);
     let acks_written = acker.await;
     if acks_written.is_err() {
         tracing::warn!(queue, "acker ended abnormally");
     }
-    report.released = ended.released.load(Ordering::Relaxed);
-    report.interrupted = ended.interrupted.load(Ordering::Relaxed);
+    let report = PoolReport {
+        released: attempts.ended.released.load(Ordering::Relaxed),
+        interrupted: attempts.ended.interrupted.load(Ordering::Relaxed),
+    };
     tracing::info!(queue, released = report.released, interrupted = report.interrupted, "pool stopped");
     report
 }
 
-fn lock(m: &Mutex<HashMap<String, i64>>) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+/// The attempts a pool is running, and how to end them early.
+struct Attempts {
+    tasks: JoinSet<()>,
+    /// Claims whose attempt has not produced an ack yet, by (job id, fence): whatever is
+    /// still here after an abort never produced one.
+    unacked: Arc<Mutex<HashSet<(String, i64)>>>,
+    /// Tells running attempts to stop ([`Interrupt`]); replaced after each use.
+    interrupt: watch::Sender<bool>,
+    ended: Arc<Ended>,
+    runs_once: bool,
+}
+
+impl Attempts {
+    fn new(runs_once: bool) -> Self {
+        Attempts {
+            tasks: JoinSet::new(),
+            unacked: Arc::default(),
+            interrupt: watch::channel(false).0,
+            ended: Arc::default(),
+            runs_once,
+        }
+    }
+
+    fn start(&self, claim: &Claim) {
+        lock(&self.unacked).insert((claim.id.clone(), claim.fence));
+    }
+
+    fn signal(&self) -> Interrupt {
+        Interrupt::new(self.interrupt.subscribe())
+    }
+
+    /// Forgets finished tasks.
+    fn reap(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    /// Interrupts every running attempt, gives them `wait` to return, aborts the rest,
+    /// and acks those that never produced an ack: handed back, or `interrupted` when the
+    /// kind must not run twice.
+    async fn stop(&mut self, wait: Duration, ack_tx: &mpsc::UnboundedSender<store::Ack>) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        self.interrupt.send_replace(true);
+        if tokio::time::timeout(wait, drain(&mut self.tasks)).await.is_err() {
+            self.tasks.abort_all();
+            drain(&mut self.tasks).await;
+        }
+        let left: Vec<(String, i64)> = lock(&self.unacked).drain().collect();
+        for (id, fence) in left {
+            let claim = Claim { id, fence };
+            let ack = if self.runs_once { acker::interrupted(claim) } else { acker::release(claim) };
+            let _ = ack_tx.send(ack);
+            self.ended.count(self.runs_once);
+        }
+        // Attempts started later must not see this interrupt.
+        self.interrupt = watch::channel(false).0;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,6 +1,7 @@
-//! Every statement on the job tables (`apalis.jobs`, `apalis.workers`) outside enqueue
-//! and the client views (`status`): the runtime's claims and acks, worker rows, queue
-//! statistics. One owner, so a change of a column or an index is made in one place.
+//! The runtime's statements on the job tables (`apalis.jobs`, `apalis.workers`): claims,
+//! acks, worker rows, queue statistics. With `enqueue`, the client views (`status`) and
+//! the maintenance services, this crate holds all of the job tables' SQL: a change of a
+//! column or an index is made in `jobs/` alone.
 
 pub mod ack;
 pub mod claim;
