@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine (Debian, root, Rust and PostgreSQL 15
-# binaries present). Installs what the tests need, builds once (dev profile), runs the
-# smoke rounds of both benchmarks, then every test. Tests start their own PostgreSQL
+# binaries present). Installs what the tests need (PostgreSQL, a Docker engine, the
+# a2a-sdk agents' virtualenvs), builds once (dev profile), runs the smoke rounds of both
+# benchmarks, then every test. Tests start their own PostgreSQL
 # clusters (set MOLECULE_TEST_PG_URL to use an existing superuser URL instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,17 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
     docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/molecule-dockerd.log" >&2; exit 1; }
 fi
+
+# Real A2A agents of both SDK generations (tests/a2a_agents/), each in a virtualenv of its
+# own: a2a-sdk 0.3.x speaks protocol v0.3, 1.x speaks v1.0 (NOTES: keep them apart).
+A2A_VENVS="$HOME/.cache/molecule-a2a"
+for spec in "v03:a2a-sdk[http-server]>=0.3,<0.4" "v10:a2a-sdk[http-server]>=1.3,<2"; do
+    gen="${spec%%:*}"
+    if [[ ! -x "$A2A_VENVS/$gen/bin/python" ]] || ! "$A2A_VENVS/$gen/bin/python" -c 'import a2a, uvicorn' 2>/dev/null; then
+        python3 -m venv "$A2A_VENVS/$gen"
+        "$A2A_VENVS/$gen/bin/pip" install -q "${spec#*:}" uvicorn
+    fi
+done
 
 # A DATABASE_URL in the environment never reaches the compiler (.cargo/config.toml sets
 # SQLX_OFFLINE): the build runs with one that points nowhere, so a cold build proves it.

@@ -18,6 +18,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
+    /// A cursor that no longer (or never did) point at a row the caller may read.
+    #[error("{0}")]
+    Gone(&'static str),
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -58,6 +61,7 @@ impl ApiError {
             Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d.clone()),
             NotFound(what) => (StatusCode::NOT_FOUND, "not_found", format!("{what} not found")),
             Conflict { code, detail } => (StatusCode::CONFLICT, code, detail.clone()),
+            Gone(d) => (StatusCode::GONE, "cursor_gone", d.to_string()),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is over the size limit".into()),
             UnsupportedMediaType(d) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", d.clone()),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method".into()),

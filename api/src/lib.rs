@@ -24,7 +24,7 @@ use tracing::Instrument;
 pub use auth::{AuthConfig, OrgPin};
 pub use error::ApiError;
 
-/// Request bodies are capped at 1 MiB (SPEC §3).
+/// Request bodies are capped at 1 MiB (SPEC §3); the A2A route at 4 MiB.
 pub const BODY_LIMIT: usize = 1 << 20;
 
 #[derive(Clone)]
@@ -57,6 +57,10 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}/rescue", get(rescue::latest))
         .route("/workspaces/{id}/exec", post(exec::exec))
         .route("/workspaces/{id}/console", get(rescue::console))
+        .route("/workspaces/{id}/tokens", post(tokens::issue))
+        .route("/workspaces/{id}/a2a", post(a2a::send).layer(DefaultBodyLimit::max(molecule_domain::a2a::BODY_LIMIT)))
+        .route("/workspaces/{id}/a2a/queue/{queue_id}", get(a2a::lookup))
+        .route("/workspaces/{id}/activity", get(a2a::activity))
         .route("/admin/workspaces/{id}/bootstrap-failed", post(rescue::bootstrap_failed))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{exec, health, jobs, queues, registry, rescue, workspaces};
+use crate::routes::{a2a, exec, health, jobs, queues, registry, rescue, tokens, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,8 @@ use crate::routes::{exec, health, jobs, queues, registry, rescue, workspaces};
         registry::register, registry::heartbeat,
         rescue::bootstrap_failed, rescue::latest, rescue::console,
         exec::exec,
+        tokens::issue,
+        a2a::send, a2a::lookup, a2a::activity,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&Security),

@@ -96,6 +96,27 @@ pub struct Common {
     #[arg(long, env = "MOLECULE_LOG_FORMAT", value_name = "MOLECULE_LOG_FORMAT", value_parser = ["json", "text"],
           global = true)]
     pub log_format: Option<String>,
+    /// 1 = explicit dev mode: admin routes open without a token (a loud banner says so),
+    /// loopback agent URLs accepted.
+    #[arg(long, env = "MOLECULE_DEV", value_name = "MOLECULE_DEV", default_value = "0", value_parser = ["0", "1"], global = true)]
+    pub dev: String,
+    /// 1 = accept agent URLs on loopback (local installs with host networking, tests), at
+    /// registration (API) and at delivery (workers). Private, link-local and metadata
+    /// addresses are refused regardless (X5).
+    #[arg(long, env = "MOLECULE_ALLOW_LOOPBACK_AGENTS", value_name = "MOLECULE_ALLOW_LOOPBACK_AGENTS", default_value = "0",
+          value_parser = ["0", "1"], global = true)]
+    pub allow_loopback_agents: String,
+}
+
+impl Common {
+    pub fn dev(&self) -> bool {
+        self.dev == "1"
+    }
+
+    /// Loopback agent URLs allowed (X5): the flag, or dev mode.
+    pub fn allow_loopback_agents(&self) -> bool {
+        self.dev() || self.allow_loopback_agents == "1"
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -107,18 +128,10 @@ pub struct ApiArgs {
     /// (outside dev mode).
     #[arg(long, env = "ADMIN_TOKEN", value_name = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// 1 = explicit dev mode: admin routes open without a token (a loud banner says so).
-    #[arg(long, env = "MOLECULE_DEV", value_name = "MOLECULE_DEV", default_value = "0", value_parser = ["0", "1"])]
-    pub dev: String,
     /// Pin this process to one organization (a UUID). Set but empty: every tenant route
     /// answers 503 platform_misconfigured (fail closed).
     #[arg(long, env = "MOLECULE_ORG_ID", value_name = "MOLECULE_ORG_ID", value_parser = parse_org_pin)]
     pub org_id: Option<molecule_api::OrgPin>,
-    /// 1 = accept agent URLs on loopback (local installs with host networking, tests).
-    /// Private, link-local and metadata addresses are refused regardless (X5).
-    #[arg(long, env = "MOLECULE_ALLOW_LOOPBACK_AGENTS", value_name = "MOLECULE_ALLOW_LOOPBACK_AGENTS", default_value = "0",
-          value_parser = ["0", "1"])]
-    pub allow_loopback_agents: String,
     /// Seconds a connection may take to send a whole request head, counted from when it
     /// opened or from its previous response (so it also ends idle keep-alive connections).
     #[arg(long, env = "MOLECULE_HTTP_HEADER_TIMEOUT_SECS", value_name = "MOLECULE_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 15,
@@ -152,12 +165,12 @@ impl ApiArgs {
         }
     }
 
-    pub fn auth(&self) -> molecule_api::AuthConfig {
+    pub fn auth(&self, common: &Common) -> molecule_api::AuthConfig {
         molecule_api::AuthConfig {
             admin_token: self.admin_token.clone().filter(|t| !t.is_empty()),
-            dev: self.dev == "1",
+            dev: common.dev(),
             org_pin: self.org_id.clone().unwrap_or(molecule_api::OrgPin::Any),
-            allow_loopback_agents: self.dev == "1" || self.allow_loopback_agents == "1",
+            allow_loopback_agents: common.allow_loopback_agents(),
         }
     }
 }

@@ -149,7 +149,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
                 worker: Some((jobs_db.clone(), worker)),
                 scheduler: Some((sched_db.clone(), args.scheduler)),
             };
-            let res = serve_roles(stop.unwrap_or_else(Stop::install), roles).await;
+            let res = serve_roles(stop.unwrap_or_else(Stop::install), roles, &common).await;
             for db in [api_db, jobs_db, sched_db] {
                 db.close().await;
             }
@@ -160,16 +160,16 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         }
         Command::Api(args) => {
             let db = connect(&common, "api").await?;
-            serve_roles(stop.unwrap_or_else(Stop::install), Roles { api: Some((db, args)), ..Roles::default() }).await
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { api: Some((db, args)), ..Roles::default() }, &common).await
         }
         Command::Worker(args) => {
             let db = connect(&common, "worker").await?;
-            serve_roles(stop.unwrap_or_else(Stop::install), Roles { worker: Some((db, args)), ..Roles::default() }).await
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { worker: Some((db, args)), ..Roles::default() }, &common).await
         }
         Command::Scheduler(args) => {
             let url = common.database_url.as_deref().ok_or(StartError::NoDatabaseUrl("scheduler"))?;
             let db = connect_url(url, SCHEDULER_CONNECTIONS).await?;
-            serve_roles(stop.unwrap_or_else(Stop::install), Roles { scheduler: Some((db, args)), ..Roles::default() }).await
+            serve_roles(stop.unwrap_or_else(Stop::install), Roles { scheduler: Some((db, args)), ..Roles::default() }, &common).await
         }
     }
 }
@@ -284,7 +284,7 @@ async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
 /// Runs the given roles until SIGTERM or Ctrl-C, then stops them together: the API stops
 /// taking requests (streams get their final frame), the scheduler stops firing, the pools
 /// stop claiming and finish, interrupt or hand back their jobs.
-async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
+async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let api_task = match roles.api {
@@ -294,7 +294,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
                 .map_err(|source| StartError::Listen { addr: a.listen, source })?;
             tracing::info!(addr = %a.listen, "API listening");
             let mut rx = stop_rx.clone();
-            let auth = a.auth();
+            let auth = a.auth(common);
             if auth.dev {
                 tracing::warn!("DEV MODE (MOLECULE_DEV=1): admin routes are open without a token; never run this way in production");
             }
@@ -333,6 +333,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles) -> Result<(), StartError> {
                 image_local_override: w.image_local_override == "1",
                 redactor: Some(std::sync::Arc::new(molecule_domain::redact::Redactor::new())),
                 loki_url: w.loki_url.clone().filter(|u| !u.is_empty()),
+                agents: molecule_workers::a2a::AgentClient::new(common.allow_loopback_agents()),
             };
             let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
             Some(molecule_jobs::Runtime::start(db, w.runtime_config(), specs))

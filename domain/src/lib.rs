@@ -2,6 +2,8 @@
 //! the PostgreSQL plumbing every process needs (connection, migrations, the embedded
 //! cluster used when no `DATABASE_URL` is given).
 
+pub mod a2a;
+pub mod activity;
 pub mod db;
 pub mod embedded_pg;
 pub mod events;

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 /// Why a URL was refused (safe to show: it names no resolved address).
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub &'static str);
 
@@ -76,6 +76,14 @@ fn forbidden(ip: IpAddr, allow_loopback: bool) -> Option<&'static str> {
             }
             None
         }
+    }
+}
+
+/// Checks one address (what a connection is about to be made to).
+pub fn check_ip(ip: IpAddr, allow_loopback: bool) -> Result<(), Refused> {
+    match forbidden(ip, allow_loopback) {
+        Some(why) => Err(Refused(why)),
+        None => Ok(()),
     }
 }
 

@@ -123,6 +123,15 @@ pub async fn revoke_org_token(conn: &mut PgConnection, org: OrgId, token_id: Uui
     Ok(n == 1)
 }
 
+/// Revokes every live token of a workspace; returns how many.
+pub async fn revoke_workspace_tokens(conn: &mut PgConnection, ws: WorkspaceId) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1 AND revoked_at IS NULL")
+        .bind(ws.0)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
 /// Issues a workspace token (stored hashed); returns the secret.
 pub async fn create_workspace_token(conn: &mut PgConnection, ws: WorkspaceId) -> Result<String, sqlx::Error> {
     let m = mint_workspace_token();
@@ -195,10 +204,7 @@ pub fn mint_inbound_secret() -> String {
 /// mint a workspace's secrets: revokes its live tokens, issues a new one, and sets a new
 /// platform inbound secret. Run it in the transaction that records the provision.
 pub async fn mint_workspace_secrets(conn: &mut PgConnection, ws: WorkspaceId) -> Result<MintedSecrets, sqlx::Error> {
-    sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1 AND revoked_at IS NULL")
-        .bind(ws.0)
-        .execute(&mut *conn)
-        .await?;
+    revoke_workspace_tokens(&mut *conn, ws).await?;
     let token = create_workspace_token(&mut *conn, ws).await?;
     let inbound_secret = mint_inbound_secret();
     sqlx::query("UPDATE workspaces SET platform_inbound_secret = $2, updated_at = now() WHERE id = $1")

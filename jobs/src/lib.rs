@@ -11,6 +11,7 @@
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
 //! - [`output`]: job output chunks for streaming readers, and the "finished" announcement.
 //! - [`maintenance`]: the lease rescuer and the pruner, one file each with its test.
+//! - [`restarts`]: restart requests, coalesced per workspace (A4, J6).
 //! - [`kinds`]: the job kinds of the product, their retry policies and shutdown rules.
 //!
 //! What each kind does lives in `molecule-workers` (it needs the backends, which the
@@ -22,6 +23,7 @@ pub mod handler;
 pub mod kinds;
 pub mod maintenance;
 pub mod output;
+pub mod restarts;
 pub mod runtime;
 pub mod state;
 pub mod status;

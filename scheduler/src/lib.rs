@@ -1,7 +1,7 @@
 //! The scheduler: fires sweeper jobs on their ticks. Each tick's job carries the
 //! idempotency key (sweeper, tick), so any number of scheduler replicas fire it once.
-//! Today: retention (S7) and provision timeout (S1) on fixed periods; the other
-//! sweepers (S2–S6) and cron expressions per sweeper are not built yet.
+//! Today: retention (S7), provision timeout (S1) and A2A TTL (S6) on fixed periods; the
+//! other sweepers (S2–S5) and cron expressions per sweeper are not built yet.
 
 use molecule_jobs::{enqueue, JobKind, NewJob};
 use sqlx::PgPool;
@@ -38,9 +38,14 @@ impl SchedulerConfig {
                 every: provision_sweep_period(self.provision_timeout),
                 args: serde_json::json!({ "timeout_s": self.provision_timeout.as_secs() }),
             },
+            // Lookups read a message past its TTL as expired at once; this writes it down.
+            Sweeper { name: "a2a_ttl", every: A2A_TTL_SWEEP_PERIOD, args: serde_json::json!({}) },
         ]
     }
 }
+
+/// S6's period.
+pub const A2A_TTL_SWEEP_PERIOD: Duration = Duration::from_secs(30);
 
 /// S1 runs often enough that a timeout is noticed within a tenth of itself (at most 30 s late).
 pub fn provision_sweep_period(timeout: Duration) -> Duration {

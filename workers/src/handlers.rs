@@ -1,9 +1,7 @@
-//! The handler of every job kind. Kinds whose capability is not built yet (A2A
-//! dispatch) fail their jobs with a permanent error that says so —
-//! never a fake success.
+//! The handler of every job kind.
 
 use molecule_domain::WorkspaceId;
-use molecule_jobs::{typed_handler, Handler, JobError, JobKind, PoolSpec};
+use molecule_jobs::{typed_handler, Handler, JobKind, PoolSpec};
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -16,12 +14,6 @@ pub struct WorkspaceArgs {
     pub workspace_id: uuid::Uuid,
     #[serde(default)]
     pub reason: Option<String>,
-}
-
-fn not_built(what: &'static str) -> Handler {
-    typed_handler(move |_ctx, _args: serde_json::Value| async move {
-        Err(JobError::Permanent(format!("{what} is not built yet in this version of the server")))
-    })
 }
 
 /// The handler of a product kind.
@@ -49,7 +41,10 @@ pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
             let d = d.clone();
             async move { crate::exec::run(&d, &ctx, a).await }
         }),
-        JobKind::A2aDispatch => not_built("A2A dispatch"),
+        JobKind::A2aDispatch => typed_handler(move |ctx, a: crate::a2a::dispatch::DispatchArgs| {
+            let d = d.clone();
+            async move { crate::a2a::dispatch::run(&d, &ctx, a).await }
+        }),
     }
 }
 

@@ -2,10 +2,12 @@
 //!
 //! - [`provision`] (J1), [`stop`] (J2), [`restart`] (J3): workspace lifecycle.
 //! - [`exec`] (J5): one-shot commands.
+//! - [`a2a`] (J6): A2A message delivery to agents.
 //! - [`rescue`] (J4): forensic bundles of boot failures.
 //! - [`sweeps`]: maintenance fired by the scheduler (S1 provision timeout, S7 retention).
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
+pub mod a2a;
 pub mod exec;
 pub mod handlers;
 pub mod provision;
@@ -33,4 +35,6 @@ pub struct Deps {
     pub redactor: Option<std::sync::Arc<molecule_domain::redact::Redactor>>,
     /// LOKI_URL: where rescue sections are pushed (unset: not shipped).
     pub loki_url: Option<String>,
+    /// Calls agents (J6) under the X5 rules of this process.
+    pub agents: a2a::AgentClient,
 }

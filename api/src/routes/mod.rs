@@ -1,7 +1,9 @@
+pub mod a2a;
 pub mod exec;
 pub mod health;
 pub mod jobs;
 pub mod queues;
 pub mod registry;
 pub mod rescue;
+pub mod tokens;
 pub mod workspaces;

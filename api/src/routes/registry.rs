@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::Json;
+use molecule_domain::a2a::{card, AgentVersion};
 use molecule_domain::{ssrf, tokens, WorkspaceStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -21,10 +22,16 @@ pub struct Register {
     pub url: Option<String>,
     #[serde(default)]
     pub delivery_mode: Option<DeliveryMode>,
-    /// The agent's A2A card, kept as the agent sent it.
+    /// The agent's A2A card. When `a2a_version` is not given, the generation the card
+    /// announces is used.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub agent_card: Option<serde_json::Value>,
+    /// The A2A generation the agent speaks: "0.3" or "1.0". It wins over the card; with
+    /// neither, the dispatcher reads the agent's card on its first delivery (0.3 when it
+    /// finds none).
+    #[serde(default)]
+    pub a2a_version: Option<AgentVersion>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -34,6 +41,8 @@ pub struct Registered {
     pub delivery_mode: DeliveryMode,
     /// What the platform presents as bearer when it calls the agent.
     pub platform_inbound_secret: String,
+    /// The generation the relay will speak to the agent; null until known (see `a2a_version`).
+    pub a2a_version: Option<AgentVersion>,
 }
 
 fn workspace_of(p: &Principal) -> ApiResult<Uuid> {
@@ -91,8 +100,16 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
         Some(s) => s,
         None => tokens::mint_inbound_secret(),
     };
+    // The registration's explicit version wins; then the card it carries; else unknown
+    // until the dispatcher reads the agent's card.
+    let (version, source) = match (body.a2a_version, body.agent_card.as_ref().and_then(card::version_of)) {
+        (Some(v), _) => (Some(v), Some("registration")),
+        (None, Some(v)) => (Some(v), Some("card")),
+        (None, None) => (None, None),
+    };
     let new_status: WorkspaceStatus = sqlx::query_scalar(
         "UPDATE workspaces SET delivery_mode = $2, url = $3, platform_inbound_secret = $4, last_heartbeat_at = now(), \
+         a2a_version = $5, a2a_version_source = $6, \
          last_sample_error = CASE WHEN status IN ('provisioning', 'awaiting_agent') THEN NULL ELSE last_sample_error END, \
          status = CASE WHEN status IN ('provisioning', 'awaiting_agent') THEN 'online'::workspace_status ELSE status END, \
          updated_at = now() WHERE id = $1 RETURNING status",
@@ -101,6 +118,8 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
     .bind(mode)
     .bind(&url)
     .bind(&secret)
+    .bind(version)
+    .bind(source)
     .fetch_one(&mut *tx)
     .await?;
     if new_status != row.status {
@@ -108,7 +127,7 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
     }
     tx.commit().await?;
     tracing::info!(event = "registry.registered", workspace_id = %ws, org_id = %p.org, status = new_status.as_str());
-    Ok(Json(Registered { workspace_id: ws, status: new_status, delivery_mode: mode, platform_inbound_secret: secret }))
+    Ok(Json(Registered { workspace_id: ws, status: new_status, delivery_mode: mode, platform_inbound_secret: secret, a2a_version: version }))
 }
 
 #[derive(sqlx::FromRow)]

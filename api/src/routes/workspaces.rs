@@ -371,18 +371,13 @@ pub async fn restart(
             detail: "external workspaces run elsewhere; restart their agent there".into(),
         });
     }
-    if let Some(job_id) = molecule_jobs::store::stats::waiting_job_of(&mut tx, id, JobKind::Restart).await? {
-        tx.commit().await?;
-        return Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id: job_id.to_string(), coalesced: true })));
-    }
-    let job = NewJob::new(JobKind::Restart, &serde_json::json!({ "workspace_id": id }))
-        .org(org)
-        .workspace(id);
-    let job_id = enqueue(&mut tx, &job).await?.to_string();
-    record_event(&mut tx, org, id.0, "RESTART_REQUESTED", serde_json::json!({ "job_id": job_id })).await?;
+    let r = molecule_jobs::restarts::request(&mut tx, org, id, "requested").await?;
     tx.commit().await?;
-    tracing::info!(event = "workspace.restart_requested", workspace_id = %id, org_id = %org, job_id);
-    Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id, coalesced: false })))
+    let job_id = r.job_id.to_string();
+    if !r.coalesced {
+        tracing::info!(event = "workspace.restart_requested", workspace_id = %id, org_id = %org, job_id);
+    }
+    Ok((StatusCode::ACCEPTED, Json(RestartQueued { job_id, coalesced: r.coalesced })))
 }
 
 #[derive(Serialize, ToSchema, sqlx::FromRow)]

@@ -3,7 +3,9 @@
 //!
 //! - [`retention`] (S7): prune finished jobs.
 //! - [`provision_timeout`] (S1): a workspace whose agent never registered → `failed`.
+//! - [`a2a_ttl`] (S6): queued A2A messages past their TTL → `expired`.
 
+pub mod a2a_ttl;
 pub mod provision_timeout;
 pub mod retention;
 
@@ -27,6 +29,7 @@ pub fn handler() -> Handler {
         match args.sweeper.as_str() {
             retention::NAME => retention::run(&ctx, &args).await,
             provision_timeout::NAME => provision_timeout::run(&ctx, &args).await,
+            a2a_ttl::NAME => a2a_ttl::run(&ctx).await,
             other => Err(JobError::Permanent(format!("unknown sweeper {other:?}"))),
         }
     })

@@ -1,0 +1,130 @@
+//! The `activity_logs` table: a workspace's inbox and record of A2A traffic. Poll-mode
+//! agents read their messages from it (`a2a_receive` rows, A9) with a `since_id` cursor
+//! (A11); the dispatcher records each push delivery (`a2a_dispatch`, J6). Every statement
+//! on it is here.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{OrgId, WorkspaceId};
+
+/// A poll-mode workspace's incoming message (the agent reads and answers it).
+pub const A2A_RECEIVE: &str = "a2a_receive";
+/// A push delivery's request and the agent's answer (bodies bounded and redacted).
+pub const A2A_DISPATCH: &str = "a2a_dispatch";
+
+pub struct NewActivity<'a> {
+    pub org: OrgId,
+    pub workspace: WorkspaceId,
+    pub kind: &'a str,
+    /// Who sent it: the caller workspace's id, or None (an org token: the canvas).
+    pub source_id: Option<String>,
+    pub method: Option<&'a str>,
+    pub request_body: Option<&'a serde_json::Value>,
+    pub response_body: Option<&'a serde_json::Value>,
+    pub status: Option<&'a str>,
+    pub queue_id: Option<Uuid>,
+}
+
+/// Appends a row; returns its id. Rows of one workspace get their ids in commit order: the
+/// insert first takes a per-workspace transaction lock, so a `since_id` reader can never
+/// see a later id commit before an earlier one and skip it. Call it inside a transaction
+/// (the lock is held to its end).
+pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('molecule.activity.' || $1::text, 0))")
+        .bind(a.workspace.0)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_scalar(
+        "INSERT INTO activity_logs (workspace_id, org_id, type, source_id, method, request_body, response_body, status, queue_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+    )
+    .bind(a.workspace.0)
+    .bind(a.org.0)
+    .bind(a.kind)
+    .bind(&a.source_id)
+    .bind(a.method)
+    .bind(a.request_body)
+    .bind(a.response_body)
+    .bind(a.status)
+    .bind(a.queue_id)
+    .fetch_one(conn)
+    .await
+}
+
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Activity {
+    pub id: i64,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub source_id: Option<String>,
+    pub method: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub request_body: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    pub response_body: Option<serde_json::Value>,
+    pub status: Option<String>,
+    pub queue_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A11's filters, already validated.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub kind: Option<String>,
+    pub source: Option<String>,
+    pub limit: i64,
+    pub since_secs: Option<i64>,
+    pub since_id: Option<i64>,
+}
+
+pub enum Page {
+    Rows(Vec<Activity>),
+    /// The `since_id` cursor is not one of this workspace's rows (never was, pruned, or
+    /// another workspace's): 410, the same answer for each, so nothing leaks.
+    CursorGone,
+}
+
+macro_rules! activity_select {
+    () => {
+        "SELECT id, type, source_id, method, request_body, response_body, status, queue_id, created_at FROM activity_logs \
+         WHERE workspace_id = $1 AND org_id = $2 \
+           AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR source_id = $4) \
+           AND ($5::bigint IS NULL OR created_at >= now() - make_interval(secs => $5)) \
+           AND ($6::bigint IS NULL OR id > $6)"
+    };
+}
+
+/// A11: without `since_id`, the newest rows first; with it, the rows strictly after it in
+/// ascending order (the order they were written).
+pub async fn list(db: &PgPool, org: OrgId, ws: WorkspaceId, f: &Filter) -> Result<Page, sqlx::Error> {
+    // 0 is no row's id: it reads from the first row.
+    if let Some(cursor) = f.since_id.filter(|c| *c > 0) {
+        let known: Option<i64> = sqlx::query_scalar("SELECT id FROM activity_logs WHERE id = $1 AND workspace_id = $2 AND org_id = $3")
+            .bind(cursor)
+            .bind(ws.0)
+            .bind(org.0)
+            .fetch_optional(db)
+            .await?;
+        if known.is_none() {
+            return Ok(Page::CursorGone);
+        }
+    }
+    // Two statements rather than one ORDER BY CASE: each walks the (workspace_id, id)
+    // index in its own direction and stops at the limit.
+    let sql = if f.since_id.is_some() { concat!(activity_select!(), " ORDER BY id ASC LIMIT $7") } else { concat!(activity_select!(), " ORDER BY id DESC LIMIT $7") };
+    let rows = sqlx::query_as(sql)
+        .bind(ws.0)
+        .bind(org.0)
+        .bind(&f.kind)
+        .bind(&f.source)
+        .bind(f.since_secs)
+        .bind(f.since_id)
+        .bind(f.limit)
+        .fetch_all(db)
+        .await?;
+    Ok(Page::Rows(rows))
+}
