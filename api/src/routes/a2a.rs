@@ -47,6 +47,16 @@ pub struct RpcErrorDetail {
     pub data: Option<serde_json::Value>,
 }
 
+/// A9's 400: a JSON-RPC error about the body, or the API's error shape about the path
+/// or a header.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // documents the 400 (the two shapes are built where they are answered)
+pub enum SendRejected {
+    Rpc(RpcErrorBody),
+    Api(ErrorBody),
+}
+
 /// A9 answer for a push-mode target.
 #[derive(Serialize, ToSchema)]
 pub struct Queued {
@@ -166,7 +176,7 @@ struct Target {
     responses(
         (status = 200, description = "poll-mode target: in its inbox", body = Inboxed),
         (status = 202, description = "push-mode target: queued for delivery", body = Queued),
-        (status = 400, description = "a JSON-RPC error naming the field at fault, or a bad header", body = RpcErrorBody),
+        (status = 400, description = "a JSON-RPC error naming the field at fault, or a bad id or header", body = SendRejected),
         (status = 401, body = ErrorBody),
         (status = 403, description = "X-Workspace-ID disagrees with the bearer", body = ErrorBody),
         (status = 404, body = ErrorBody),
