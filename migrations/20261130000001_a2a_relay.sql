@@ -40,3 +40,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS a2a_queue_idempotency_idx
 
 -- A delivery's activity rows point at their queue row.
 ALTER TABLE activity_logs ADD COLUMN IF NOT EXISTS queue_id uuid;
+
+-- A poll-mode inbox honours the sender's idempotency key (one row per key, per sender
+-- and inbox) and TTL (a message past expires_at is no longer listed).
+ALTER TABLE activity_logs ADD COLUMN IF NOT EXISTS idempotency_key text;
+ALTER TABLE activity_logs ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+CREATE UNIQUE INDEX IF NOT EXISTS activity_logs_idempotency_idx
+    ON activity_logs (workspace_id, COALESCE(source_id, ''), idempotency_key)
+    WHERE idempotency_key IS NOT NULL;

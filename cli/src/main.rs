@@ -29,6 +29,8 @@ enum StartError {
     DataDir(&'static str, std::io::Error),
     #[error("MOLECULE_BACKEND=docker: {0}")]
     Backend(molecule_backends::BackendError),
+    #[error("{0}")]
+    AgentClient(String),
 }
 
 fn main() -> ExitCode {
@@ -333,7 +335,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
                 image_local_override: w.image_local_override == "1",
                 redactor: Some(std::sync::Arc::new(molecule_domain::redact::Redactor::new())),
                 loki_url: w.loki_url.clone().filter(|u| !u.is_empty()),
-                agents: molecule_workers::a2a::AgentClient::new(common.allow_loopback_agents()),
+                agents: molecule_workers::a2a::AgentClient::new(common.allow_loopback_agents()).map_err(StartError::AgentClient)?,
             };
             let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
             Some(molecule_jobs::Runtime::start(db, w.runtime_config(), specs))

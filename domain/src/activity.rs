@@ -26,20 +26,34 @@ pub struct NewActivity<'a> {
     pub response_body: Option<&'a serde_json::Value>,
     pub status: Option<&'a str>,
     pub queue_id: Option<Uuid>,
+    /// A repeat with the same key (same sender, same workspace) adds nothing.
+    pub idempotency_key: Option<&'a str>,
+    /// Past this the row is no longer listed (a poll-mode message's TTL).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The row written, or the one an earlier call with the same idempotency key wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub id: i64,
+    pub duplicate: bool,
 }
 
 /// Appends a row; returns its id. Rows of one workspace get their ids in commit order: the
 /// insert first takes a per-workspace transaction lock, so a `since_id` reader can never
 /// see a later id commit before an earlier one and skip it. Call it inside a transaction
 /// (the lock is held to its end).
-pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<i64, sqlx::Error> {
+pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<Recorded, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('molecule.activity.' || $1::text, 0))")
         .bind(a.workspace.0)
         .execute(&mut *conn)
         .await?;
-    sqlx::query_scalar(
-        "INSERT INTO activity_logs (workspace_id, org_id, type, source_id, method, request_body, response_body, status, queue_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO activity_logs (workspace_id, org_id, type, source_id, method, request_body, response_body, status, \
+                                    queue_id, idempotency_key, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (workspace_id, COALESCE(source_id, ''), idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+         RETURNING id",
     )
     .bind(a.workspace.0)
     .bind(a.org.0)
@@ -50,8 +64,22 @@ pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<i64,
     .bind(a.response_body)
     .bind(a.status)
     .bind(a.queue_id)
+    .bind(a.idempotency_key)
+    .bind(a.expires_at)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = id {
+        return Ok(Recorded { id, duplicate: false });
+    }
+    let id = sqlx::query_scalar(
+        "SELECT id FROM activity_logs WHERE workspace_id = $1 AND COALESCE(source_id, '') = COALESCE($2, '') AND idempotency_key = $3",
+    )
+    .bind(a.workspace.0)
+    .bind(&a.source_id)
+    .bind(a.idempotency_key)
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(Recorded { id, duplicate: true })
 }
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -94,7 +122,7 @@ macro_rules! activity_select {
          WHERE workspace_id = $1 AND org_id = $2 \
            AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR source_id = $4) \
            AND ($5::bigint IS NULL OR created_at >= now() - make_interval(secs => $5)) \
-           AND ($6::bigint IS NULL OR id > $6)"
+           AND ($6::bigint IS NULL OR id > $6) AND (expires_at IS NULL OR expires_at > now())"
     };
 }
 

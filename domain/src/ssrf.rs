@@ -8,34 +8,38 @@ use std::net::IpAddr;
 #[error("{0}")]
 pub struct Refused(pub &'static str);
 
-/// Scheme, host and port of an http(s) URL.
-pub fn parse(url: &str) -> Result<(&str, String, u16), Refused> {
-    let (scheme, rest) = url.split_once("://").ok_or(Refused("the URL must start with http:// or https://"))?;
-    let default_port = match scheme {
-        "http" => 80,
-        "https" => 443,
+/// Where a URL points: an address literal or a name to resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// Scheme, host and port of an http(s) URL, read by the WHATWG URL parser — the one the
+/// HTTP client that later connects uses (reqwest is built on the same `url` crate), so
+/// the host judged here is the host connected to (a hand-written split once read
+/// `http://169.254.169.254\.x.example/` as a name under example while the client went to
+/// the metadata address). Forms only some parsers accept are refused outright.
+pub fn parse(url: &str) -> Result<(&'static str, Host, u16), Refused> {
+    if url.chars().any(|c| c == '\\' || c.is_whitespace() || c.is_control()) {
+        return Err(Refused("the URL has characters URLs do not carry (backslash, space or control)"));
+    }
+    let u = url::Url::parse(url).map_err(|_| Refused("the URL is not a valid http(s) URL"))?;
+    let scheme = match u.scheme() {
+        "http" => "http",
+        "https" => "https",
         _ => return Err(Refused("the URL must start with http:// or https://")),
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
+    if !u.username().is_empty() || u.password().is_some() {
         return Err(Refused("the URL must not carry credentials"));
     }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or(Refused("malformed IPv6 host"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
+    let host = match u.host() {
+        Some(url::Host::Ipv4(v4)) => Host::Ip(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Host::Ip(IpAddr::V6(v6)),
+        Some(url::Host::Domain(d)) if !d.is_empty() => Host::Name(d.to_string()),
+        _ => return Err(Refused("the URL has no host")),
     };
-    if host.is_empty() {
-        return Err(Refused("the URL has no host"));
-    }
-    let port = match port {
-        Some(p) => p.parse().map_err(|_| Refused("the URL's port is not a number"))?,
-        None => default_port,
-    };
+    let port = u.port_or_known_default().ok_or(Refused("the URL has no port"))?;
     Ok((scheme, host, port))
 }
 
@@ -46,26 +50,45 @@ fn forbidden(ip: IpAddr, allow_loopback: bool) -> Option<&'static str> {
             if v4.is_loopback() {
                 return (!allow_loopback).then_some("the URL resolves to a loopback address");
             }
-            if v4.is_private() || (o[0] == 100 && (64..128).contains(&o[1])) {
+            // RFC 1918, shared (CGNAT) 100.64/10, IETF protocol 192.0.0/24, benchmarking 198.18/15.
+            if v4.is_private()
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0], o[1], o[2]) == (192, 0, 0)
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+            {
                 return Some("the URL resolves to a private address");
             }
             if v4.is_link_local() {
                 return Some("the URL resolves to a link-local or metadata address");
             }
-            if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0 {
+            if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0 || o[0] >= 240 {
                 return Some("the URL resolves to a non-routable address");
             }
             None
         }
         IpAddr::V6(v6) => {
+            // IPv4 carried inside IPv6 is judged as the IPv4 address it reaches:
+            // mapped ::ffff:a.b.c.d, compatible ::a.b.c.d, NAT64 64:ff9b::/96, 6to4 2002::/16.
+            let seg = v6.segments();
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return forbidden(IpAddr::V4(v4), allow_loopback);
             }
-            let seg0 = v6.segments()[0];
+            let embedded = |hi: u16, lo: u16| IpAddr::V4(std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8));
+            if seg[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                return forbidden(embedded(seg[6], seg[7]), allow_loopback);
+            }
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return forbidden(embedded(seg[6], seg[7]), allow_loopback);
+            }
+            if seg[0] == 0x2002 {
+                return forbidden(embedded(seg[1], seg[2]), allow_loopback);
+            }
+            let seg0 = seg[0];
             if v6.is_loopback() {
                 return (!allow_loopback).then_some("the URL resolves to a loopback address");
             }
-            if (seg0 & 0xfe00) == 0xfc00 {
+            // Unique local fc00::/7 and the old site-local fec0::/10.
+            if (seg0 & 0xfe00) == 0xfc00 || (seg0 & 0xffc0) == 0xfec0 {
                 return Some("the URL resolves to a private address");
             }
             if (seg0 & 0xffc0) == 0xfe80 || v6.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254] {
@@ -90,9 +113,9 @@ pub fn check_ip(ip: IpAddr, allow_loopback: bool) -> Result<(), Refused> {
 /// Checks a URL and every address its host resolves to.
 pub async fn check(url: &str, allow_loopback: bool) -> Result<(), Refused> {
     let (_, host, port) = parse(url)?;
-    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+    let addrs: Vec<IpAddr> = match host {
+        Host::Ip(ip) => vec![ip],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
             .await
             .map_err(|_| Refused("the URL's host does not resolve"))?
             .map(|a| a.ip())
@@ -132,6 +155,18 @@ mod tests {
             ("127.0.0.1:80", true),
             ("http://:80/", true),
             ("http://127.0.0.1:notaport/", true),
+            // The host reqwest would connect to is the metadata address.
+            ("http://169.254.169.254\\.x.example.com/", true),
+            ("http://2852039166/", true), // 169.254.169.254 in decimal
+            ("http://0x7f.1/", false),    // 127.0.0.1
+            ("http://[::a9fe:a9fe]/", true),       // IPv4-compatible 169.254.169.254
+            ("http://[64:ff9b::a00:1]/", true),    // NAT64 10.0.0.1
+            ("http://[2002:a9fe:a9fe::1]/", true), // 6to4 169.254.169.254
+            ("http://[fec0::1]/", true),
+            ("http://192.0.0.8/", true),
+            ("http://198.18.0.1/", true),
+            ("http://240.0.0.1/", true),
+            ("http://exa mple.com/", true),
         ] {
             assert!(check(url, allow).await.is_err(), "{url} (allow_loopback={allow}) must be refused");
         }

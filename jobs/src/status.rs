@@ -190,6 +190,21 @@ fn view(r: ViewRow) -> JobView {
     r.into()
 }
 
+/// Of these jobs, the ones that have ended (succeeded, dead, expired, cancelled,
+/// interrupted), with how. For maintenance that settles rows whose job ended without
+/// writing them (the A2A TTL sweep).
+pub async fn ended(db: &PgPool, ids: &[String]) -> Result<Vec<(String, JobStatus)>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(concat!(
+        "SELECT j.id, ",
+        job_status_sql!(),
+        " FROM apalis.jobs j WHERE j.id = ANY($1) AND j.status IN ('Done', 'Killed')"
+    ))
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().filter_map(|(id, s)| JobStatus::parse(&s).map(|s| (id, s))).collect())
+}
+
 /// A job by id, whoever owns it (workers, operators, tests). API reads use [`get_for_org`].
 pub async fn get(db: &PgPool, id: &JobId) -> Result<Option<JobView>, sqlx::Error> {
     let row: Option<ViewRow> = sqlx::query_as(select_view!("j.id = $1")).bind(id.as_str()).fetch_optional(db).await?;

@@ -42,7 +42,7 @@ impl Relay {
                 image_local_override: false,
                 redactor: Some(Arc::new(molecule_domain::redact::Redactor::new())),
                 loki_url: None,
-                agents: molecule_workers::a2a::AgentClient::new(true),
+                agents: molecule_workers::a2a::AgentClient::new(true).expect("agent client"),
             };
             let concurrency = pools.map(|ks| ks.iter().map(|k| (*k, k.default_concurrency())).collect()).unwrap_or_default();
             let specs = molecule_workers::handlers::pool_specs(&deps, &concurrency);
@@ -296,6 +296,17 @@ async fn each_sdk_generation_receives_the_generation_it_speaks() {
     assert_eq!(reply["role"], "ROLE_AGENT", "a v1.0 caller reads a v1.0 reply: {}", d3["response"]);
     assert!(reply["parts"][0].get("kind").is_none() && reply["parts"][0]["text"].is_string());
     assert_eq!(seen_by_agent(reply["parts"][0]["text"].as_str().unwrap())["message_id"], "mid-10");
+
+    // A default the relay guessed (no card seen) is dropped when the agent does not know
+    // the method: the next attempt reads the card and delivers in v1.0.
+    sqlx::query("UPDATE workspaces SET a2a_version = '0.3', a2a_version_source = 'default' WHERE id = $1::uuid")
+        .bind(&w10)
+        .execute(&relay.db)
+        .await
+        .unwrap();
+    let q4 = relay.queue(&caller_token, &w10, &message_send("after a wrong guess")).await;
+    let d4 = relay.wait_for(&w10, &q4, &["completed", "failed"], Duration::from_secs(30)).await;
+    assert_eq!((d4["status"].as_str(), d4["agent_version"].as_str(), d4["attempts"].as_i64()), (Some("completed"), Some("1.0"), Some(2)), "{d4}");
 
     // The caller (a workspace token), the target and the org all read it; the activity
     // record of the delivery is on the target, with the caller as source.
@@ -690,6 +701,36 @@ async fn caller_identity_comes_from_the_bearer_and_a_disagreeing_header_is_refus
     // A poll inbox row holds the request in the agent's generation, ready to read.
     assert_eq!(rows["items"][0]["request_body"]["method"], "message/send");
     assert_eq!(rows["items"][0]["type"], "a2a_receive");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_inboxes_honour_idempotency_keys_and_ttls() {
+    let relay = Relay::api_only().await;
+    let (inbox, inbox_token) = relay.external("inbox", "poll").await;
+    let (_, caller_token) = relay.external("caller", "poll").await;
+    let mut keyed = message_send("once");
+    keyed["params"]["idempotency_key"] = json!("k-1");
+    let a = relay.send(&caller_token, &inbox, &keyed).await.json();
+    let b = relay.send(&caller_token, &inbox, &keyed).await.json();
+    assert_eq!(a["activity_id"], b["activity_id"]);
+    assert_eq!((a["duplicate"].as_bool(), b["duplicate"].as_bool()), (Some(false), Some(true)));
+    // Another sender's same key is its own message.
+    let c = relay.send(&relay.org, &inbox, &keyed).await.json();
+    assert_ne!(c["activity_id"], a["activity_id"]);
+
+    let mut short = message_send("short-lived");
+    short["params"]["expires_in_seconds"] = json!(1);
+    relay.send(&caller_token, &inbox, &short).await;
+    let listed = || async {
+        let v = relay.req("GET", &format!("/workspaces/{inbox}/activity?since_id=0"), &inbox_token, None, &[]).await.json();
+        v["items"].as_array().unwrap().iter().map(|i| i["request_body"]["params"]["message"]["parts"][0]["text"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(listed().await, vec!["once", "once", "short-lived"]);
+    eventually(Duration::from_secs(10), "the short-lived message to leave the inbox", || async {
+        (listed().await == vec!["once", "once"]).then_some(())
+    })
+    .await;
     relay.stop().await;
 }
 

@@ -48,7 +48,7 @@ impl Env {
             image_local_override: false,
             redactor: Some(Arc::new(molecule_domain::redact::Redactor::new())),
             loki_url: loki.clone(),
-            agents: molecule_workers::a2a::AgentClient::new(false),
+            agents: molecule_workers::a2a::AgentClient::new(false).expect("agent client"),
         };
         let mut specs = molecule_workers::handlers::pool_specs(&deps, &Default::default());
         for s in &mut specs {

@@ -259,7 +259,7 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
         image_local_override: false,
         redactor: None,
         loki_url: None,
-        agents: molecule_workers::a2a::AgentClient::new(true),
+        agents: molecule_workers::a2a::AgentClient::new(true).expect("agent client"),
     };
     let ws: uuid::Uuid = sqlx::query_scalar(
         "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
@@ -339,7 +339,7 @@ async fn rescue_capture_without_a_redactor_stores_and_ships_nothing() {
         image_local_override: false,
         redactor: None,
         loki_url: Some("http://127.0.0.254:9".into()),
-        agents: molecule_workers::a2a::AgentClient::new(true),
+        agents: molecule_workers::a2a::AgentClient::new(true).expect("agent client"),
     };
     let ws: uuid::Uuid = sqlx::query_scalar(
         "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \

@@ -92,7 +92,7 @@ mod tests {
             image_local_override: false,
             redactor: None,
             loki_url: None,
-            agents: crate::a2a::AgentClient::new(true),
+            agents: crate::a2a::AgentClient::new(true).expect("agent client"),
         };
         let ctx = molecule_jobs::JobContext {
             id: molecule_domain::JobId::generate(),

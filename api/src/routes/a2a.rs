@@ -80,6 +80,8 @@ pub struct Inboxed {
     pub method: String,
     /// The inbox row (`GET /workspaces/{id}/activity?since_id=…` reads after it).
     pub activity_id: i64,
+    /// True when this idempotency key was seen before: nothing new was added.
+    pub duplicate: bool,
 }
 
 fn rpc_error(e: &RpcError, id: &serde_json::Value) -> Response {
@@ -219,7 +221,7 @@ pub async fn send(
         // The inbox holds the request as the agent will read it: in its generation.
         let version = t.a2a_version.unwrap_or(AgentVersion::V03);
         let request = render_request(&n.id, n.operation, &n.params, version);
-        let activity_id = activity::record(
+        let recorded = activity::record(
             &mut tx,
             &NewActivity {
                 org: p.org,
@@ -231,12 +233,21 @@ pub async fn send(
                 response_body: None,
                 status: Some("queued"),
                 queue_id: None,
+                idempotency_key: key.as_deref(),
+                expires_at: n.expires_in_seconds.map(|s| Utc::now() + chrono::Duration::seconds(s)),
             },
         )
         .await?;
         tx.commit().await?;
-        tracing::info!(event = "a2a.inboxed", workspace_id = %target, org_id = %p.org, activity_id, method = n.method);
-        let body = Inboxed { status: "queued".into(), delivery_mode: DeliveryMode::Poll, method: n.method, activity_id };
+        tracing::info!(event = "a2a.inboxed", workspace_id = %target, org_id = %p.org, activity_id = recorded.id,
+            duplicate = recorded.duplicate, method = n.method);
+        let body = Inboxed {
+            status: "queued".into(),
+            delivery_mode: DeliveryMode::Poll,
+            method: n.method,
+            activity_id: recorded.id,
+            duplicate: recorded.duplicate,
+        };
         return Ok((StatusCode::OK, Json(body)).into_response());
     }
 

@@ -207,14 +207,14 @@ pub async fn start_attempt(db: &PgPool, queue_id: Uuid) -> Result<bool, sqlx::Er
 }
 
 /// The attempt failed in transport and will be retried: `queued` again, with why.
-pub async fn retry_later(db: &PgPool, queue_id: Uuid, error: &str) -> Result<(), sqlx::Error> {
+pub async fn retry_later(conn: &mut PgConnection, queue_id: Uuid, error: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE a2a_queue SET status = 'queued', last_error = $2, updated_at = now() \
          WHERE queue_id = $1 AND status IN ('queued', 'dispatched')",
     )
     .bind(queue_id)
     .bind(error)
-    .execute(db)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -233,7 +233,7 @@ pub struct Outcome<'a> {
 
 /// Writes a final outcome; never over another final one (a row the sweep expired stays
 /// expired). True when written.
-pub async fn finish(db: &PgPool, queue_id: Uuid, o: &Outcome<'_>) -> Result<bool, sqlx::Error> {
+pub async fn finish(conn: &mut PgConnection, queue_id: Uuid, o: &Outcome<'_>) -> Result<bool, sqlx::Error> {
     let n = sqlx::query(
         "UPDATE a2a_queue SET status = $2, response_status = $3, response_body = $4, \
          last_error = CASE WHEN $2 = 'completed' THEN NULL ELSE COALESCE($5, last_error) END, \
@@ -249,6 +249,37 @@ pub async fn finish(db: &PgPool, queue_id: Uuid, o: &Outcome<'_>) -> Result<bool
     .bind(o.restarting)
     .bind(o.retry_after_secs)
     .bind(o.agent_version)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Rows not final whose dispatch job may have ended without writing them (an attempt cut
+/// off by a shutdown, then expired or out of attempts): `(queue_id, job_id)` of rows not
+/// touched for `idle_secs`, oldest first.
+pub async fn unsettled(db: &PgPool, idle_secs: i64, batch: i64) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT queue_id, job_id FROM a2a_queue WHERE status IN ('queued', 'dispatched') AND job_id IS NOT NULL \
+         AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+    )
+    .bind(idle_secs)
+    .bind(batch)
+    .fetch_all(db)
+    .await
+}
+
+/// Settles a row whose job ended without an outcome: `expired` when its TTL has passed or
+/// its job expired, else `failed` with why. Never over a final status.
+pub async fn settle(db: &PgPool, queue_id: Uuid, job_expired: bool, why: &str) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE a2a_queue SET status = CASE WHEN $2 OR expires_at <= now() THEN 'expired' ELSE 'failed' END, \
+         last_error = COALESCE(last_error || '; ', '') || $3, completed_at = now(), updated_at = now() \
+         WHERE queue_id = $1 AND status IN ('queued', 'dispatched')",
+    )
+    .bind(queue_id)
+    .bind(job_expired)
+    .bind(why)
     .execute(db)
     .await?
     .rows_affected();

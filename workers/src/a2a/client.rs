@@ -10,9 +10,9 @@
 //! 10 s (TCP and TLS together), response headers 60 s, no whole-request timeout (agents
 //! may think for minutes while streaming their answer), 60 s between body reads.
 
-use molecule_domain::ssrf::{self, Refused};
+use molecule_domain::ssrf::{self, Host, Refused};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +73,9 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub fn new(allow_loopback: bool) -> AgentClient {
+    /// Fails only when the TLS backend cannot be set up; then no agent can be called, and
+    /// the process must not start its pools with a client that lacks these rules.
+    pub fn new(allow_loopback: bool) -> Result<AgentClient, String> {
         let http = reqwest::Client::builder()
             .dns_resolver(Arc::new(CheckedResolver { allow_loopback }))
             .connect_timeout(CONNECT_TIMEOUT)
@@ -81,10 +83,8 @@ impl AgentClient {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
-            // Building fails only when the TLS backend cannot initialise: then no agent
-            // can be called at all, and each call says so.
-            .unwrap_or_else(|_| reqwest::Client::new());
-        AgentClient { http, allow_loopback }
+            .map_err(|e| format!("cannot build the agent HTTP client: {e}"))?;
+        Ok(AgentClient { http, allow_loopback })
     }
 
     /// X5 before each request, on what the URL's host is now: an address literal, or
@@ -97,10 +97,11 @@ impl AgentClient {
         if trusted {
             return Ok(());
         }
-        match host.parse::<IpAddr>() {
-            Ok(ip) => ssrf::check_ip(ip, self.allow_loopback).map_err(CallError::Refused),
-            Err(_) => {
-                let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+        match host {
+            // An address literal is connected to as is (the resolver is not asked).
+            Host::Ip(ip) => ssrf::check_ip(ip, self.allow_loopback).map_err(CallError::Refused),
+            Host::Name(name) => {
+                let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((name.as_str(), port)).await {
                     Ok(a) => a.collect(),
                     // A name that does not resolve now may later: a transport failure.
                     Err(_) => return Err(CallError::Transport("the agent's host name does not resolve".into())),
