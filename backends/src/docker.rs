@@ -5,7 +5,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder,
+    ListContainersOptionsBuilder, ListVolumesOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
     UploadToContainerOptionsBuilder,
 };
@@ -482,6 +482,18 @@ impl Backend for DockerBackend {
                 workspace_id: c.labels.and_then(|l| l.get(WORKSPACE_LABEL).cloned()),
                 running: c.state.map(|s| format!("{s:?}").to_lowercase().contains("running")).unwrap_or(false),
             })
+            .collect())
+    }
+
+    async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{MANAGED_LABEL}=true")])]);
+        let opts = ListVolumesOptionsBuilder::default().filters(&filters).build();
+        let list = self.docker.list_volumes(Some(opts)).await.map_err(classify)?;
+        Ok(list
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| ManagedInstance { workspace_id: v.labels.get(WORKSPACE_LABEL).cloned(), name: v.name, running: false })
             .collect())
     }
 }

@@ -184,6 +184,11 @@ pub trait Backend: Send + Sync {
     /// reason to restart. `(false, None)` only when definitely not running.
     async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>);
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
+    /// Config volumes the backend manages (carrying the managed label); `running` is false.
+    /// Backends without volumes list none.
+    async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        Ok(vec![])
+    }
     /// Runs argv in the workspace; on timeout the process is killed.
     async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError>;
     /// The fixed rescue section set (J4), raw (the caller redacts): each section's text,
@@ -216,6 +221,9 @@ impl Backend for NoBackend {
         (true, Some(BackendError::NoBackend))
     }
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
         Err(BackendError::NoBackend)
     }
     async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {

@@ -225,21 +225,102 @@ pub struct WorkerArgs {
     pub claim_batch: u64,
 }
 
+/// A sweeper's schedule: a cron expression, or `off`.
+#[derive(Clone, Debug)]
+pub struct Cron(pub Option<cron::Schedule>);
+
+fn parse_schedule(s: &str) -> Result<Cron, String> {
+    molecule_scheduler::parse_cron(s).map(Cron)
+}
+
+/// `runtime=seconds,…` (S1's per-runtime timeouts).
+fn parse_runtime_secs(s: &str) -> Result<(String, u64), String> {
+    let (runtime, secs) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected RUNTIME=SECONDS"))?;
+    let secs: u64 = secs.trim().parse().map_err(|_| format!("{s:?}: seconds must be a whole number"))?;
+    if runtime.trim().is_empty() || !(1..=86_400).contains(&secs) {
+        return Err(format!("{s:?}: a runtime name and 1 to 86400 seconds"));
+    }
+    Ok((runtime.trim().to_string(), secs))
+}
+
+/// Cron schedules (seconds first; 5 fields also accepted; `off` disables) and settings of
+/// the sweepers (SPEC §5).
 #[derive(Args, Debug, Clone)]
 pub struct SchedulerArgs {
-    /// Seconds between retention sweeps.
-    #[arg(long, env = "MOLECULE_RETENTION_SWEEP_SECS", value_name = "MOLECULE_RETENTION_SWEEP_SECS", default_value_t = 600,
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub retention_every_secs: u64,
-    /// Finished jobs (succeeded, dead, expired, cancelled) are pruned after this many seconds.
-    #[arg(long, env = "MOLECULE_JOB_RETENTION_SECS", value_name = "MOLECULE_JOB_RETENTION_SECS", default_value_t = 604_800,
-          value_parser = clap::value_parser!(u64).range(60..))]
-    pub job_retention_secs: u64,
+    /// S1: workspaces `provisioning` too long → failed + rescue.
+    #[arg(long, env = "MOLECULE_SWEEP_PROVISION_TIMEOUT", value_name = "MOLECULE_SWEEP_PROVISION_TIMEOUT",
+          default_value = "*/30 * * * * *", value_parser = parse_schedule)]
+    pub sweep_provision_timeout: Cron,
+    /// S2: containers and volumes of removed workspaces, and managed containers without a row, reaped.
+    #[arg(long, env = "MOLECULE_SWEEP_ORPHANS", value_name = "MOLECULE_SWEEP_ORPHANS", default_value = "0 * * * * *",
+          value_parser = parse_schedule)]
+    pub sweep_orphans: Cron,
+    /// S3: stale tokens of workspaces with no running container revoked.
+    #[arg(long, env = "MOLECULE_SWEEP_STALE_TOKENS", value_name = "MOLECULE_SWEEP_STALE_TOKENS",
+          default_value = "30 */5 * * * *", value_parser = parse_schedule)]
+    pub sweep_stale_tokens: Cron,
+    /// S4: dead containers of online workspaces restarted; silent external agents → awaiting_agent.
+    #[arg(long, env = "MOLECULE_SWEEP_HEALTH", value_name = "MOLECULE_SWEEP_HEALTH", default_value = "*/30 * * * * *",
+          value_parser = parse_schedule)]
+    pub sweep_health: Cron,
+    /// S5: idle workspaces hibernated (only when MOLECULE_HIBERNATE_IDLE_SECS is set).
+    #[arg(long, env = "MOLECULE_SWEEP_HIBERNATION", value_name = "MOLECULE_SWEEP_HIBERNATION",
+          default_value = "0 */5 * * * *", value_parser = parse_schedule)]
+    pub sweep_hibernation: Cron,
+    /// S6: queued A2A messages past their TTL → expired.
+    #[arg(long, env = "MOLECULE_SWEEP_A2A_TTL", value_name = "MOLECULE_SWEEP_A2A_TTL", default_value = "*/30 * * * * *",
+          value_parser = parse_schedule)]
+    pub sweep_a2a_ttl: Cron,
+    /// S7: old rows pruned, table by table.
+    #[arg(long, env = "MOLECULE_SWEEP_RETENTION", value_name = "MOLECULE_SWEEP_RETENTION", default_value = "0 */10 * * * *",
+          value_parser = parse_schedule)]
+    pub sweep_retention: Cron,
     /// Seconds a workspace may stay `provisioning` (its agent never registered) before it
-    /// is marked failed with a rescue capture (S1; checked every tenth of it, at most 30 s).
+    /// is marked failed with a rescue capture (S1).
     #[arg(long, env = "MOLECULE_PROVISION_TIMEOUT_SECS", value_name = "MOLECULE_PROVISION_TIMEOUT_SECS",
           default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub provision_timeout_secs: u64,
+    /// Per-runtime provision timeouts that replace MOLECULE_PROVISION_TIMEOUT_SECS, e.g.
+    /// `echo=60,claude-code=900`.
+    #[arg(long, env = "MOLECULE_PROVISION_TIMEOUTS", value_name = "MOLECULE_PROVISION_TIMEOUTS", value_delimiter = ',',
+          value_parser = parse_runtime_secs)]
+    pub provision_timeouts: Vec<(String, u64)>,
+    /// S3: tokens younger than this are never revoked (a restart's fresh token).
+    #[arg(long, env = "MOLECULE_TOKEN_STALE_GRACE_SECS", value_name = "MOLECULE_TOKEN_STALE_GRACE_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub token_grace_secs: u64,
+    /// S4: an external agent that has not heartbeated for this long → awaiting_agent.
+    #[arg(long, env = "MOLECULE_HEARTBEAT_STALE_SECS", value_name = "MOLECULE_HEARTBEAT_STALE_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub heartbeat_stale_secs: u64,
+    /// S5: a workspace idle (no A2A message to or from it, no exec) this long is
+    /// hibernated; 0 = never.
+    #[arg(long, env = "MOLECULE_HIBERNATE_IDLE_SECS", value_name = "MOLECULE_HIBERNATE_IDLE_SECS", default_value_t = 0)]
+    pub hibernate_idle_secs: u64,
+    /// S7: finished jobs and their exec output are pruned after this many seconds.
+    #[arg(long, env = "MOLECULE_JOB_RETENTION_SECS", value_name = "MOLECULE_JOB_RETENTION_SECS", default_value_t = 604_800,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub job_retention_secs: u64,
+    /// S7: activity rows (poll inboxes, delivery records).
+    #[arg(long, env = "MOLECULE_ACTIVITY_RETENTION_SECS", value_name = "MOLECULE_ACTIVITY_RETENTION_SECS",
+          default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(60..))]
+    pub activity_retention_secs: u64,
+    /// S7: finished A2A queue rows.
+    #[arg(long, env = "MOLECULE_A2A_RETENTION_SECS", value_name = "MOLECULE_A2A_RETENTION_SECS", default_value_t = 604_800,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub a2a_retention_secs: u64,
+    /// S7: exec audit rows.
+    #[arg(long, env = "MOLECULE_AUDIT_RETENTION_SECS", value_name = "MOLECULE_AUDIT_RETENTION_SECS", default_value_t = 7_776_000,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub audit_retention_secs: u64,
+    /// S7: workspace lifecycle events.
+    #[arg(long, env = "MOLECULE_EVENT_RETENTION_SECS", value_name = "MOLECULE_EVENT_RETENTION_SECS", default_value_t = 2_592_000,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub event_retention_secs: u64,
+    /// S7: rescue bundles.
+    #[arg(long, env = "MOLECULE_RESCUE_RETENTION_SECS", value_name = "MOLECULE_RESCUE_RETENTION_SECS", default_value_t = 2_592_000,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub rescue_retention_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -292,17 +373,64 @@ impl WorkerArgs {
 
 impl SchedulerArgs {
     pub fn config(&self) -> molecule_scheduler::SchedulerConfig {
-        molecule_scheduler::SchedulerConfig {
-            retention_every: Duration::from_secs(self.retention_every_secs),
-            job_retention: Duration::from_secs(self.job_retention_secs),
-            provision_timeout: Duration::from_secs(self.provision_timeout_secs),
-        }
+        use molecule_jobs::sweeper::{Retention, SweepArgs, Sweeper};
+        let settings = |s: Sweeper| {
+            let mut a = SweepArgs::new(s);
+            match s {
+                Sweeper::ProvisionTimeout => {
+                    a.timeout_s = Some(self.provision_timeout_secs);
+                    a.runtime_timeout_s = self.provision_timeouts.iter().cloned().collect();
+                }
+                Sweeper::StaleTokens => a.grace_s = Some(self.token_grace_secs),
+                Sweeper::Health => a.heartbeat_stale_s = Some(self.heartbeat_stale_secs),
+                Sweeper::Hibernation => a.idle_s = Some(self.hibernate_idle_secs),
+                Sweeper::Retention => {
+                    a.retention = Some(Retention {
+                        jobs_s: self.job_retention_secs,
+                        activity_s: self.activity_retention_secs,
+                        a2a_s: self.a2a_retention_secs,
+                        audit_s: self.audit_retention_secs,
+                        events_s: self.event_retention_secs,
+                        rescue_s: self.rescue_retention_secs,
+                    })
+                }
+                Sweeper::Orphans | Sweeper::A2aTtl => {}
+            }
+            a
+        };
+        let schedules = [
+            (Sweeper::ProvisionTimeout, &self.sweep_provision_timeout),
+            (Sweeper::Orphans, &self.sweep_orphans),
+            (Sweeper::StaleTokens, &self.sweep_stale_tokens),
+            (Sweeper::Health, &self.sweep_health),
+            (Sweeper::Hibernation, &self.sweep_hibernation),
+            (Sweeper::A2aTtl, &self.sweep_a2a_ttl),
+            (Sweeper::Retention, &self.sweep_retention),
+        ]
+        .into_iter()
+        .filter_map(|(s, c)| c.0.clone().map(|cron| molecule_scheduler::Schedule { cron, args: settings(s) }))
+        .collect();
+        // Fired ticks outlive every job (twice the job retention, at least 30 days).
+        let tick_retention = Duration::from_secs((2 * self.job_retention_secs).max(30 * 24 * 3600));
+        molecule_scheduler::SchedulerConfig { schedules, tick_retention }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweepers_can_be_switched_off_one_by_one() {
+        let cli = Cli::try_parse_from(["molecule", "scheduler", "--sweep-hibernation", "off", "--sweep-health", "*/2 * * * * *",
+            "--provision-timeouts", "echo=60,claude-code=900"]).unwrap();
+        let Some(Command::Scheduler(args)) = cli.command else { panic!("scheduler") };
+        let cfg = args.config();
+        assert_eq!(cfg.schedules.len(), 6);
+        assert!(cfg.schedules.iter().all(|s| s.args.sweeper != molecule_jobs::sweeper::Sweeper::Hibernation));
+        let s1 = cfg.schedules.iter().find(|s| s.args.sweeper == molecule_jobs::sweeper::Sweeper::ProvisionTimeout).unwrap();
+        assert_eq!(s1.args.runtime_timeout_s.get("claude-code"), Some(&900));
+    }
 
     #[test]
     fn pools_parse_and_bad_ones_are_named() {
@@ -318,5 +446,9 @@ mod tests {
         assert!(err.contains("LISTEN_ADDR"), "{err}");
         let err = Cli::try_parse_from(["molecule", "worker", "--pool", "bogus=2"]).unwrap_err().to_string();
         assert!(err.contains("MOLECULE_POOLS"), "{err}");
+        let err = Cli::try_parse_from(["molecule", "scheduler", "--sweep-orphans", "every minute"]).unwrap_err().to_string();
+        assert!(err.contains("MOLECULE_SWEEP_ORPHANS"), "{err}");
+        let err = Cli::try_parse_from(["molecule", "scheduler", "--provision-timeouts", "echo"]).unwrap_err().to_string();
+        assert!(err.contains("MOLECULE_PROVISION_TIMEOUTS"), "{err}");
     }
 }

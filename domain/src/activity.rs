@@ -82,6 +82,15 @@ pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<Reco
     Ok(Recorded { id, duplicate: true })
 }
 
+/// Records that these workspaces did something asked of them now (an A2A message to or
+/// from them, an exec): S5 hibernates only workspaces idle since. Run it in the
+/// transaction that records the request.
+pub async fn mark_active(conn: &mut PgConnection, workspaces: &[WorkspaceId]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = workspaces.iter().map(|w| w.0).collect();
+    sqlx::query("UPDATE workspaces SET last_active_at = now() WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    Ok(())
+}
+
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Activity {
     pub id: i64,
@@ -155,4 +164,16 @@ pub async fn list(db: &PgPool, org: OrgId, ws: WorkspaceId, f: &Filter) -> Resul
         .fetch_all(db)
         .await?;
     Ok(Page::Rows(rows))
+}
+
+/// S7: rows older than `older_than`, in batches; returns how many.
+pub async fn prune(db: &PgPool, older_than: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    crate::db::delete_in_batches(
+        db,
+        "DELETE FROM activity_logs WHERE id IN \
+         (SELECT id FROM activity_logs WHERE created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2)",
+        older_than,
+        batch,
+    )
+    .await
 }

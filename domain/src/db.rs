@@ -21,6 +21,21 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Runs a batched DELETE until a batch comes back short; returns the rows deleted. `sql`
+/// takes the age in seconds as `$1` and the batch size as `$2`, and deletes at most one
+/// batch (`… WHERE id IN (SELECT id … ORDER BY <age> LIMIT $2)`), so no statement holds
+/// many locks or runs long (S7).
+pub async fn delete_in_batches(db: &PgPool, sql: &'static str, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(sql).bind(older_than.as_secs_f64()).bind(batch).execute(db).await?.rows_affected();
+        total += n;
+        if (n as i64) < batch {
+            return Ok(total);
+        }
+    }
+}
+
 /// Opens a pool. `acquire_timeout` is short so a database outage surfaces as an error
 /// quickly (callers back off and retry) instead of a hang.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {

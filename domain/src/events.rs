@@ -22,3 +22,15 @@ pub async fn record(
         .await?;
     Ok(())
 }
+
+/// S7: events older than `older_than`, in batches; returns how many.
+pub async fn prune(db: &sqlx::PgPool, older_than: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    crate::db::delete_in_batches(
+        db,
+        "DELETE FROM structure_events WHERE id IN \
+         (SELECT id FROM structure_events WHERE created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2)",
+        older_than,
+        batch,
+    )
+    .await
+}

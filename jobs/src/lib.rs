@@ -11,6 +11,7 @@
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
 //! - [`output`]: job output chunks for streaming readers, and the "finished" announcement.
 //! - [`maintenance`]: the lease rescuer and the pruner, one file each with its test.
+//! - [`sweeper`]: the sweepers and their jobs' payload (SPEC §5).
 //! - [`restarts`]: restart requests, coalesced per workspace (A4, J6).
 //! - [`kinds`]: the job kinds of the product, their retry policies and shutdown rules.
 //!
@@ -28,6 +29,7 @@ pub mod runtime;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod sweeper;
 pub mod verdicts;
 
 pub use enqueue::{enqueue, enqueue_many, NewJob};

@@ -1,96 +1,102 @@
-//! The scheduler: fires sweeper jobs on their ticks. Each tick's job carries the
-//! idempotency key (sweeper, tick), so any number of scheduler replicas fire it once.
-//! Today: retention (S7), provision timeout (S1) and A2A TTL (S6) on fixed periods; the
-//! other sweepers (S2–S5) and cron expressions per sweeper are not built yet.
+//! The scheduler (SPEC §5): fires one `sweep` job per sweeper per cron tick. Safe on any
+//! number of replicas: a tick is claimed by inserting `(sweeper, tick)` into
+//! `scheduler_ticks` in the transaction that enqueues its job ([`ticks`]), so each tick
+//! fires once. Ticks missed while no scheduler ran, or while the database was away, are
+//! not replayed: a scheduler fires only the latest tick due, and on start only ticks
+//! after its start.
 
-use molecule_jobs::{enqueue, JobKind, NewJob};
+pub mod ticks;
+
+use chrono::{DateTime, Utc};
+use molecule_jobs::sweeper::{SweepArgs, Sweeper};
 use sqlx::PgPool;
+use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// One sweeper's schedule and the settings its jobs carry.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub cron: cron::Schedule,
+    pub args: SweepArgs,
+}
+
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
-    /// How often the retention sweep runs.
-    pub retention_every: Duration,
-    /// Finished jobs older than this are pruned.
-    pub job_retention: Duration,
-    /// How long a workspace may stay `provisioning` (S1).
-    pub provision_timeout: Duration,
+    /// The sweepers that run (a sweeper set `off` is absent).
+    pub schedules: Vec<Schedule>,
+    /// How long fired ticks are remembered (longer than jobs are kept).
+    pub tick_retention: Duration,
 }
 
-/// One sweeper the scheduler fires: its name, period and job settings.
-struct Sweeper {
-    name: &'static str,
-    every: Duration,
-    args: serde_json::Value,
-}
-
-impl SchedulerConfig {
-    fn sweepers(&self) -> Vec<Sweeper> {
-        vec![
-            Sweeper {
-                name: "retention",
-                every: self.retention_every,
-                args: serde_json::json!({ "retention_s": self.job_retention.as_secs() }),
-            },
-            Sweeper {
-                name: "provision_timeout",
-                every: provision_sweep_period(self.provision_timeout),
-                args: serde_json::json!({ "timeout_s": self.provision_timeout.as_secs() }),
-            },
-            // Lookups read a message past its TTL as expired at once; this writes it down.
-            Sweeper { name: "a2a_ttl", every: A2A_TTL_SWEEP_PERIOD, args: serde_json::json!({}) },
-        ]
+/// The default schedule of each sweeper (cron with a seconds field).
+pub fn default_cron(s: Sweeper) -> &'static str {
+    match s {
+        Sweeper::ProvisionTimeout => "*/30 * * * * *",
+        Sweeper::Orphans => "0 * * * * *",
+        Sweeper::StaleTokens => "30 */5 * * * *",
+        Sweeper::Health => "*/30 * * * * *",
+        Sweeper::Hibernation => "0 */5 * * * *",
+        Sweeper::A2aTtl => "*/30 * * * * *",
+        Sweeper::Retention => "0 */10 * * * *",
     }
 }
 
-/// S6's period.
-pub const A2A_TTL_SWEEP_PERIOD: Duration = Duration::from_secs(30);
-
-/// S1 runs often enough that a timeout is noticed within a tenth of itself (at most 30 s late).
-pub fn provision_sweep_period(timeout: Duration) -> Duration {
-    (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+/// A schedule as an operator writes it: `off`, a 6- or 7-field cron expression (seconds
+/// first, then minutes, hours, day of month, month, day of week, and optionally year), or
+/// a classic 5-field one (its seconds are 0).
+pub fn parse_cron(expr: &str) -> Result<Option<cron::Schedule>, String> {
+    let expr = expr.trim();
+    if expr.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let fields = expr.split_whitespace().count();
+    let full = match fields {
+        5 => format!("0 {expr}"),
+        6 | 7 => expr.to_string(),
+        _ => return Err(format!("{expr:?}: a cron expression has 5, 6 or 7 fields (or write `off`)")),
+    };
+    cron::Schedule::from_str(&full).map(Some).map_err(|e| format!("{expr:?}: not a cron expression: {e}"))
 }
 
-/// The tick a moment belongs to: the start of its `every`-long slot since the epoch.
-pub fn tick_of(now_s: i64, every: Duration) -> i64 {
-    let e = every.as_secs().max(1) as i64;
-    now_s - now_s.rem_euclid(e)
-}
-
-/// Enqueues one sweep job for `sweeper` at `tick`; a second call for the same tick is a no-op.
-pub async fn fire(db: &PgPool, sweeper: &str, tick: i64, args: serde_json::Value) -> Result<String, sqlx::Error> {
-    let mut conn = db.acquire().await?;
-    let mut payload = args;
-    payload["sweeper"] = serde_json::Value::String(sweeper.to_string());
-    let job = NewJob::new(JobKind::Sweep, &payload).idempotency_key(format!("{sweeper}:{tick}"));
-    Ok(enqueue(&mut conn, &job).await?.to_string())
+/// The latest tick of `schedule` after `after` and no later than `now`: the one to fire.
+/// Earlier ones in between were missed and are not replayed.
+pub fn due_tick(schedule: &cron::Schedule, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    schedule.after(&after).take_while(|t| *t <= now).last()
 }
 
 pub async fn run(db: PgPool, cfg: SchedulerConfig, mut shutdown: watch::Receiver<bool>) {
-    let sweepers = cfg.sweepers();
-    for s in &sweepers {
-        tracing::info!(sweeper = s.name, every_s = s.every.as_secs(), "scheduler: sweeper");
+    for s in &cfg.schedules {
+        tracing::info!(sweeper = %s.args.sweeper, schedule = %s.cron, "scheduler: sweeper");
     }
-    let mut last_tick: Vec<Option<i64>> = vec![None; sweepers.len()];
+    let start = Utc::now();
+    let mut last: Vec<DateTime<Utc>> = vec![start; cfg.schedules.len()];
+    let mut pruned_at: Option<DateTime<Utc>> = None;
     loop {
-        let now = chrono::Utc::now().timestamp();
-        let mut wait = Duration::from_secs(3600);
-        for (s, last) in sweepers.iter().zip(last_tick.iter_mut()) {
-            let tick = tick_of(now, s.every);
-            if *last != Some(tick) {
-                match fire(&db, s.name, tick, s.args.clone()).await {
-                    Ok(job_id) => {
-                        tracing::debug!(event = "sweep.fired", sweeper = s.name, tick, job_id, "sweep enqueued");
-                        *last = Some(tick);
-                    }
-                    Err(e) => tracing::warn!(sweeper = s.name, error = %e, "cannot enqueue sweep; retrying"),
+        let now = Utc::now();
+        for (s, last) in cfg.schedules.iter().zip(last.iter_mut()) {
+            let Some(tick) = due_tick(&s.cron, *last, now) else { continue };
+            match ticks::fire(&db, &s.args, tick).await {
+                Ok(fired) => {
+                    tracing::debug!(event = "sweep.fired", sweeper = %s.args.sweeper, %tick, ?fired);
+                    *last = tick;
                 }
+                // Kept as it was: the next turn fires the latest tick then due.
+                Err(e) => tracing::warn!(sweeper = %s.args.sweeper, error = %e, "cannot enqueue sweep; retrying"),
             }
-            let next = tick + s.every.as_secs().max(1) as i64;
-            let this = if *last == Some(tick) { Duration::from_secs((next - now).max(1) as u64) } else { Duration::from_secs(2) };
-            wait = wait.min(this);
         }
+        if pruned_at.is_none_or(|p| now - p > chrono::Duration::hours(1)) {
+            match ticks::prune(&db, cfg.tick_retention).await {
+                Ok(_) => pruned_at = Some(now),
+                Err(e) => tracing::warn!(error = %e, "cannot prune fired ticks"),
+            }
+        }
+        // Until the earliest next tick (a failed fire is retried within a second).
+        let next = cfg.schedules.iter().zip(&last).filter_map(|(s, l)| s.cron.after(l).next()).min();
+        let wait = next
+            .map(|t| (t - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::from_secs(3600))
+            .clamp(Duration::from_millis(50), Duration::from_secs(60));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
@@ -101,19 +107,28 @@ pub async fn run(db: PgPool, cfg: SchedulerConfig, mut shutdown: watch::Receiver
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
-    fn ticks_are_slot_starts() {
-        let ten = Duration::from_secs(600);
-        assert_eq!(tick_of(1_200, ten), 1_200);
-        assert_eq!(tick_of(1_799, ten), 1_200);
-        assert_eq!(tick_of(1_800, ten), 1_800);
+    fn schedules_parse_with_or_without_seconds_and_off() {
+        assert!(parse_cron("off").unwrap().is_none());
+        assert!(parse_cron("*/2 * * * * *").unwrap().is_some());
+        assert!(parse_cron("*/5 * * * *").unwrap().is_some(), "5 fields: seconds 0");
+        assert!(parse_cron("* * *").unwrap_err().contains("5, 6 or 7 fields"));
+        assert!(parse_cron("61 * * * * *").is_err());
+        for s in Sweeper::ALL {
+            assert!(parse_cron(default_cron(s)).unwrap().is_some(), "{s}");
+        }
     }
 
     #[test]
-    fn provision_sweeps_run_within_a_tenth_of_the_timeout() {
-        assert_eq!(provision_sweep_period(Duration::from_secs(600)), Duration::from_secs(30));
-        assert_eq!(provision_sweep_period(Duration::from_secs(100)), Duration::from_secs(10));
-        assert_eq!(provision_sweep_period(Duration::from_secs(3)), Duration::from_secs(1));
+    fn only_the_latest_missed_tick_fires() {
+        let every_10s = parse_cron("*/10 * * * * *").unwrap().unwrap();
+        let t = |s: u32| Utc.with_ymd_and_hms(2026, 11, 30, 12, 0, 0).unwrap() + chrono::Duration::seconds(s as i64);
+        assert_eq!(due_tick(&every_10s, t(0), t(5)), None);
+        assert_eq!(due_tick(&every_10s, t(0), t(10)), Some(t(10)));
+        // A minute without firing (the database was away): one tick, the latest.
+        assert_eq!(due_tick(&every_10s, t(0), t(65)), Some(t(60)));
+        assert_eq!(due_tick(&every_10s, t(60), t(65)), None);
     }
 }

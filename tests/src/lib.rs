@@ -234,3 +234,80 @@ pub fn open_auth() -> molecule_api::AuthConfig {
 pub fn strict_auth() -> molecule_api::AuthConfig {
     molecule_api::AuthConfig { admin_token: None, dev: false, org_pin: molecule_api::OrgPin::Any, allow_loopback_agents: false }
 }
+
+/// The API and worker pools over one fresh database, in this process: what `serve` runs,
+/// with the backend a test chooses.
+pub struct Platform {
+    pub db: sqlx::PgPool,
+    pub url: String,
+    pub addr: String,
+    /// An org token.
+    pub org: String,
+    pub rt: Option<molecule_jobs::Runtime>,
+}
+
+impl Platform {
+    /// `pools`: the kinds that run here (empty: none).
+    pub async fn start(backend: std::sync::Arc<dyn molecule_backends::Backend>, pools: &[molecule_jobs::JobKind]) -> Platform {
+        let (db, url) = fresh_db().await;
+        let addr = start_api(db.clone(), open_auth()).await;
+        let mut c = db.acquire().await.unwrap();
+        let (_, org) = molecule_domain::tokens::create_org(&mut c, "platform").await.unwrap();
+        drop(c);
+        let rt = (!pools.is_empty()).then(|| {
+            let deps = molecule_workers::Deps {
+                db: db.clone(),
+                backend,
+                platform_url: format!("http://{addr}"),
+                registry: molecule_backends::image::DEFAULT_REGISTRY.into(),
+                image_local_override: false,
+                redactor: Some(std::sync::Arc::new(molecule_domain::redact::Redactor::new())),
+                loki_url: None,
+                agents: molecule_workers::a2a::AgentClient::new(true).expect("agent client"),
+            };
+            let concurrency = pools.iter().map(|k| (*k, k.default_concurrency())).collect();
+            let specs = molecule_workers::handlers::pool_specs(&deps, &concurrency);
+            let cfg = molecule_jobs::RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
+            molecule_jobs::Runtime::start(db.clone(), cfg, specs)
+        });
+        Platform { db, url, addr, org, rt }
+    }
+
+    pub async fn req(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Resp {
+        let body = body.map(|b| b.to_string());
+        http(&self.addr, method, path, Some(&self.org), body.as_deref(), None).await
+    }
+
+    pub async fn status(&self, ws: &str) -> String {
+        self.req("GET", &format!("/workspaces/{ws}"), None).await.json()["status"].as_str().unwrap_or("").to_string()
+    }
+
+    pub async fn wait_status(&self, ws: &str, want: &str, within: Duration) {
+        eventually(within, &format!("workspace {ws} to be {want}"), || async { (self.status(ws).await == want).then_some(()) }).await
+    }
+
+    /// Creates a workspace; returns its id.
+    pub async fn create(&self, body: serde_json::Value) -> String {
+        let r = self.req("POST", "/workspaces", Some(&body)).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.json()["workspace"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Deletes a workspace and waits for its stop jobs.
+    pub async fn delete(&self, ws: &str) {
+        let r = self.req("DELETE", &format!("/workspaces/{ws}"), None).await;
+        for j in r.json()["job_ids"].as_array().cloned().unwrap_or_default() {
+            let j = j.as_str().unwrap().to_string();
+            eventually(Duration::from_secs(30), "the stop job", || async {
+                (self.req("GET", &format!("/jobs/{j}"), None).await.json()["status"] == "succeeded").then_some(())
+            })
+            .await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown().await;
+        }
+    }
+}

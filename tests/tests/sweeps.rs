@@ -1,106 +1,323 @@
-//! Sweepers against a real PostgreSQL (SPEC §5): their predicates, re-checked in their
-//! UPDATEs, and what they leave on the workspace.
+//! The scheduler and the sweepers for real (SPEC §5): scheduler processes sharing one
+//! PostgreSQL, and sweeps against workspaces on the Docker engine. Each sweeper's
+//! predicates are pinned by the tests beside it (`workers/src/sweeps/`); these are the
+//! end-to-end acceptance runs.
 
+use molecule_backends::docker::{container_name, volume_name, DockerBackend, DockerConfig};
+use molecule_backends::{Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, StartSpec, Started};
 use molecule_domain::WorkspaceId;
-use molecule_jobs::verdicts;
-use molecule_tests::fresh_db;
-use molecule_workers::sweeps::provision_timeout;
-use sqlx::PgPool;
+use molecule_jobs::JobKind;
+use molecule_tests::{bin_path, eventually, fresh_db, Platform, Proc};
+use molecule_workers::sweeps::{health, hibernation, orphans, provision_timeout, stale_tokens};
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
-async fn workspace(db: &PgPool, org: uuid::Uuid, status: &str, age_s: i64) -> uuid::Uuid {
-    let id: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', 3, $2::workspace_status) RETURNING id",
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn exists(kind: &str, name: &str) -> bool {
+    docker(&[kind, "inspect", name]).0
+}
+
+async fn docker_backend() -> Arc<dyn Backend> {
+    Arc::new(DockerBackend::connect(DockerConfig::local()).await.expect("a Docker engine (tests/run.sh starts one)"))
+}
+
+/// Three scheduler processes, one 2-second schedule, 20 seconds: each tick fired once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_schedulers_fire_each_tick_once() {
+    let (db, url) = fresh_db().await;
+    let mut procs: Vec<Proc> = (0..3)
+        .map(|i| {
+            let mut cmd = Command::new(bin_path("molecule"));
+            cmd.arg("scheduler").env("DATABASE_URL", &url).env("MOLECULE_SWEEP_A2A_TTL", "*/2 * * * * *");
+            for other in ["PROVISION_TIMEOUT", "ORPHANS", "STALE_TOKENS", "HEALTH", "HIBERNATION", "RETENTION"] {
+                cmd.env(format!("MOLECULE_SWEEP_{other}"), "off");
+            }
+            Proc::spawn(cmd, &format!("scheduler-{i}"))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    for p in &mut procs {
+        p.signal(libc::SIGTERM);
+    }
+    for p in &mut procs {
+        assert_eq!(p.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0), "{} exits 0", p.name);
+    }
+    let ticks: Vec<(chrono::DateTime<chrono::Utc>, Option<String>)> =
+        sqlx::query_as("SELECT tick, job_id FROM scheduler_ticks WHERE sweeper = 'a2a_ttl' ORDER BY tick").fetch_all(&db).await.unwrap();
+    assert!(ticks.len() >= 8, "about ten ticks in 20 s: {}", ticks.len());
+    for w in ticks.windows(2) {
+        assert_eq!((w[1].0 - w[0].0).num_seconds(), 2, "every tick, none twice: {:?}", ticks.iter().map(|t| t.0).collect::<Vec<_>>());
+    }
+    let jobs: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, idempotency_key FROM apalis.jobs WHERE job_type = 'sweep'").fetch_all(&db).await.unwrap();
+    assert_eq!(jobs.len(), ticks.len(), "one sweep job per tick");
+    let fired: HashSet<&str> = ticks.iter().filter_map(|t| t.1.as_deref()).collect();
+    assert!(jobs.iter().all(|(id, _)| fired.contains(id.as_str())));
+    let payload: Vec<u8> = sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE job_type = 'sweep' LIMIT 1").fetch_one(&db).await.unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["sweeper"], "a2a_ttl");
+}
+
+/// S1 end to end: a workspace whose agent never registered is failed, and its rescue
+/// capture runs and stores one bundle with the trigger `provision_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_stuck_provisioning_fails_with_one_rescue_bundle() {
+    let p = Platform::start(docker_backend().await, &[JobKind::RescueCapture]).await;
+    let org: uuid::Uuid = sqlx::query_scalar("SELECT id FROM organizations").fetch_one(&p.db).await.unwrap();
+    let ws: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'stuck', 'echo', 3, 'provisioning') RETURNING id",
     )
     .bind(org)
-    .bind(status)
-    .fetch_one(db)
+    .fetch_one(&p.db)
     .await
     .unwrap();
-    // Backdate its entry into the status (the trigger sets it on status changes only).
-    sqlx::query("UPDATE workspaces SET status_changed_at = now() - make_interval(secs => $2) WHERE id = $1")
-        .bind(id)
-        .bind(age_s as f64)
-        .execute(db)
-        .await
-        .unwrap();
-    id
+    sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '11 minutes' WHERE id = $1").bind(ws).execute(&p.db).await.unwrap();
+    let flipped = provision_timeout::sweep(&p.db, &provision_timeout::Timeouts::uniform(Duration::from_secs(600)), 100).await.unwrap();
+    assert_eq!(flipped, vec![WorkspaceId(ws)]);
+    assert_eq!(p.status(&ws.to_string()).await, "failed");
+    let bundle = eventually(Duration::from_secs(30), "the rescue bundle", || async {
+        let r = p.req("GET", &format!("/workspaces/{ws}/rescue"), None).await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    assert_eq!(bundle["trigger"], "provision_timeout");
+    assert!(provision_timeout::sweep(&p.db, &provision_timeout::Timeouts::uniform(Duration::from_secs(600)), 100).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bundles: i64 = sqlx::query_scalar("SELECT count(*) FROM rescue_bundles WHERE workspace_id = $1").bind(ws).fetch_one(&p.db).await.unwrap();
+    assert_eq!(bundles, 1);
+    p.stop().await;
 }
 
-async fn status(db: &PgPool, id: uuid::Uuid) -> (String, Option<String>) {
-    sqlx::query_as("SELECT status::text, last_sample_error FROM workspaces WHERE id = $1").bind(id).fetch_one(db).await.unwrap()
+/// The real Docker backend, listing only the instances this test made: other tests share
+/// the engine, and their containers have no row in this test's database — exactly what
+/// the wiped-database pass reaps.
+struct OnlyThese {
+    inner: Arc<dyn Backend>,
+    labels: HashSet<String>,
 }
 
-async fn rescue_jobs(db: &PgPool, id: uuid::Uuid) -> Vec<serde_json::Value> {
-    let rows: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE job_type = 'rescue_capture' AND workspace_id = $1")
-            .bind(id)
-            .fetch_all(db)
+#[async_trait::async_trait]
+impl Backend for OnlyThese {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+    async fn start(&self, s: &StartSpec) -> Result<Started, BackendError> {
+        self.inner.start(s).await
+    }
+    async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError> {
+        self.inner.stop(ws).await
+    }
+    async fn remove_volume(&self, ws: WorkspaceId) -> Result<(), BackendError> {
+        self.inner.remove_volume(ws).await
+    }
+    async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>) {
+        self.inner.is_running(ws).await
+    }
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        let all = self.inner.list_managed().await?;
+        Ok(all.into_iter().filter(|m| m.workspace_id.as_ref().is_some_and(|l| self.labels.contains(l))).collect())
+    }
+    async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        let all = self.inner.list_managed_volumes().await?;
+        Ok(all.into_iter().filter(|m| m.workspace_id.as_ref().is_some_and(|l| self.labels.contains(l))).collect())
+    }
+    async fn exec(&self, ws: WorkspaceId, r: &ExecRequest, s: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+        self.inner.exec(ws, r, s).await
+    }
+    async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+        self.inner.rescue_sections(ws).await
+    }
+}
+
+/// A container (and volume) like the platform's, made by hand: `label` is the workspace id
+/// label (None: no labels at all).
+fn instance(name: &str, label: Option<&str>) {
+    let mut labels = vec![];
+    if let Some(l) = label {
+        labels = vec!["--label".to_string(), "molecule.platform.managed=true".into(), "--label".into(), format!("molecule.workspace.id={l}")];
+    }
+    let volume = format!("{name}-configs");
+    let mut v = vec!["volume", "create"];
+    v.extend(labels.iter().map(String::as_str));
+    v.push(&volume);
+    assert!(docker(&v).0, "volume {volume}");
+    let mount = format!("{volume}:/configs");
+    let mut r = vec!["run", "-d", "--name", name, "--network", "host", "-v", &mount, "--entrypoint", "/bin/sleep"];
+    r.extend(labels.iter().map(String::as_str));
+    r.extend(["molecule-local/echo-agent:v1", "600"]);
+    assert!(docker(&r).0, "container {name}");
+}
+
+fn remove(name: &str) {
+    docker(&["rm", "-f", name]);
+    docker(&["volume", "rm", "-f", &format!("{name}-configs")]);
+}
+
+/// S2: a removed row's container and volume, and a labelled container with no row, are
+/// reaped; an unlabelled `ws-…` container, a failed workspace's and an online one's are
+/// untouched, and a label that is not a workspace id is never queried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped_and_nothing_else() {
+    let (db, _) = fresh_db().await;
+    let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+    let row = |status: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>(
+                "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', 2, $2::workspace_status) RETURNING id",
+            )
+            .bind(org)
+            .bind(status)
+            .fetch_one(&db)
             .await
-            .unwrap();
-    rows.iter().map(|b| serde_json::from_slice(b).unwrap()).collect()
+            .unwrap()
+        }
+    };
+    let removed = row("removed").await;
+    let failed = row("failed").await;
+    let online = row("online").await;
+    let no_row = uuid::Uuid::new_v4();
+    let unlabelled = uuid::Uuid::new_v4();
+    let bad_label = "4f3c%' OR true --";
+    let name = |id: uuid::Uuid| container_name(WorkspaceId(id));
+    for id in [removed, failed, online, no_row] {
+        instance(&name(id), Some(&id.to_string()));
+    }
+    instance(&name(unlabelled), None);
+    let bad_name = format!("ws-badlabel{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    instance(&bad_name, Some(bad_label));
+
+    let labels: HashSet<String> = [removed, failed, online, no_row, unlabelled].iter().map(|i| i.to_string()).chain([bad_label.to_string()]).collect();
+    let backend: Arc<dyn Backend> = Arc::new(OnlyThese { inner: docker_backend().await, labels });
+    let p = Platform::start(backend.clone(), &[]).await;
+    let deps = molecule_workers::Deps {
+        db: db.clone(),
+        backend,
+        platform_url: format!("http://{}", p.addr),
+        registry: String::new(),
+        image_local_override: false,
+        redactor: None,
+        loki_url: None,
+        agents: molecule_workers::a2a::AgentClient::new(true).unwrap(),
+    };
+    let report = orphans::sweep(&deps).await.unwrap();
+    let mut reaped = report.reaped.clone();
+    reaped.sort();
+    let mut want = vec![removed.to_string(), no_row.to_string()];
+    want.sort();
+    assert_eq!(reaped, want, "{report:?}");
+    assert_eq!(report.ignored_labels, 2, "the bad label, on its container and its volume");
+    for id in [removed, no_row] {
+        assert!(!exists("container", &name(id)) && !exists("volume", &volume_name(WorkspaceId(id))), "{id} reaped");
+    }
+    for n in [name(failed), name(online), name(unlabelled), bad_name.clone()] {
+        assert!(exists("container", &n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
+    }
+    assert_eq!(orphans::sweep(&deps).await.unwrap().reaped, Vec::<String>::new(), "nothing left to reap");
+    for n in [name(failed), name(online), name(unlabelled), bad_name] {
+        remove(&n);
+    }
+    p.stop().await;
 }
 
-/// S1: an agent that never called → `failed`, a canned reason, an event and one rescue
-/// capture; young, online and removed rows are left alone.
+/// S4 and S3 on the engine: an online workspace whose container was killed goes offline,
+/// is restarted and comes back online in a new container; the stale tokens of a workspace
+/// with no container are revoked while the running one's survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provision_timeout_fails_only_workspaces_provisioning_too_long() {
-    let (db, _) = fresh_db().await;
-    let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
-    let stuck = workspace(&db, org, "provisioning", 700).await;
-    let young = workspace(&db, org, "provisioning", 30).await;
-    let online = workspace(&db, org, "online", 700).await;
-    let removed = workspace(&db, org, "removed", 700).await;
-    let timeout = Duration::from_secs(600);
+async fn a_dead_container_is_restarted_and_stale_tokens_of_stopped_workspaces_go() {
+    let p = Platform::start(docker_backend().await, &[JobKind::Provision, JobKind::Stop, JobKind::Restart]).await;
+    let ws = p.create(serde_json::json!({"name": "health", "runtime": "echo", "tier": 3})).await;
+    p.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let id: WorkspaceId = ws.parse().unwrap();
+    let (_, first) = docker(&["inspect", "-f", "{{.Id}}", &container_name(id)]);
+    let deps = molecule_workers::Deps {
+        db: p.db.clone(),
+        backend: docker_backend().await,
+        platform_url: format!("http://{}", p.addr),
+        registry: String::new(),
+        image_local_override: false,
+        redactor: None,
+        loki_url: None,
+        agents: molecule_workers::a2a::AgentClient::new(true).unwrap(),
+    };
+    // S3 first, while it runs: a stopped workspace (no container) loses its stale token,
+    // the running one keeps its own.
+    let org: uuid::Uuid = sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1").bind(id.0).fetch_one(&p.db).await.unwrap();
+    let stopped: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 's', 'echo', 2, 'offline') RETURNING id",
+    )
+    .bind(org)
+    .fetch_one(&p.db)
+    .await
+    .unwrap();
+    let mut c = p.db.acquire().await.unwrap();
+    molecule_domain::tokens::create_workspace_token(&mut c, WorkspaceId(stopped)).await.unwrap();
+    drop(c);
+    sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '1 hour'").execute(&p.db).await.unwrap();
+    let job = molecule_jobs::JobContext {
+        id: molecule_domain::JobId::generate(),
+        queue: "sweep".into(),
+        attempt: 1,
+        max_attempts: 1,
+        org_id: None,
+        workspace_id: None,
+        payload: Arc::from(&b"{}"[..]),
+        db: p.db.clone(),
+        interrupt: molecule_jobs::Interrupt::never(),
+    };
+    let mut args = molecule_jobs::sweeper::SweepArgs::new(molecule_jobs::sweeper::Sweeper::StaleTokens);
+    args.grace_s = Some(300);
+    let out = stale_tokens::run(&deps, &job, &args).await.unwrap();
+    assert_eq!(out["tokens"], 1, "{out}");
+    let live = |w: uuid::Uuid| {
+        let db = p.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL")
+                .bind(w)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!((live(id.0).await, live(stopped).await), (1, 0));
 
-    let flipped = provision_timeout::sweep(&db, timeout, 100).await.unwrap();
-    assert_eq!(flipped, vec![WorkspaceId(stuck)]);
-    assert_eq!(status(&db, stuck).await, ("failed".into(), Some(provision_timeout::message(timeout))));
-    assert!(provision_timeout::message(timeout).contains("did not register within 600 s"));
-    for (id, want) in [(young, "provisioning"), (online, "online"), (removed, "removed")] {
-        assert_eq!(status(&db, id).await.0, want);
-        assert!(rescue_jobs(&db, id).await.is_empty());
-    }
-    let rescue = rescue_jobs(&db, stuck).await;
-    assert_eq!(rescue.len(), 1);
-    assert_eq!(rescue[0]["trigger"], "provision_timeout");
-    let ev: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT event_type, payload FROM structure_events WHERE workspace_id = $1").bind(stuck).fetch_all(&db).await.unwrap();
-    assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].0.as_str(), &ev[0].1["source"]), ("WORKSPACE_PROVISION_FAILED", &serde_json::json!("provision_timeout")));
-
-    // A second sweep finds nothing more to do.
-    assert!(provision_timeout::sweep(&db, timeout, 100).await.unwrap().is_empty());
-    assert_eq!(rescue_jobs(&db, stuck).await.len(), 1);
+    // S4: the container dies.
+    assert!(docker(&["rm", "-f", &container_name(id)]).0);
+    let restarted = health::restart_dead(&deps, 100).await.unwrap();
+    assert_eq!(restarted, vec![id]);
+    assert_eq!(p.status(&ws).await, "offline", "until its restart runs");
+    p.wait_status(&ws, "online", Duration::from_secs(60)).await;
+    let (_, second) = docker(&["inspect", "-f", "{{.Id}}", &container_name(id)]);
+    assert!(!second.is_empty() && second != first, "a new container");
+    let events = p.req("GET", &format!("/workspaces/{ws}/events"), None).await.json();
+    assert!(events.as_array().unwrap().iter().any(|e| e["event_type"] == "WORKSPACE_OFFLINE"), "{events}");
+    assert!(health::restart_dead(&deps, 100).await.unwrap().is_empty(), "a running workspace is left alone");
+    p.delete(&ws).await;
+    p.stop().await;
 }
 
-/// The verdict re-checks the predicate: a row that went online, or was restarted
-/// (provisioning anew), after the sweep selected it is neither failed nor rescued.
+/// S5 on the engine: an idle workspace goes hibernating, its stop job takes the container
+/// down and leaves it hibernated, volume kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provision_timeout_leaves_rows_that_changed_after_selection() {
-    let (db, _) = fresh_db().await;
-    let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
-    let timeout = Duration::from_secs(600);
-    let went_online = workspace(&db, org, "provisioning", 700).await;
-    let restarted = workspace(&db, org, "provisioning", 700).await;
-    // Between the sweep's SELECT and its UPDATE: one registers, one is restarted
-    // (online → provisioning again, which the trigger stamps as a new entry).
-    sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1").bind(went_online).execute(&db).await.unwrap();
-    sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1").bind(restarted).execute(&db).await.unwrap();
-    sqlx::query("UPDATE workspaces SET status = 'provisioning' WHERE id = $1").bind(restarted).execute(&db).await.unwrap();
-    for id in [went_online, restarted] {
-        let mut tx = db.begin().await.unwrap();
-        let got = verdicts::provision_timed_out(&mut tx, WorkspaceId(id), timeout, "x").await.unwrap();
-        tx.commit().await.unwrap();
-        assert!(got.is_none(), "{id} must not flip");
-        assert!(rescue_jobs(&db, id).await.is_empty());
-    }
-    assert_eq!(status(&db, went_online).await.0, "online");
-    assert_eq!(status(&db, restarted).await.0, "provisioning");
-    let age: f64 = sqlx::query_scalar("SELECT extract(epoch FROM now() - status_changed_at)::float8 FROM workspaces WHERE id = $1")
-        .bind(restarted)
-        .fetch_one(&db)
+async fn an_idle_workspace_hibernates() {
+    let p = Platform::start(docker_backend().await, &[JobKind::Provision, JobKind::Stop]).await;
+    let ws = p.create(serde_json::json!({"name": "sleepy", "runtime": "echo", "tier": 3})).await;
+    p.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let id: WorkspaceId = ws.parse().unwrap();
+    sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '2 hours', last_active_at = now() - interval '2 hours' WHERE id = $1")
+        .bind(id.0)
+        .execute(&p.db)
         .await
         .unwrap();
-    assert!(age < 60.0, "a status change restamps status_changed_at: {age}");
+    assert_eq!(hibernation::sweep(&p.db, Duration::from_secs(3600), 100).await.unwrap(), vec![id]);
+    p.wait_status(&ws, "hibernated", Duration::from_secs(30)).await;
+    assert!(!exists("container", &container_name(id)), "its container is stopped and gone");
+    assert!(exists("volume", &volume_name(id)), "its config volume is kept");
+    p.delete(&ws).await;
+    p.stop().await;
 }

@@ -88,8 +88,20 @@ async fn write_chunks(
 /// The exec's audit row (X3): written before the command starts — so a command whose
 /// worker dies mid-run still has its row — and completed after it. One row per run
 /// (job, attempt); never any output.
-mod audit {
+pub mod audit {
     use super::*;
+
+    /// S7: audit rows older than `older_than`, in batches.
+    pub async fn prune(db: &sqlx::PgPool, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+        molecule_domain::db::delete_in_batches(
+            db,
+            "DELETE FROM audit_events WHERE id IN \
+             (SELECT id FROM audit_events WHERE created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2)",
+            older_than,
+            batch,
+        )
+        .await
+    }
 
     pub async fn started(d: &Deps, ctx: &JobContext, a: &ExecArgs) -> Result<(), JobError> {
         sqlx::query(

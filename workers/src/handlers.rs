@@ -20,7 +20,7 @@ pub struct WorkspaceArgs {
 pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
     let d = deps.clone();
     match kind {
-        JobKind::Sweep => crate::sweeps::handler(),
+        JobKind::Sweep => crate::sweeps::handler(deps),
         JobKind::Provision => typed_handler(move |ctx, a: WorkspaceArgs| {
             let d = d.clone();
             async move { crate::provision::run(&d, &ctx, WorkspaceId(a.workspace_id)).await }

@@ -8,6 +8,7 @@
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
 pub mod a2a;
+pub mod exclusive;
 pub mod exec;
 pub mod handlers;
 pub mod provision;

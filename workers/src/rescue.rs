@@ -124,3 +124,15 @@ async fn ship(
     }
     Ok(())
 }
+
+/// S7: rescue bundles captured longer ago than `older_than`, in batches.
+pub async fn prune(db: &sqlx::PgPool, older_than: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    molecule_domain::db::delete_in_batches(
+        db,
+        "DELETE FROM rescue_bundles WHERE id IN \
+         (SELECT id FROM rescue_bundles WHERE captured_at < now() - make_interval(secs => $1) ORDER BY captured_at LIMIT $2)",
+        older_than,
+        batch,
+    )
+    .await
+}

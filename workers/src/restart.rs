@@ -18,30 +18,9 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 }
 
 /// Runs `work` holding the workspace's restart lock, or answers None when another
-/// restart holds it. The lock is transaction-scoped, on a transaction kept open for the
-/// duration, on a connection of its own: it ends with the transaction or the connection
-/// whatever happens — return, error, panic or an aborted task — so it cannot leak the way
-/// a session lock on a pooled connection did. Not a pooled connection, because a restart
-/// holds it for its whole run (stop, then provision) while that work needs the pool:
-/// restarts as many as the pool's size would sit on every connection their work waits for.
+/// restart holds it ([`crate::exclusive`]).
 pub async fn one_at_a_time<T>(db: &sqlx::PgPool, ws: WorkspaceId, work: impl std::future::Future<Output = T>) -> Result<Option<T>, JobError> {
-    use sqlx::{Connection, PgConnection};
-    let mut conn = PgConnection::connect_with(&db.connect_options()).await.map_err(db_err)?;
-    let mut tx = conn.begin().await.map_err(db_err)?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("molecule.restart.{ws}"))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    if !got {
-        let _ = tx.rollback().await;
-        let _ = conn.close().await;
-        return Ok(None);
-    }
-    let out = work.await;
-    let _ = tx.rollback().await;
-    let _ = conn.close().await;
-    Ok(Some(out))
+    crate::exclusive::one_at_a_time(db, &format!("molecule.restart.{ws}"), work).await
 }
 
 async fn restart(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {

@@ -15,6 +15,17 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
     if !matches!(reason, "delete" | "restart" | "hibernate") {
         return Err(JobError::Permanent(format!("unknown stop reason {reason:?}")));
     }
+    if reason == "hibernate" {
+        // A restart or a delete since the sweep chose it: not ours to stop any more.
+        let status: Option<String> = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1")
+            .bind(ws.0)
+            .fetch_optional(&d.db)
+            .await
+            .map_err(db_err)?;
+        if status.as_deref() != Some("hibernating") {
+            return Ok(json!({ "skipped": format!("no longer hibernating ({})", status.as_deref().unwrap_or("gone")) }));
+        }
+    }
     d.backend.stop(ws).await.map_err(|e| match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
         other => JobError::Retryable(other.to_string()),
@@ -24,14 +35,24 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
         d.backend.remove_volume(ws).await.map_err(|e| JobError::Retryable(e.to_string()))?;
         volume_removed = true;
     }
-    let status = if reason == "hibernate" { "hibernated" } else { "removed" };
-    if reason != "restart" {
-        sqlx::query("UPDATE workspaces SET status = $2::workspace_status, updated_at = now() WHERE id = $1")
-            .bind(ws.0)
-            .bind(status)
-            .execute(&d.db)
-            .await
-            .map_err(db_err)?;
+    // A hibernation ends `hibernated` only while the workspace is still `hibernating`: a
+    // delete (or a restart) that came meanwhile wins. A delete's row is `removed` already.
+    match reason {
+        "hibernate" => {
+            sqlx::query("UPDATE workspaces SET status = 'hibernated', updated_at = now() WHERE id = $1 AND status = 'hibernating'")
+                .bind(ws.0)
+                .execute(&d.db)
+                .await
+                .map_err(db_err)?;
+        }
+        "delete" => {
+            sqlx::query("UPDATE workspaces SET status = 'removed', updated_at = now() WHERE id = $1 AND status <> 'removed'")
+                .bind(ws.0)
+                .execute(&d.db)
+                .await
+                .map_err(db_err)?;
+        }
+        _ => {}
     }
     tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed);
     Ok(json!({ "stopped": true, "volume_removed": volume_removed }))

@@ -216,6 +216,9 @@ pub async fn send(
     .fetch_optional(&mut *tx)
     .await?;
     let t = t.ok_or(ApiError::NotFound("workspace"))?;
+    // Sender and target are in use (S5 hibernates only idle workspaces).
+    let active: Vec<WorkspaceId> = std::iter::once(target).chain(caller).collect();
+    activity::mark_active(&mut tx, &active).await?;
 
     if t.delivery_mode == DeliveryMode::Poll {
         // The inbox holds the request as the agent will read it: in its generation.

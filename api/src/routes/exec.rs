@@ -130,6 +130,7 @@ pub async fn exec(
         .workspace(id)
         .expires_at(Utc::now() + chrono::Duration::minutes(5));
     let job_id = enqueue(&mut tx, &job).await?;
+    molecule_domain::activity::mark_active(&mut tx, &[id]).await?;
     // Subscribed before the job can run, so no announcement is missed.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
     tx.commit().await?;

@@ -301,3 +301,16 @@ pub async fn expire_due(db: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
     .await?
     .rows_affected())
 }
+
+/// S7: finished rows (completed, failed, expired) untouched for `older_than`, in batches.
+pub async fn prune_finished(db: &PgPool, older_than: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    crate::db::delete_in_batches(
+        db,
+        "DELETE FROM a2a_queue WHERE queue_id IN \
+         (SELECT queue_id FROM a2a_queue WHERE status IN ('completed', 'failed', 'expired') \
+            AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2)",
+        older_than,
+        batch,
+    )
+    .await
+}

@@ -1,36 +1,58 @@
-//! Sweeps: maintenance run as `sweep` jobs fired by the scheduler, one module per sweeper.
-//! The job's payload names the sweeper and carries its settings.
+//! The sweepers (SPEC §5): maintenance the scheduler fires as `sweep` jobs, one module per
+//! sweeper with its test beside it. Each works in bounded batches, re-checks its predicate
+//! in the statement that changes a row (a row that changed since it was selected is left
+//! alone), changes each row in one transaction with everything that goes with it, and logs
+//! `sweep.<name>` with what it changed. Two sweeps of one kind never run at once (a lock
+//! per sweeper): a second one finds the lock taken and ends at once.
 //!
-//! - [`retention`] (S7): prune finished jobs.
-//! - [`provision_timeout`] (S1): a workspace whose agent never registered → `failed`.
+//! - [`provision_timeout`] (S1): `provisioning` for too long → `failed` + rescue.
+//! - [`orphans`] (S2): instances and volumes of removed workspaces, and managed ones with no row, reaped.
+//! - [`stale_tokens`] (S3): stale tokens of workspaces with no running container revoked.
+//! - [`health`] (S4): dead containers of online workspaces restarted; silent external agents → `awaiting_agent`.
+//! - [`hibernation`] (S5): idle workspaces → `hibernating` → stopped → `hibernated`.
 //! - [`a2a_ttl`] (S6): queued A2A messages past their TTL → `expired`.
+//! - [`retention`] (S7): old rows pruned, table by table.
 
 pub mod a2a_ttl;
+pub mod health;
+pub mod hibernation;
+pub mod orphans;
 pub mod provision_timeout;
 pub mod retention;
+pub mod stale_tokens;
 
+use molecule_jobs::sweeper::{SweepArgs, Sweeper};
 use molecule_jobs::{typed_handler, Handler, JobError};
-use serde::Deserialize;
 
-/// Payload of a sweep job: which sweeper, and its settings.
-#[derive(Debug, Deserialize)]
-pub struct SweepArgs {
-    pub sweeper: String,
-    /// retention: finished jobs older than this are pruned.
-    #[serde(default)]
-    pub retention_s: Option<u64>,
-    /// provision_timeout: how long a workspace may stay `provisioning`.
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
-}
+use crate::Deps;
 
-pub fn handler() -> Handler {
-    typed_handler(|ctx, args: SweepArgs| async move {
-        match args.sweeper.as_str() {
-            retention::NAME => retention::run(&ctx, &args).await,
-            provision_timeout::NAME => provision_timeout::run(&ctx, &args).await,
-            a2a_ttl::NAME => a2a_ttl::run(&ctx).await,
-            other => Err(JobError::Permanent(format!("unknown sweeper {other:?}"))),
+/// Most rows one sweep changes per batch.
+pub const BATCH: i64 = 500;
+
+pub fn handler(deps: &Deps) -> Handler {
+    let d = deps.clone();
+    typed_handler(move |ctx, args: SweepArgs| {
+        let d = d.clone();
+        async move {
+            let key = format!("molecule.sweep.{}", args.sweeper);
+            let ran = crate::exclusive::one_at_a_time(&ctx.db, &key, async {
+                match args.sweeper {
+                    Sweeper::ProvisionTimeout => provision_timeout::run(&ctx, &args).await,
+                    Sweeper::Orphans => orphans::run(&d, &ctx).await,
+                    Sweeper::StaleTokens => stale_tokens::run(&d, &ctx, &args).await,
+                    Sweeper::Health => health::run(&d, &ctx, &args).await,
+                    Sweeper::Hibernation => hibernation::run(&ctx, &args).await,
+                    Sweeper::A2aTtl => a2a_ttl::run(&ctx).await,
+                    Sweeper::Retention => retention::run(&d, &ctx, &args).await,
+                }
+            })
+            .await?;
+            ran.unwrap_or_else(|| Ok(serde_json::json!({ "skipped": "another sweep of this kind is running" })))
         }
     })
+}
+
+/// A database error in a sweep: worth the next attempt.
+pub(crate) fn db(e: sqlx::Error) -> JobError {
+    JobError::Retryable(format!("database: {e}"))
 }

@@ -1,0 +1,170 @@
+//! S4 health.
+//!
+//! - An `online` workspace the backend runs whose instance is definitely not running (the
+//!   backend says so without error: an unsure answer is "alive, degraded signal", never a
+//!   reason to restart) → `offline`, a `WORKSPACE_OFFLINE` event and one restart
+//!   (coalesced), in one transaction whose UPDATE re-checks `online`.
+//! - An `external` workspace whose agent has not heartbeated within the staleness window
+//!   → `awaiting_agent` (not `offline`: nothing of ours can restart it; its next heartbeat
+//!   or registration brings it back).
+
+use molecule_backends::BackendError;
+use molecule_domain::{OrgId, WorkspaceId};
+use molecule_jobs::handler::HandlerResult;
+use molecule_jobs::sweeper::SweepArgs;
+use molecule_jobs::{JobContext, JobError};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::Deps;
+
+pub const DEFAULT_HEARTBEAT_STALE: Duration = Duration::from_secs(120);
+
+/// `online` workspaces on the backend whose instance is gone → offline + restart; returns
+/// their ids. Walks every online workspace in pages of `batch`.
+pub async fn restart_dead(d: &Deps, batch: i64) -> Result<Vec<WorkspaceId>, JobError> {
+    let listed = match d.backend.list_managed().await {
+        Ok(l) => l,
+        Err(BackendError::NoBackend) => return Ok(vec![]),
+        Err(e) => return Err(JobError::Retryable(format!("listing managed instances: {e}"))),
+    };
+    let running: HashSet<uuid::Uuid> = listed
+        .iter()
+        .filter(|m| m.running)
+        .filter_map(|m| m.workspace_id.as_deref().and_then(super::orphans::workspace_id))
+        .map(|w| w.0)
+        .collect();
+    let mut flipped = Vec::new();
+    let mut after = uuid::Uuid::nil();
+    loop {
+        let page: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM workspaces WHERE status = 'online' AND runtime <> 'external' AND id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(batch)
+        .fetch_all(&d.db)
+        .await
+        .map_err(super::db)?;
+        let Some(last) = page.last().copied() else { break };
+        after = last;
+        for id in page.into_iter().filter(|id| !running.contains(id)) {
+            let ws = WorkspaceId(id);
+            // The list is a snapshot: ask about this one instance before acting.
+            if let (false, None) = d.backend.is_running(ws).await {
+                if offline_and_restart(&d.db, ws).await.map_err(super::db)? {
+                    flipped.push(ws);
+                }
+            }
+        }
+    }
+    Ok(flipped)
+}
+
+async fn offline_and_restart(db: &sqlx::PgPool, ws: WorkspaceId) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let org: Option<uuid::Uuid> =
+        sqlx::query_scalar("UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1 AND status = 'online' RETURNING org_id")
+            .bind(ws.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(org) = org.map(OrgId) else { return Ok(false) };
+    molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_OFFLINE", serde_json::json!({ "reason": "instance_not_running" })).await?;
+    let r = molecule_jobs::restarts::request(&mut tx, org, ws, "instance_not_running").await?;
+    tx.commit().await?;
+    tracing::info!(event = "sweep.health", workspace_id = %ws, org_id = %org, restart_job = %r.job_id, "instance not running: offline, restart queued");
+    Ok(true)
+}
+
+/// External workspaces silent for `stale` → `awaiting_agent`; returns their ids.
+pub async fn await_silent_agents(db: &sqlx::PgPool, stale: Duration, batch: i64) -> Result<Vec<WorkspaceId>, sqlx::Error> {
+    let mut all = Vec::new();
+    loop {
+        let mut tx = db.begin().await?;
+        // The predicate is in the UPDATE itself; SKIP LOCKED leaves rows a registration holds.
+        let rows: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+            "UPDATE workspaces SET status = 'awaiting_agent', updated_at = now() \
+             WHERE id = ANY(ARRAY(SELECT id FROM workspaces WHERE runtime = 'external' AND status IN ('online', 'degraded') \
+                                    AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs => $1) \
+                                  LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+               AND status IN ('online', 'degraded') \
+               AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs => $1) \
+             RETURNING id, org_id",
+        )
+        .bind(stale.as_secs_f64())
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (ws, org) in &rows {
+            molecule_domain::events::record(&mut tx, OrgId(*org), *ws, "WORKSPACE_AWAITING_AGENT",
+                serde_json::json!({ "reason": "heartbeat_stale", "stale_s": stale.as_secs() }))
+            .await?;
+            tracing::info!(event = "sweep.health", workspace_id = %ws, org_id = %org, "external agent silent: awaiting_agent");
+        }
+        tx.commit().await?;
+        let n = rows.len();
+        all.extend(rows.into_iter().map(|(ws, _)| WorkspaceId(ws)));
+        if (n as i64) < batch {
+            return Ok(all);
+        }
+    }
+}
+
+pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult {
+    let restarted = restart_dead(d, super::BATCH).await?;
+    let stale = args.heartbeat_stale_s.map(Duration::from_secs).unwrap_or(DEFAULT_HEARTBEAT_STALE);
+    let waiting = await_silent_agents(&d.db, stale, super::BATCH).await.map_err(super::db)?;
+    Ok(serde_json::json!({
+        "restarted": restarted.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        "awaiting_agent": waiting.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use molecule_domain::testing::fresh_db;
+
+    /// External agents: silent past the window → awaiting_agent (with an event); recent
+    /// heartbeats, other runtimes and other statuses are left alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_external_agents_await_their_agent() {
+        let (db, _) = fresh_db().await;
+        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let add = |runtime: &'static str, status: &'static str, beat_s_ago: Option<f64>| {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, uuid::Uuid>(
+                    "INSERT INTO workspaces (org_id, name, runtime, tier, status, last_heartbeat_at) \
+                     VALUES ($1, 'w', $2, 2, $3::workspace_status, now() - make_interval(secs => $4)) RETURNING id",
+                )
+                .bind(org)
+                .bind(runtime)
+                .bind(status)
+                .bind(beat_s_ago)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+        let silent = add("external", "online", Some(600.0)).await;
+        let fresh = add("external", "online", Some(5.0)).await;
+        let docker = add("echo", "online", Some(600.0)).await;
+        let offline = add("external", "offline", Some(600.0)).await;
+        // Never heartbeated: judged from when it came online.
+        let never = add("external", "online", None).await;
+        sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '1 hour' WHERE id = $1").bind(never).execute(&db).await.unwrap();
+
+        let mut got = await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap();
+        got.sort_by_key(|w| w.0);
+        let mut want = vec![WorkspaceId(silent), WorkspaceId(never)];
+        want.sort_by_key(|w| w.0);
+        assert_eq!(got, want, "in batches of one, all of them");
+        for (id, status) in [(silent, "awaiting_agent"), (never, "awaiting_agent"), (fresh, "online"), (docker, "online"), (offline, "offline")] {
+            let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
+            assert_eq!(s, status, "{id}");
+        }
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM structure_events WHERE event_type = 'WORKSPACE_AWAITING_AGENT'").fetch_one(&db).await.unwrap();
+        assert_eq!(events, 2);
+        assert!(await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap().is_empty());
+    }
+}
