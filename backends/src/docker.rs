@@ -481,8 +481,13 @@ impl Backend for DockerBackend {
                 name: c.names.and_then(|n| n.first().cloned()).unwrap_or_default().trim_start_matches('/').to_string(),
                 workspace_id: c.labels.and_then(|l| l.get(WORKSPACE_LABEL).cloned()),
                 running: c.state.map(|s| format!("{s:?}").to_lowercase().contains("running")).unwrap_or(false),
+                created_at: c.created.and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
             })
             .collect())
+    }
+
+    fn is_named_for(&self, m: &ManagedInstance, ws: WorkspaceId, volume: bool) -> bool {
+        m.name == if volume { volume_name(ws) } else { container_name(ws) }
     }
 
     async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
@@ -493,7 +498,12 @@ impl Backend for DockerBackend {
             .volumes
             .unwrap_or_default()
             .into_iter()
-            .map(|v| ManagedInstance { workspace_id: v.labels.get(WORKSPACE_LABEL).cloned(), name: v.name, running: false })
+            .map(|v| ManagedInstance {
+                workspace_id: v.labels.get(WORKSPACE_LABEL).cloned(),
+                created_at: v.created_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.to_utc()),
+                name: v.name,
+                running: false,
+            })
             .collect())
     }
 }

@@ -129,6 +129,8 @@ pub struct ManagedInstance {
     pub name: String,
     pub workspace_id: Option<String>,
     pub running: bool,
+    /// When the engine created it, when it says.
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A one-shot command: argv only (no shell is added), a timeout, a cap per stream.
@@ -184,6 +186,11 @@ pub trait Backend: Send + Sync {
     /// reason to restart. `(false, None)` only when definitely not running.
     async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>);
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
+    /// Whether a listed instance (or volume) carries the name this backend gives `ws`'s:
+    /// the orphan sweeper acts only on those (it stops and removes by workspace, not by name).
+    fn is_named_for(&self, _m: &ManagedInstance, _ws: WorkspaceId, _volume: bool) -> bool {
+        true
+    }
     /// Config volumes the backend manages (carrying the managed label); `running` is false.
     /// Backends without volumes list none.
     async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {

@@ -285,6 +285,10 @@ pub struct SchedulerArgs {
     #[arg(long, env = "MOLECULE_PROVISION_TIMEOUTS", value_name = "MOLECULE_PROVISION_TIMEOUTS", value_delimiter = ',',
           value_parser = parse_runtime_secs)]
     pub provision_timeouts: Vec<(String, u64)>,
+    /// S2: a failed workspace's container and volume are kept this long for rescue (SPEC
+    /// RESCUE_VOLUME_GRACE), as is the volume of a container with no workspace row.
+    #[arg(long, env = "MOLECULE_RESCUE_VOLUME_GRACE_SECS", value_name = "MOLECULE_RESCUE_VOLUME_GRACE_SECS", default_value_t = 86_400)]
+    pub rescue_volume_grace_secs: u64,
     /// S3: tokens younger than this are never revoked (a restart's fresh token).
     #[arg(long, env = "MOLECULE_TOKEN_STALE_GRACE_SECS", value_name = "MOLECULE_TOKEN_STALE_GRACE_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -381,6 +385,7 @@ impl SchedulerArgs {
                     a.timeout_s = Some(self.provision_timeout_secs);
                     a.runtime_timeout_s = self.provision_timeouts.iter().cloned().collect();
                 }
+                Sweeper::Orphans => a.volume_grace_s = Some(self.rescue_volume_grace_secs),
                 Sweeper::StaleTokens => a.grace_s = Some(self.token_grace_secs),
                 Sweeper::Health => a.heartbeat_stale_s = Some(self.heartbeat_stale_secs),
                 Sweeper::Hibernation => a.idle_s = Some(self.hibernate_idle_secs),
@@ -394,7 +399,7 @@ impl SchedulerArgs {
                         rescue_s: self.rescue_retention_secs,
                     })
                 }
-                Sweeper::Orphans | Sweeper::A2aTtl => {}
+                Sweeper::A2aTtl => {}
             }
             a
         };
@@ -422,8 +427,9 @@ mod tests {
 
     #[test]
     fn sweepers_can_be_switched_off_one_by_one() {
+        // Flags win over the environment (tests/run.sh sets MOLECULE_SWEEP_ORPHANS=off).
         let cli = Cli::try_parse_from(["molecule", "scheduler", "--sweep-hibernation", "off", "--sweep-health", "*/2 * * * * *",
-            "--provision-timeouts", "echo=60,claude-code=900"]).unwrap();
+            "--sweep-orphans", "0 * * * * *", "--provision-timeouts", "echo=60,claude-code=900"]).unwrap();
         let Some(Command::Scheduler(args)) = cli.command else { panic!("scheduler") };
         let cfg = args.config();
         assert_eq!(cfg.schedules.len(), 6);

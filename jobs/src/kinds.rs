@@ -83,7 +83,8 @@ impl JobKind {
             Self::RescueCapture => 2,
             Self::Exec => 16,
             Self::A2aDispatch => 32,
-            Self::Sweep => 1,
+            // Sweeps of one kind take turns (a lock per sweeper); different kinds run side by side.
+            Self::Sweep => 4,
         }
     }
 }

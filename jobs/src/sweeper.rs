@@ -88,6 +88,10 @@ pub struct SweepArgs {
     /// S1: per-runtime timeouts that replace `timeout_s`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub runtime_timeout_s: BTreeMap<String, u64>,
+    /// S2: how long a failed workspace's instance and volume, and a volume with no row,
+    /// are kept (SPEC J4's RESCUE_VOLUME_GRACE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_grace_s: Option<u64>,
     /// S3: tokens younger than this are never revoked (a restart's new token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_s: Option<u64>,
@@ -111,6 +115,7 @@ impl SweepArgs {
             sweeper,
             timeout_s: None,
             runtime_timeout_s: BTreeMap::new(),
+            volume_grace_s: None,
             grace_s: None,
             heartbeat_stale_s: None,
             idle_s: None,

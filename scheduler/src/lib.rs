@@ -42,21 +42,52 @@ pub fn default_cron(s: Sweeper) -> &'static str {
     }
 }
 
-/// A schedule as an operator writes it: `off`, a 6- or 7-field cron expression (seconds
-/// first, then minutes, hours, day of month, month, day of week, and optionally year), or
-/// a classic 5-field one (its seconds are 0).
+/// A schedule as an operator writes it, in UTC: `off`; a classic 5-field crontab line
+/// (minute, hour, day of month, month, day of week 0–7 with 0 and 7 Sunday; it fires at
+/// second 0); or a 6- or 7-field expression with seconds first and optionally a year, read
+/// as the `cron` crate does (day of week 1–7, Sunday first, or names).
 pub fn parse_cron(expr: &str) -> Result<Option<cron::Schedule>, String> {
     let expr = expr.trim();
     if expr.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    let fields = expr.split_whitespace().count();
-    let full = match fields {
-        5 => format!("0 {expr}"),
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let full = match fields.len() {
+        5 => format!("0 {} {}", fields[..4].join(" "), crontab_weekdays(fields[4])?),
         6 | 7 => expr.to_string(),
         _ => return Err(format!("{expr:?}: a cron expression has 5, 6 or 7 fields (or write `off`)")),
     };
     cron::Schedule::from_str(&full).map(Some).map_err(|e| format!("{expr:?}: not a cron expression: {e}"))
+}
+
+/// A crontab day-of-week field (0–7, 0 and 7 Sunday) in the `cron` crate's numbering
+/// (1–7, Sunday 1). Names and `*` pass through; step sizes after `/` are not days.
+fn crontab_weekdays(field: &str) -> Result<String, String> {
+    let day = |d: &str| -> Result<String, String> {
+        match d.parse::<u8>() {
+            Ok(n @ 0..=7) => Ok((n % 7 + 1).to_string()),
+            Ok(_) => Err(format!("{field:?}: a day of week is 0 to 7")),
+            Err(_) => Ok(d.to_string()), // a name, or `*`
+        }
+    };
+    field
+        .split(',')
+        .map(|item| {
+            let (range, step) = match item.split_once('/') {
+                Some((r, s)) => (r, Some(s)),
+                None => (item, None),
+            };
+            let range = match range.split_once('-') {
+                Some((a, b)) => format!("{}-{}", day(a)?, day(b)?),
+                None => day(range)?,
+            };
+            Ok(match step {
+                Some(s) => format!("{range}/{s}"),
+                None => range,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(|items| items.join(","))
 }
 
 /// The latest tick of `schedule` after `after` and no later than `now`: the one to fire.
@@ -72,31 +103,41 @@ pub async fn run(db: PgPool, cfg: SchedulerConfig, mut shutdown: watch::Receiver
     let start = Utc::now();
     let mut last: Vec<DateTime<Utc>> = vec![start; cfg.schedules.len()];
     let mut pruned_at: Option<DateTime<Utc>> = None;
+    // After a failed fire: 1 s, doubling to 30 s, until one succeeds.
+    let mut backoff = Duration::ZERO;
     loop {
         let now = Utc::now();
+        let mut failed = false;
         for (s, last) in cfg.schedules.iter().zip(last.iter_mut()) {
             let Some(tick) = due_tick(&s.cron, *last, now) else { continue };
-            match ticks::fire(&db, &s.args, tick).await {
+            // A sweep not run by its next tick is superseded by that tick's: it expires.
+            let expires = s.cron.after(&tick).next();
+            match ticks::fire(&db, &s.args, tick, expires).await {
                 Ok(fired) => {
                     tracing::debug!(event = "sweep.fired", sweeper = %s.args.sweeper, %tick, ?fired);
                     *last = tick;
                 }
-                // Kept as it was: the next turn fires the latest tick then due.
-                Err(e) => tracing::warn!(sweeper = %s.args.sweeper, error = %e, "cannot enqueue sweep; retrying"),
+                // Kept as it was: a later turn fires the latest tick then due.
+                Err(e) => {
+                    tracing::warn!(sweeper = %s.args.sweeper, error = %e, "cannot enqueue sweep; retrying");
+                    failed = true;
+                }
             }
         }
+        backoff = if failed { (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(30)) } else { Duration::ZERO };
         if pruned_at.is_none_or(|p| now - p > chrono::Duration::hours(1)) {
             match ticks::prune(&db, cfg.tick_retention).await {
                 Ok(_) => pruned_at = Some(now),
                 Err(e) => tracing::warn!(error = %e, "cannot prune fired ticks"),
             }
         }
-        // Until the earliest next tick (a failed fire is retried within a second).
+        // Until the earliest next tick, or the backoff after a failed fire.
         let next = cfg.schedules.iter().zip(&last).filter_map(|(s, l)| s.cron.after(l).next()).min();
         let wait = next
             .map(|t| (t - Utc::now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(Duration::from_secs(3600))
-            .clamp(Duration::from_millis(50), Duration::from_secs(60));
+            .clamp(Duration::from_millis(50), Duration::from_secs(60))
+            .max(backoff);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
@@ -119,6 +160,18 @@ mod tests {
         for s in Sweeper::ALL {
             assert!(parse_cron(default_cron(s)).unwrap().is_some(), "{s}");
         }
+    }
+
+    /// A crontab's Monday-to-Friday is Monday to Friday (the crate counts Sunday as 1).
+    #[test]
+    fn classic_crontab_weekdays_mean_what_they_say() {
+        let weekdays = parse_cron("0 3 * * 1-5").unwrap().unwrap();
+        let fires: Vec<String> = weekdays.after(&Utc.with_ymd_and_hms(2026, 11, 29, 0, 0, 0).unwrap()).take(5).map(|t| t.format("%a").to_string()).collect();
+        assert_eq!(fires, ["Mon", "Tue", "Wed", "Thu", "Fri"]);
+        let sunday = parse_cron("0 3 * * 0").unwrap().unwrap();
+        assert_eq!(sunday.after(&Utc.with_ymd_and_hms(2026, 11, 30, 0, 0, 0).unwrap()).next().unwrap().format("%a").to_string(), "Sun");
+        assert_eq!(crontab_weekdays("7,1-2/1").unwrap(), "1,2-3/1");
+        assert!(parse_cron("0 3 * * 8").is_err());
     }
 
     #[test]

@@ -16,8 +16,10 @@ pub enum Fired {
     Already,
 }
 
-/// Fires `args.sweeper` for `tick` unless it already fired.
-pub async fn fire(db: &PgPool, args: &SweepArgs, tick: DateTime<Utc>) -> Result<Fired, sqlx::Error> {
+/// Fires `args.sweeper` for `tick` unless it already fired. The job expires at `expires`
+/// (the sweeper's next tick): a backlog of sweeps (workers down, a long sweep ahead) is
+/// not worked off one stale run after another.
+pub async fn fire(db: &PgPool, args: &SweepArgs, tick: DateTime<Utc>, expires: Option<DateTime<Utc>>) -> Result<Fired, sqlx::Error> {
     let mut tx = db.begin().await?;
     let claimed: Option<i32> = sqlx::query_scalar(
         "INSERT INTO scheduler_ticks (sweeper, tick) VALUES ($1, $2) ON CONFLICT (sweeper, tick) DO NOTHING RETURNING 1",
@@ -29,7 +31,10 @@ pub async fn fire(db: &PgPool, args: &SweepArgs, tick: DateTime<Utc>) -> Result<
     if claimed.is_none() {
         return Ok(Fired::Already);
     }
-    let job = NewJob::new(JobKind::Sweep, args).idempotency_key(format!("{}:{}", args.sweeper, tick.timestamp()));
+    let mut job = NewJob::new(JobKind::Sweep, args).idempotency_key(format!("{}:{}", args.sweeper, tick.timestamp()));
+    if let Some(at) = expires {
+        job = job.expires_at(at);
+    }
     let job_id = enqueue(&mut tx, &job).await?.to_string();
     sqlx::query("UPDATE scheduler_ticks SET job_id = $3 WHERE sweeper = $1 AND tick = $2")
         .bind(args.sweeper.name())
@@ -61,15 +66,15 @@ mod tests {
         let (db, _) = fresh_db().await;
         let args = SweepArgs::new(Sweeper::A2aTtl);
         let tick = Utc::now();
-        let Fired::Now(job) = fire(&db, &args, tick).await.unwrap() else { panic!("first fire") };
-        assert_eq!(fire(&db, &args, tick).await.unwrap(), Fired::Already);
+        let Fired::Now(job) = fire(&db, &args, tick, None).await.unwrap() else { panic!("first fire") };
+        assert_eq!(fire(&db, &args, tick, None).await.unwrap(), Fired::Already);
         // Job retention deleted the job (and its idempotency key): the tick still holds.
         sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(&job).execute(&db).await.unwrap();
-        assert_eq!(fire(&db, &args, tick).await.unwrap(), Fired::Already);
+        assert_eq!(fire(&db, &args, tick, None).await.unwrap(), Fired::Already);
         let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
         assert_eq!(jobs, 0);
         // Another sweeper's same tick is its own.
-        assert!(matches!(fire(&db, &SweepArgs::new(Sweeper::Health), tick).await.unwrap(), Fired::Now(_)));
+        assert!(matches!(fire(&db, &SweepArgs::new(Sweeper::Health), tick, None).await.unwrap(), Fired::Now(_)));
         sqlx::query("UPDATE scheduler_ticks SET fired_at = now() - interval '40 days'").execute(&db).await.unwrap();
         assert_eq!(prune(&db, Duration::from_secs(30 * 24 * 3600)).await.unwrap(), 2);
     }

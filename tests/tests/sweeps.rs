@@ -118,6 +118,9 @@ impl Backend for OnlyThese {
     async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>) {
         self.inner.is_running(ws).await
     }
+    fn is_named_for(&self, m: &ManagedInstance, ws: WorkspaceId, volume: bool) -> bool {
+        self.inner.is_named_for(m, ws, volume)
+    }
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
         let all = self.inner.list_managed().await?;
         Ok(all.into_iter().filter(|m| m.workspace_id.as_ref().is_some_and(|l| self.labels.contains(l))).collect())
@@ -158,41 +161,52 @@ fn remove(name: &str) {
     docker(&["volume", "rm", "-f", &format!("{name}-configs")]);
 }
 
-/// S2: a removed row's container and volume, and a labelled container with no row, are
-/// reaped; an unlabelled `ws-…` container, a failed workspace's and an online one's are
-/// untouched, and a label that is not a workspace id is never queried.
+/// S2: a removed row's container and volume, a failed row's past the rescue grace, and a
+/// labelled container with no row (its volume once past the grace) are reaped; an
+/// unlabelled `ws-…` container, a failed workspace's within the grace and an online one's
+/// are untouched, and a label that is not a workspace id is never queried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_reaped_and_nothing_else() {
     let (db, _) = fresh_db().await;
     let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
-    let row = |status: &'static str| {
+    let row = |status: &'static str, for_s: f64| {
         let db = db.clone();
         async move {
-            sqlx::query_scalar::<_, uuid::Uuid>(
+            let id = sqlx::query_scalar::<_, uuid::Uuid>(
                 "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', 2, $2::workspace_status) RETURNING id",
             )
             .bind(org)
             .bind(status)
             .fetch_one(&db)
             .await
-            .unwrap()
+            .unwrap();
+            sqlx::query("UPDATE workspaces SET status_changed_at = now() - make_interval(secs => $2) WHERE id = $1")
+                .bind(id)
+                .bind(for_s)
+                .execute(&db)
+                .await
+                .unwrap();
+            id
         }
     };
-    let removed = row("removed").await;
-    let failed = row("failed").await;
-    let online = row("online").await;
+    let day = 86400.0;
+    let removed = row("removed", 60.0).await;
+    let failed_long_ago = row("failed", 2.0 * day).await;
+    let failed = row("failed", 60.0).await;
+    let online = row("online", 60.0).await;
     let no_row = uuid::Uuid::new_v4();
     let unlabelled = uuid::Uuid::new_v4();
     let bad_label = "4f3c%' OR true --";
     let name = |id: uuid::Uuid| container_name(WorkspaceId(id));
-    for id in [removed, failed, online, no_row] {
+    for id in [removed, failed_long_ago, failed, online, no_row] {
         instance(&name(id), Some(&id.to_string()));
     }
     instance(&name(unlabelled), None);
     let bad_name = format!("ws-badlabel{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     instance(&bad_name, Some(bad_label));
 
-    let labels: HashSet<String> = [removed, failed, online, no_row, unlabelled].iter().map(|i| i.to_string()).chain([bad_label.to_string()]).collect();
+    let labels: HashSet<String> =
+        [removed, failed_long_ago, failed, online, no_row, unlabelled].iter().map(|i| i.to_string()).chain([bad_label.to_string()]).collect();
     let backend: Arc<dyn Backend> = Arc::new(OnlyThese { inner: docker_backend().await, labels });
     let p = Platform::start(backend.clone(), &[]).await;
     let deps = molecule_workers::Deps {
@@ -205,21 +219,30 @@ async fn orphans_are_reaped_and_nothing_else() {
         loki_url: None,
         agents: molecule_workers::a2a::AgentClient::new(true).unwrap(),
     };
-    let report = orphans::sweep(&deps).await.unwrap();
-    let mut reaped = report.reaped.clone();
-    reaped.sort();
-    let mut want = vec![removed.to_string(), no_row.to_string()];
-    want.sort();
-    assert_eq!(reaped, want, "{report:?}");
-    assert_eq!(report.ignored_labels, 2, "the bad label, on its container and its volume");
-    for id in [removed, no_row] {
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let report = orphans::sweep(&deps, orphans::RESCUE_VOLUME_GRACE).await.unwrap();
+    assert_eq!(sorted(report.reaped.clone()), sorted(vec![removed.to_string(), failed_long_ago.to_string()]), "{report:?}");
+    assert_eq!(report.volume_kept, vec![no_row.to_string()], "a fresh volume with no row waits out the grace");
+    assert_eq!(report.ignored, 2, "the bad label, on its container and its volume");
+    for id in [removed, failed_long_ago] {
         assert!(!exists("container", &name(id)) && !exists("volume", &volume_name(WorkspaceId(id))), "{id} reaped");
     }
+    assert!(!exists("container", &name(no_row)) && exists("volume", &volume_name(WorkspaceId(no_row))));
     for n in [name(failed), name(online), name(unlabelled), bad_name.clone()] {
         assert!(exists("container", &n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
     }
-    assert_eq!(orphans::sweep(&deps).await.unwrap().reaped, Vec::<String>::new(), "nothing left to reap");
-    for n in [name(failed), name(online), name(unlabelled), bad_name] {
+    // With no grace left: the orphan volume goes, and so does the younger failed workspace.
+    let report = orphans::sweep(&deps, Duration::ZERO).await.unwrap();
+    assert_eq!(sorted(report.reaped.clone()), sorted(vec![no_row.to_string(), failed.to_string()]), "{report:?}");
+    assert!(!exists("volume", &volume_name(WorkspaceId(no_row))));
+    for n in [name(online), name(unlabelled), bad_name.clone()] {
+        assert!(exists("container", &n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
+    }
+    assert_eq!(orphans::sweep(&deps, Duration::ZERO).await.unwrap().reaped, Vec::<String>::new(), "nothing left to reap");
+    for n in [name(online), name(unlabelled), bad_name] {
         remove(&n);
     }
     p.stop().await;

@@ -15,6 +15,9 @@ use crate::provision::db_err;
 pub async fn one_at_a_time<T>(db: &sqlx::PgPool, key: &str, work: impl std::future::Future<Output = T>) -> Result<Option<T>, JobError> {
     use sqlx::{Connection, PgConnection};
     let mut conn = PgConnection::connect_with(&db.connect_options()).await.map_err(db_err)?;
+    // The transaction idles while the work runs: a server-wide idle-in-transaction
+    // timeout must not end it (and the lock with it) halfway.
+    sqlx::query("SET idle_in_transaction_session_timeout = 0").execute(&mut conn).await.map_err(db_err)?;
     let mut tx = conn.begin().await.map_err(db_err)?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(key)

@@ -35,7 +35,8 @@ async fn restart(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
         other => JobError::Retryable(other.to_string()),
     })?;
-    sqlx::query("UPDATE workspaces SET status = 'provisioning', updated_at = now() WHERE id = $1 AND status <> 'removed'")
+    // status_changed_at too: a restart of a workspace already provisioning starts S1's clock anew.
+    sqlx::query("UPDATE workspaces SET status = 'provisioning', status_changed_at = now(), updated_at = now() WHERE id = $1 AND status <> 'removed'")
         .bind(ws.0)
         .execute(&d.db)
         .await

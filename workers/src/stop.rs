@@ -16,15 +16,12 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
         return Err(JobError::Permanent(format!("unknown stop reason {reason:?}")));
     }
     if reason == "hibernate" {
-        // A restart or a delete since the sweep chose it: not ours to stop any more.
-        let status: Option<String> = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1")
-            .bind(ws.0)
-            .fetch_optional(&d.db)
-            .await
-            .map_err(db_err)?;
-        if status.as_deref() != Some("hibernating") {
-            return Ok(json!({ "skipped": format!("no longer hibernating ({})", status.as_deref().unwrap_or("gone")) }));
-        }
+        // Under the workspace's restart lock: a restart (which wakes it) and this stop
+        // never interleave — a restart's new instance has the same name as the old one.
+        return match crate::restart::one_at_a_time(&d.db, ws, hibernate(d, ctx, ws)).await? {
+            Some(r) => r,
+            None => Err(JobError::Retryable("a restart of this workspace is running".into())),
+        };
     }
     d.backend.stop(ws).await.map_err(|e| match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
@@ -35,27 +32,41 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
         d.backend.remove_volume(ws).await.map_err(|e| JobError::Retryable(e.to_string()))?;
         volume_removed = true;
     }
-    // A hibernation ends `hibernated` only while the workspace is still `hibernating`: a
-    // delete (or a restart) that came meanwhile wins. A delete's row is `removed` already.
-    match reason {
-        "hibernate" => {
-            sqlx::query("UPDATE workspaces SET status = 'hibernated', updated_at = now() WHERE id = $1 AND status = 'hibernating'")
-                .bind(ws.0)
-                .execute(&d.db)
-                .await
-                .map_err(db_err)?;
-        }
-        "delete" => {
-            sqlx::query("UPDATE workspaces SET status = 'removed', updated_at = now() WHERE id = $1 AND status <> 'removed'")
-                .bind(ws.0)
-                .execute(&d.db)
-                .await
-                .map_err(db_err)?;
-        }
-        _ => {}
+    // A delete's row is `removed` already (the API wrote it); a restart's status is the
+    // restart's to set.
+    if reason == "delete" {
+        sqlx::query("UPDATE workspaces SET status = 'removed', updated_at = now() WHERE id = $1 AND status <> 'removed'")
+            .bind(ws.0)
+            .execute(&d.db)
+            .await
+            .map_err(db_err)?;
     }
     tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed);
     Ok(json!({ "stopped": true, "volume_removed": volume_removed }))
+}
+
+/// Stops a `hibernating` workspace and marks it `hibernated`; anything else (a restart or
+/// a delete came first) is left alone.
+async fn hibernate(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
+    let status: Option<String> = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1")
+        .bind(ws.0)
+        .fetch_optional(&d.db)
+        .await
+        .map_err(db_err)?;
+    if status.as_deref() != Some("hibernating") {
+        return Ok(json!({ "skipped": format!("no longer hibernating ({})", status.as_deref().unwrap_or("gone")) }));
+    }
+    d.backend.stop(ws).await.map_err(|e| match e {
+        molecule_backends::BackendError::NoBackend => JobError::NoBackend,
+        other => JobError::Retryable(other.to_string()),
+    })?;
+    sqlx::query("UPDATE workspaces SET status = 'hibernated', updated_at = now() WHERE id = $1 AND status = 'hibernating'")
+        .bind(ws.0)
+        .execute(&d.db)
+        .await
+        .map_err(db_err)?;
+    tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason = "hibernate", volume_removed = false);
+    Ok(json!({ "stopped": true, "volume_removed": false }))
 }
 
 #[cfg(test)]

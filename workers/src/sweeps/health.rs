@@ -3,7 +3,9 @@
 //! - An `online` workspace the backend runs whose instance is definitely not running (the
 //!   backend says so without error: an unsure answer is "alive, degraded signal", never a
 //!   reason to restart) → `offline`, a `WORKSPACE_OFFLINE` event and one restart
-//!   (coalesced), in one transaction whose UPDATE re-checks `online`.
+//!   (coalesced), in one transaction whose UPDATE re-checks `online` — unless a restart is
+//!   running right now (its stop is not a death), and unless the instance already died
+//!   [`MAX_RESTARTS_PER_HOUR`] times in the last hour: then `failed`, saying why.
 //! - An `external` workspace whose agent has not heartbeated within the staleness window
 //!   → `awaiting_agent` (not `offline`: nothing of ours can restart it; its next heartbeat
 //!   or registration brings it back).
@@ -60,8 +62,48 @@ pub async fn restart_dead(d: &Deps, batch: i64) -> Result<Vec<WorkspaceId>, JobE
     Ok(flipped)
 }
 
+/// Restarts after which a workspace whose instance keeps dying is failed instead.
+pub const MAX_RESTARTS_PER_HOUR: i64 = 3;
+
 async fn offline_and_restart(db: &sqlx::PgPool, ws: WorkspaceId) -> Result<bool, sqlx::Error> {
     let mut tx = db.begin().await?;
+    // A restart in progress (J3 holds this lock) stops the instance before it marks the
+    // workspace `provisioning`: that is not a death, and a second restart would kill the
+    // new instance. Taking the lock here also keeps a restart from starting until this
+    // transaction ends.
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("molecule.restart.{ws}"))
+        .fetch_one(&mut *tx)
+        .await?;
+    if !free {
+        return Ok(false);
+    }
+    let recent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM structure_events WHERE workspace_id = $1 AND event_type = 'WORKSPACE_OFFLINE' \
+         AND payload ->> 'reason' = 'instance_not_running' AND created_at > now() - interval '1 hour'",
+    )
+    .bind(ws.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    if recent >= MAX_RESTARTS_PER_HOUR {
+        // Its instance keeps dying: restarting it again would loop. Failed, and it says why.
+        let org: Option<uuid::Uuid> = sqlx::query_scalar(
+            "UPDATE workspaces SET status = 'failed', last_sample_error = $2, updated_at = now() \
+             WHERE id = $1 AND status = 'online' RETURNING org_id",
+        )
+        .bind(ws.0)
+        .bind(format!(
+            "The workspace's instance stopped {MAX_RESTARTS_PER_HOUR} times within an hour after being restarted; \
+             it is no longer restarted automatically. Restart it when the cause is fixed."
+        ))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(org) = org.map(OrgId) else { return Ok(false) };
+        molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_FAILED", serde_json::json!({ "reason": "crash_loop" })).await?;
+        tx.commit().await?;
+        tracing::warn!(event = "sweep.health", workspace_id = %ws, org_id = %org, "instance keeps dying: failed");
+        return Ok(true);
+    }
     let org: Option<uuid::Uuid> =
         sqlx::query_scalar("UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1 AND status = 'online' RETURNING org_id")
             .bind(ws.0)
@@ -166,5 +208,63 @@ mod tests {
         let events: i64 = sqlx::query_scalar("SELECT count(*) FROM structure_events WHERE event_type = 'WORKSPACE_AWAITING_AGENT'").fetch_one(&db).await.unwrap();
         assert_eq!(events, 2);
         assert!(await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap().is_empty());
+    }
+
+    /// The guards of a restart: none while a restart holds the workspace's lock, and after
+    /// three deaths within the hour the workspace is failed instead of restarted again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_restart_while_one_runs_and_no_restart_loop() {
+        let (db, _) = fresh_db().await;
+        let (org, ws): (uuid::Uuid, uuid::Uuid) = sqlx::query_as(
+            "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
+             INSERT INTO workspaces (org_id, name, runtime, tier, status) SELECT id, 'w', 'echo', 2, 'online' FROM o RETURNING org_id, id",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let ws = WorkspaceId(ws);
+        let restarts = || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM apalis.jobs WHERE job_type = 'restart' AND workspace_id = $1")
+                    .bind(ws.0)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap()
+            }
+        };
+        // A restart is running (J3's lock is held): its stop is not a death.
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let holder = tokio::spawn({
+            let db = db.clone();
+            async move {
+                crate::restart::one_at_a_time(&db, ws, async move {
+                    entered.send(()).unwrap();
+                    let _ = held.await;
+                })
+                .await
+            }
+        });
+        inside.await.unwrap();
+        assert!(!offline_and_restart(&db, ws).await.unwrap());
+        assert_eq!(restarts().await, 0);
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+
+        assert!(offline_and_restart(&db, ws).await.unwrap());
+        assert_eq!(restarts().await, 1);
+        // It came back and died twice more within the hour: the fourth death fails it.
+        for _ in 0..2 {
+            sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1").bind(ws.0).execute(&db).await.unwrap();
+            assert!(offline_and_restart(&db, ws).await.unwrap());
+        }
+        sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1").bind(ws.0).execute(&db).await.unwrap();
+        assert!(offline_and_restart(&db, ws).await.unwrap());
+        let (status, why): (String, Option<String>) =
+            sqlx::query_as("SELECT status::text, last_sample_error FROM workspaces WHERE id = $1").bind(ws.0).fetch_one(&db).await.unwrap();
+        assert_eq!(status, "failed");
+        assert!(why.unwrap().contains("3 times within an hour"));
+        let _ = org;
     }
 }

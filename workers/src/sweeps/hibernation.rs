@@ -11,11 +11,14 @@ use molecule_jobs::{enqueue, JobContext, JobKind, NewJob};
 use std::time::Duration;
 
 /// The idle predicate over `workspaces` (`$1`: idle seconds). GREATEST skips a NULL
-/// `last_active_at` (never used): then idle counts from its entry into `online`.
+/// `last_active_at` (never used): then idle counts from its entry into `online`. A
+/// workspace with A2A messages still on their way to it (or from it) is not idle.
 macro_rules! idle {
     () => {
         "status = 'online' AND runtime <> 'external' \
-         AND GREATEST(last_active_at, status_changed_at) < now() - make_interval(secs => $1)"
+         AND GREATEST(last_active_at, status_changed_at) < now() - make_interval(secs => $1) \
+         AND NOT EXISTS (SELECT 1 FROM a2a_queue q WHERE (q.workspace_id = workspaces.id OR q.caller_id = workspaces.id) \
+                         AND q.status IN ('queued', 'dispatched'))"
     };
 }
 
@@ -99,6 +102,14 @@ mod tests {
         let idle = add("echo", "online", 7200.0, Some(7200.0)).await;
         let never_used = add("echo", "online", 7200.0, None).await;
         let busy = add("echo", "online", 7200.0, Some(10.0)).await;
+        // Idle by its clock, but a message is still on its way to it.
+        let awaited = add("echo", "online", 7200.0, Some(7200.0)).await;
+        sqlx::query("INSERT INTO a2a_queue (org_id, workspace_id, method, body) VALUES ($1, $2, 'message/send', '{}')")
+            .bind(org)
+            .bind(awaited)
+            .execute(&db)
+            .await
+            .unwrap();
         let just_online = add("echo", "online", 10.0, Some(7200.0)).await;
         let external = add("external", "online", 7200.0, None).await;
         let removed = add("echo", "removed", 7200.0, None).await;
@@ -108,7 +119,7 @@ mod tests {
         let mut want = vec![WorkspaceId(idle), WorkspaceId(never_used)];
         want.sort_by_key(|w| w.0);
         assert_eq!(got, want);
-        for (id, status, stops) in [(idle, "hibernating", 1), (never_used, "hibernating", 1), (busy, "online", 0),
+        for (id, status, stops) in [(idle, "hibernating", 1), (never_used, "hibernating", 1), (busy, "online", 0), (awaited, "online", 0),
                                     (just_online, "online", 0), (external, "online", 0), (removed, "removed", 0)] {
             let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'stop' AND workspace_id = $1 \

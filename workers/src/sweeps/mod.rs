@@ -38,7 +38,7 @@ pub fn handler(deps: &Deps) -> Handler {
             let ran = crate::exclusive::one_at_a_time(&ctx.db, &key, async {
                 match args.sweeper {
                     Sweeper::ProvisionTimeout => provision_timeout::run(&ctx, &args).await,
-                    Sweeper::Orphans => orphans::run(&d, &ctx).await,
+                    Sweeper::Orphans => orphans::run(&d, &ctx, &args).await,
                     Sweeper::StaleTokens => stale_tokens::run(&d, &ctx, &args).await,
                     Sweeper::Health => health::run(&d, &ctx, &args).await,
                     Sweeper::Hibernation => hibernation::run(&ctx, &args).await,

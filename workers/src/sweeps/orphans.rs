@@ -3,32 +3,46 @@
 //! - a managed instance or volume whose workspace row is `removed` (its stop job failed,
 //!   or never ran) → the instance is stopped, then its volume removed — the volume only
 //!   after a successful stop;
-//! - a managed instance or volume whose workspace id has no row at all (the database was
-//!   wiped and recreated) → reaped the same way (seed 002);
-//! - only what carries the managed label is ever listed: an unlabelled `ws-…` container is
-//!   never touched; neither is anything of a `failed` workspace (its instance and volume
-//!   are kept for rescue) or of any other status;
-//! - a workspace id from a label is used only when it is a UUID: anything else (SQL
-//!   wildcards included) never reaches a query.
+//! - a `failed` workspace's instance and volume are kept for rescue for the grace
+//!   (`RESCUE_VOLUME_GRACE`, 24 h, from when it failed), then reaped the same way;
+//! - a managed instance whose workspace id has no row at all (the database was wiped and
+//!   recreated, seed 002) → stopped at once; its volume is removed only once it is older
+//!   than the grace (a database restored from an older backup has not lost its workspaces'
+//!   configuration on the first sweep);
+//! - only what carries the managed label, under the name the platform gives it, is acted
+//!   on: an unlabelled `ws-…` container is never touched; a workspace id from a label is
+//!   used only when it is a UUID — anything else (SQL wildcards included) never reaches a
+//!   query;
+//! - at most [`BATCH`] workspaces per sweep (stops take seconds each); the next sweep goes on.
 
-use molecule_backends::BackendError;
+use chrono::{DateTime, Utc};
+use molecule_backends::{BackendError, ManagedInstance};
 use molecule_domain::WorkspaceId;
 use molecule_jobs::handler::HandlerResult;
+use molecule_jobs::sweeper::SweepArgs;
 use molecule_jobs::{JobContext, JobError};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use crate::Deps;
+
+/// SPEC J4: failed workspaces' instances and volumes are kept this long.
+pub const RESCUE_VOLUME_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Most workspaces reaped per sweep.
+pub const BATCH: usize = 50;
 
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
     /// Workspaces whose instance was stopped and volume removed.
     pub reaped: Vec<String>,
-    /// Stopped, but the volume could not be removed (the next sweep tries again).
+    /// Stopped; the volume is kept (younger than the grace, or its removal failed).
     pub volume_kept: Vec<String>,
     /// The stop failed: the volume is kept for the next sweep.
     pub stop_failed: Vec<String>,
-    /// Labels that are not workspace ids (never queried).
-    pub ignored_labels: usize,
+    /// Listed things that are not the platform's (a label that is not a workspace id, or a
+    /// name that is not the one the platform gives): never acted on.
+    pub ignored: usize,
 }
 
 /// A label's workspace id, when it is one: a UUID in its canonical hyphenated form.
@@ -37,7 +51,14 @@ pub fn workspace_id(label: &str) -> Option<WorkspaceId> {
     (id.hyphenated().to_string() == label.to_ascii_lowercase()).then_some(WorkspaceId(id))
 }
 
-pub async fn sweep(d: &Deps) -> Result<Report, JobError> {
+/// What the backend holds for one workspace.
+#[derive(Default)]
+struct Held {
+    instance: bool,
+    volume_created: Option<Option<DateTime<Utc>>>,
+}
+
+pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
     let listed = match d.backend.list_managed().await {
         Ok(c) => c,
         Err(BackendError::NoBackend) => return Ok(Report::default()),
@@ -45,37 +66,73 @@ pub async fn sweep(d: &Deps) -> Result<Report, JobError> {
     };
     let volumes = d.backend.list_managed_volumes().await.map_err(|e| JobError::Retryable(format!("listing managed volumes: {e}")))?;
     let mut report = Report::default();
-    let mut ids = BTreeSet::new();
-    for label in listed.iter().chain(&volumes).map(|m| m.workspace_id.as_deref().unwrap_or("")) {
-        match workspace_id(label) {
-            Some(ws) => {
-                ids.insert(ws.0);
+    let mut held: BTreeMap<uuid::Uuid, Held> = BTreeMap::new();
+    let mut take = |m: &ManagedInstance, volume: bool, report: &mut Report| {
+        let ws = match m.workspace_id.as_deref().and_then(workspace_id) {
+            Some(ws) if d.backend.is_named_for(m, ws, volume) => ws,
+            _ => {
+                report.ignored += 1;
+                return;
             }
-            None => report.ignored_labels += 1,
+        };
+        let h = held.entry(ws.0).or_default();
+        if volume {
+            h.volume_created = Some(m.created_at);
+        } else {
+            h.instance = true;
         }
+    };
+    for m in &listed {
+        take(m, false, &mut report);
     }
-    if ids.is_empty() {
+    for m in &volumes {
+        take(m, true, &mut report);
+    }
+    if held.is_empty() {
         return Ok(report);
     }
-    let ids: Vec<uuid::Uuid> = ids.into_iter().collect();
-    let rows: HashMap<uuid::Uuid, String> = sqlx::query_as::<_, (uuid::Uuid, String)>("SELECT id, status::text FROM workspaces WHERE id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&d.db)
-        .await
-        .map_err(super::db)?
-        .into_iter()
-        .collect();
-    for id in ids {
-        let why = match rows.get(&id).map(String::as_str) {
-            None => "no_row",
-            Some("removed") => "removed",
+    let ids: Vec<uuid::Uuid> = held.keys().copied().collect();
+    // Per row: its status, and whether it has been in it for longer than the grace.
+    let rows: HashMap<uuid::Uuid, (String, bool)> = sqlx::query_as::<_, (uuid::Uuid, String, bool)>(
+        "SELECT id, status::text, status_changed_at < now() - make_interval(secs => $2) FROM workspaces WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(grace.as_secs_f64())
+    .fetch_all(&d.db)
+    .await
+    .map_err(super::db)?
+    .into_iter()
+    .map(|(id, status, old)| (id, (status, old)))
+    .collect();
+    let grace_ago = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+    let mut acted = 0;
+    for (id, h) in held {
+        if acted >= BATCH {
+            break;
+        }
+        let (why, remove_volume) = match rows.get(&id) {
+            None => {
+                // Unknown creation time: treated as old (the engine always reports it).
+                let old_volume = h.volume_created.is_some_and(|c| c.is_none_or(|c| c < grace_ago));
+                ("no_row", old_volume)
+            }
+            Some((status, _)) if status == "removed" => ("removed", true),
+            Some((status, true)) if status == "failed" => ("failed_past_grace", true),
             Some(_) => continue,
         };
+        if !h.instance && (!remove_volume || h.volume_created.is_none()) {
+            continue; // nothing to do for it now
+        }
+        acted += 1;
         let ws = WorkspaceId(id);
         match d.backend.stop(ws).await {
             Err(e) => {
                 tracing::warn!(event = "sweep.orphans", workspace_id = %ws, reason = why, error = %e, "stop failed; volume kept");
                 report.stop_failed.push(ws.to_string());
+            }
+            Ok(()) if !remove_volume || h.volume_created.is_none() => {
+                tracing::info!(event = "sweep.orphans", workspace_id = %ws, reason = why, "instance reaped; volume kept");
+                report.volume_kept.push(ws.to_string());
             }
             Ok(()) => match d.backend.remove_volume(ws).await {
                 Ok(()) => {
@@ -92,8 +149,9 @@ pub async fn sweep(d: &Deps) -> Result<Report, JobError> {
     Ok(report)
 }
 
-pub async fn run(d: &Deps, _ctx: &JobContext) -> HandlerResult {
-    let report = sweep(d).await?;
+pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult {
+    let grace = args.volume_grace_s.map(Duration::from_secs).unwrap_or(RESCUE_VOLUME_GRACE);
+    let report = sweep(d, grace).await?;
     Ok(serde_json::to_value(report).unwrap_or_default())
 }
 
