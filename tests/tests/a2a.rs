@@ -6,8 +6,8 @@
 use molecule_backends::docker::{container_name, DockerBackend, DockerConfig};
 use molecule_backends::Backend;
 use molecule_domain::{tokens, WorkspaceId};
-use molecule_jobs::{JobKind, Runtime, RuntimeConfig};
-use molecule_tests::{bin_path, eventually, free_port, fresh_db, http_full, http_get, open_auth, start_api, Proc, Resp};
+use molecule_jobs::{JobKind, Runtime};
+use molecule_tests::{bin_path, eventually, free_port, http_full, http_get, Proc, Resp};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::path::PathBuf;
@@ -23,33 +23,11 @@ struct Relay {
 }
 
 impl Relay {
-    /// API (loopback agent URLs allowed: every agent here is on 127.0.0.1) and, unless
-    /// `pools` is empty, worker pools for those kinds (None: all of them).
+    /// API (loopback agent URLs allowed: every agent here is on 127.0.0.1) and worker pools
+    /// for those kinds (None: all of them; empty: none).
     async fn start(backend: Arc<dyn Backend>, pools: Option<&[JobKind]>) -> Relay {
-        let (db, _) = fresh_db().await;
-        let addr = start_api(db.clone(), open_auth()).await;
-        let mut c = db.acquire().await.unwrap();
-        let (_, org) = tokens::create_org(&mut c, "a2a").await.unwrap();
-        drop(c);
-        let rt = if pools == Some(&[]) {
-            None
-        } else {
-            let deps = molecule_workers::Deps {
-                db: db.clone(),
-                backend,
-                platform_url: format!("http://{addr}"),
-                registry: molecule_backends::image::DEFAULT_REGISTRY.into(),
-                image_local_override: false,
-                redactor: Some(Arc::new(molecule_domain::redact::Redactor::new())),
-                loki_url: None,
-                agents: molecule_workers::a2a::AgentClient::new(true).expect("agent client"),
-            };
-            let concurrency = pools.map(|ks| ks.iter().map(|k| (*k, k.default_concurrency())).collect()).unwrap_or_default();
-            let specs = molecule_workers::handlers::pool_specs(&deps, &concurrency);
-            let cfg = RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
-            Some(Runtime::start(db.clone(), cfg, specs))
-        };
-        Relay { db, addr, org, rt }
+        let p = molecule_tests::Platform::start(backend, pools.unwrap_or(&JobKind::ALL)).await;
+        Relay { db: p.db, addr: p.addr, org: p.org, rt: p.rt }
     }
 
     async fn api_only() -> Relay {

@@ -10,12 +10,10 @@
 //!   → `awaiting_agent` (not `offline`: nothing of ours can restart it; its next heartbeat
 //!   or registration brings it back).
 
-use molecule_backends::BackendError;
 use molecule_domain::{OrgId, WorkspaceId};
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::SweepArgs;
 use molecule_jobs::{JobContext, JobError};
-use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::Deps;
@@ -25,17 +23,7 @@ pub const DEFAULT_HEARTBEAT_STALE: Duration = Duration::from_secs(120);
 /// `online` workspaces on the backend whose instance is gone → offline + restart; returns
 /// their ids. Walks every online workspace in pages of `batch`.
 pub async fn restart_dead(d: &Deps, batch: i64) -> Result<Vec<WorkspaceId>, JobError> {
-    let listed = match d.backend.list_managed().await {
-        Ok(l) => l,
-        Err(BackendError::NoBackend) => return Ok(vec![]),
-        Err(e) => return Err(JobError::Retryable(format!("listing managed instances: {e}"))),
-    };
-    let running: HashSet<uuid::Uuid> = listed
-        .iter()
-        .filter(|m| m.running)
-        .filter_map(|m| m.workspace_id.as_deref().and_then(super::orphans::workspace_id))
-        .map(|w| w.0)
-        .collect();
+    let Some(running) = super::running_workspaces(d).await? else { return Ok(vec![]) };
     let mut flipped = Vec::new();
     let mut after = uuid::Uuid::nil();
     loop {

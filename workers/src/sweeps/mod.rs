@@ -52,6 +52,23 @@ pub fn handler(deps: &Deps) -> Handler {
     })
 }
 
+/// The workspaces whose instance the backend runs now; None with no backend. A backend
+/// that cannot be listed is an error: a sweep never acts on "nothing runs" it did not see.
+pub(crate) async fn running_workspaces(d: &Deps) -> Result<Option<std::collections::HashSet<uuid::Uuid>>, JobError> {
+    match d.backend.list_managed().await {
+        Ok(listed) => Ok(Some(
+            listed
+                .iter()
+                .filter(|m| m.running)
+                .filter_map(|m| m.workspace_id.as_deref().and_then(orphans::workspace_id))
+                .map(|w| w.0)
+                .collect(),
+        )),
+        Err(molecule_backends::BackendError::NoBackend) => Ok(None),
+        Err(e) => Err(JobError::Retryable(format!("listing managed instances: {e}"))),
+    }
+}
+
 /// A database error in a sweep: worth the next attempt.
 pub(crate) fn db(e: sqlx::Error) -> JobError {
     JobError::Retryable(format!("database: {e}"))

@@ -10,10 +10,9 @@
 //! running at all" is the case this sweep exists for; a backend that cannot be listed
 //! ends the sweep without revoking anything, and with no backend it does nothing.
 
-use molecule_backends::BackendError;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::SweepArgs;
-use molecule_jobs::{JobContext, JobError};
+use molecule_jobs::JobContext;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -65,17 +64,9 @@ pub async fn sweep(db: &sqlx::PgPool, running: &HashSet<uuid::Uuid>, grace: Dura
 }
 
 pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult {
-    let listed = match d.backend.list_managed().await {
-        Ok(l) => l,
-        Err(BackendError::NoBackend) => return Ok(serde_json::json!({ "skipped": "no backend" })),
-        Err(e) => return Err(JobError::Retryable(format!("listing managed instances: {e}"))),
+    let Some(running) = super::running_workspaces(d).await? else {
+        return Ok(serde_json::json!({ "skipped": "no backend" }));
     };
-    let running: HashSet<uuid::Uuid> = listed
-        .iter()
-        .filter(|m| m.running)
-        .filter_map(|m| m.workspace_id.as_deref().and_then(super::orphans::workspace_id))
-        .map(|w| w.0)
-        .collect();
     let grace = args.grace_s.map(Duration::from_secs).unwrap_or(DEFAULT_GRACE);
     let revoked = sweep(&d.db, &running, grace, super::BATCH).await.map_err(super::db)?;
     Ok(serde_json::json!({ "workspaces": revoked.len(), "tokens": revoked.iter().map(|(_, n)| n).sum::<u64>() }))
