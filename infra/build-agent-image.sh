@@ -38,6 +38,10 @@ ldd "$BIN" | awk '/=>/ {print $3} /^[ \t]*\// {print $1}' | while read -r lib; d
     cp -L "$lib" "$ROOT$lib"
 done
 echo "root:x:0:0:root:/:/bin/sh" > "$ROOT/etc/passwd"
+# The agent runs as this non-root user (backends/src/isolation.rs), owner of its /configs.
+echo "nonroot:x:65532:65532:nonroot:/tmp:/bin/sh" >> "$ROOT/etc/passwd"
+echo "nonroot:x:65532:" > "$ROOT/etc/group"
+chown 65532:65532 "$ROOT/configs"
 chmod 1777 "$ROOT/tmp"
 tar -C "$ROOT" -c . | docker import \
     --change 'ENTRYPOINT ["/usr/local/bin/molecule-agent"]' \

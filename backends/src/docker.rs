@@ -28,12 +28,23 @@ pub struct DockerConfig {
     /// Write config files straight into a volume's mountpoint when it is a directory on
     /// this host (a local engine); false: always through the engine's archive API.
     pub direct_volume_writes: bool,
+    /// Memory, CPU and process limits by tier.
+    pub limits: crate::isolation::TierLimits,
+    /// A read-only root filesystem (with a small writable /tmp).
+    pub read_only_root: bool,
 }
 
 impl DockerConfig {
-    /// Host networking, the engine's platform, direct volume writes where possible.
+    /// Host networking, the engine's platform, direct volume writes where possible,
+    /// default limits, a writable root filesystem.
     pub fn local() -> Self {
-        DockerConfig { network_mode: "host".into(), platform: None, direct_volume_writes: true }
+        DockerConfig {
+            network_mode: "host".into(),
+            platform: None,
+            direct_volume_writes: true,
+            limits: Default::default(),
+            read_only_root: false,
+        }
     }
 }
 
@@ -121,12 +132,16 @@ impl DockerBackend {
         }
     }
 
-    fn config_archive(files: &[(&str, &[u8])]) -> Result<Vec<u8>, BackendError> {
+    fn config_archive(files: &[(&str, &[u8])], owner: Option<(u32, u32)>) -> Result<Vec<u8>, BackendError> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, data) in files {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o600);
+            if let Some((uid, gid)) = owner {
+                h.set_uid(uid as u64);
+                h.set_gid(gid as u64);
+            }
             h.set_cksum();
             b.append_data(&mut h, name, *data).map_err(|e| BackendError::EngineUnavailable(e.to_string()))?;
         }
@@ -143,6 +158,8 @@ impl DockerBackend {
             (".auth_token", spec.secrets().token().as_bytes()),
             (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes()),
         ];
+        // Owned by the user the instance runs as (root when it runs as the image's user).
+        let owner = crate::isolation::profile(&spec.runtime).user;
         let mountpoint = self.docker.inspect_volume(volume).await.map_err(classify)?.mountpoint;
         let dir = std::path::Path::new(&mountpoint);
         if self.cfg.direct_volume_writes && !mountpoint.is_empty() && dir.is_dir() {
@@ -158,10 +175,19 @@ impl DockerBackend {
                     .open(&path)
                     .and_then(|mut f| f.write_all(data));
                 written.map_err(|e| BackendError::EngineUnavailable(format!("cannot write the workspace's config volume: {e}")))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                        .map_err(|e| BackendError::EngineUnavailable(format!("cannot hand the config files to the workspace's user: {e}")))?;
+                }
+            }
+            // The agent keeps its own state beside its secrets (a poll cursor).
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                    .map_err(|e| BackendError::EngineUnavailable(format!("cannot hand the config volume to the workspace's user: {e}")))?;
             }
             return Ok(());
         }
-        let archive = Self::config_archive(&files)?;
+        let archive = Self::config_archive(&files, owner)?;
         let upload = UploadToContainerOptionsBuilder::default().path("/configs").build();
         self.docker
             .upload_to_container(container, Some(upload), bollard::body_full(archive.into()))
@@ -259,13 +285,28 @@ impl Backend for DockerBackend {
             .await
             .map_err(classify)?;
         let env: Vec<String> = spec.env().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let profile = crate::isolation::profile(&spec.runtime);
+        let limits = self.cfg.limits.of(spec.tier);
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(env),
             labels: Some(Self::labels(ws)),
+            user: profile.user.map(|(u, g)| format!("{u}:{g}")),
             host_config: Some(HostConfig {
                 binds: Some(vec![format!("{volume}:/configs")]),
                 network_mode: Some(self.cfg.network_mode.clone()),
+                // Issue 12: a tenant's workspace is a hostile neighbour.
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(profile.cap_add.iter().map(|c| c.to_string()).collect()),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                privileged: Some(false),
+                memory: Some((limits.memory_mb * 1024 * 1024) as i64),
+                // No swap beyond the memory limit.
+                memory_swap: Some((limits.memory_mb * 1024 * 1024) as i64),
+                nano_cpus: Some((limits.cpus * 1e9) as i64),
+                pids_limit: Some(limits.pids),
+                readonly_rootfs: Some(self.cfg.read_only_root),
+                tmpfs: self.cfg.read_only_root.then(|| HashMap::from([("/tmp".to_string(), "rw,nosuid,nodev,size=64m".to_string())])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -425,10 +466,12 @@ impl Backend for DockerBackend {
         }
         out.push(("cloud-init-output.log".into(), "(not applicable: Docker workspaces do not boot with cloud-init)".into()));
         // `docker ps -a` of the managed containers.
+        // Only this workspace's containers: a bundle never names another tenant's workspaces.
         let ps = match self.list_managed().await {
             Ok(list) => {
                 let mut t = String::from("NAME	WORKSPACE	RUNNING\n");
-                for c in list {
+                let own = ws.to_string();
+                for c in list.into_iter().filter(|c| c.workspace_id.as_deref() == Some(own.as_str())) {
                     t.push_str(&format!("{}	{}	{}\n", c.name, c.workspace_id.unwrap_or_default(), c.running));
                 }
                 t

@@ -8,6 +8,7 @@
 
 pub mod docker;
 pub mod image;
+pub mod isolation;
 
 use molecule_domain::tokens::MintedSecrets;
 use molecule_domain::{OrgId, WorkspaceId};
@@ -73,6 +74,8 @@ pub struct StartSpec {
     pub platform_url: String,
     /// The agent's endpoint when the backend assigns one ([`Backend::assign_agent_endpoint`]).
     pub agent: Option<AgentEndpoint>,
+    /// 1–4: sets the instance's resource limits ([`isolation::TierLimits`]).
+    pub tier: i16,
     secrets: MintedSecrets,
 }
 
@@ -86,7 +89,12 @@ impl StartSpec {
         platform_url: String,
         secrets: MintedSecrets,
     ) -> Self {
-        StartSpec { workspace_id, org_id, parent_id, runtime, image, platform_url, agent: None, secrets }
+        StartSpec { workspace_id, org_id, parent_id, runtime, image, platform_url, agent: None, tier: 2, secrets }
+    }
+
+    pub fn with_tier(mut self, tier: i16) -> Self {
+        self.tier = tier;
+        self
     }
 
     pub fn with_agent(mut self, agent: Option<AgentEndpoint>) -> Self {

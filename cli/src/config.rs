@@ -203,6 +203,15 @@ pub struct WorkerArgs {
     /// Where rescue bundle sections are pushed (Loki push API base URL). Unset: not shipped.
     #[arg(long, env = "LOKI_URL", value_name = "LOKI_URL")]
     pub loki_url: Option<String>,
+    /// Memory (MiB), CPUs and processes of a workspace's container by tier, overriding the
+    /// defaults (1=256/0.25/128 2=512/0.5/256 3=1024/1/512 4=2048/2/1024), e.g. `3=4096/2/2048`.
+    #[arg(long, env = "MOLECULE_TIER_LIMITS", value_name = "MOLECULE_TIER_LIMITS", default_value = "",
+          value_parser = molecule_backends::isolation::TierLimits::parse)]
+    pub tier_limits: molecule_backends::isolation::TierLimits,
+    /// 1 = workspace containers get a read-only root filesystem (a small writable /tmp).
+    #[arg(long, env = "MOLECULE_WORKSPACE_READ_ONLY", value_name = "MOLECULE_WORKSPACE_READ_ONLY", default_value = "0",
+          value_parser = ["0", "1"])]
+    pub workspace_read_only: String,
     /// Docker network mode of workspace containers (`host` for local installs and tests).
     #[arg(long, env = "MOLECULE_DOCKER_NETWORK", value_name = "MOLECULE_DOCKER_NETWORK", default_value = "host")]
     pub docker_network: String,

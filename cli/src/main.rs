@@ -327,6 +327,13 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
             if backend.name() == "none" {
                 tracing::warn!("no workspace backend: provision, stop and restart jobs fail with `no backend configured`");
             }
+            if backend.name() == "docker" && w.docker_network == "host" && !common.dev() {
+                tracing::warn!(
+                    "WORKSPACE CONTAINERS USE HOST NETWORKING (MOLECULE_DOCKER_NETWORK=host): every workspace shares this host's \
+                     network stack, loopback included. Fine for a local install; in production set MOLECULE_DOCKER_NETWORK to a \
+                     bridge network of its own and PLATFORM_URL to an address workspaces reach on it."
+                );
+            }
             let deps = molecule_workers::Deps {
                 db: db.clone(),
                 backend,
@@ -391,7 +398,13 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
 /// MOLECULE_BACKEND: docker (must answer), none, or unset (docker when an engine answers).
 async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_backends::Backend>, StartError> {
     use molecule_backends::docker::{DockerBackend, DockerConfig};
-    let cfg = DockerConfig { network_mode: w.docker_network.clone(), platform: w.image_platform.clone(), direct_volume_writes: true };
+    let cfg = DockerConfig {
+        network_mode: w.docker_network.clone(),
+        platform: w.image_platform.clone(),
+        direct_volume_writes: true,
+        limits: w.tier_limits.clone(),
+        read_only_root: w.workspace_read_only == "1",
+    };
     match w.backend.as_deref() {
         Some("none") => Ok(std::sync::Arc::new(molecule_backends::NoBackend)),
         Some(_) => Ok(std::sync::Arc::new(DockerBackend::connect(cfg).await.map_err(StartError::Backend)?)),

@@ -18,6 +18,12 @@ macro_rules! uuid_id {
             }
         }
 
+        impl From<Uuid> for $name {
+            fn from(u: Uuid) -> Self {
+                Self(u)
+            }
+        }
+
         impl Default for $name {
             fn default() -> Self {
                 Self::new()

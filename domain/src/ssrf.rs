@@ -110,16 +110,25 @@ pub fn check_ip(ip: IpAddr, allow_loopback: bool) -> Result<(), Refused> {
     }
 }
 
+/// The longest a host name may take to resolve (a black-holed DNS name would otherwise
+/// hold its caller for the system resolver's whole retry schedule).
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves a name within [`RESOLVE_TIMEOUT`].
+pub async fn resolve(name: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Refused> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+        Err(_) => Err(Refused("the URL's host did not resolve in time")),
+        Ok(Err(_)) => Err(Refused("the URL's host does not resolve")),
+        Ok(Ok(a)) => Ok(a.collect()),
+    }
+}
+
 /// Checks a URL and every address its host resolves to.
 pub async fn check(url: &str, allow_loopback: bool) -> Result<(), Refused> {
     let (_, host, port) = parse(url)?;
     let addrs: Vec<IpAddr> = match host {
         Host::Ip(ip) => vec![ip],
-        Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
-            .await
-            .map_err(|_| Refused("the URL's host does not resolve"))?
-            .map(|a| a.ip())
-            .collect(),
+        Host::Name(name) => resolve(&name, port).await?.into_iter().map(|a| a.ip()).collect(),
     };
     if addrs.is_empty() {
         return Err(Refused("the URL's host does not resolve"));

@@ -112,6 +112,43 @@ pub fn status_literals_in_code(src: &str) -> Vec<String> {
     out
 }
 
+/// The statements in `src` (outside its tests) that write a workspace's status without a
+/// guard on the status they change: each must say which statuses it moves from (`status =
+/// '…'`, `status IN (…)`, `status <> 'removed'`), so none can move a `removed` workspace
+/// anywhere else (issue 12). Writing `removed` itself needs no guard. Returns the
+/// offending statements' first line.
+pub fn unguarded_status_writes(src: &str) -> Vec<String> {
+    let code = src.split("#[cfg(test)]").next().unwrap_or(src);
+    let lower = code.to_lowercase();
+    // `status = …` assigned in a SET list (not compared in a WHERE or a CASE).
+    let assigns = regex::Regex::new(r"(?s)^\s*set\s+(?:.*?,\s*)?status\s*=\s*(.{0,40})").ok();
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("update workspaces").map(|i| i + from) {
+        // The SQL string runs to its closing quote.
+        let end = lower[i..].find('"').map(|e| i + e).unwrap_or(lower.len());
+        let stmt = &lower[i + "update workspaces".len()..end];
+        from = end.max(i + 1);
+        let (set, filter) = match stmt.split_once(" where ") {
+            Some((set, filter)) => (set, filter),
+            None => (stmt, ""),
+        };
+        let Some(value) = assigns.as_ref().and_then(|r| r.captures(set)).and_then(|c| c.get(1)).map(|m| m.as_str()) else {
+            continue; // does not write the status
+        };
+        let guarded = value.starts_with("'removed'")
+            || value.starts_with("case when status in (")
+            || value.starts_with("case when status = '")
+            || filter.contains("status = '")
+            || filter.contains("status in (")
+            || filter.contains("status <> 'removed'");
+        if !guarded {
+            out.push(code[i..end].lines().next().unwrap_or("").trim().to_string());
+        }
+    }
+    out
+}
+
 fn quoted_words(s: &str) -> Vec<String> {
     s.split('\'').skip(1).step_by(2).map(str::to_string).collect()
 }
@@ -154,7 +191,7 @@ mod tests {
         let values = enum_values_in_migrations(&migrations_sql());
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut files = Vec::new();
-        for crate_dir in ["api", "jobs", "scheduler", "domain", "cli"] {
+        for crate_dir in ["api", "jobs", "scheduler", "domain", "cli", "workers"] {
             rust_sources(&root.join(crate_dir), &mut files);
         }
         assert!(!files.is_empty());
@@ -166,6 +203,31 @@ mod tests {
                 assert!(values.contains(&lit), "{path} writes workspace status '{lit}' that the enum lacks");
             }
         }
+    }
+
+    /// No statement anywhere can move a `removed` workspace to another status.
+    #[test]
+    fn every_status_write_is_guarded() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for crate_dir in ["api", "jobs", "scheduler", "domain", "cli", "workers"] {
+            rust_sources(&root.join(crate_dir), &mut files);
+        }
+        let mut writes = 0;
+        for (path, src) in &files {
+            if path.ends_with("status.rs") {
+                continue;
+            }
+            writes += src.split("#[cfg(test)]").next().unwrap_or("").to_lowercase().matches("update workspaces set status").count();
+            let bad = unguarded_status_writes(src);
+            assert!(bad.is_empty(), "{path} writes a workspace status without a status guard: {bad:?}");
+        }
+        assert!(writes >= 10, "found only {writes} status writes: is the scan looking in the right place?");
+        // And it can fail.
+        let code = r#"sqlx::query("UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1");
+                      sqlx::query("UPDATE workspaces SET status = 'offline' WHERE id = $1 AND status = 'online'");
+                      sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1");"#;
+        assert_eq!(unguarded_status_writes(code), vec!["UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1"]);
     }
 
     #[test]

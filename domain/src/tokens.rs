@@ -125,8 +125,13 @@ pub async fn revoke_org_token(conn: &mut PgConnection, org: OrgId, token_id: Uui
 
 /// Revokes every live token of a workspace; returns how many.
 pub async fn revoke_workspace_tokens(conn: &mut PgConnection, ws: WorkspaceId) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1 AND revoked_at IS NULL")
-        .bind(ws.0)
+    revoke_tokens_of(conn, &[ws.0]).await
+}
+
+/// Revokes every live token of these workspaces (a deleted tree); returns how many.
+pub async fn revoke_tokens_of(conn: &mut PgConnection, workspaces: &[Uuid]) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = ANY($1) AND revoked_at IS NULL")
+        .bind(workspaces)
         .execute(conn)
         .await?
         .rows_affected())

@@ -825,3 +825,55 @@ async fn registration_takes_an_a2a_version_and_bodies_up_to_4_mib() {
     assert_eq!(relay.send(&relay.org, &ws, &message_send("x")).await.status, 404);
     relay.stop().await;
 }
+
+/// A resolver that never answers, for the length of a test: /etc/resolv.conf points at a
+/// UDP socket on loopback that reads nothing back. Restored on drop.
+struct SilentDns {
+    original: String,
+    _socket: std::net::UdpSocket,
+}
+
+impl SilentDns {
+    fn install() -> SilentDns {
+        let socket = std::net::UdpSocket::bind("127.0.0.54:53").expect("tests run as root and may bind port 53");
+        let original = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write("/etc/resolv.conf", "nameserver 127.0.0.54\noptions timeout:10 attempts:1\n").unwrap();
+        SilentDns { original, _socket: socket }
+    }
+}
+
+impl Drop for SilentDns {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/etc/resolv.conf", &self.original);
+    }
+}
+
+/// X5 resolves with a timeout and never under a lock: a registration with a black-holed
+/// DNS name is refused within the timeout while other requests go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_dns_name_is_refused_in_time_without_blocking_anyone() {
+    let relay = Relay::api_only().await;
+    let (_, slow_token) = relay.external("black-holed", "push").await;
+    let (_, fast_token) = relay.external("fine", "push").await;
+    let dns = SilentDns::install();
+    let started = Instant::now();
+    let url = format!("http://blackhole-{}.example.com:8000/", uuid::Uuid::new_v4().simple());
+    let body = json!({"url": url});
+    let slow = relay.req("POST", "/registry/register", &slow_token, Some(&body), &[]);
+    let others = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        let fine = relay.register(&fast_token, json!({"url": format!("http://127.0.0.1:{}/", free_port())})).await;
+        let health = http_get(&relay.addr, "/healthz").await.unwrap().0;
+        (fine, health, t.elapsed())
+    };
+    let (slow, (fine, health, others_took)) = tokio::join!(slow, others);
+    let took = started.elapsed();
+    drop(dns);
+    assert_eq!(slow.status, 400, "{}", slow.body);
+    assert!(slow.body.contains("did not resolve in time"), "{}", slow.body);
+    assert!(took < Duration::from_secs(9), "refused within the 5 s timeout, not the resolver's 10 s or more: {took:?}");
+    assert_eq!((fine["status"].as_str(), health), (Some("online"), 200));
+    assert!(others_took < Duration::from_secs(2), "other requests went on meanwhile: {others_took:?}");
+    relay.stop().await;
+}

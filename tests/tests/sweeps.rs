@@ -344,3 +344,40 @@ async fn an_idle_workspace_hibernates() {
     p.delete(&ws).await;
     p.stop().await;
 }
+
+/// Issue 12: a delete revokes the workspace's tokens at once (not only through its status),
+/// and a hibernate stop that lands after the delete leaves it `removed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_workspace_stays_removed_and_its_tokens_die_with_it() {
+    let p = Platform::start(Arc::new(molecule_backends::NoBackend), &[JobKind::Stop]).await;
+    let ws = p.create(serde_json::json!({"name": "gone", "runtime": "external"})).await;
+    let token = p.req("POST", &format!("/workspaces/{ws}/tokens"), None).await.json()["token"].as_str().unwrap().to_string();
+    let beat = || molecule_tests::http(&p.addr, "POST", "/registry/heartbeat", Some(&token), None, None);
+    assert_eq!(beat().await.status, 200);
+    // The sweep chose it for hibernation; then the user deleted it.
+    sqlx::query("UPDATE workspaces SET status = 'hibernating' WHERE id = $1::uuid").bind(&ws).execute(&p.db).await.unwrap();
+    assert_eq!(p.req("DELETE", &format!("/workspaces/{ws}"), None).await.status, 202);
+    assert_eq!(beat().await.status, 401, "refused at once");
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1::uuid AND revoked_at IS NULL")
+        .bind(&ws)
+        .fetch_one(&p.db)
+        .await
+        .unwrap();
+    assert_eq!(live, 0, "revoked in the delete's transaction");
+    // The hibernate stop lands late.
+    let mut c = p.db.acquire().await.unwrap();
+    let id: WorkspaceId = ws.parse().unwrap();
+    let org: uuid::Uuid = sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1").bind(id.0).fetch_one(&p.db).await.unwrap();
+    let job = molecule_jobs::NewJob::new(JobKind::Stop, &serde_json::json!({"workspace_id": id, "reason": "hibernate"}))
+        .org(org.into())
+        .workspace(id);
+    let job = molecule_jobs::enqueue(&mut c, &job).await.unwrap().to_string();
+    drop(c);
+    eventually(Duration::from_secs(30), "the late hibernate stop", || async {
+        (p.req("GET", &format!("/jobs/{job}"), None).await.json()["status"] == "succeeded").then_some(())
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&p.db).await.unwrap();
+    assert_eq!(status, "removed");
+    p.stop().await;
+}

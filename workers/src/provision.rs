@@ -65,21 +65,23 @@ impl StartFailure {
     }
 }
 
+#[derive(sqlx::FromRow)]
 pub(crate) struct Row {
+    #[sqlx(rename = "org_id", try_from = "Uuid")]
     pub org: OrgId,
-    pub parent: Option<WorkspaceId>,
+    #[sqlx(rename = "parent_id")]
+    pub parent: Option<Uuid>,
     pub runtime: String,
+    pub tier: i16,
     pub status: WorkspaceStatus,
 }
 
 pub(crate) async fn load(d: &Deps, ws: WorkspaceId) -> Result<Option<Row>, JobError> {
-    let row: Option<(Uuid, Option<Uuid>, String, WorkspaceStatus)> =
-        sqlx::query_as("SELECT org_id, parent_id, runtime, status FROM workspaces WHERE id = $1")
-            .bind(ws.0)
-            .fetch_optional(&d.db)
-            .await
-            .map_err(db_err)?;
-    Ok(row.map(|(org, parent, runtime, status)| Row { org: OrgId(org), parent: parent.map(WorkspaceId), runtime, status }))
+    sqlx::query_as("SELECT org_id, parent_id, runtime, tier, status FROM workspaces WHERE id = $1")
+        .bind(ws.0)
+        .fetch_optional(&d.db)
+        .await
+        .map_err(db_err)
 }
 
 pub(crate) fn db_err(e: sqlx::Error) -> JobError {
@@ -132,7 +134,8 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
         .await
         .map_err(db_err)?;
     tx.commit().await.map_err(db_err)?;
-    let spec = StartSpec::new(ws, row.org, row.parent, row.runtime.clone(), image, d.platform_url.clone(), secrets)
+    let spec = StartSpec::new(ws, row.org, row.parent.map(WorkspaceId), row.runtime.clone(), image, d.platform_url.clone(), secrets)
+        .with_tier(row.tier)
         .with_agent(agent);
     match d.backend.start(&spec).await {
         Ok(started) => {

@@ -70,30 +70,48 @@ fn workspace_of(p: &Principal) -> ApiResult<Uuid> {
     ))]
 pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): ApiJson<Register>) -> ApiResult<Json<Registered>> {
     let ws = workspace_of(&p)?;
+    const ROW: &str = "SELECT status, delivery_mode, url, assigned_url, platform_inbound_secret FROM workspaces \
+                       WHERE id = $1 AND org_id = $2";
+    // The URL is judged before the row is locked: resolving a name can take seconds (a
+    // black-holed DNS name takes the whole timeout), and no lock is held meanwhile.
+    let before: RegistryRow =
+        sqlx::query_as(ROW).bind(ws).bind(p.org.0).fetch_optional(&st.db).await?.ok_or(ApiError::NotFound("workspace"))?;
+    // payload → stored row (external workspaces are created with poll) → push.
+    let mode = body.delivery_mode.unwrap_or(before.delivery_mode);
+    let url = body.url.clone().or(before.url.clone());
+    let trusted = |assigned: &Option<String>| url.is_some() && assigned.as_deref() == url.as_deref();
+    // A URL is checked whatever the mode: a poll-mode workspace's stored URL is used the
+    // moment it switches to push.
+    let checked = match url.as_deref() {
+        Some(u) if !trusted(&before.assigned_url) => Some(ssrf::check(u, st.auth.allow_loopback_agents).await),
+        _ => None,
+    };
+    let refusal = match (&checked, url.as_deref()) {
+        (Some(Err(why)), _) => Some(format!("url refused: {why}")),
+        (_, None) if mode == DeliveryMode::Push => Some("push delivery needs the agent's url".to_string()),
+        _ => None,
+    };
+    if let Some(why) = refusal {
+        note_refusal(&st, p.org, ws, &why).await?;
+        return Err(ApiError::bad("invalid_url", why));
+    }
     let mut tx = st.db.begin().await?;
-    let row: Option<RegistryRow> = sqlx::query_as(
-        "SELECT status, delivery_mode, url, assigned_url, platform_inbound_secret FROM workspaces \
-         WHERE id = $1 AND org_id = $2 FOR UPDATE",
-    )
+    let row: RegistryRow = sqlx::query_as(concat!(
+        "SELECT status, delivery_mode, url, assigned_url, platform_inbound_secret FROM workspaces ",
+        "WHERE id = $1 AND org_id = $2 FOR UPDATE"
+    ))
     .bind(ws)
     .bind(p.org.0)
     .fetch_optional(&mut *tx)
-    .await?;
-    let row = row.ok_or(ApiError::NotFound("workspace"))?;
-    // payload → stored row (external workspaces are created with poll) → push.
-    let mode = body.delivery_mode.unwrap_or(row.delivery_mode);
-    let url = body.url.clone().or(row.url);
-    if mode == DeliveryMode::Push {
-        let refusal = match url.as_deref() {
-            None => Some("push delivery needs the agent's url".to_string()),
-            Some(u) if row.assigned_url.as_deref() == Some(u) => None,
-            Some(u) => ssrf::check(u, st.auth.allow_loopback_agents).await.err().map(|why| format!("url refused: {why}")),
-        };
-        if let Some(why) = refusal {
-            drop(tx);
-            note_refusal(&st, p.org, ws, &why).await?;
-            return Err(ApiError::bad("invalid_url", why));
-        }
+    .await?
+    .ok_or(ApiError::NotFound("workspace"))?;
+    // Trusted as the platform-assigned URL a moment ago, but re-provisioned since: the
+    // agent registers again with its new URL.
+    if url.is_some() && checked.is_none() && !trusted(&row.assigned_url) {
+        return Err(ApiError::Conflict {
+            code: "reprovisioned",
+            detail: "the workspace was started again meanwhile; its agent registers with its new URL".into(),
+        });
     }
     // Lazy heal: a workspace without an inbound secret gets one now.
     let secret = match row.platform_inbound_secret {

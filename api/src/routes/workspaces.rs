@@ -312,6 +312,9 @@ pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<Str
         return Err(ApiError::NotFound("workspace"));
     }
     let removed: Vec<Uuid> = sqlx::query_scalar(REMOVE_TREE).bind(id.0).bind(org.0).fetch_all(&mut *tx).await?;
+    // Their tokens die with them, in this transaction (not only through the `removed`
+    // status in the lookup predicate).
+    molecule_domain::tokens::revoke_tokens_of(&mut tx, &removed).await?;
     let mut job_ids = Vec::with_capacity(removed.len());
     for ws in &removed {
         let job = NewJob::new(JobKind::Stop, &serde_json::json!({ "workspace_id": ws, "reason": "delete" }))

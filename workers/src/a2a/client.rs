@@ -32,10 +32,10 @@ impl Resolve for CheckedResolver {
         let allow_loopback = self.allow_loopback;
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            // Not resolving is a transport failure (it may later), not a refusal.
+            let addrs: Vec<SocketAddr> = ssrf::resolve(&host, 0)
                 .await
-                .map_err(|_| Box::new(Refused("the URL's host does not resolve")) as Box<dyn std::error::Error + Send + Sync>)?
-                .collect();
+                .map_err(|r| Box::new(std::io::Error::other(r.to_string())) as Box<dyn std::error::Error + Send + Sync>)?;
             if addrs.is_empty() {
                 return Err(Box::new(Refused("the URL's host does not resolve")) as _);
             }
@@ -101,11 +101,8 @@ impl AgentClient {
             // An address literal is connected to as is (the resolver is not asked).
             Host::Ip(ip) => ssrf::check_ip(ip, self.allow_loopback).map_err(CallError::Refused),
             Host::Name(name) => {
-                let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((name.as_str(), port)).await {
-                    Ok(a) => a.collect(),
-                    // A name that does not resolve now may later: a transport failure.
-                    Err(_) => return Err(CallError::Transport("the agent's host name does not resolve".into())),
-                };
+                // A name that does not resolve now may later: a transport failure.
+                let addrs = ssrf::resolve(&name, port).await.map_err(|r| CallError::Transport(r.to_string()))?;
                 for a in &addrs {
                     ssrf::check_ip(a.ip(), self.allow_loopback).map_err(CallError::Refused)?;
                 }

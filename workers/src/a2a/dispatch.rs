@@ -257,7 +257,7 @@ async fn agent_is_dead(d: &Deps, row: &QueueRow, attempt: Attempt<'_>, status: u
     let mut restart_job = None;
     let restarting = match current {
         Some(WorkspaceStatus::Online | WorkspaceStatus::Degraded) => {
-            sqlx::query("UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1")
+            sqlx::query("UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1 AND status IN ('online', 'degraded')")
                 .bind(ws.0)
                 .execute(&mut *tx)
                 .await

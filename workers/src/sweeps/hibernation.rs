@@ -29,7 +29,7 @@ pub async fn sweep(db: &sqlx::PgPool, idle: Duration, batch: i64) -> Result<Vec<
         let mut tx = db.begin().await?;
         let rows: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(concat!(
             "UPDATE workspaces SET status = 'hibernating', updated_at = now() \
-             WHERE id = ANY(ARRAY(SELECT id FROM workspaces WHERE ",
+             WHERE status = 'online' AND id = ANY(ARRAY(SELECT id FROM workspaces WHERE ",
             idle!(),
             " LIMIT $2 FOR UPDATE SKIP LOCKED)) AND ",
             idle!(),
