@@ -25,3 +25,4 @@ CREATE INDEX IF NOT EXISTS structure_events_created_idx ON structure_events (cre
 CREATE INDEX IF NOT EXISTS rescue_bundles_captured_idx ON rescue_bundles (captured_at);
 CREATE INDEX IF NOT EXISTS a2a_queue_finished_idx ON a2a_queue (updated_at)
     WHERE status IN ('completed', 'failed', 'expired');
+

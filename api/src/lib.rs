@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/workspaces/{id}/bootstrap-failed", post(rescue::bootstrap_failed))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
+        .route("/admin/jobs/{id}", get(jobs::admin_get))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/jobs/{id}/retry", post(jobs::retry))
         .route("/queues", get(queues::queues))

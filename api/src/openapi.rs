@@ -12,7 +12,7 @@ use crate::routes::{a2a, exec, health, jobs, queues, registry, rescue, tokens, w
     paths(
         health::healthz, health::readyz,
         workspaces::create, workspaces::list, workspaces::get, workspaces::delete, workspaces::restart, workspaces::events,
-        jobs::get, jobs::list, jobs::cancel, jobs::retry,
+        jobs::get, jobs::list, jobs::cancel, jobs::retry, jobs::admin_get,
         queues::queues,
         registry::register, registry::heartbeat,
         rescue::bootstrap_failed, rescue::latest, rescue::console,

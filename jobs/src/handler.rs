@@ -64,15 +64,24 @@ impl JobContext {
     }
 }
 
+/// Why an attempt failed, said twice: a stable `code` (with the canned sentence tenants
+/// read for it in `GET /jobs/:id`, [`crate::failures`]) and the `detail` — engine or SDK
+/// text, image references, hosts — which only the server log and operators see.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: &'static str,
+    pub detail: String,
+}
+
 /// How an attempt failed. The runtime turns it into the job's next state.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     /// Worth another attempt after backoff (dead once attempts run out).
-    #[error("{0}")]
-    Retryable(String),
+    #[error("{}: {}", .0.code, .0.detail)]
+    Retryable(Failure),
     /// Will never succeed: the job is dead at once.
-    #[error("{0}")]
-    Permanent(String),
+    #[error("{}: {}", .0.code, .0.detail)]
+    Permanent(Failure),
     /// The payload is not what this queue's handler reads: dead at once.
     #[error("undecodable payload: {0}")]
     Undecodable(String),
@@ -86,8 +95,36 @@ pub enum JobError {
 }
 
 impl JobError {
+    pub fn retryable(code: &'static str, detail: impl Into<String>) -> Self {
+        JobError::Retryable(Failure { code, detail: detail.into() })
+    }
+
+    pub fn permanent(code: &'static str, detail: impl Into<String>) -> Self {
+        JobError::Permanent(Failure { code, detail: detail.into() })
+    }
+
     pub fn is_permanent(&self) -> bool {
         !matches!(self, JobError::Retryable(_) | JobError::Interrupted)
+    }
+
+    /// The stable code of this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobError::Retryable(f) | JobError::Permanent(f) => f.code,
+            JobError::Undecodable(_) => "undecodable_payload",
+            JobError::NoBackend => "no_backend",
+            JobError::Interrupted => "interrupted",
+        }
+    }
+
+    /// What a tenant reads: the code and its canned sentence, nothing of the detail.
+    pub fn public(&self) -> String {
+        crate::failures::public(self.code())
+    }
+
+    /// Everything, for the server log and operators.
+    pub fn detail(&self) -> String {
+        self.to_string()
     }
 }
 

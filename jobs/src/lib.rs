@@ -9,6 +9,7 @@
 //!   rows, queue statistics — so `apalis.jobs` has one owner.
 //! - [`state`]: the stored states ([`JobState`], [`Outcome`]).
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
+//! - [`failures`]: what tenants read about a failure (codes and canned sentences).
 //! - [`output`]: job output chunks for streaming readers, and the "finished" announcement.
 //! - [`maintenance`]: the lease rescuer and the pruner, one file each with its test.
 //! - [`sweeper`]: the sweepers and their jobs' payload (SPEC §5).
@@ -20,6 +21,7 @@
 
 pub mod backoff;
 pub mod enqueue;
+pub mod failures;
 pub mod handler;
 pub mod kinds;
 pub mod maintenance;

@@ -190,6 +190,16 @@ fn view(r: ViewRow) -> JobView {
     r.into()
 }
 
+/// A failed attempt's detail (engine or SDK text, hosts, worker ids): for operators only,
+/// never in a tenant's view of the job.
+pub async fn error_detail(db: &PgPool, id: &JobId) -> Result<Option<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, Option<String>>("SELECT last_error_detail FROM apalis.jobs WHERE id = $1")
+        .bind(id.as_str())
+        .fetch_optional(db)
+        .await?
+        .flatten())
+}
+
 /// Of these jobs, the ones that have ended (succeeded, dead, expired, cancelled,
 /// interrupted), with how. For maintenance that settles rows whose job ended without
 /// writing them (the A2A TTL sweep).

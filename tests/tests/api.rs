@@ -660,3 +660,32 @@ async fn rescue_read_serves_the_latest_bundle_to_its_org_only() {
         .unwrap();
     assert_eq!(get(&addr, &path, Some(&ta)).await.status, 404);
 }
+
+/// Issue 12: a failure's detail is for operators (`GET /admin/jobs/:id`), never in the
+/// tenant's view of the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failures_detail_is_shown_to_operators_only() {
+    let (db, _) = fresh_db().await;
+    let admin = "adm1n-token";
+    let addr = start_api(db.clone(), AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let (_o, t) = org(&db, "a").await;
+    let (_ws, job) = create_ws(&addr, &t, json!({"name": "w", "runtime": "echo"})).await;
+    let job = job.unwrap();
+    // What the runtime writes for a failed attempt (jobs::runtime::acker).
+    sqlx::query("UPDATE apalis.jobs SET status = 'Killed', outcome = 'dead', last_error = $2, last_error_detail = $3 WHERE id = $1")
+        .bind(&job)
+        .bind(molecule_jobs::failures::public("image_missing"))
+        .bind("image_missing: image registry.internal:5000/workspace-template-echo:latest is not available")
+        .execute(&db)
+        .await
+        .unwrap();
+    let tenant = get(&addr, &format!("/jobs/{job}"), Some(&t)).await;
+    assert_eq!(tenant.status, 200);
+    assert!(!tenant.body.contains("registry.internal") && !tenant.body.contains("last_error_detail"), "{}", tenant.body);
+    assert!(tenant.json()["last_error"].as_str().unwrap().starts_with("image_missing: "));
+    assert_eq!(get(&addr, &format!("/admin/jobs/{job}"), Some(&t)).await.status, 401, "org tokens are not admin");
+    let op = get(&addr, &format!("/admin/jobs/{job}"), Some(admin)).await;
+    assert_eq!(op.status, 200, "{}", op.body);
+    assert!(op.json()["last_error_detail"].as_str().unwrap().contains("registry.internal:5000"));
+    assert_eq!(op.json()["id"], job.as_str());
+}

@@ -277,6 +277,15 @@ async fn a_missing_image_retries_then_fails_with_a_canned_error() {
     assert_eq!(j["attempts"], 3, "retried before giving up");
     let log = j["attempt_log"].as_array().unwrap();
     assert_eq!(log.len(), 3);
+    // Issue 12: the job says a code and a canned sentence; the image reference, the
+    // registry host and the engine's words are for operators only.
+    assert_eq!(j["last_error"], molecule_jobs::failures::public("image_missing"), "{j}");
+    let shown = j.to_string();
+    for leak in ["127.0.0.1:9", "workspace-template-hermes", "/none/"] {
+        assert!(!shown.contains(leak), "the tenant's job view leaks {leak:?}: {shown}");
+    }
+    let detail = molecule_jobs::status::error_detail(&env.db, &job).await.unwrap().unwrap();
+    assert!(detail.contains("127.0.0.1:9/none/workspace-template-hermes"), "operators see the image: {detail}");
     let w = env.req("GET", &format!("/workspaces/{ws}"), None).await.json();
     assert_eq!(w["status"], "failed");
     let msg = w["last_sample_error"].as_str().unwrap();
@@ -371,7 +380,9 @@ async fn a_failing_teardown_keeps_the_volume_and_retries_with_backoff() {
         (j["attempt_log"].as_array().map_or(0, |l| l.len()) >= 2).then_some(j)
     })
     .await;
-    assert!(j["attempt_log"][0]["error"].as_str().unwrap().contains("409"), "{j}");
+    assert!(j["attempt_log"][0]["error"].as_str().unwrap().starts_with("backend: "), "{j}");
+    let detail = molecule_jobs::status::error_detail(&env.db, &j["id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
+    assert!(detail.contains("409"), "the engine's answer is for operators: {detail}");
     assert!(volume_exists(id), "the volume is kept while its removal fails");
     assert!(!container_exists(id), "the workspace container itself is stopped");
     let gaps: Vec<i64> = j["attempt_log"]

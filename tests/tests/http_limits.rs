@@ -164,6 +164,7 @@ async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<
                 outcome: None,
                 delay_ms: 0,
                 error: None,
+                error_detail: None,
                 result: Some(json!({ "exit_code": 0, "stdout": big, "stderr": "" })),
             })
             .collect();

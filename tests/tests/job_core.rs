@@ -91,7 +91,7 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
     let base = 300;
     let handler = handler_fn(|ctx| async move {
         if ctx.attempt <= 2 {
-            Err(JobError::Retryable(format!("boom {}", ctx.attempt)))
+            Err(JobError::retryable("test", format!("boom {}", ctx.attempt)))
         } else {
             Ok(json!({"ok": ctx.attempt}))
         }
@@ -108,7 +108,8 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
     assert_eq!(v.attempts, 3);
     assert_eq!(v.result, Some(json!({"ok": 3})));
     assert_eq!(v.attempt_log.as_array().unwrap().len(), 2);
-    assert_eq!(v.attempt_log[1]["error"], "boom 2");
+    assert_eq!(v.attempt_log[1]["error"], molecule_jobs::failures::public("test"), "tenants read the code, not the detail");
+    assert_eq!(status::error_detail(&db, &id).await.unwrap().as_deref(), Some("test: boom 2"), "operators read the detail");
     let starts = started_ats(&v);
     let gap1 = (starts[1] - starts[0]).num_milliseconds();
     let gap2 = (starts[2] - starts[1]).num_milliseconds();
@@ -119,7 +120,7 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_run_out_and_the_job_is_dead() {
     let (db, _) = fresh_db().await;
-    let handler = handler_fn(|_ctx| async { Err(JobError::Retryable("always".into())) });
+    let handler = handler_fn(|_ctx| async { Err(JobError::retryable("test", "always")) });
     let rt = Runtime::start(
         db.clone(),
         cfg(),
@@ -129,7 +130,7 @@ async fn retries_run_out_and_the_job_is_dead() {
     let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(20)).await;
     rt.shutdown().await;
     assert_eq!(v.attempts, 3);
-    assert_eq!(v.last_error.as_deref(), Some("always"));
+    assert!(v.last_error.unwrap().starts_with("test: "));
     assert!(v.finished_at.is_some());
 }
 
@@ -181,8 +182,8 @@ async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
     wait_status(&db, &later, JobStatus::Succeeded, Duration::from_secs(10)).await;
     rt.shutdown().await;
     assert_eq!(b.attempts, 1, "an undecodable payload is not retried");
-    assert!(b.last_error.unwrap().starts_with("undecodable payload"));
-    assert!(w.last_error.unwrap().starts_with("undecodable payload"));
+    assert!(b.last_error.unwrap().starts_with("undecodable_payload: "));
+    assert!(w.last_error.unwrap().starts_with("undecodable_payload: "));
     assert_eq!(g.result, Some(json!({"n": 7})));
 }
 
@@ -201,7 +202,7 @@ async fn a_panicking_handler_fails_the_attempt_not_the_pool() {
     let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(10)).await;
     rt.shutdown().await;
     assert_eq!(v.attempts, 2);
-    assert_eq!(v.attempt_log[0]["error"], "handler panicked");
+    assert!(v.attempt_log[0]["error"].as_str().unwrap().starts_with("handler_panicked: "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +218,7 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
         let (r, a) = (r.clone(), a.clone());
         async move {
             r.fetch_add(1, Ordering::SeqCst);
-            if a.load(Ordering::SeqCst) == 0 { Err(JobError::Permanent("not yet".into())) } else { Ok(json!("done")) }
+            if a.load(Ordering::SeqCst) == 0 { Err(JobError::permanent("test", "not yet")) } else { Ok(json!("done")) }
         }
     });
     let rt =
@@ -274,7 +275,7 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
     let id = push(&db, NewJob::new(JobKind::Provision, &json!({"workspace_id": ws}))).await;
     let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
     rt.shutdown().await;
-    assert!(v.last_error.unwrap().starts_with("no backend configured"));
+    assert!(v.last_error.unwrap().starts_with("no_backend: "));
     let (status, err): (String, String) =
         sqlx::query_as("SELECT status::text, last_sample_error FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
     assert_eq!(status, "failed");
@@ -319,7 +320,7 @@ async fn a_result_the_database_cannot_store_fails_that_job_only() {
     for (bad, id) in &ids {
         if *bad {
             let v = wait_status(&db, id, JobStatus::Dead, Duration::from_secs(10)).await;
-            assert!(v.last_error.unwrap().contains("could not be stored"));
+            assert!(v.last_error.unwrap().starts_with("result_not_stored: "));
         } else {
             let v = wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(10)).await;
             assert_eq!(v.result, Some(json!({"out": "fine"})));
@@ -355,8 +356,8 @@ async fn rescue_capture_without_a_redactor_stores_and_ships_nothing() {
     let normal = push(&db, NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "deprovision"}))).await;
     let n = wait_status(&db, &normal, JobStatus::Dead, Duration::from_secs(10)).await;
     rt.shutdown().await;
-    assert!(v.last_error.unwrap().contains("fail closed"));
-    assert!(n.last_error.unwrap().contains("only for boot failures"), "never on a normal teardown");
+    assert!(v.last_error.unwrap().starts_with("no_redactor: "));
+    assert!(n.last_error.unwrap().starts_with("invalid_input: "), "never on a normal teardown");
     let bundles: i64 = sqlx::query_scalar("SELECT count(*) FROM rescue_bundles").fetch_one(&db).await.unwrap();
     assert_eq!(bundles, 0);
     let status: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();

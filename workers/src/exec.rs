@@ -147,7 +147,7 @@ pub mod audit {
 pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
     let ws = WorkspaceId(a.workspace_id);
     if a.argv.is_empty() {
-        return Err(JobError::Permanent("empty argv".into()));
+        return Err(JobError::permanent("invalid_input", "empty argv"));
     }
     let req = ExecRequest {
         argv: a.argv.clone(),
@@ -182,7 +182,7 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
     }
     let o = outcome.map_err(|e| match e {
         BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::Permanent(other.to_string()),
+        other => JobError::permanent("exec_failed", other.to_string()),
     })?;
     tracing::info!(event = "exec.done", workspace_id = %ws, job_id = %ctx.id, exit_code = ?o.exit_code, outcome = label, duration_ms);
     if o.interrupted {

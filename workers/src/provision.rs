@@ -85,7 +85,7 @@ pub(crate) async fn load(d: &Deps, ws: WorkspaceId) -> Result<Option<Row>, JobEr
 }
 
 pub(crate) fn db_err(e: sqlx::Error) -> JobError {
-    JobError::Retryable(format!("database: {e}"))
+    JobError::retryable("database", e.to_string())
 }
 
 /// The runtime's image: a recorded digest pin wins unless WORKSPACE_IMAGE_LOCAL_OVERRIDE=1.
@@ -180,14 +180,14 @@ async fn failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, e: Back
         Err(permanent(e))
     } else {
         note_retry(d, ctx, ws, org, why).await?;
-        Err(JobError::Retryable(e.to_string()))
+        Err(JobError::retryable(StartFailure::of(&e).code(), e.to_string()))
     }
 }
 
 fn permanent(e: BackendError) -> JobError {
     match e {
         BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::Permanent(other.to_string()),
+        other => JobError::permanent(StartFailure::of(&other).code(), other.to_string()),
     }
 }
 

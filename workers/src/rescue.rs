@@ -27,14 +27,14 @@ pub struct RescueArgs {
 
 pub async fn run(d: &Deps, ctx: &JobContext, a: RescueArgs) -> HandlerResult {
     if !matches!(a.trigger.as_str(), "provision_timeout" | "bootstrap_failed") {
-        return Err(JobError::Permanent(format!("rescue capture is only for boot failures, not {:?}", a.trigger)));
+        return Err(JobError::permanent("invalid_input", format!("rescue capture is only for boot failures, not {:?}", a.trigger)));
     }
     let Some(redactor) = d.redactor.clone() else {
-        return Err(JobError::Permanent("no secret redactor is wired: nothing captured (fail closed)".into()));
+        return Err(JobError::permanent("no_redactor", "no secret redactor is wired: nothing captured (fail closed)"));
     };
     match tokio::time::timeout(BUDGET, capture(d, ctx, &a, &redactor)).await {
         Ok(r) => r,
-        Err(_) => Err(JobError::Retryable("rescue capture ran out of its 45 s budget".into())),
+        Err(_) => Err(JobError::retryable("rescue_budget", "rescue capture ran out of its 45 s budget")),
     }
 }
 
@@ -57,7 +57,7 @@ async fn capture(d: &Deps, ctx: &JobContext, a: &RescueArgs, redactor: &Redactor
     if let Some(id) = existing {
         return Ok(json!({ "bundle_id": id, "repeat": true }));
     }
-    let raw = d.backend.rescue_sections(ws).await.map_err(|e| JobError::Retryable(e.to_string()))?;
+    let raw = d.backend.rescue_sections(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
     let sections: serde_json::Map<String, serde_json::Value> = raw
         .into_iter()
         .map(|(name, text)| {

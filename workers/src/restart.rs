@@ -13,7 +13,7 @@ use crate::Deps;
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     match one_at_a_time(&d.db, ws, restart(d, ctx, ws)).await? {
         Some(res) => res,
-        None => Err(JobError::Retryable("another restart of this workspace is running".into())),
+        None => Err(JobError::retryable("restart_in_progress", "another restart of this workspace is running")),
     }
 }
 
@@ -33,7 +33,7 @@ async fn restart(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     tracing::info!(event = "restart.pre_stop", workspace_id = %ws, org_id = %row.org, job_id = %ctx.id);
     d.backend.stop(ws).await.map_err(|e| match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::Retryable(other.to_string()),
+        other => JobError::retryable("backend", other.to_string()),
     })?;
     // status_changed_at too: a restart of a workspace already provisioning starts S1's clock anew.
     sqlx::query("UPDATE workspaces SET status = 'provisioning', status_changed_at = now(), updated_at = now() WHERE id = $1 AND status <> 'removed'")

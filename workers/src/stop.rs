@@ -13,23 +13,23 @@ use crate::Deps;
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&str>) -> HandlerResult {
     let reason = reason.unwrap_or("delete");
     if !matches!(reason, "delete" | "restart" | "hibernate") {
-        return Err(JobError::Permanent(format!("unknown stop reason {reason:?}")));
+        return Err(JobError::permanent("invalid_input", format!("unknown stop reason {reason:?}")));
     }
     if reason == "hibernate" {
         // Under the workspace's restart lock: a restart (which wakes it) and this stop
         // never interleave — a restart's new instance has the same name as the old one.
         return match crate::restart::one_at_a_time(&d.db, ws, hibernate(d, ctx, ws)).await? {
             Some(r) => r,
-            None => Err(JobError::Retryable("a restart of this workspace is running".into())),
+            None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
         };
     }
     d.backend.stop(ws).await.map_err(|e| match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::Retryable(other.to_string()),
+        other => JobError::retryable("backend", other.to_string()),
     })?;
     let mut volume_removed = false;
     if reason == "delete" {
-        d.backend.remove_volume(ws).await.map_err(|e| JobError::Retryable(e.to_string()))?;
+        d.backend.remove_volume(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
         volume_removed = true;
     }
     // A delete's row is `removed` already (the API wrote it); a restart's status is the
@@ -58,7 +58,7 @@ async fn hibernate(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult
     }
     d.backend.stop(ws).await.map_err(|e| match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::Retryable(other.to_string()),
+        other => JobError::retryable("backend", other.to_string()),
     })?;
     sqlx::query("UPDATE workspaces SET status = 'hibernated', updated_at = now() WHERE id = $1 AND status = 'hibernating'")
         .bind(ws.0)

@@ -20,6 +20,34 @@ fn visible(p: &Principal, v: &JobView) -> bool {
     }
 }
 
+/// A job as an operator sees it: with its failure's detail.
+#[derive(Serialize, ToSchema)]
+pub struct AdminJobView {
+    #[serde(flatten)]
+    pub job: JobView,
+    /// The last failure's detail (engine or SDK text, image references, hosts, worker
+    /// ids): never in a tenant's view.
+    pub last_error_detail: Option<String>,
+}
+
+/// A job of any organization, with its failure's detail (`ADMIN_TOKEN`).
+#[utoipa::path(get, path = "/admin/jobs/{id}", tag = "jobs", security(("admin" = [])),
+    params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
+    responses(
+        (status = 200, body = AdminJobView),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub async fn admin_get(State(st): State<AppState>, _admin: crate::auth::Admin, Path(id): Path<String>) -> ApiResult<Json<AdminJobView>> {
+    let id = parse_job_id(&id)?;
+    let job = status::get(&st.db, &id).await?.ok_or(ApiError::NotFound("job"))?;
+    let last_error_detail = status::error_detail(&st.db, &id).await?;
+    Ok(Json(AdminJobView { job, last_error_detail }))
+}
+
 /// A13: a job by id.
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),

@@ -25,7 +25,7 @@ pub(super) struct Claim {
 }
 
 fn ack(c: Claim, state: JobState, outcome: Option<Outcome>) -> Ack {
-    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, result: None }
+    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None }
 }
 
 pub(super) fn succeeded(c: Claim, result: Value) -> Ack {
@@ -33,7 +33,7 @@ pub(super) fn succeeded(c: Claim, result: Value) -> Ack {
 }
 
 pub(super) fn expired(c: Claim) -> Ack {
-    Ack { error: Some("expired before it could run".into()), ..ack(c, JobState::Killed, Some(Outcome::Expired)) }
+    Ack { error: Some(crate::failures::public("expired")), ..ack(c, JobState::Killed, Some(Outcome::Expired)) }
 }
 
 /// Handed back: runs again at once elsewhere, the attempt not counted.
@@ -42,16 +42,18 @@ pub(super) fn release(c: Claim) -> Ack {
 }
 
 pub(super) fn interrupted(c: Claim) -> Ack {
-    Ack { error: Some(JobError::Interrupted.to_string()), ..ack(c, JobState::Killed, Some(Outcome::Interrupted)) }
+    Ack { error: Some(JobError::Interrupted.public()), ..ack(c, JobState::Killed, Some(Outcome::Interrupted)) }
 }
 
+/// A failed attempt: tenants get its code and canned sentence, operators the detail.
 pub(super) fn failed(c: Claim, e: &JobError, attempt: i32, max_attempts: i32, retry: &RetryPolicy) -> Ack {
-    let error = Some(truncate(&e.to_string(), 2000));
+    let error = Some(e.public());
+    let error_detail = Some(truncate(&e.detail(), 2000));
     if e.is_permanent() || attempt >= max_attempts {
-        Ack { error, ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
+        Ack { error, error_detail, ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
     } else {
         let delay_ms = retry_delay(retry, attempt).as_millis() as i64;
-        Ack { error, delay_ms, ..ack(c, JobState::Failed, None) }
+        Ack { error, error_detail, delay_ms, ..ack(c, JobState::Failed, None) }
     }
 }
 
@@ -167,7 +169,8 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<String>, s
                 a.outcome = Some(Outcome::Dead);
                 a.result = None;
                 a.delay_ms = 0;
-                a.error = Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300)));
+                a.error = Some(crate::failures::public("result_not_stored"));
+                a.error_detail = Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300)));
                 applied.extend(store::write_acks(db, std::slice::from_ref(a)).await?.applied);
             }
             Err(e) => return Err(e),

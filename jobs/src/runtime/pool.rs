@@ -118,8 +118,15 @@ pub(super) async fn run(
                         ended.count(runs_once);
                         if runs_once { acker::interrupted(claim) } else { acker::release(claim) }
                     }
-                    Ok(Err(e)) => acker::failed(claim, &e, attempt, max_attempts, &retry),
-                    Err(_) => acker::failed(claim, &JobError::Retryable("handler panicked".into()), attempt, max_attempts, &retry),
+                    Ok(Err(e)) => {
+                        // The detail goes here, and to operators; tenants read the code.
+                        tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed");
+                        acker::failed(claim, &e, attempt, max_attempts, &retry)
+                    }
+                    Err(_) => {
+                        tracing::error!(job_id = %claim.id, attempt, "handler panicked");
+                        acker::failed(claim, &JobError::retryable("handler_panicked", "handler panicked"), attempt, max_attempts, &retry)
+                    }
                 };
                 // Out of the in-flight set before the ack leaves: whatever is still in it
                 // after an abort never produced one.

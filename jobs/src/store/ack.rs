@@ -19,7 +19,10 @@ pub struct Ack {
     pub state: JobState,
     pub outcome: Option<Outcome>,
     pub delay_ms: i64,
+    /// What tenants read (a code and a canned sentence).
     pub error: Option<String>,
+    /// The failure's detail, for operators only (`last_error_detail`).
+    pub error_detail: Option<String>,
     pub result: Option<Value>,
 }
 
@@ -61,6 +64,7 @@ SET status = r.status,
     lock_at = CASE WHEN r.status IN ('Pending', 'Failed') THEN NULL ELSE j.lock_at END,
     started_at = CASE WHEN r.status = 'Pending' THEN NULL ELSE j.started_at END,
     last_error = COALESCE(r.error, j.last_error),
+    last_error_detail = CASE WHEN r.error IS NULL THEN j.last_error_detail ELSE r.detail END,
     last_result = CASE WHEN r.status = 'Pending' THEN j.last_result
                        WHEN r.error IS NOT NULL THEN jsonb_build_object('Err', r.error)
                        ELSE jsonb_build_object('Ok', r.result) END,
@@ -68,8 +72,8 @@ SET status = r.status,
                        ELSE j.attempt_log || jsonb_build_array(jsonb_build_object(
                             'attempt', j.attempts, 'started_at', j.started_at,
                             'failed_at', now(), 'error', r.error)) END
-FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::jsonb[])
-     AS r(id, fence, status, outcome, delay_ms, error, result)
+FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::jsonb[], $8::text[])
+     AS r(id, fence, status, outcome, delay_ms, error, result, detail)
 WHERE j.id = ANY($1) AND j.id = r.id AND (j.fence = r.fence) IS TRUE AND (j.status = 'Running') IS TRUE
 RETURNING j.id
 "#;
@@ -95,6 +99,7 @@ pub async fn write_acks(db: &PgPool, acks: &[Ack]) -> Result<AckWrite, sqlx::Err
             .bind(rest.iter().map(|a| a.delay_ms).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.result.clone().unwrap_or(Value::Null)).collect::<Vec<_>>())
+            .bind(rest.iter().map(|a| a.error_detail.as_deref()).collect::<Vec<_>>())
             .fetch_all(db)
             .await?;
         out.applied.extend(ids);
@@ -141,7 +146,7 @@ mod tests {
     }
 
     fn done(id: &str, fence: i64, result: Value) -> Ack {
-        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, result: Some(result) }
+        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result) }
     }
 
     /// The bug this fences off: a worker's heartbeat lapses, the rescuer hands its job

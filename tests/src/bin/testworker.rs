@@ -47,7 +47,7 @@ async fn main() {
             .bind(pid)
             .execute(&ctx.db)
             .await
-            .map_err(|e| JobError::Retryable(format!("record run: {e}")))?;
+            .map_err(|e| JobError::retryable("database", format!("record run: {e}")))?;
         let mut sleep = plan.sleep_ms;
         if ctx.attempt == 1 {
             sleep += plan.sleep_first_ms;
@@ -56,7 +56,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(sleep)).await;
         }
         if ctx.attempt <= plan.fail_times {
-            return Err(JobError::Retryable(format!("planned failure {}", ctx.attempt)));
+            return Err(JobError::retryable("test", format!("planned failure {}", ctx.attempt)));
         }
         Ok(serde_json::json!({ "pid": pid, "attempt": ctx.attempt }))
     });

@@ -379,14 +379,14 @@ async fn retry(d: &Deps, ctx: &JobContext, row: &QueueRow, attempt: Option<Attem
         queue::retry_later(&mut tx, row.queue_id, why).await.map_err(db_err)?;
     }
     tx.commit().await.map_err(db_err)?;
-    Err(JobError::Retryable(why.to_string()))
+    Err(JobError::retryable("agent_unreachable", why))
 }
 
 async fn refused(d: &Deps, row: &QueueRow, attempt: Option<Attempt<'_>>, r: molecule_domain::ssrf::Refused) -> HandlerResult {
     let why = format!("the agent's URL is refused: {r}");
     conclude(d, row, attempt, Ending::new(QueueStatus::Failed).error(why.clone())).await?;
     tracing::warn!(event = "a2a.refused", queue_id = %row.queue_id, workspace_id = %row.workspace_id, reason = %r);
-    Err(JobError::Permanent(why))
+    Err(JobError::permanent("agent_url_refused", why))
 }
 
 /// Writes an attempt's activity row and the delivery's outcome in one transaction: an

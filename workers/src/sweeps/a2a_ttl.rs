@@ -18,7 +18,7 @@ pub const NAME: &str = "a2a_ttl";
 const BATCH: i64 = 1000;
 
 pub async fn run(ctx: &JobContext) -> HandlerResult {
-    let fail = |e: sqlx::Error| JobError::Retryable(format!("a2a ttl sweep failed: {e}"));
+    let fail = |e: sqlx::Error| JobError::retryable("database", format!("a2a ttl sweep failed: {e}"));
     let expired = expire_all(&ctx.db).await.map_err(fail)?;
     let settled = settle_ended(&ctx.db, SETTLE_AFTER_SECS).await.map_err(fail)?;
     tracing::info!(event = "sweep.a2a_ttl", expired, settled, job_id = %ctx.id, "expired A2A messages past their TTL");

@@ -65,11 +65,11 @@ pub(crate) async fn running_workspaces(d: &Deps) -> Result<Option<std::collectio
                 .collect(),
         )),
         Err(molecule_backends::BackendError::NoBackend) => Ok(None),
-        Err(e) => Err(JobError::Retryable(format!("listing managed instances: {e}"))),
+        Err(e) => Err(JobError::retryable("sweep", format!("listing managed instances: {e}"))),
     }
 }
 
 /// A database error in a sweep: worth the next attempt.
 pub(crate) fn db(e: sqlx::Error) -> JobError {
-    JobError::Retryable(format!("database: {e}"))
+    JobError::retryable("database", e.to_string())
 }

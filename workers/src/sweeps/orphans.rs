@@ -62,9 +62,9 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
     let listed = match d.backend.list_managed().await {
         Ok(c) => c,
         Err(BackendError::NoBackend) => return Ok(Report::default()),
-        Err(e) => return Err(JobError::Retryable(format!("listing managed instances: {e}"))),
+        Err(e) => return Err(JobError::retryable("sweep", format!("listing managed instances: {e}"))),
     };
-    let volumes = d.backend.list_managed_volumes().await.map_err(|e| JobError::Retryable(format!("listing managed volumes: {e}")))?;
+    let volumes = d.backend.list_managed_volumes().await.map_err(|e| JobError::retryable("sweep", format!("listing managed volumes: {e}")))?;
     let mut report = Report::default();
     let mut held: BTreeMap<uuid::Uuid, Held> = BTreeMap::new();
     let mut take = |m: &ManagedInstance, volume: bool, report: &mut Report| {
