@@ -27,7 +27,7 @@ ROOT="$(mktemp -d)"
 trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT"/{bin,usr/local/bin,configs,tmp,etc}
 cp "$(command -v busybox)" "$ROOT/bin/busybox"
-for tool in sh ash cat tail head ls ps env echo sleep grep sed awk id kill wc tr yes dd timeout; do
+for tool in sh ash cat tail head ls ps env echo printf sleep grep sed awk id kill wc tr yes dd timeout base64; do
     ln -sf busybox "$ROOT/bin/$tool"
 done
 cp "$BIN" "$ROOT/usr/local/bin/molecule-agent"

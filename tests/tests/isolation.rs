@@ -135,3 +135,74 @@ async fn a_rescue_bundle_names_no_other_workspace() {
     }
     p.stop().await;
 }
+
+fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in s.as_bytes().chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            out.push(if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// A shell script run in the workspace without the script's text in the argv (argv is
+/// audited as is): it arrives base64-encoded.
+fn script(text: &str) -> Value {
+    json!(["sh", "-c", format!("echo {} | base64 -d | sh", b64(text))])
+}
+
+/// X4 end to end: an exec printing the whole secrets corpus leaves none of them in the
+/// job's result, the NDJSON frames or the stored output chunks, and the harmless corpus
+/// comes through byte for byte; a private key printed one line per second does not leak
+/// through the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_printed_by_an_exec_leave_nowhere() {
+    use molecule_domain::redact::corpus::{HARMLESS, SECRETS};
+    let p = platform(&[JobKind::Provision, JobKind::Stop, JobKind::Exec]).await;
+    let ws = p.create(json!({"name": "leaky", "runtime": "echo", "tier": 3})).await;
+    p.wait_status(&ws, "online", Duration::from_secs(30)).await;
+
+    let mut corpus = String::new();
+    for (_, text, _) in SECRETS {
+        corpus.push_str(text);
+        corpus.push('\n');
+    }
+    for text in HARMLESS {
+        corpus.push_str(text);
+        corpus.push('\n');
+    }
+    // A key, one line per second.
+    let slow = "printf '%s\\n' '-----BEGIN OPENSSH PRIVATE KEY-----'; sleep 1; printf '%s\\n' b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ; \
+                sleep 1; printf '%s\\n' AAAAAAAAABAAAAMwAAAAtzc2gtZWQyNTUxOQAAACBkIOC1; sleep 1; printf '%s\\n' '-----END OPENSSH PRIVATE KEY-----'; echo after";
+    let text = format!("cat <<'MOLECULE_CORPUS_END'\n{corpus}MOLECULE_CORPUS_END\n{slow}\n");
+    let body = json!({"argv": script(&text), "timeout_s": 60}).to_string();
+    let r = molecule_tests::http_full(&p.addr, "POST", &format!("/workspaces/{ws}/exec"), Some(&p.org), Some(&body),
+        &[("Accept", "application/x-ndjson")], Duration::from_secs(90)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let frames = molecule_tests::frames(&r.body);
+    assert_eq!(frames.last().unwrap()["exit_code"], 0, "{}", r.body);
+    let streamed: String = frames.iter().filter_map(|f| f["data"].as_str()).collect();
+    let job: String = sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE job_type = 'exec' ORDER BY id DESC LIMIT 1").fetch_one(&p.db).await.unwrap();
+    let result = p.req("GET", &format!("/jobs/{job}"), None).await.json()["result"]["stdout"].as_str().unwrap().to_string();
+    let stored: Vec<String> = sqlx::query_scalar("SELECT data FROM exec_output WHERE job_id = $1 ORDER BY seq").bind(&job).fetch_all(&p.db).await.unwrap();
+    let stored = stored.concat();
+    for (family, text, secret) in SECRETS {
+        for (place, out) in [("result", &result), ("stream", &streamed), ("exec_output", &stored)] {
+            assert!(!out.contains(secret), "{family} ({text:?}) leaked through the {place}");
+        }
+    }
+    for text in HARMLESS {
+        assert!(result.contains(text) && streamed.contains(text), "harmless {text:?} changed");
+    }
+    // No frame carries any line of the slow key.
+    for f in &frames {
+        let d = f["data"].as_str().unwrap_or("");
+        assert!(!d.contains("b3BlbnNzaC1rZXkt") && !d.contains("AAAAAAAAABAAAAMw"), "a key line left in a frame: {d:?}");
+    }
+    assert!(streamed.ends_with("[REDACTED]\nafter\n"), "{:?}", &streamed[streamed.len().saturating_sub(200)..]);
+    p.delete(&ws).await;
+    p.stop().await;
+}

@@ -5,6 +5,7 @@
 //! worker's shutdown grace runs out the command is killed and the job ends `interrupted`.
 
 use molecule_backends::{BackendError, ExecRequest, OutputStream};
+use molecule_domain::redact::StreamRedactor;
 use molecule_domain::WorkspaceId;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::output::{self, Chunk};
@@ -18,6 +19,9 @@ use crate::Deps;
 
 pub const MAX_STREAM_BYTES: usize = 1 << 20;
 pub const TRUNCATION_MARKER: &str = "\n[molecule: output truncated at 1 MiB]\n";
+/// Read past the cap so that redaction sees a secret the cap would cut in two: the
+/// output is redacted first, then cut.
+pub const REDACTION_WINDOW: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,24 +33,30 @@ pub struct ExecArgs {
     pub actor: String,
 }
 
-fn text(bytes: &[u8], truncated: bool) -> String {
+/// A stream's output as stored: redacted whole, then cut at the cap (with the marker when
+/// anything was cut).
+fn text(bytes: &[u8], cut_by_backend: bool) -> String {
     // PostgreSQL text cannot hold NUL: show it as U+FFFD, like other undecodable bytes.
     let lossy = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
-    let mut s = molecule_domain::redact::global().redact(&lossy).into_owned();
-    if truncated {
+    let redacted = molecule_domain::redact::global().redact(&lossy);
+    let mut s = molecule_domain::text::head(&redacted, MAX_STREAM_BYTES).to_string();
+    if cut_by_backend || bytes.len() > MAX_STREAM_BYTES {
         s.push_str(TRUNCATION_MARKER);
     }
     s
 }
 
-/// Persists output chunks for streaming readers. Text is flushed by whole lines (so a
-/// secret is never split across two redactions), or when 8 KiB have piled up.
+/// Persists output chunks for streaming readers, each stream through its own
+/// [`StreamRedactor`]: text leaves by whole lines, and a private key printed line by line
+/// is held until it ends, so no secret leaves in pieces.
 async fn write_chunks(
     db: sqlx::PgPool,
     job_id: String,
     mut seq: i32,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(OutputStream, Vec<u8>)>,
 ) {
+    let redactor = molecule_domain::redact::global();
+    let mut streams = [StreamRedactor::new(redactor), StreamRedactor::new(redactor)];
     let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut open = true;
     while open {
@@ -61,18 +71,14 @@ async fn write_chunks(
         }
         let mut chunks: Vec<Chunk> = Vec::new();
         for (i, name) in [(0usize, "stdout"), (1usize, "stderr")] {
-            let buf = &mut pending[i];
-            let cut = if !open { buf.len() } else {
-                match buf.iter().rposition(|b| *b == b'\n') {
-                    Some(p) => p + 1,
-                    None if buf.len() >= 8192 => buf.len(),
-                    None => 0,
-                }
-            };
-            if cut > 0 {
-                let chunk: Vec<u8> = buf.drain(..cut).collect();
+            let mut data = streams[i].push(&std::mem::take(&mut pending[i]));
+            if !open {
+                let done = std::mem::replace(&mut streams[i], StreamRedactor::new(redactor));
+                data.push_str(&done.finish());
+            }
+            if !data.is_empty() {
                 seq += 1;
-                chunks.push(Chunk { seq, stream: name.to_string(), data: text(&chunk, false) });
+                chunks.push(Chunk { seq, stream: name.to_string(), data });
             }
         }
         if chunks.is_empty() {
@@ -152,7 +158,7 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
     let req = ExecRequest {
         argv: a.argv.clone(),
         timeout: Duration::from_secs(a.timeout_s.clamp(1, 120)),
-        max_bytes_per_stream: MAX_STREAM_BYTES,
+        max_bytes_per_stream: MAX_STREAM_BYTES + REDACTION_WINDOW,
         stop: Some(ctx.interrupt.receiver()),
     };
     // A retried job's chunks follow its earlier attempts' (they share the job id).
@@ -193,7 +199,10 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
         "exit_code": o.exit_code,
         "stdout": text(&o.stdout, o.stdout_truncated),
         "stderr": text(&o.stderr, o.stderr_truncated),
-        "truncated": { "stdout": o.stdout_truncated, "stderr": o.stderr_truncated },
+        "truncated": {
+            "stdout": o.stdout_truncated || o.stdout.len() > MAX_STREAM_BYTES,
+            "stderr": o.stderr_truncated || o.stderr.len() > MAX_STREAM_BYTES,
+        },
         "duration_ms": duration_ms,
     }))
 }

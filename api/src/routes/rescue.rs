@@ -64,13 +64,14 @@ pub async fn bootstrap_failed(
     ApiJson(body): ApiJson<BootstrapFailed>,
 ) -> ApiResult<Json<Verdict>> {
     let id = parse_workspace_id(&id)?;
-    let error = head(body.error.as_deref().unwrap_or("bootstrap failed"), 1024);
-    let mut sample = error.to_string();
+    // Redacted whole, then cut: a secret the cut would halve no longer looks like one.
+    let redactor = molecule_domain::redact::global();
+    let error = redactor.redact(body.error.as_deref().unwrap_or("bootstrap failed"));
+    let mut sample = head(&error, 1024).to_string();
     if let Some(log) = body.log_tail.as_deref().filter(|l| !l.is_empty()) {
         sample.push_str("\n--- log tail ---\n");
-        sample.push_str(tail(log, LOG_TAIL_BYTES));
+        sample.push_str(tail(&redactor.redact(log), LOG_TAIL_BYTES));
     }
-    let sample = molecule_domain::redact::global().redact(&sample).into_owned();
     let mut tx = st.db.begin().await?;
     let flipped = verdicts::boot_failed(&mut tx, id, verdicts::Trigger::BootstrapFailed, &sample).await?;
     let Some((org, job_id)) = flipped else {

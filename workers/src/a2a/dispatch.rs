@@ -428,9 +428,9 @@ async fn write_ending(
 
 /// An agent's words, redacted and bounded, for `last_error`.
 fn redacted(d: &Deps, text: &str, max: usize) -> String {
-    let head = molecule_domain::text::head(text, max);
     match d.redactor.as_deref() {
-        Some(r) => r.redact(head).into_owned(),
+        // Redacted whole, then cut.
+        Some(r) => molecule_domain::text::head(&r.redact(text), max).to_string(),
         None => "(not shown: no redactor configured)".into(),
     }
 }

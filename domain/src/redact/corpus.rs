@@ -1,0 +1,215 @@
+//! The redactor's corpus: real-looking secrets of every family (none of them live) with
+//! the part that must not survive, and harmless text that must come through byte for byte.
+//! Also replayed end to end through an exec (tests/tests/isolation.rs).
+
+/// (family, text, the part that must not survive).
+pub const SECRETS: &[(&str, &str, &str)] = &[
+    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"),
+    ("private_key", "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEpAIBAAKCAQEA75xBqnyy\n-----END RSA PRIVATE KEY-----", "MIIEpAIBAAKCAQEA75xBqnyy"),
+    ("private_key", "key: -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5cmNQgHUSgBkFoAoGCCqGSM49\nAwEHoUQDQgAE", "MHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBn"),
+    ("private_key", "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----", "lQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA"),
+    ("private_key", r#"{"private_key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"}"#, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"),
+    ("aws", "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
+    ("aws", "key id ASIAY34FZKBOKMUTVV7A in use", "ASIAY34FZKBOKMUTVV7A"),
+    ("aws", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG"),
+    ("github", "GITHUB_TOKEN=ghp_16C7e42F292c6912E7710c838347Ae178B4a", "ghp_16C7e42F292c"),
+    ("github", "token github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEF", "github_pat_11ABCDEFG01"),
+    ("gitlab", "CI token glpat-xPz4Rv8YmQ2wK9sLbN3t found", "glpat-xPz4Rv8YmQ2wK9"),
+    ("slack", "slack: xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "xoxb-123456789012"),
+    ("slack", "notify https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX now", "T00000000/B00000000/XXXX"),
+    ("discord", "hook https://discord.com/api/webhooks/123456789012345678/AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "AbCdEfGhIjKlMnOpQrStUvWx"),
+    ("stripe", "stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc", "sk_live_4eC39HqL"),
+    ("stripe", "STRIPE_WEBHOOK=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_MfKQ9r8GKY"),
+    ("openai_anthropic", "OPENAI_API_KEY=sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo", "sk-proj-4fJk29XzQ8"),
+    ("openai_anthropic", "ANTHROPIC_API_KEY: sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_AbCd", "sk-ant-api03-AbCd"),
+    ("openai_anthropic", "using key sk-AbCdEfGhIjKlMnOpQrStUvWx for calls", "sk-AbCdEfGhIjKlMnOp"),
+    ("google", "google key AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY", "AIzaSyD-9tSrke72"),
+    ("google", "client 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", "GOCSPX-1a2B3c4D5e6F"),
+    ("google", "access ya29.a0AfH6SMBx3dJ7kLmNoPqRsTuVwXyZ0123456789", "ya29.a0AfH6SMBx3dJ7k"),
+    ("azure", "AZURE_CLIENT_SECRET abc8Q~AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "8Q~AbCdEfGhIjKlMnOp"),
+    ("connection_string", "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c3VwZXJzZWNyZXRrZXlzdXBlcnNlY3JldGtleXN1cGVyc2VjcmV0a2V5MTIzNA==;EndpointSuffix=core.windows.net", "c3VwZXJzZWNyZXRrZXlz"),
+    ("connection_string", "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=AbCd1234EfGh5678IjKl9012MnOp=", "AbCd1234EfGh5678"),
+    ("connection_string", "Server=db;Database=app;User Id=sa;Password=P@ssw0rd-Very-Long;", "P@ssw0rd-Very-Long"),
+    ("connection_string", "https://acct.blob.core.windows.net/c/f?sv=2022-11-02&se=2026-12-01&sig=AbCdEfGh1234%2BIjKlMnOp%3D", "AbCdEfGh1234%2BIjKl"),
+    ("npm", "//registry.npmjs.org/:_authToken=npm_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "npm_AbCdEfGhIjKlMnOp"),
+    ("pypi", "password = pypi-AgEIcHlwaS5vcmcCJDAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMAACKlsz", "pypi-AgEIcHlwaS5vcmc"),
+    ("huggingface", "HF_TOKEN hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh", "hf_AbCdEfGhIjKlMnOp"),
+    ("sendgrid", "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", "TwL2iGABf9DHoTf"),
+    ("twilio", "TWILIO_API_KEY SK0123456789abcdef0123456789abcdef", "SK0123456789abcdef01"),
+    ("mailgun", "mailgun key-3ax6xnjp29jd6fds4gc373sgvjxteol0", "key-3ax6xnjp29jd6fds"),
+    ("digitalocean", "do token dop_v1_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "dop_v1_0123456789ab"),
+    ("shopify", "shpat_0123456789abcdef0123456789abcdef", "shpat_0123456789ab"),
+    ("databricks", "DATABRICKS dapi0123456789abcdef0123456789abcdef", "dapi0123456789abcdef"),
+    ("telegram", "bot 123456789:AAEhBOweik6ad9r_QXMENQjcrGbqCr4K-Hs", "AAEhBOweik6ad9r"),
+    ("molecule", "token mol_ws_9c56cc51b374c3ba189210d5b6d4bf57790d351c96c47c02190ecf1e430635ab issued", "9c56cc51b374c3ba"),
+    ("molecule", "platform secret mol_pis_00112233445566778899aabbccddeeff", "00112233445566778899"),
+    ("jwt", "session eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "dozjgNryP4J3jVmNHl0w"),
+    ("http_auth", "Authorization: Bearer c0ffee8a91b24d7e8e1f03a2b6d4f5e7", "c0ffee8a91b24d7e8e1f03a2b6d4f5e7"),
+    ("http_auth", "Authorization: Basic dXNlcjpodW50ZXIy", "dXNlcjpodW50ZXIy"),
+    ("http_auth", r#"authorization: Digest username="bob", realm="x", nonce="dcd98b7102dd2f0e", response="6629fae49393a05397450978507c4ef1""#, "6629fae49393a053974"),
+    ("http_auth", "curl -H 'Authorization: Bearer 5eed1e55b0a7c4d2e9f18a3b7c6d5e4f'", "5eed1e55b0a7c4d2e9f1"),
+    ("http_auth", "call with token dGhpc2lzYXRva2VuMTIzNDU2Nzg5MA== now", "dGhpc2lzYXRva2VuMTIz"),
+    ("api_key_header", "X-Api-Key: 8d3f9a1c2b7e4f60a5d1", "8d3f9a1c2b7e4f60a5d1"),
+    ("api_key_header", "PRIVATE-TOKEN: aB3dE5fG7hI9jK1l", "aB3dE5fG7hI9jK1l"),
+    ("url_credentials", "DATABASE_URL=postgres://admin:Tr0ub4dor3@db.internal:5432/app", "Tr0ub4dor3"),
+    ("url_credentials", "redis://:s3cr3tRedisPass@cache:6379/0", "s3cr3tRedisPass"),
+    ("secret_key_json", r#"{"api_key": "a1b2c3d4e5f6g7h8", "name": "x"}"#, "a1b2c3d4e5f6g7h8"),
+    ("secret_key_json", r#"{"clientSecret":"Zm9vYmFy-Yml6"}"#, "Zm9vYmFy-Yml6"),
+    ("secret_key_quoted", r#"db_password: "S3cr3t!Pa55""#, "S3cr3t!Pa55"),
+    ("secret_key_quoted", r#"password = "correct horse battery staple""#, "correct horse battery"),
+    ("secret_key_quoted", "client_secret = 'Qm9vbXNoYWthbGFrYQ'", "Qm9vbXNoYWthbGFrYQ"),
+    ("secret_key_xml", "<config><password>hunter2-xml</password></config>", "hunter2-xml"),
+    ("secret_key_flag", "mysql -u root --password=hunter2-flag db", "hunter2-flag"),
+    ("secret_key_flag", "vault login --token s.AbCdEfGh1234", "s.AbCdEfGh1234"),
+    ("secret_key", "password=hunter2-correct-horse", "hunter2"),
+    ("secret_key", "export SLACK_BOT_TOKEN=abc-def-ghi-123", "abc-def-ghi-123"),
+    ("secret_key", "https://example.com/cb?token=abc123def456&next=/home", "abc123def456"),
+    ("secret_key", "credentials: u5er:pa55w0rd", "u5er:pa55w0rd"),
+    ("secret_key", "ENCRYPTION_KEY=0f1e2d3c4b5a69788796a5b4c3d2e1f0", "0f1e2d3c4b5a6978"),
+];
+
+/// Text that must come through byte for byte: hashes, ids, commits, prose about
+/// passwords and tokens, token counts, references to secrets that are not secrets.
+pub const HARMLESS: &[&str] = &[
+    "INFO agent started on port 8000 (pid 17)",
+    "The password policy requires 12 characters.",
+    "Forgot your password? Reset it from the login page.",
+    "Please reset your password: click the link below.",
+    "tokens used: 1532 of 200000",
+    "max_tokens: 4096",
+    r#"{"max_tokens": 1024, "temperature": 0.2}"#,
+    "Bearer of bad news: the build failed at step 3/7",
+    "token authentication is enabled",
+    "image ghcr.io/molecule-ai/workspace-template-hermes@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    "sha256sum: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  build.tar",
+    "commit 317196463a fix(orphan-sweeper): close TOCTOU race",
+    "workspace 8e863de1-3a82-4321-b4aa-b487a278b728 is online",
+    "GET https://api.example.com/v1/models?limit=20 200",
+    "skip-the-line task-1234 desk-lamp risk-assessment",
+    "MODEL=claude-sonnet-4 PROVIDER=anthropic RUNTIME=claude-code",
+    "docker ps -a\nCONTAINER ID   IMAGE   STATUS\n3f2a1b   echo    Up 2 minutes",
+    "secret santa party on Friday",
+    "password: ${DB_PASSWORD}",
+    "api_key: $OPENAI_API_KEY",
+    "token_count=37 prompt_tokens=12",
+    "The SECRET_KEY setting lives in settings.py",
+    "basic authentication is disabled",
+    "see https://docs.example.com/auth/tokens for details",
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----",
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBkg4LVWM9nuwNSk3yByxZpYRT user@host",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+
+    #[test]
+    fn every_family_has_corpus_entries() {
+        let r = Redactor::new();
+        for family in r.families() {
+            assert!(SECRETS.iter().any(|(f, _, _)| *f == family), "family {family} has no corpus entry");
+        }
+    }
+
+    #[test]
+    fn every_secret_in_the_corpus_is_removed_whole() {
+        let r = Redactor::new();
+        for (family, text, secret_part) in SECRETS {
+            let out = r.redact(text);
+            assert!(!out.contains(secret_part), "{family}: {text:?} leaked {secret_part:?}: {out:?}");
+            assert!(out.contains(MARK), "{family}: {text:?} → {out:?}");
+        }
+    }
+
+    #[test]
+    fn harmless_text_survives_unchanged() {
+        let r = Redactor::new();
+        for text in HARMLESS {
+            assert_eq!(r.redact(text), *text);
+        }
+    }
+
+    #[test]
+    fn names_stay_readable_and_redaction_is_idempotent() {
+        let r = Redactor::new();
+        let once = r.redact("password=hunter2x user=bob").into_owned();
+        assert_eq!(once, "password=[REDACTED] user=bob");
+        assert_eq!(r.redact(&once), once);
+        assert_eq!(r.redact("X-Api-Key: 8d3f9a1c2b7e4f60a5d1"), "X-Api-Key: [REDACTED]");
+        for (_, text, _) in SECRETS {
+            let once = r.redact(text).into_owned();
+            assert_eq!(r.redact(&once), once, "{text:?}");
+        }
+    }
+
+    /// A key cut off by a cap (no END line) is redacted to where it was cut; the text before
+    /// it stays.
+    #[test]
+    fn a_truncated_private_key_is_still_removed() {
+        let r = Redactor::new();
+        let cut = "boot log\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA75xBqnyyAbCdEfGh\nMIIEpAIBAAKCAQEA75xBq";
+        let out = r.redact(cut);
+        assert!(out.starts_with("boot log\n") && !out.contains("MIIEpAIB"), "{out:?}");
+    }
+
+    /// Every secret, split into two chunks at every byte, never leaves a stream unredacted.
+    #[test]
+    fn a_stream_never_lets_a_secret_out_in_pieces() {
+        let r = Redactor::new();
+        for (family, text, secret_part) in SECRETS {
+            let bytes = format!("{text}\n").into_bytes();
+            for at in 1..bytes.len() {
+                let mut s = StreamRedactor::new(&r);
+                let mut out = s.push(&bytes[..at]);
+                out.push_str(&s.push(&bytes[at..]));
+                out.push_str(&s.finish());
+                assert!(!out.contains(secret_part), "{family} split at {at}: {out:?}");
+            }
+        }
+        for text in HARMLESS {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = String::new();
+            for b in format!("{text}\n").as_bytes().chunks(3) {
+                out.push_str(&s.push(b));
+            }
+            out.push_str(&s.finish());
+            assert_eq!(out, format!("{text}\n"), "harmless text through a stream");
+        }
+    }
+
+    /// A private key printed one line at a time leaves as one `[REDACTED]`: nothing of it
+    /// is released before its END line.
+    #[test]
+    fn a_key_printed_line_by_line_is_held_until_it_ends() {
+        let r = Redactor::new();
+        let mut s = StreamRedactor::new(&r);
+        assert_eq!(s.push(b"starting\n"), "starting\n");
+        let lines: [&[u8]; 4] = [b"-----BEGIN OPENSSH PRIVATE KEY-----\n", b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAA\n", b"EbmRzYS1zaGEyLW5pc3RwMjU2AAAACG5pc3\n", b"-----END OPENSSH PRIVATE KEY-----\n"];
+        for l in &lines[..3] {
+            assert_eq!(s.push(l), "", "held while the key is open");
+        }
+        let out = s.push(lines[3]);
+        assert_eq!(out, "[REDACTED]\n");
+        assert_eq!(s.push(b"done\n"), "done\n");
+    }
+
+    /// A large text is redacted in segments: the result is the same as line by line,
+    /// a key across a segment boundary included.
+    #[test]
+    fn a_large_text_is_redacted_like_its_parts() {
+        let r = Redactor::new();
+        let mut big = String::new();
+        let mut i = 0;
+        while big.len() < 300 * 1024 {
+            let (_, text, _) = SECRETS[i % SECRETS.len()];
+            big.push_str(&format!("line {i} of filler text for the segmenter\n{text}\n"));
+            i += 1;
+        }
+        let out = r.redact(&big);
+        for (f, t, part) in SECRETS {
+            assert!(!out.contains(part), "{f} {t:?} survived in a large text");
+        }
+        assert!(out.contains("line 0 of filler") && out.contains(&format!("line {} of filler", i - 1)));
+    }
+}

@@ -1,0 +1,210 @@
+//! X4: the one secret redactor. Everything that leaves a workspace into storage or logs
+//! goes through [`Redactor::redact`] (whole texts) or a [`StreamRedactor`] (output as it
+//! arrives). Matches are replaced whole — never a prefix of a secret survives — with
+//! `[REDACTED]`; the names of headers and keys stay, so the text stays readable. The rules
+//! are in [`rules`], by family; the corpus tests below pin every family and a corpus of
+//! harmless text that must come through byte for byte. Redact before truncating: a cut
+//! secret no longer looks like one.
+
+mod rules;
+
+use regex::{Regex, RegexSet};
+use std::borrow::Cow;
+
+pub use rules::Scope;
+
+pub const MARK: &str = "[REDACTED]";
+
+pub struct Redactor {
+    /// Which rules match at all: one pass over text that holds no secret (most text).
+    set: RegexSet,
+    rules: Vec<(Regex, Scope, &'static str)>,
+}
+
+/// Values a secret-named key may have that are not secrets: references to other config
+/// (`${DB_PASSWORD}`, `$TOKEN`), placeholders, booleans, numbers (`max_tokens: 4096`).
+fn harmless_value(v: &str) -> bool {
+    let v = v.trim();
+    v.is_empty()
+        || v == MARK
+        || v.starts_with('$')
+        || v.starts_with('<') && v.ends_with('>')
+        || v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || ["true", "false", "null", "none", "nil", "undefined", "required", "optional", "***", "xxx"].contains(&v.to_ascii_lowercase().as_str())
+}
+
+impl Redactor {
+    pub fn new() -> Redactor {
+        // Each pattern is a literal known to compile; a typo fails the unit tests.
+        let rules: Vec<(Regex, Scope, &'static str)> = rules::all()
+            .into_iter()
+            .map(|r| (Regex::new(&rules::expand(r.pattern)).expect("redactor pattern"), r.scope, r.family))
+            .collect();
+        let set = RegexSet::new(rules.iter().map(|(re, _, _)| re.as_str())).expect("redactor pattern set");
+        Redactor { set, rules }
+    }
+
+    /// The rule families, in the order they apply.
+    pub fn families(&self) -> Vec<&'static str> {
+        let mut f: Vec<&'static str> = self.rules.iter().map(|(_, _, f)| *f).collect();
+        f.dedup();
+        f
+    }
+
+    /// Redacts a text. A large one is redacted a segment at a time (cut at line ends,
+    /// never inside a private key block), so the rules that match run over the few
+    /// segments that hold secrets rather than over the whole text once each.
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        if text.len() <= SEGMENT {
+            return self.redact_segment(text);
+        }
+        if !self.set.is_match(text) {
+            return Cow::Borrowed(text);
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while !rest.is_empty() {
+            let (segment, after) = rest.split_at(segment_end(rest));
+            out.push_str(&self.redact_segment(segment));
+            rest = after;
+        }
+        Cow::Owned(out)
+    }
+
+    fn redact_segment<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let matched = self.set.matches(text);
+        if !matched.matched_any() {
+            return Cow::Borrowed(text);
+        }
+        let mut out = text.to_string();
+        for i in matched.iter() {
+            let (re, scope, _) = &self.rules[i];
+            // Spans to replace, found on the text as it is now (an earlier rule may have
+            // replaced part of what this one matched).
+            let spans: Vec<(usize, usize)> = re
+                .captures_iter(&out)
+                .filter_map(|c| match scope {
+                    Scope::Whole => c.get(0).map(|m| (m.start(), m.end())),
+                    Scope::Value => c.name("value").filter(|v| !harmless_value(v.as_str())).map(|v| (v.start(), v.end())),
+                })
+                .collect();
+            if spans.is_empty() {
+                continue;
+            }
+            let mut next = String::with_capacity(out.len());
+            let mut at = 0;
+            for (a, b) in spans {
+                next.push_str(&out[at..a]);
+                next.push_str(MARK);
+                at = b;
+            }
+            next.push_str(&out[at..]);
+            out = next;
+        }
+        Cow::Owned(out)
+    }
+}
+
+/// Size of the segments a large text is redacted in.
+const SEGMENT: usize = 64 * 1024;
+
+/// Where the first segment of `text` ends: after the last line end within [`SEGMENT`]
+/// (or the first one after it, for a longer line), and never inside a private key block.
+fn segment_end(text: &str) -> usize {
+    if text.len() <= SEGMENT {
+        return text.len();
+    }
+    let bytes = text.as_bytes();
+    let mut cut = match bytes[..SEGMENT].iter().rposition(|b| *b == b'\n') {
+        Some(p) => p + 1,
+        None => bytes[SEGMENT..].iter().position(|b| *b == b'\n').map(|p| SEGMENT + p + 1).unwrap_or(bytes.len()),
+    };
+    if open_private_key(&bytes[..cut]).is_some() {
+        // Through the block's END line (or to the end, if it never ends).
+        cut = match bytes[cut..].windows(8).position(|w| w == b"-----END") {
+            Some(p) => bytes[cut + p..].iter().position(|b| *b == b'\n').map(|q| cut + p + q + 1).unwrap_or(bytes.len()),
+            None => bytes.len(),
+        };
+    }
+    cut
+}
+
+/// Most text a [`StreamRedactor`] holds back waiting for a line's end.
+pub const STREAM_HOLD: usize = 64 * 1024;
+
+/// Redacts a stream as it arrives without letting a secret out in pieces: a chunk is
+/// released only up to its last complete line (tokens never span lines), and an armoured
+/// private key is held from its BEGIN line until its END line arrives — so a key printed
+/// one line per second leaves as one `[REDACTED]`, never line by line. A line longer than
+/// [`STREAM_HOLD`] is released at a space once that much has piled up.
+pub struct StreamRedactor<'r> {
+    redactor: &'r Redactor,
+    held: Vec<u8>,
+}
+
+impl<'r> StreamRedactor<'r> {
+    pub fn new(redactor: &'r Redactor) -> Self {
+        StreamRedactor { redactor, held: Vec::new() }
+    }
+
+    /// Takes a chunk; returns the redacted text that may leave now (possibly empty).
+    pub fn push(&mut self, chunk: &[u8]) -> String {
+        self.held.extend_from_slice(chunk);
+        let mut cut = self.held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        if let Some(open) = open_private_key(&self.held) {
+            cut = cut.min(open);
+        }
+        if cut == 0 && self.held.len() > STREAM_HOLD {
+            // A very long line: out at a space (never inside a token), else where it is.
+            let limit = self.held.len() - STREAM_HOLD / 2;
+            cut = self.held[..limit].iter().rposition(|b| *b == b' ' || *b == b'\t').map(|p| p + 1).unwrap_or(limit);
+            while cut < self.held.len() && (self.held[cut] & 0b1100_0000) == 0b1000_0000 {
+                cut += 1; // not inside a UTF-8 sequence
+            }
+        }
+        if cut == 0 {
+            return String::new();
+        }
+        let out: Vec<u8> = self.held.drain(..cut).collect();
+        self.text(&out)
+    }
+
+    /// The rest, at the stream's end (a key cut off before its END is still redacted).
+    pub fn finish(mut self) -> String {
+        let rest = std::mem::take(&mut self.held);
+        self.text(&rest)
+    }
+
+    fn text(&self, bytes: &[u8]) -> String {
+        // PostgreSQL text cannot hold NUL: shown as U+FFFD, like other undecodable bytes.
+        let lossy = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
+        self.redactor.redact(&lossy).into_owned()
+    }
+}
+
+/// Where a private key block that has not ended yet begins (its BEGIN line), if any.
+fn open_private_key(buf: &[u8]) -> Option<usize> {
+    let find_last = |needle: &[u8]| buf.windows(needle.len()).rposition(|w| w == needle);
+    let begin = find_last(b"-----BEGIN")?;
+    let line_end = buf[begin..].iter().position(|b| *b == b'\n').map(|p| begin + p).unwrap_or(buf.len());
+    let is_key = buf[begin..line_end].windows(11).any(|w| w == b"PRIVATE KEY");
+    let ended = buf[begin..].windows(8).any(|w| w == b"-----END");
+    (is_key && !ended).then(|| buf[..begin].iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0))
+}
+
+/// The process-wide redactor (built once; its patterns are compiled at first use).
+pub fn global() -> &'static Redactor {
+    static R: std::sync::LazyLock<Redactor> = std::sync::LazyLock::new(Redactor::new);
+    &R
+}
+
+impl Default for Redactor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Real-looking secrets of every family and harmless text: the redactor's test corpus,
+/// also replayed end to end by the integration tests.
+#[cfg(any(test, feature = "testing"))]
+pub mod corpus;
