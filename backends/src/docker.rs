@@ -167,22 +167,34 @@ impl DockerBackend {
             use std::os::unix::fs::OpenOptionsExt;
             for (name, data) in files {
                 let path = dir.join(name);
+                // The volume outlives restarts and its owner runs tenants' commands: the
+                // name may now be a symlink to any host file. Remove whatever is there (a
+                // link goes, not its target), then create afresh without following links
+                // (O_EXCL fails on a link planted in between) and hand over the open file.
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(BackendError::EngineUnavailable(format!("cannot replace a config file: {e}"))),
+                }
                 let written = std::fs::OpenOptions::new()
                     .write(true)
-                    .create(true)
-                    .truncate(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .mode(0o600)
                     .open(&path)
-                    .and_then(|mut f| f.write_all(data));
+                    .and_then(|mut f| {
+                        f.write_all(data)?;
+                        match owner {
+                            Some((uid, gid)) => std::os::unix::fs::fchown(&f, Some(uid), Some(gid)),
+                            None => Ok(()),
+                        }
+                    });
                 written.map_err(|e| BackendError::EngineUnavailable(format!("cannot write the workspace's config volume: {e}")))?;
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-                        .map_err(|e| BackendError::EngineUnavailable(format!("cannot hand the config files to the workspace's user: {e}")))?;
-                }
             }
-            // The agent keeps its own state beside its secrets (a poll cursor).
+            // The agent keeps its own state beside its secrets (a poll cursor). lchown: the
+            // mountpoint itself, never what a link might point at.
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
                     .map_err(|e| BackendError::EngineUnavailable(format!("cannot hand the config volume to the workspace's user: {e}")))?;
             }
             return Ok(());
@@ -459,7 +471,11 @@ impl Backend for DockerBackend {
                 Some(_) => match self.read_file(&name, path).await {
                     Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
                     Ok(None) => format!("({path} does not exist)"),
-                    Err(e) => format!("({path} could not be read: {e})"),
+                    // The engine's words stay in the server log: the bundle is a tenant's to read.
+                    Err(e) => {
+                        tracing::warn!(error = %e, path, "rescue: a file could not be read");
+                        format!("({path} could not be read)")
+                    }
                 },
             };
             out.push((section.to_string(), text));
@@ -476,7 +492,10 @@ impl Backend for DockerBackend {
                 }
                 t
             }
-            Err(e) => format!("(could not list containers: {e})"),
+            Err(e) => {
+                tracing::warn!(error = %e, "rescue: containers could not be listed");
+                "(could not list containers)".to_string()
+            }
         };
         out.push(("docker-ps".into(), ps));
         let logs = match &info {
@@ -489,7 +508,8 @@ impl Backend for DockerBackend {
                     match item {
                         Ok(chunk) => t.push_str(&chunk.to_string()),
                         Err(e) => {
-                            t.push_str(&format!("\n(log read failed: {e})"));
+                            tracing::warn!(error = %e, "rescue: the agent's log could not be read to its end");
+                            t.push_str("\n(log read failed)");
                             break;
                         }
                     }

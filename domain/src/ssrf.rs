@@ -114,12 +114,32 @@ pub fn check_ip(ip: IpAddr, allow_loopback: bool) -> Result<(), Refused> {
 /// hold its caller for the system resolver's whole retry schedule).
 pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Resolves a name within [`RESOLVE_TIMEOUT`].
+/// Lookups in flight at once. The system resolver runs on blocking threads that a
+/// timeout does not free (a black-holed name holds one for the resolver's whole retry
+/// schedule): bounded here, so callers who send such names cannot use up the threads
+/// everything else needs.
+const MAX_LOOKUPS: usize = 32;
+
+/// Resolves a name within [`RESOLVE_TIMEOUT`] (waiting for a free lookup included).
 pub async fn resolve(name: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, Refused> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+    static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+    let lookup = async {
+        let permit = LOOKUPS.acquire().await.map_err(|_| Refused("the URL's host does not resolve"))?;
+        let name = name.to_string();
+        // The permit goes with the blocking lookup, however long it takes, not with the caller.
+        let task = tokio::spawn(async move {
+            let r = tokio::net::lookup_host((name.as_str(), port)).await.map(|a| a.collect::<Vec<_>>());
+            drop(permit);
+            r
+        });
+        match task.await {
+            Ok(Ok(a)) => Ok(a),
+            _ => Err(Refused("the URL's host does not resolve")),
+        }
+    };
+    match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
         Err(_) => Err(Refused("the URL's host did not resolve in time")),
-        Ok(Err(_)) => Err(Refused("the URL's host does not resolve")),
-        Ok(Ok(a)) => Ok(a.collect()),
+        Ok(r) => r,
     }
 }
 

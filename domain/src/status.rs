@@ -121,7 +121,7 @@ pub fn unguarded_status_writes(src: &str) -> Vec<String> {
     let code = src.split("#[cfg(test)]").next().unwrap_or(src);
     let lower = code.to_lowercase();
     // `status = …` assigned in a SET list (not compared in a WHERE or a CASE).
-    let assigns = regex::Regex::new(r"(?s)^\s*set\s+(?:.*?,\s*)?status\s*=\s*(.{0,40})").ok();
+    let assigns = regex::Regex::new(r"(?s)^\s*(?:as\s+\w+\s+|\w+\s+)?set\s+(?:.*?,\s*)?(?:\w+\.)?status\s*=\s*(.{0,40})").ok();
     let mut out = Vec::new();
     let mut from = 0;
     while let Some(i) = lower[from..].find("update workspaces").map(|i| i + from) {
@@ -142,6 +142,7 @@ pub fn unguarded_status_writes(src: &str) -> Vec<String> {
             || filter.contains("status = '")
             || filter.contains("status in (")
             || filter.contains("status <> 'removed'");
+        // (`w.status = '…'` contains `status = '`: an alias changes nothing.)
         if !guarded {
             out.push(code[i..end].lines().next().unwrap_or("").trim().to_string());
         }
@@ -226,8 +227,12 @@ mod tests {
         // And it can fail.
         let code = r#"sqlx::query("UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1");
                       sqlx::query("UPDATE workspaces SET status = 'offline' WHERE id = $1 AND status = 'online'");
-                      sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1");"#;
-        assert_eq!(unguarded_status_writes(code), vec!["UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1"]);
+                      sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1");
+                      sqlx::query("UPDATE workspaces AS w SET status = 'failed' WHERE w.id = $1");"#;
+        assert_eq!(
+            unguarded_status_writes(code),
+            vec!["UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1", "UPDATE workspaces AS w SET status = 'failed' WHERE w.id = $1"]
+        );
     }
 
     #[test]

@@ -206,3 +206,31 @@ async fn secrets_printed_by_an_exec_leave_nowhere() {
     p.delete(&ws).await;
     p.stop().await;
 }
+
+/// A tenant who replaces its config files with links to host files gets nothing from a
+/// restart: the platform writes the new secrets without following links (the volume is
+/// written from the host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_planted_in_the_config_volume_is_not_followed() {
+    use std::os::unix::fs::MetadataExt;
+    let p = platform(&[JobKind::Provision, JobKind::Stop, JobKind::Restart, JobKind::Exec]).await;
+    let ws = p.create(json!({"name": "planter", "runtime": "echo", "tier": 3})).await;
+    p.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let target = std::env::temp_dir().join(format!("molecule-host-file-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&target, "host data\n").unwrap();
+    let plant = format!("rm -f /configs/.auth_token /configs/.platform_inbound_secret && ln -s {t} /configs/.auth_token && ln -s {t} /configs/.platform_inbound_secret", t = target.display());
+    let planted = exec(&p, &ws, json!(["sh", "-c", plant]), 10).await;
+    assert_eq!(planted["result"]["exit_code"], 0, "{planted}");
+
+    assert_eq!(p.req("POST", &format!("/workspaces/{ws}/restart"), Some(&json!({}))).await.status, 202);
+    eventually(Duration::from_secs(60), "the restarted workspace online", || async {
+        (p.status(&ws).await == "online").then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "host data\n", "the host file was not written through the link");
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "nor handed to the workspace's user");
+    let _ = std::fs::remove_file(&target);
+    p.delete(&ws).await;
+    p.stop().await;
+}

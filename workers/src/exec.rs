@@ -33,22 +33,25 @@ pub struct ExecArgs {
     pub actor: String,
 }
 
-/// A stream's output as stored: redacted whole, then cut at the cap (with the marker when
-/// anything was cut).
-fn text(bytes: &[u8], cut_by_backend: bool) -> String {
+/// A stream's output as stored: redacted whole, then cut at the cap, with the marker when
+/// anything was cut (by the backend, or here); and whether it was.
+fn text(bytes: &[u8], cut_by_backend: bool) -> (String, bool) {
     // PostgreSQL text cannot hold NUL: show it as U+FFFD, like other undecodable bytes.
     let lossy = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
     let redacted = molecule_domain::redact::global().redact(&lossy);
+    let cut = cut_by_backend || redacted.len() > MAX_STREAM_BYTES;
     let mut s = molecule_domain::text::head(&redacted, MAX_STREAM_BYTES).to_string();
-    if cut_by_backend || bytes.len() > MAX_STREAM_BYTES {
+    if cut {
         s.push_str(TRUNCATION_MARKER);
     }
-    s
+    (s, cut)
 }
 
 /// Persists output chunks for streaming readers, each stream through its own
 /// [`StreamRedactor`]: text leaves by whole lines, and a private key printed line by line
-/// is held until it ends, so no secret leaves in pieces.
+/// is held until it ends, so no secret leaves in pieces. A stream ends at the cap like the
+/// stored result: what comes after is dropped — the line the cap cut through included
+/// (its beginning is held back, never released) — and the marker says so.
 async fn write_chunks(
     db: sqlx::PgPool,
     job_id: String,
@@ -58,6 +61,8 @@ async fn write_chunks(
     let redactor = molecule_domain::redact::global();
     let mut streams = [StreamRedactor::new(redactor), StreamRedactor::new(redactor)];
     let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut taken = [0usize; 2];
+    let mut capped = [false; 2];
     let mut open = true;
     while open {
         // Gather what is there (waiting at most 50 ms after the first chunk).
@@ -71,10 +76,22 @@ async fn write_chunks(
         }
         let mut chunks: Vec<Chunk> = Vec::new();
         for (i, name) in [(0usize, "stdout"), (1usize, "stderr")] {
-            let mut data = streams[i].push(&std::mem::take(&mut pending[i]));
+            let mut input = std::mem::take(&mut pending[i]);
+            let room = MAX_STREAM_BYTES.saturating_sub(taken[i]);
+            if input.len() > room {
+                input.truncate(room);
+                capped[i] = true;
+            }
+            taken[i] += input.len();
+            let mut data = streams[i].push(&input);
             if !open {
                 let done = std::mem::replace(&mut streams[i], StreamRedactor::new(redactor));
-                data.push_str(&done.finish());
+                if capped[i] {
+                    drop(done); // the cut line: never released
+                    data.push_str(TRUNCATION_MARKER);
+                } else {
+                    data.push_str(&done.finish());
+                }
             }
             if !data.is_empty() {
                 seq += 1;
@@ -194,15 +211,14 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: ExecArgs) -> HandlerResult {
     if o.interrupted {
         return Err(JobError::Interrupted);
     }
+    let (stdout, stdout_cut) = text(&o.stdout, o.stdout_truncated);
+    let (stderr, stderr_cut) = text(&o.stderr, o.stderr_truncated);
     Ok(json!({
         "outcome": if o.timed_out { "timeout" } else { "exited" },
         "exit_code": o.exit_code,
-        "stdout": text(&o.stdout, o.stdout_truncated),
-        "stderr": text(&o.stderr, o.stderr_truncated),
-        "truncated": {
-            "stdout": o.stdout_truncated || o.stdout.len() > MAX_STREAM_BYTES,
-            "stderr": o.stderr_truncated || o.stderr.len() > MAX_STREAM_BYTES,
-        },
+        "stdout": stdout,
+        "stderr": stderr,
+        "truncated": { "stdout": stdout_cut, "stderr": stderr_cut },
         "duration_ms": duration_ms,
     }))
 }

@@ -124,8 +124,19 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
         Ok(a) => a,
         Err(e) => return failed(d, ctx, ws, row.org, e).await,
     };
-    // The secrets and the agent's assigned URL land together, before the agent can exist.
+    // The secrets and the agent's assigned URL land together, before the agent can exist
+    // — and only while the workspace is still being provisioned: a delete that came
+    // meanwhile revoked its tokens, and none may be minted after it (the row lock orders
+    // the two).
     let mut tx = d.db.begin().await.map_err(db_err)?;
+    let status: Option<WorkspaceStatus> = sqlx::query_scalar("SELECT status FROM workspaces WHERE id = $1 FOR UPDATE")
+        .bind(ws.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    if status != Some(WorkspaceStatus::Provisioning) {
+        return Ok(json!({ "skipped": format!("workspace is {}", status.map(|s| s.as_str()).unwrap_or("gone")) }));
+    }
     let secrets = mint_workspace_secrets(&mut tx, ws).await.map_err(db_err)?;
     sqlx::query("UPDATE workspaces SET assigned_url = $2 WHERE id = $1")
         .bind(ws.0)

@@ -78,10 +78,14 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
         sqlx::query_as(ROW).bind(ws).bind(p.org.0).fetch_optional(&st.db).await?.ok_or(ApiError::NotFound("workspace"))?;
     // payload → stored row (external workspaces are created with poll) → push.
     let mode = body.delivery_mode.unwrap_or(before.delivery_mode);
-    let url = body.url.clone().or(before.url.clone());
+    // Push delivers to the URL given now, else the stored one; poll keeps a URL given now
+    // (checked: it is used the moment the workspace switches to push) and never fails on
+    // an old stored one it does not use.
+    let url = match mode {
+        DeliveryMode::Push => body.url.clone().or(before.url.clone()),
+        DeliveryMode::Poll => body.url.clone(),
+    };
     let trusted = |assigned: &Option<String>| url.is_some() && assigned.as_deref() == url.as_deref();
-    // A URL is checked whatever the mode: a poll-mode workspace's stored URL is used the
-    // moment it switches to push.
     let checked = match url.as_deref() {
         Some(u) if !trusted(&before.assigned_url) => Some(ssrf::check(u, st.auth.allow_loopback_agents).await),
         _ => None,
@@ -105,14 +109,19 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("workspace"))?;
-    // Trusted as the platform-assigned URL a moment ago, but re-provisioned since: the
-    // agent registers again with its new URL.
-    if url.is_some() && checked.is_none() && !trusted(&row.assigned_url) {
+    // What was judged above must still be what the row holds: trusted as the
+    // platform-assigned URL a moment ago but re-provisioned since, or a stored URL another
+    // registration replaced meanwhile — the agent registers again.
+    let stale_trust = url.is_some() && checked.is_none() && !trusted(&row.assigned_url);
+    let stale_url = body.url.is_none() && mode == DeliveryMode::Push && row.url != before.url;
+    if stale_trust || stale_url {
         return Err(ApiError::Conflict {
-            code: "reprovisioned",
-            detail: "the workspace was started again meanwhile; its agent registers with its new URL".into(),
+            code: "registration_changed",
+            detail: "the workspace was started or registered again meanwhile; register again".into(),
         });
     }
+    // A poll-mode registration without a URL keeps the stored one (unchecked, unused).
+    let url = url.or(row.url.clone());
     // Lazy heal: a workspace without an inbound secret gets one now.
     let secret = match row.platform_inbound_secret {
         Some(s) => s,

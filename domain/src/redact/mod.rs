@@ -22,14 +22,17 @@ pub struct Redactor {
 }
 
 /// Values a secret-named key may have that are not secrets: references to other config
-/// (`${DB_PASSWORD}`, `$TOKEN`), placeholders, booleans, numbers (`max_tokens: 4096`).
+/// (`${DB_PASSWORD}`, `$TOKEN` — a whole reference, not `$uperS3cret`), placeholders,
+/// booleans, short numbers (`max_tokens: 4096`; an 8-digit PIN is a secret).
 fn harmless_value(v: &str) -> bool {
+    static REFERENCE: std::sync::LazyLock<Regex> =
+        std::sync::LazyLock::new(|| Regex::new(r"^\$(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Z_][A-Z0-9_]*)$").expect("reference pattern"));
     let v = v.trim();
     v.is_empty()
         || v == MARK
-        || v.starts_with('$')
+        || REFERENCE.is_match(v)
         || v.starts_with('<') && v.ends_with('>')
-        || v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || (v.len() < 6 && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
         || ["true", "false", "null", "none", "nil", "undefined", "required", "optional", "***", "xxx"].contains(&v.to_ascii_lowercase().as_str())
 }
 
@@ -69,6 +72,11 @@ impl Redactor {
             rest = after;
         }
         Cow::Owned(out)
+    }
+
+    /// Where rules match in `text` (whole matches, names included), in no order.
+    pub fn spans(&self, text: &str) -> Vec<(usize, usize)> {
+        self.set.matches(text).iter().flat_map(|i| self.rules[i].0.find_iter(text).map(|m| (m.start(), m.end()))).collect()
     }
 
     fn redact_segment<'a>(&self, text: &'a str) -> Cow<'a, str> {
@@ -150,23 +158,42 @@ impl<'r> StreamRedactor<'r> {
     /// Takes a chunk; returns the redacted text that may leave now (possibly empty).
     pub fn push(&mut self, chunk: &[u8]) -> String {
         self.held.extend_from_slice(chunk);
-        let mut cut = self.held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        let last_line_end = self.held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        let mut cut = last_line_end;
         if let Some(open) = open_private_key(&self.held) {
-            cut = cut.min(open);
+            // Held until its END line — unless that never comes (a stray BEGIN line): past
+            // the hold, its lines leave (redacted as a key cut short).
+            if self.held.len() <= STREAM_HOLD {
+                cut = cut.min(open);
+            }
         }
         if cut == 0 && self.held.len() > STREAM_HOLD {
-            // A very long line: out at a space (never inside a token), else where it is.
-            let limit = self.held.len() - STREAM_HOLD / 2;
-            cut = self.held[..limit].iter().rposition(|b| *b == b' ' || *b == b'\t').map(|p| p + 1).unwrap_or(limit);
-            while cut < self.held.len() && (self.held[cut] & 0b1100_0000) == 0b1000_0000 {
-                cut += 1; // not inside a UTF-8 sequence
-            }
+            return self.release_long_line();
         }
         if cut == 0 {
             return String::new();
         }
         let out: Vec<u8> = self.held.drain(..cut).collect();
         self.text(&out)
+    }
+
+    /// A line longer than the hold: release all but its last half-hold, cut where no
+    /// match of any rule straddles the cut — the kept half is longer than any secret, so
+    /// one that starts before the cut is whole in the buffer and seen.
+    fn release_long_line(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.held).replace('\0', "\u{FFFD}");
+        let mut cut = text.len() - STREAM_HOLD / 2;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        for (start, end) in self.redactor.spans(&text) {
+            if start < cut && cut < end {
+                cut = start;
+            }
+        }
+        let out = self.redactor.redact(&text[..cut]).into_owned();
+        self.held = text.as_bytes()[cut..].to_vec();
+        out
     }
 
     /// The rest, at the stream's end (a key cut off before its END is still redacted).

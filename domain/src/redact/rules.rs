@@ -33,7 +33,10 @@ const fn value(family: &'static str, pattern: &'static str) -> Rule {
 
 /// Names of keys whose values are secrets (with any prefix or suffix: `DB_PASSWORD`,
 /// `aws_secret_access_key`, `slackBotToken`, `x-api-key` …).
-const SECRET_KEY: &str = r"[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|encryption[_\-.]?key|master[_\-.]?key|session[_\-.]?key|credentials?|auth[_\-.]?key|connection[_\-.]?string|sas)(?i:s)?";
+///
+/// Not `pwd` (the shell's working directory, in every `env`) nor `sas` (Arkansas): SAS
+/// tokens are caught by their `sig=`.
+const SECRET_KEY: &str = r"[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|encryption[_\-.]?key|master[_\-.]?key|session[_\-.]?key|credentials?|auth[_\-.]?key|connection[_\-.]?string)(?i:s)?";
 
 pub fn all() -> Vec<Rule> {
     vec![
@@ -42,7 +45,13 @@ pub fn all() -> Vec<Rule> {
         // first: the alternation takes the first branch that lets the whole match end).
         whole(
             "private_key",
-            r"-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----(?:(?:\r?\n|\\r?\\n)(?:[A-Za-z][A-Za-z0-9-]*: [^\r\n]*|[A-Za-z0-9+/=]*))*(?:(?:\r?\n|\\r?\\n)?-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----)?",
+            r"-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----(?:(?:\r?\n|\\r?\\n)[ \t]*(?:[A-Za-z][A-Za-z0-9-]*: [^\r\n]*|[A-Za-z0-9+/=]*)[ \t]*)*(?:(?:\r?\n|\\r?\\n)?[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----)?",
+        ),
+        // A key whose beginning was cut off (the tail of a log): its body lines up to its
+        // END line.
+        whole(
+            "private_key",
+            r"(?m)(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
         ),
         // --- Provider tokens.
         whole("aws", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[0-9A-Z]{16}\b"),
@@ -86,9 +95,12 @@ pub fn all() -> Vec<Rule> {
             r#"(?i)\b(?:x-api-key|x-auth-token|x-access-token|api-key|x-goog-api-key|ocp-apim-subscription-key|private-token|x-vault-token|x-amz-security-token|x-csrf-token)["']?\s*[:=]\s*["']?(?P<value>[^\s"',;]{4,})"#,
         ),
         // --- Credentials in URLs and DSNs: scheme://user:password@host.
-        value("url_credentials", r"(?i)\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:(?P<value>[^/\s@]+)@"),
+        value("url_credentials", r"(?i)\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:(?P<value>[^\s]+)@[A-Za-z0-9.\-\[\]:]+"),
         // --- Connection strings: Azure storage, Service Bus, ADO.NET.
-        value("connection_string", r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)=(?P<value>[^;\s\x22']+)"),
+        value("connection_string", r"(?i)\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=(?P<value>[^;\s\x22']+)"),
+        // Password/Pwd only inside a connection string (after a `;`): a bare `PWD=/home`
+        // is the shell's working directory.
+        value("connection_string", r"(?i);\s*(?:Password|Pwd)=(?P<value>[^;\x22'\r\n]+)"),
         value("connection_string", r"(?i)[?&]sig=(?P<value>[A-Za-z0-9%+/=]{16,})"),
         // --- Secret-named keys. Quoted values may hold spaces; unquoted ones end at
         // whitespace or punctuation and must look like a secret (6+ characters, not only
@@ -102,7 +114,13 @@ pub fn all() -> Vec<Rule> {
         value("secret_key_quoted", r#"(?i)(?:^|[^A-Za-z0-9])[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|credentials?)\s*[=:]\s*'(?P<value>[^'\r\n]+)'"#),
         value("secret_key_xml", r"(?i)<(?P<tag>[A-Za-z0-9_.\-]*(?:password|passwd|secret|token|api[_\-]?key|private[_\-]?key))>(?P<value>[^<]{1,})</"),
         value("secret_key_flag", r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)(?P<value>[^\s\x22']+)"),
-        value("secret_key", "(?i)(?:^|[^A-Za-z0-9])(?:export\\s+)?SECRET_KEY_PLACEHOLDER\\s*[=:]\\s*(?P<value>[^\\s\"',;&<>{}\\[\\]]{6,})"),
+        value("secret_key_flag", r#"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)"(?P<value>[^"\r\n]+)""#),
+        value("secret_key_flag", r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)'(?P<value>[^'\r\n]+)'"),
+        // A secret-named YAML key at the start of a line: its value is the rest of the
+        // line, spaces included (a trailing comment excepted). `key=value` lines are
+        // logfmt as often as env files, so `=` values end at a space (below).
+        value("secret_key_line", "(?im)^[ \\t]*(?:- )?SECRET_KEY_PLACEHOLDER[ \\t]*:[ \\t]*(?P<value>[^\\s\"'#|>][^\\r\\n#]*?)[ \\t]*(?:#.*)?$"),
+        value("secret_key", "(?i)(?:^|[^A-Za-z0-9])(?:export\\s+)?SECRET_KEY_PLACEHOLDER\\s*[=:]\\s*(?P<value>[^\\s\"';&<>{}\\[\\]]{6,})"),
     ]
 }
 

@@ -30,12 +30,13 @@ SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
     run_at = now(),
     lock_by = NULL,
     lock_at = NULL,
-    last_error = $3,
+    last_error = CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END,
     -- Which worker it was is for operators only (it names a host and a pid).
     last_error_detail = 'worker lost: no heartbeat within the lease from ' || COALESCE(j.lock_by, 'an unknown worker'),
-    last_result = jsonb_build_object('Err', $3::text),
+    last_result = jsonb_build_object('Err', CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END),
     attempt_log = j.attempt_log || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'started_at', j.started_at, 'failed_at', now(), 'error', $3::text))
+        'attempt', j.attempts, 'started_at', j.started_at, 'failed_at', now(),
+        'error', CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END))
 FROM verdict v
 WHERE j.id = v.id
 RETURNING j.job_type, v.outcome IS NULL AS again
@@ -46,7 +47,7 @@ RETURNING j.job_type, v.outcome IS NULL AS again
 /// at once (SKIP LOCKED). Returns how many jobs it took.
 pub async fn rescue_expired_leases(db: &PgPool, lease: Duration, run_once: &[&str]) -> Result<u64, sqlx::Error> {
     let rows: Vec<(String, bool)> =
-        sqlx::query_as(RESCUE).bind(lease.as_millis() as i64).bind(run_once).bind(crate::failures::public("worker_lost")).fetch_all(db).await?;
+        sqlx::query_as(RESCUE).bind(lease.as_millis() as i64).bind(run_once).bind(crate::failures::public("worker_lost")).bind(crate::failures::public("interrupted")).fetch_all(db).await?;
     let mut again: Vec<&str> = rows.iter().filter(|r| r.1).map(|r| r.0.as_str()).collect();
     again.sort_unstable();
     again.dedup();

@@ -465,27 +465,24 @@ async fn record(
     Ok(())
 }
 
-/// A body as an activity row keeps it: every string redacted (X4), at most 64 KiB. With
-/// no redactor nothing of it is kept (fail closed).
+/// A body as an activity row keeps it: redacted as JSON text — so a secret-named key
+/// sees its value (`{"password": "…"}`) — at most 64 KiB. With no redactor nothing of it
+/// is kept (fail closed).
 fn logged(v: &Value, redactor: Option<&molecule_domain::redact::Redactor>) -> Value {
     let Some(r) = redactor else {
         return json!({ "omitted": "no redactor configured" });
     };
-    let v = redact_strings(v, r);
     let text = v.to_string();
-    if text.len() <= MAX_LOGGED_BODY {
-        return v;
+    let redacted = r.redact(&text);
+    if redacted.len() <= MAX_LOGGED_BODY {
+        // A rule that ran to a line's end may have taken a closing quote with it: then
+        // the redacted text is kept as text.
+        if let Ok(v) = serde_json::from_str::<Value>(&redacted) {
+            return v;
+        }
+        return json!({ "redacted_text": redacted });
     }
-    json!({ "truncated": true, "bytes": text.len(), "head": molecule_domain::text::head(&text, MAX_LOGGED_BODY) })
-}
-
-fn redact_strings(v: &Value, r: &molecule_domain::redact::Redactor) -> Value {
-    match v {
-        Value::String(s) => Value::String(r.redact(s).into_owned()),
-        Value::Array(a) => Value::Array(a.iter().map(|x| redact_strings(x, r)).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, x)| (k.clone(), redact_strings(x, r))).collect()),
-        other => other.clone(),
-    }
+    json!({ "truncated": true, "bytes": redacted.len(), "head": molecule_domain::text::head(&redacted, MAX_LOGGED_BODY) })
 }
 
 #[cfg(test)]
@@ -508,10 +505,13 @@ mod tests {
     fn logged_bodies_are_redacted_and_bounded() {
         let r = molecule_domain::redact::Redactor::new();
         let secret = format!("sk-{}", "a".repeat(40));
-        let v = json!({"params": {"message": {"parts": [{"kind": "text", "text": format!("key is {secret}")}]}}});
+        let v = json!({"params": {"message": {"parts": [{"kind": "text", "text": format!("key is {secret}")}]}},
+                       "metadata": {"password": "hunter2hunter2", "Authorization": "Basic dXNlcjpwYXNz"}});
         let out = logged(&v, Some(&r));
         assert!(!out.to_string().contains(&secret));
-        assert!(out.to_string().contains("[REDACTED]"));
+        assert!(!out.to_string().contains("hunter2hunter2"), "a secret-named key's value: {out}");
+        assert!(!out.to_string().contains("dXNlcjpwYXNz"), "{out}");
+        assert_eq!(out["metadata"]["password"], "[REDACTED]", "still JSON: {out}");
         let big = json!({"text": "x".repeat(200 * 1024)});
         let out = logged(&big, Some(&r));
         assert_eq!(out["truncated"], true);
