@@ -21,9 +21,10 @@ fi
 if ! command -v dockerd >/dev/null; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io
 fi
-# `script` (a terminal for the log-format test) and curl (the README's quick start).
-command -v script >/dev/null && command -v curl >/dev/null || {
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bsdutils curl
+# `script` (a terminal for the log-format test), curl (the README's quick start) and an
+# OpenSSH server (every EC2 test instance is a local sshd, NOTES).
+command -v script >/dev/null && command -v curl >/dev/null && [[ -x /usr/sbin/sshd ]] || {
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bsdutils curl openssh-server
 }
 if ! docker info >/dev/null 2>&1; then
     mkdir -p /var/log
@@ -42,6 +43,13 @@ for spec in "v03:a2a-sdk[http-server]>=0.3,<0.4" "v10:a2a-sdk[http-server]>=1.3,
         "$A2A_VENVS/$gen/bin/pip" install -q "${spec#*:}" uvicorn
     fi
 done
+
+# moto's AWS API server (EC2, EC2 Instance Connect) for the EC2 backend's tests.
+MOTO_VENV="$HOME/.cache/molecule-moto"
+if [[ ! -x "$MOTO_VENV/bin/moto_server" ]]; then
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q 'moto[server]>=5,<6'
+fi
 
 # A DATABASE_URL in the environment never reaches the compiler (.cargo/config.toml sets
 # SQLX_OFFLINE): the build runs with one that points nowhere, so a cold build proves it.

@@ -56,7 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}/events", get(workspaces::events))
         .route("/workspaces/{id}/rescue", get(rescue::latest))
         .route("/workspaces/{id}/exec", post(exec::exec))
-        .route("/workspaces/{id}/console", get(rescue::console))
+        .route("/workspaces/{id}/console", get(console::console))
         .route("/workspaces/{id}/tokens", post(tokens::issue))
         .route("/workspaces/{id}/a2a", post(a2a::send).layer(DefaultBodyLimit::max(molecule_domain::a2a::BODY_LIMIT)))
         .route("/workspaces/{id}/a2a/queue/{queue_id}", get(a2a::lookup))

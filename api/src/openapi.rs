@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{a2a, exec, health, jobs, queues, registry, rescue, tokens, workspaces};
+use crate::routes::{a2a, console, exec, health, jobs, queues, registry, rescue, tokens, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,7 +15,7 @@ use crate::routes::{a2a, exec, health, jobs, queues, registry, rescue, tokens, w
         jobs::get, jobs::list, jobs::cancel, jobs::retry, jobs::admin_get,
         queues::queues,
         registry::register, registry::heartbeat,
-        rescue::bootstrap_failed, rescue::latest, rescue::console,
+        rescue::bootstrap_failed, rescue::latest, console::console,
         exec::exec,
         tokens::issue,
         a2a::send, a2a::lookup, a2a::activity,

@@ -227,7 +227,7 @@ impl DockerBackend {
     }
 
     /// A file of a container (running or not), via the archive API. None when absent.
-    async fn read_file(&self, name: &str, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+    async fn read_container_file(&self, name: &str, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let opts = DownloadFromContainerOptionsBuilder::default().path(path).build();
         let mut stream = self.docker.download_from_container(name, Some(opts));
         let mut archive = Vec::new();
@@ -235,8 +235,8 @@ impl DockerBackend {
             match chunk {
                 Ok(b) => {
                     archive.extend_from_slice(&b);
-                    if archive.len() > 4 * crate::MAX_UPSTREAM_BODY + 1024 {
-                        break; // enough for a 64 KiB section; the rest is not kept anyway
+                    if archive.len() > crate::MAX_FILE_READ + 1024 {
+                        break; // the header and as much as is kept
                     }
                 }
                 Err(e) if status_of(&e) == Some(404) => return Ok(None),
@@ -249,7 +249,7 @@ impl DockerBackend {
             let mut entry = entry.map_err(|e| BackendError::engine(500, &e.to_string()))?;
             let mut data = Vec::new();
             use std::io::Read;
-            let _ = (&mut entry).take(crate::MAX_UPSTREAM_BODY as u64 * 4).read_to_end(&mut data);
+            let _ = (&mut entry).take(crate::MAX_FILE_READ as u64).read_to_end(&mut data);
             return Ok(Some(data));
         }
         Ok(None)
@@ -332,7 +332,7 @@ impl Backend for DockerBackend {
         self.write_secrets(&name, &volume, spec).await?;
         self.docker.start_container(&name, None).await.map_err(classify)?;
         tracing::info!(event = "provision.container_started", workspace_id = %ws, org_id = %spec.org_id, container = name);
-        Ok(Started { container_name: name, image_digest: digest })
+        Ok(Started { container_name: name, image_digest: digest, instance_id: None, agent_url: None })
     }
 
     async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError> {
@@ -405,32 +405,11 @@ impl Backend for DockerBackend {
                     LogOutput::StdErr { message } => (OutputStream::Stderr, message),
                     _ => continue,
                 };
-                let (buf, truncated) = match stream {
-                    OutputStream::Stdout => (&mut out.stdout, &mut out.stdout_truncated),
-                    OutputStream::Stderr => (&mut out.stderr, &mut out.stderr_truncated),
-                };
-                let room = cap.saturating_sub(buf.len());
-                let take = bytes.len().min(room);
-                if take < bytes.len() {
-                    *truncated = true;
-                }
-                if take > 0 {
-                    buf.extend_from_slice(&bytes[..take]);
-                    sink(stream, &bytes[..take]);
-                }
+                out.take(stream, &bytes, cap, sink);
             }
             Ok::<(), BackendError>(())
         };
-        let stopped = async {
-            match req.stop.clone() {
-                Some(mut rx) => {
-                    if rx.wait_for(|v| *v).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
+        let stopped = crate::stopped(req.stop.clone());
         enum End {
             Read(Result<(), BackendError>),
             TimedOut,
@@ -457,6 +436,10 @@ impl Backend for DockerBackend {
         Ok(out)
     }
 
+    async fn read_file(&self, ws: WorkspaceId, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.read_container_file(&container_name(ws), path).await
+    }
+
     async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
         let name = container_name(ws);
         let info = match self.docker.inspect_container(&name, None).await {
@@ -468,7 +451,7 @@ impl Backend for DockerBackend {
         for (section, path) in [("config.yaml", "/configs/config.yaml"), ("system-prompt.md", "/configs/system-prompt.md")] {
             let text = match &info {
                 None => "(no container)".to_string(),
-                Some(_) => match self.read_file(&name, path).await {
+                Some(_) => match self.read_container_file(&name, path).await {
                     Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
                     Ok(None) => format!("({path} does not exist)"),
                     // The engine's words stay in the server log: the bundle is a tenant's to read.

@@ -2,19 +2,25 @@
 //! (`molecule-workers`) drive them; the API never links this crate.
 //!
 //! - [`docker`]: containers on a Docker engine (bollard).
+//! - [`ec2`]: EC2 instances (aws-sdk-ec2), reached over EC2 Instance Connect and SSH.
 //! - [`NoBackend`]: fails every call with [`BackendError::NoBackend`] — never panics,
 //!   never pretends.
 //! - [`image`]: image resolution and tag classification (J1).
 
 pub mod docker;
+pub mod ec2;
 pub mod image;
 pub mod isolation;
+pub mod shell;
 
 use molecule_domain::tokens::MintedSecrets;
 use molecule_domain::{OrgId, WorkspaceId};
 
 /// Upstream bodies are read into errors up to this many bytes, never more.
 pub const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+
+/// Most bytes [`Backend::read_file`] returns of a file.
+pub const MAX_FILE_READ: usize = 4 * MAX_UPSTREAM_BODY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -26,13 +32,16 @@ pub enum BackendError {
     ImageNotFound(String),
     #[error("container engine error (status {status}): {message}")]
     Engine { status: u16, message: String },
+    /// The backend has no such thing (a console on Docker).
+    #[error("not supported by the {0} backend")]
+    Unsupported(&'static str),
 }
 
 impl BackendError {
     /// Worth another attempt later (engine hiccups), as opposed to a definite answer.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackendError::NoBackend => false,
+            BackendError::NoBackend | BackendError::Unsupported(_) => false,
             BackendError::ImageNotFound(_) => true, // a registry may come back
             BackendError::EngineUnavailable(_) => true,
             BackendError::Engine { status, .. } => *status >= 500,
@@ -129,6 +138,12 @@ impl StartSpec {
 pub struct Started {
     pub container_name: String,
     pub image_digest: Option<String>,
+    /// The backend's own id of the instance (EC2's `i-…`), stored on the workspace row:
+    /// stop, exec and the console find the instance by it, never by the workspace id.
+    pub instance_id: Option<String>,
+    /// Where the agent will listen, when only the launch tells (EC2's private address):
+    /// recorded as the workspace's `assigned_url`, like [`AgentEndpoint`].
+    pub agent_url: Option<String>,
 }
 
 /// A workspace instance the backend manages (carries the managed label).
@@ -175,6 +190,37 @@ pub struct ExecOutcome {
 /// Called with each chunk of output as it arrives (after the cap is applied).
 pub type ChunkSink<'a> = &'a (dyn Fn(OutputStream, &[u8]) + Send + Sync);
 
+impl ExecOutcome {
+    /// Keeps a chunk of a stream up to the cap (flagging what it drops) and hands what it
+    /// keeps to the sink.
+    pub(crate) fn take(&mut self, stream: OutputStream, bytes: &[u8], cap: usize, sink: ChunkSink<'_>) {
+        let (buf, truncated) = match stream {
+            OutputStream::Stdout => (&mut self.stdout, &mut self.stdout_truncated),
+            OutputStream::Stderr => (&mut self.stderr, &mut self.stderr_truncated),
+        };
+        let take = bytes.len().min(cap.saturating_sub(buf.len()));
+        if take < bytes.len() {
+            *truncated = true;
+        }
+        if take > 0 {
+            buf.extend_from_slice(&bytes[..take]);
+            sink(stream, &bytes[..take]);
+        }
+    }
+}
+
+/// Resolves when `stop` turns true; never without one.
+pub(crate) async fn stopped(stop: Option<tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(mut rx) => {
+            if rx.wait_for(|v| *v).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -194,6 +240,11 @@ pub trait Backend: Send + Sync {
     /// reason to restart. `(false, None)` only when definitely not running.
     async fn is_running(&self, ws: WorkspaceId) -> (bool, Option<BackendError>);
     async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError>;
+    /// Stops what the orphan sweeper listed for `ws` (its row may be gone, and with it the
+    /// instance id a plain [`Backend::stop`] goes by). By default: `stop(ws)`.
+    async fn reap(&self, ws: WorkspaceId, _listed: &[ManagedInstance]) -> Result<(), BackendError> {
+        self.stop(ws).await
+    }
     /// Whether a listed instance (or volume) carries the name this backend gives `ws`'s:
     /// the orphan sweeper acts only on those (it stops and removes by workspace, not by name).
     fn is_named_for(&self, _m: &ManagedInstance, _ws: WorkspaceId, _volume: bool) -> bool {
@@ -206,6 +257,13 @@ pub trait Backend: Send + Sync {
     }
     /// Runs argv in the workspace; on timeout the process is killed.
     async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError>;
+    /// A file of the workspace (its first [`MAX_FILE_READ`] bytes); None when it does not exist.
+    async fn read_file(&self, ws: WorkspaceId, path: &str) -> Result<Option<Vec<u8>>, BackendError>;
+    /// The instance's serial console output as the provider returns it (decoded, not yet
+    /// bounded or redacted). Backends without a console answer `Unsupported`.
+    async fn console_output(&self, _ws: WorkspaceId) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::Unsupported(self.name()))
+    }
     /// The fixed rescue section set (J4), raw (the caller redacts): each section's text,
     /// or a note saying why it could not be read. Works on a stopped instance.
     async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError>;
@@ -242,6 +300,12 @@ impl Backend for NoBackend {
         Err(BackendError::NoBackend)
     }
     async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        Err(BackendError::NoBackend)
+    }
+    async fn console_output(&self, _: WorkspaceId) -> Result<Vec<u8>, BackendError> {
         Err(BackendError::NoBackend)
     }
     async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {

@@ -179,13 +179,15 @@ impl ApiArgs {
 pub struct WorkerArgs {
     /// A pool and its concurrency, e.g. `--pool exec=16 --pool provision=4` (repeatable).
     /// None given: every pool at its default concurrency. Pools: provision, stop, restart,
-    /// rescue_capture, exec, a2a_dispatch, sweep.
+    /// rescue_capture, exec, a2a_dispatch, sweep, console.
     #[arg(long = "pool", env = "MOLECULE_POOLS", value_name = "MOLECULE_POOLS", value_delimiter = ',',
           value_parser = parse_pool)]
     pub pools: Vec<(JobKind, usize)>,
-    /// Workspace backend: docker or none. Unset: docker when a Docker engine answers, else none.
+    /// Workspace backend: docker, ec2 or none. Unset: docker when a Docker engine answers, else none.
     #[arg(long, env = "MOLECULE_BACKEND", value_name = "MOLECULE_BACKEND", value_parser = parse_backend)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub ec2: Ec2Args,
     /// The URL workspaces use to reach the API. Default: http://<LISTEN_ADDR> under
     /// `serve`, http://127.0.0.1:8080 otherwise.
     #[arg(long, env = "PLATFORM_URL", value_name = "PLATFORM_URL")]
@@ -349,7 +351,7 @@ pub struct ServeArgs {
 fn parse_pool(s: &str) -> Result<(JobKind, usize), String> {
     let (name, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected POOL=CONCURRENCY"))?;
     let kind = JobKind::from_queue(name.trim()).ok_or_else(|| {
-        format!("unknown pool {name:?} (pools: provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep)")
+        format!("unknown pool {name:?} (pools: provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep, console)")
     })?;
     let n: usize = n.trim().parse().map_err(|_| format!("{s:?}: concurrency must be a whole number"))?;
     if !(1..=10_000).contains(&n) {
@@ -360,9 +362,117 @@ fn parse_pool(s: &str) -> Result<(JobKind, usize), String> {
 
 fn parse_backend(s: &str) -> Result<String, String> {
     match s {
-        "none" | "docker" => Ok(s.to_string()),
-        "ec2" => Err("ec2: this build has no EC2 backend yet; use docker or none".to_string()),
+        "none" | "docker" | "ec2" => Ok(s.to_string()),
         _ => Err(format!("{s:?}: expected docker, ec2 or none")),
+    }
+}
+
+/// The EC2 backend's settings (SPEC §6); checked together at start when
+/// MOLECULE_BACKEND=ec2. Credentials come from the AWS SDK's default chain
+/// (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, instance role).
+#[derive(Args, Debug, Clone)]
+pub struct Ec2Args {
+    /// EC2: the AWS region (required with MOLECULE_BACKEND=ec2).
+    #[arg(long = "aws-region", env = "AWS_REGION", value_name = "AWS_REGION")]
+    pub region: Option<String>,
+    /// EC2: the AWS API endpoint instead of AWS's own (a local AWS API mock, e.g. moto).
+    #[arg(long = "aws-endpoint-url", env = "AWS_ENDPOINT_URL", value_name = "AWS_ENDPOINT_URL", value_parser = parse_http_url)]
+    pub endpoint_url: Option<String>,
+    /// EC2: the AMI workspaces boot (`ami-…`; required). It needs cloud-init, Docker,
+    /// curl, coreutils and EC2 Instance Connect (Amazon Linux 2023 and Ubuntu have them).
+    #[arg(long = "ec2-ami", env = "MOLECULE_EC2_AMI", value_name = "MOLECULE_EC2_AMI")]
+    pub ami: Option<String>,
+    /// EC2: the instance type of workspaces.
+    #[arg(long = "ec2-instance-type", env = "MOLECULE_EC2_INSTANCE_TYPE", value_name = "MOLECULE_EC2_INSTANCE_TYPE", default_value = "t3.small")]
+    pub instance_type: String,
+    /// EC2: the subnet workspaces launch in (`subnet-…`; unset: the default VPC's).
+    #[arg(long = "ec2-subnet-id", env = "MOLECULE_EC2_SUBNET_ID", value_name = "MOLECULE_EC2_SUBNET_ID")]
+    pub subnet_id: Option<String>,
+    /// EC2: security groups of workspaces, comma-separated (`sg-…`). They must let the
+    /// platform reach SSH (22) and the agent's port.
+    #[arg(long = "ec2-security-group-ids", env = "MOLECULE_EC2_SECURITY_GROUP_IDS", value_name = "MOLECULE_EC2_SECURITY_GROUP_IDS",
+          value_delimiter = ',')]
+    pub security_group_ids: Vec<String>,
+    /// EC2: the OS user EC2 Instance Connect and SSH log in as.
+    #[arg(long = "ec2-ssh-user", env = "MOLECULE_EC2_SSH_USER", value_name = "MOLECULE_EC2_SSH_USER", default_value = "ec2-user")]
+    pub ssh_user: String,
+    /// EC2: `host:port` to SSH to for every instance instead of its private address
+    /// (tests map instances to a local sshd). Unset in production.
+    #[arg(long = "ec2-ssh-address", env = "MOLECULE_EC2_SSH_ADDRESS", value_name = "MOLECULE_EC2_SSH_ADDRESS", value_parser = parse_host_port)]
+    pub ssh_address: Option<String>,
+    /// EC2: where an instance keeps its agent's config and secrets (user-data writes
+    /// them; rescue reads config.yaml and system-prompt.md there).
+    #[arg(long = "ec2-config-dir", env = "MOLECULE_EC2_CONFIG_DIR", value_name = "MOLECULE_EC2_CONFIG_DIR", default_value = "/configs")]
+    pub config_dir: String,
+    /// EC2: the port the agent listens on, on the instance's private address.
+    #[arg(long = "ec2-agent-port", env = "MOLECULE_EC2_AGENT_PORT", value_name = "MOLECULE_EC2_AGENT_PORT", default_value_t = 8000,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub agent_port: u16,
+}
+
+fn parse_http_url(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s).map_err(|e| format!("{s:?}: not a URL ({e})"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("{s:?}: expected an http(s) URL with a host"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{s:?}: expected HOST:PORT with a port from 1 to 65535"));
+    }
+    Ok(s.to_string())
+}
+
+/// `prefix-` followed by hex digits: the shape of an AWS resource id.
+fn aws_id(value: &str, prefix: &str) -> bool {
+    value.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl Ec2Args {
+    /// The backend's configuration, or the first setting that is missing or malformed
+    /// (named by its variable).
+    pub fn config(&self) -> Result<molecule_backends::ec2::Ec2Config, String> {
+        let region = self.region.clone().filter(|r| !r.trim().is_empty()).ok_or("AWS_REGION is required with MOLECULE_BACKEND=ec2")?;
+        if !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return Err(format!("AWS_REGION={region:?}: expected a region name such as us-east-1"));
+        }
+        let ami = self.ami.clone().ok_or("MOLECULE_EC2_AMI is required with MOLECULE_BACKEND=ec2")?;
+        if !aws_id(&ami, "ami-") {
+            return Err(format!("MOLECULE_EC2_AMI={ami:?}: expected an AMI id (ami-…)"));
+        }
+        if self.instance_type.is_empty() || !self.instance_type.contains('.') {
+            return Err(format!("MOLECULE_EC2_INSTANCE_TYPE={:?}: expected an instance type such as t3.small", self.instance_type));
+        }
+        if let Some(subnet) = &self.subnet_id {
+            if !aws_id(subnet, "subnet-") {
+                return Err(format!("MOLECULE_EC2_SUBNET_ID={subnet:?}: expected a subnet id (subnet-…)"));
+            }
+        }
+        let groups: Vec<String> = self.security_group_ids.iter().map(|g| g.trim().to_string()).filter(|g| !g.is_empty()).collect();
+        if let Some(bad) = groups.iter().find(|g| !aws_id(g, "sg-")) {
+            return Err(format!("MOLECULE_EC2_SECURITY_GROUP_IDS: {bad:?} is not a security group id (sg-…)"));
+        }
+        if self.ssh_user.is_empty() || !self.ssh_user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return Err(format!("MOLECULE_EC2_SSH_USER={:?}: expected a user name", self.ssh_user));
+        }
+        if !self.config_dir.starts_with('/') {
+            return Err(format!("MOLECULE_EC2_CONFIG_DIR={:?}: expected an absolute path", self.config_dir));
+        }
+        Ok(molecule_backends::ec2::Ec2Config {
+            region,
+            endpoint_url: self.endpoint_url.clone(),
+            ami,
+            instance_type: self.instance_type.clone(),
+            subnet_id: self.subnet_id.clone(),
+            security_group_ids: groups,
+            ssh_user: self.ssh_user.clone(),
+            ssh_address: self.ssh_address.clone(),
+            config_dir: self.config_dir.clone(),
+            agent_port: self.agent_port,
+        })
     }
 }
 
@@ -465,5 +575,49 @@ mod tests {
         assert!(err.contains("MOLECULE_SWEEP_ORPHANS"), "{err}");
         let err = Cli::try_parse_from(["molecule", "scheduler", "--provision-timeouts", "echo"]).unwrap_err().to_string();
         assert!(err.contains("MOLECULE_PROVISION_TIMEOUTS"), "{err}");
+    }
+
+    fn ec2(args: &[&str]) -> Result<molecule_backends::ec2::Ec2Config, String> {
+        let mut argv = vec!["molecule", "worker", "--backend", "ec2"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Some(Command::Worker(w)) = cli.command else { panic!("worker") };
+        w.ec2.config()
+    }
+
+    #[test]
+    fn ec2_settings_are_checked_together_and_named() {
+        let ok = ec2(&["--aws-region", "eu-west-1", "--ec2-ami", "ami-0abc12", "--ec2-security-group-ids", "sg-01,sg-02",
+            "--ec2-subnet-id", "subnet-0f", "--ec2-ssh-address", "127.0.0.1:2222", "--aws-endpoint-url", "http://127.0.0.1:5000"])
+        .unwrap();
+        assert_eq!((ok.region.as_str(), ok.ami.as_str(), ok.instance_type.as_str()), ("eu-west-1", "ami-0abc12", "t3.small"));
+        assert_eq!(ok.security_group_ids, vec!["sg-01", "sg-02"]);
+        assert_eq!((ok.ssh_user.as_str(), ok.config_dir.as_str(), ok.agent_port), ("ec2-user", "/configs", 8000));
+        for (args, names) in [
+            (vec!["--ec2-ami", "ami-0abc"], "AWS_REGION"),
+            (vec!["--aws-region", "eu-west-1"], "MOLECULE_EC2_AMI"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "image-1"], "MOLECULE_EC2_AMI"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-subnet-id", "vpc-1"], "MOLECULE_EC2_SUBNET_ID"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-security-group-ids", "sg-1,default"], "MOLECULE_EC2_SECURITY_GROUP_IDS"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-user", "root; rm"], "MOLECULE_EC2_SSH_USER"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "configs"], "MOLECULE_EC2_CONFIG_DIR"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-address", "127.0.0.1"], "MOLECULE_EC2_SSH_ADDRESS"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--aws-endpoint-url", "ftp://x"], "AWS_ENDPOINT_URL"),
+        ] {
+            let err = ec2(&args).unwrap_err();
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_documents_every_ec2_variable() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
+        for var in ["MOLECULE_BACKEND", "AWS_REGION", "AWS_ENDPOINT_URL", "MOLECULE_EC2_AMI", "MOLECULE_EC2_INSTANCE_TYPE",
+                    "MOLECULE_EC2_SUBNET_ID", "MOLECULE_EC2_SECURITY_GROUP_IDS", "MOLECULE_EC2_SSH_USER", "MOLECULE_EC2_SSH_ADDRESS",
+                    "MOLECULE_EC2_CONFIG_DIR", "MOLECULE_EC2_AGENT_PORT"] {
+            assert!(help.contains(var), "{var} missing from serve --help");
+        }
     }
 }

@@ -27,8 +27,10 @@ enum StartError {
     Org(OrgError),
     #[error("data directory {0}: {1}")]
     DataDir(&'static str, std::io::Error),
-    #[error("MOLECULE_BACKEND=docker: {0}")]
-    Backend(molecule_backends::BackendError),
+    #[error("MOLECULE_BACKEND={0}: {1}")]
+    Backend(&'static str, molecule_backends::BackendError),
+    #[error("MOLECULE_BACKEND=ec2: {0}")]
+    Ec2Config(String),
     #[error("{0}")]
     AgentClient(String),
 }
@@ -322,7 +324,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
 
     let runtime = match roles.worker {
         Some((db, w)) => {
-            let backend = select_backend(&w).await?;
+            let backend = select_backend(&w, &db).await?;
             tracing::info!(backend = backend.name(), "workspace backend");
             if backend.name() == "none" {
                 tracing::warn!("no workspace backend: provision, stop and restart jobs fail with `no backend configured`");
@@ -395,8 +397,9 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
     result
 }
 
-/// MOLECULE_BACKEND: docker (must answer), none, or unset (docker when an engine answers).
-async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_backends::Backend>, StartError> {
+/// MOLECULE_BACKEND: docker (must answer), ec2 (configured, and its API answers), none,
+/// or unset (docker when an engine answers).
+async fn select_backend(w: &WorkerArgs, db: &sqlx::PgPool) -> Result<std::sync::Arc<dyn molecule_backends::Backend>, StartError> {
     use molecule_backends::docker::{DockerBackend, DockerConfig};
     let cfg = DockerConfig {
         network_mode: w.docker_network.clone(),
@@ -407,7 +410,13 @@ async fn select_backend(w: &WorkerArgs) -> Result<std::sync::Arc<dyn molecule_ba
     };
     match w.backend.as_deref() {
         Some("none") => Ok(std::sync::Arc::new(molecule_backends::NoBackend)),
-        Some(_) => Ok(std::sync::Arc::new(DockerBackend::connect(cfg).await.map_err(StartError::Backend)?)),
+        Some("ec2") => {
+            let cfg = w.ec2.config().map_err(StartError::Ec2Config)?;
+            let store = std::sync::Arc::new(molecule_workers::instances::DbInstances::new(db.clone()));
+            let backend = molecule_backends::ec2::Ec2Backend::connect(cfg, store).await.map_err(|e| StartError::Backend("ec2", e))?;
+            Ok(std::sync::Arc::new(backend))
+        }
+        Some(_) => Ok(std::sync::Arc::new(DockerBackend::connect(cfg).await.map_err(|e| StartError::Backend("docker", e))?)),
         None => match DockerBackend::connect(cfg).await {
             Ok(d) => Ok(std::sync::Arc::new(d)),
             Err(e) => {

@@ -3,6 +3,7 @@
 //! cluster used when no `DATABASE_URL` is given).
 
 pub mod a2a;
+pub mod console;
 pub mod activity;
 pub mod db;
 pub mod embedded_pg;

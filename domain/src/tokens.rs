@@ -188,6 +188,11 @@ impl MintedSecrets {
     pub fn inbound_secret(&self) -> &str {
         &self.inbound_secret
     }
+    /// Fixed secrets for unit tests of what carries them (never minted, never stored).
+    #[cfg(feature = "testing")]
+    pub fn for_tests(token: &str, inbound_secret: &str) -> Self {
+        MintedSecrets { token: token.into(), inbound_secret: inbound_secret.into() }
+    }
 }
 
 impl std::fmt::Debug for MintedSecrets {

@@ -12,6 +12,8 @@ pub enum JobKind {
     Exec,
     A2aDispatch,
     Sweep,
+    /// Fetches an EC2 instance's serial console (A8) into the console cache.
+    Console,
 }
 
 /// How a kind retries: persisted backoff between `base` and `cap`, at most `max_attempts` runs.
@@ -23,7 +25,7 @@ pub struct RetryPolicy {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 7] = [
+    pub const ALL: [JobKind; 8] = [
         Self::Provision,
         Self::Stop,
         Self::Restart,
@@ -31,6 +33,7 @@ impl JobKind {
         Self::Exec,
         Self::A2aDispatch,
         Self::Sweep,
+        Self::Console,
     ];
 
     /// The queue name (apalis' `job_type`).
@@ -43,6 +46,7 @@ impl JobKind {
             Self::Exec => "exec",
             Self::A2aDispatch => "a2a_dispatch",
             Self::Sweep => "sweep",
+            Self::Console => "console",
         }
     }
 
@@ -62,6 +66,8 @@ impl JobKind {
             Self::Exec => RetryPolicy { base: s(1), cap: s(1), max_attempts: 1 },
             Self::A2aDispatch => RetryPolicy { base: s(2), cap: s(120), max_attempts: 8 },
             Self::Sweep => RetryPolicy { base: s(10), cap: s(60), max_attempts: 3 },
+            // Someone is waiting on the page: retry soon, once.
+            Self::Console => RetryPolicy { base: s(2), cap: s(10), max_attempts: 2 },
         }
     }
 
@@ -85,6 +91,7 @@ impl JobKind {
             Self::A2aDispatch => 32,
             // Sweeps of one kind take turns (a lock per sweeper); different kinds run side by side.
             Self::Sweep => 4,
+            Self::Console => 2,
         }
     }
 }

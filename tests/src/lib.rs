@@ -5,6 +5,8 @@
 //! unset, a private embedded cluster started once per test binary and stopped at exit.
 //! Each test gets its own database, migrated, so tests run in parallel.
 
+pub mod aws;
+
 pub use molecule_domain::testing::{admin_url, fresh_db, fresh_db_on, temp_dir, url_for};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -213,7 +213,7 @@ async fn admin_token_gate() {
     assert_eq!(r.status, 200);
     let queues = r.json();
     let names: Vec<&str> = queues.as_array().unwrap().iter().map(|q| q["queue"].as_str().unwrap()).collect();
-    for q in ["provision", "stop", "restart", "rescue_capture", "exec", "a2a_dispatch", "sweep"] {
+    for q in ["provision", "stop", "restart", "rescue_capture", "exec", "a2a_dispatch", "sweep", "console"] {
         assert!(names.contains(&q), "{q} missing from {names:?}");
     }
 }

@@ -132,6 +132,12 @@ impl Backend for OnlyThese {
     async fn exec(&self, ws: WorkspaceId, r: &ExecRequest, s: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
         self.inner.exec(ws, r, s).await
     }
+    async fn read_file(&self, ws: WorkspaceId, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.inner.read_file(ws, path).await
+    }
+    async fn reap(&self, ws: WorkspaceId, listed: &[ManagedInstance]) -> Result<(), BackendError> {
+        self.inner.reap(ws, listed).await
+    }
     async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
         self.inner.rescue_sections(ws).await
     }

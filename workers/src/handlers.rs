@@ -45,6 +45,10 @@ pub fn handler_for(kind: JobKind, deps: &Deps) -> Handler {
             let d = d.clone();
             async move { crate::a2a::dispatch::run(&d, &ctx, a).await }
         }),
+        JobKind::Console => typed_handler(move |ctx, a: crate::console::ConsoleArgs| {
+            let d = d.clone();
+            async move { crate::console::run(&d, &ctx, a).await }
+        }),
     }
 }
 

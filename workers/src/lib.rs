@@ -4,13 +4,17 @@
 //! - [`exec`] (J5): one-shot commands.
 //! - [`a2a`] (J6): A2A message delivery to agents.
 //! - [`rescue`] (J4): forensic bundles of boot failures.
+//! - [`console`] (A8): an instance's serial console into the console cache.
+//! - [`instances`]: the records the EC2 backend reads (instance ids, pinned host keys).
 //! - [`sweeps`]: maintenance fired by the scheduler (S1 provision timeout, S7 retention).
 //! - [`handlers`]: the handler of every kind and the pool specs for a worker process.
 
 pub mod a2a;
+pub mod console;
 pub mod exclusive;
 pub mod exec;
 pub mod handlers;
+pub mod instances;
 pub mod provision;
 pub mod rescue;
 pub mod restart;

@@ -28,7 +28,7 @@ impl StartFailure {
         match e {
             BackendError::ImageNotFound(_) => Self::ImageMissing,
             BackendError::EngineUnavailable(_) => Self::EngineUnavailable,
-            BackendError::Engine { .. } => Self::EngineRefused,
+            BackendError::Engine { .. } | BackendError::Unsupported(_) => Self::EngineRefused,
             BackendError::NoBackend => Self::NoBackend,
         }
     }
@@ -45,8 +45,8 @@ impl StartFailure {
     pub fn reason(self) -> &'static str {
         match self {
             Self::ImageMissing => "its runtime image is not available on this platform",
-            Self::EngineUnavailable => "the platform's container engine did not answer",
-            Self::EngineRefused => "the platform's container engine refused to start it",
+            Self::EngineUnavailable => "the platform's workspace backend (container engine or cloud API) did not answer",
+            Self::EngineRefused => "the platform's workspace backend (container engine or cloud API) refused to start it",
             Self::NoBackend => "this platform has no workspace backend configured",
         }
     }
@@ -153,14 +153,19 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
             let mut tx = d.db.begin().await.map_err(db_err)?;
             // A hint from an earlier failed attempt no longer applies (unless the agent was
             // quicker than this write and the row already moved on).
+            // The instance id is what stop, exec and the console go by (seed 002: never the
+            // workspace id); an address known only from the launch becomes the trusted URL.
             sqlx::query(
-                "UPDATE workspaces SET container_name = $2, runtime_image_digest = $3, \
+                "UPDATE workspaces SET container_name = $2, runtime_image_digest = $3, instance_id = $4, \
+                 assigned_url = COALESCE($5, assigned_url), \
                  last_sample_error = CASE WHEN status = 'provisioning' THEN NULL ELSE last_sample_error END, \
                  updated_at = now() WHERE id = $1",
             )
             .bind(ws.0)
             .bind(&started.container_name)
             .bind(&started.image_digest)
+            .bind(&started.instance_id)
+            .bind(&started.agent_url)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -174,7 +179,7 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
             .await
             .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
-            Ok(json!({ "container": started.container_name }))
+            Ok(json!({ "container": started.container_name, "instance_id": started.instance_id }))
         }
         Err(e) => failed(d, ctx, ws, row.org, e).await,
     }

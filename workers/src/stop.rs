@@ -106,6 +106,9 @@ mod tests {
         async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
             unreachable!("not used")
         }
+        async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
+            unreachable!("not used")
+        }
         async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
             unreachable!("not used")
         }

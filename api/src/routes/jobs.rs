@@ -121,7 +121,7 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
         if JobKind::from_queue(k).is_none() {
             return Err(ApiError::bad(
                 "invalid_query",
-                "kind must be one of provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep",
+                "kind must be one of provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep, console",
             ));
         }
     }

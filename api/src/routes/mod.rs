@@ -1,4 +1,5 @@
 pub mod a2a;
+pub mod console;
 pub mod exec;
 pub mod health;
 pub mod jobs;

@@ -133,33 +133,3 @@ pub async fn latest(State(st): State<AppState>, p: Principal, Path(id): Path<Str
     Ok(Json(RescueBundle { id: bundle_id, workspace_id: id.0, trigger, captured_at, sections }))
 }
 
-/// A8: the serial console of an EC2 workspace. Docker workspaces have none (their agent
-/// logs are in the rescue bundle), and the EC2 backend is not built yet: 501 either way,
-/// after the same org-scoped lookup as every workspace route.
-#[utoipa::path(get, path = "/workspaces/{id}/console", tag = "workspaces", security(("bearer" = [])),
-    params(("id" = uuid::Uuid, Path, description = "workspace id")),
-    responses(
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 501, description = "no console for this backend", body = ErrorBody),
-        (status = 503, body = ErrorBody),
-    ))]
-pub async fn console(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<Json<RescueBundle>> {
-    let id = parse_workspace_id(&id)?;
-    if !p.may_see(id) {
-        return Err(ApiError::NotFound("workspace"));
-    }
-    let instance: Option<Option<String>> =
-        sqlx::query_scalar("SELECT instance_id FROM workspaces WHERE id = $1 AND org_id = $2")
-            .bind(id.0)
-            .bind(p.org.0)
-            .fetch_optional(&st.db)
-            .await?;
-    match instance.ok_or(ApiError::NotFound("workspace"))? {
-        None => Err(ApiError::NotImplemented(
-            "console output exists for EC2 workspaces only; this one runs on Docker — its agent logs are in its rescue bundle".into(),
-        )),
-        Some(_) => Err(ApiError::NotImplemented("the EC2 console is not built in this version of the server".into())),
-    }
-}

@@ -27,6 +27,8 @@ pub struct Workspace {
     pub status: WorkspaceStatus,
     pub delivery_mode: DeliveryMode,
     pub url: Option<String>,
+    /// The backend's id of the workspace's instance: EC2's `i-…` (none on Docker).
+    pub instance_id: Option<String>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub last_sample_error: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -43,7 +45,7 @@ pub enum DeliveryMode {
 
 macro_rules! ws_cols {
     () => {
-        "id, org_id, parent_id, name, runtime, tier, status, delivery_mode, url, \
+        "id, org_id, parent_id, name, runtime, tier, status, delivery_mode, url, instance_id, \
          last_heartbeat_at, last_sample_error, created_at, updated_at"
     };
 }

@@ -54,7 +54,8 @@ pub fn workspace_id(label: &str) -> Option<WorkspaceId> {
 /// What the backend holds for one workspace.
 #[derive(Default)]
 struct Held {
-    instance: bool,
+    /// The workspace's listed instances (the backend reaps by them: the row may be gone).
+    instances: Vec<ManagedInstance>,
     volume_created: Option<Option<DateTime<Utc>>>,
 }
 
@@ -79,7 +80,7 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
         if volume {
             h.volume_created = Some(m.created_at);
         } else {
-            h.instance = true;
+            h.instances.push(m.clone());
         }
     };
     for m in &listed {
@@ -120,12 +121,12 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
             Some((status, true)) if status == "failed" => ("failed_past_grace", true),
             Some(_) => continue,
         };
-        if !h.instance && (!remove_volume || h.volume_created.is_none()) {
+        if h.instances.is_empty() && (!remove_volume || h.volume_created.is_none()) {
             continue; // nothing to do for it now
         }
         acted += 1;
         let ws = WorkspaceId(id);
-        match d.backend.stop(ws).await {
+        match d.backend.reap(ws, &h.instances).await {
             Err(e) => {
                 tracing::warn!(event = "sweep.orphans", workspace_id = %ws, reason = why, error = %e, "stop failed; volume kept");
                 report.stop_failed.push(ws.to_string());

@@ -1,0 +1,106 @@
+//! The instance's user-data: a shell script cloud-init runs once, as root, at first boot.
+//! It carries what the agent needs to register (A12): the platform URL, the workspace id
+//! and the workspace's token (minted by the one shared function, J1), plus the inbound
+//! secret; it writes them where the agent reads them and starts the runtime image.
+//!
+//! The script holds secrets: the platform never logs it, and only EC2 (DescribeInstance
+//! Attribute, the instance's metadata service) gives it back — to whoever may read the
+//! account's instances anyway. Every value is quoted ([`crate::shell::quote`]).
+
+use crate::shell::quote;
+use crate::StartSpec;
+
+/// Where the agent's environment is written on the instance.
+pub const ENV_FILE: &str = "/etc/molecule/workspace.env";
+/// The agent's container on the instance (rescue reads its logs).
+pub const AGENT_CONTAINER: &str = "molecule-agent";
+
+/// The user-data for `spec`: `config_dir` is where the secrets go (mounted into the
+/// agent at /configs), `agent_port` where the agent listens.
+pub fn render(spec: &StartSpec, config_dir: &str, agent_port: u16) -> String {
+    let secrets = spec.secrets();
+    let mut env: Vec<String> = spec
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "AGENT_PORT" && k != "AGENT_URL")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    env.push(format!("AGENT_PORT={agent_port}"));
+    env.push("CONFIG_DIR=/configs".into());
+    let env_lines: String = env.iter().map(|line| format!("    printf '%s\\n' {}\n", quote(line))).collect();
+    format!(
+        r#"#!/bin/sh
+# Molecule workspace {ws}: bootstrap written by the platform. It holds the workspace's
+# token: never print it.
+set -eu
+umask 077
+CONFIG_DIR={config_dir}
+mkdir -p "$CONFIG_DIR"
+chmod 0700 "$CONFIG_DIR"
+printf '%s' {token} > "$CONFIG_DIR/.auth_token"
+printf '%s' {inbound} > "$CONFIG_DIR/.platform_inbound_secret"
+# The URL the agent registers: this instance's private address (IMDSv2), the one the
+# platform recorded for it at launch.
+IMDS=http://169.254.169.254/latest
+IP=$(curl -fsS -m 5 -H "X-aws-ec2-metadata-token: $(curl -fsS -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$IMDS/api/token")" "$IMDS/meta-data/local-ipv4" || true)
+mkdir -p {env_dir}
+{{
+{env_lines}    if [ -n "$IP" ]; then printf 'AGENT_URL=http://%s:%s\n' "$IP" {agent_port}; fi
+}} > {env_file}
+docker rm -f {agent} >/dev/null 2>&1 || true
+docker run -d --name {agent} --restart unless-stopped --network host \
+    --env-file {env_file} -v "$CONFIG_DIR:/configs" {image}
+"#,
+        ws = spec.workspace_id,
+        config_dir = quote(config_dir),
+        token = quote(secrets.token()),
+        inbound = quote(secrets.inbound_secret()),
+        env_dir = quote(ENV_FILE.rsplit_once('/').map(|(d, _)| d).unwrap_or("/etc")),
+        env_file = quote(ENV_FILE),
+        agent = AGENT_CONTAINER,
+        image = quote(&spec.image),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use molecule_domain::tokens::MintedSecrets;
+    use molecule_domain::{OrgId, WorkspaceId};
+
+    fn spec(image: &str) -> StartSpec {
+        StartSpec::new(
+            WorkspaceId::new(),
+            OrgId(uuid::Uuid::new_v4()),
+            None,
+            "echo".into(),
+            image.into(),
+            "http://platform.example:8080".into(),
+            MintedSecrets::for_tests("mol_ws_0123", "inbound-456"),
+        )
+    }
+
+    #[test]
+    fn it_is_valid_sh_and_carries_what_the_agent_needs() {
+        let s = spec("registry.example/echo:1");
+        let script = render(&s, "/configs", 8000);
+        assert!(script.len() < 16 * 1024, "EC2 caps user-data at 16 KiB");
+        let check = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+        assert!(script.contains("printf '%s' mol_ws_0123 > \"$CONFIG_DIR/.auth_token\""), "{script}");
+        assert!(script.contains("printf '%s' inbound-456 > \"$CONFIG_DIR/.platform_inbound_secret\""));
+        assert!(script.contains(&format!("WORKSPACE_ID={}", s.workspace_id)));
+        assert!(script.contains("PLATFORM_URL=http://platform.example:8080"));
+        assert!(script.contains("AGENT_PORT=8000"));
+    }
+
+    #[test]
+    fn a_hostile_value_stays_a_value() {
+        let s = spec("img'; touch /tmp/pwned; echo '");
+        let script = render(&s, "/configs dir$(x)", 8000);
+        let check = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
+        assert!(check.status.success());
+        assert!(script.contains("'img'\\''; touch /tmp/pwned; echo '\\'''"), "{script}");
+        assert!(script.contains("CONFIG_DIR='/configs dir$(x)'"));
+    }
+}
