@@ -73,6 +73,36 @@ impl InstanceStore for MapStore {
     }
 }
 
+/// moto behind the proxy, a local sshd whose authorized_keys receives the pushed keys,
+/// and the backend over them with an in-memory store.
+struct Rig {
+    sshd: Sshd,
+    _moto: Moto,
+    proxy: AwsProxy,
+    store: Arc<MapStore>,
+    backend: Ec2Backend,
+}
+
+impl Rig {
+    async fn start(config_dir: &str) -> Rig {
+        aws_test_env();
+        let sshd = Sshd::start().await;
+        let moto = Moto::start().await;
+        let proxy = AwsProxy::start(&moto.url, Some(sshd.authorized_keys.clone())).await;
+        let store = Arc::new(MapStore::default());
+        let backend = Ec2Backend::connect(ec2_config(&proxy.url, &sshd, config_dir), store.clone()).await.expect("the EC2 API answers");
+        Rig { sshd, _moto: moto, proxy, store, backend }
+    }
+
+    /// Launches an instance for a new workspace and records its id.
+    async fn launch(&self) -> (WorkspaceId, String) {
+        let ws = WorkspaceId::new();
+        let id = self.backend.start(&spec(ws, "img:1")).await.unwrap().instance_id.unwrap();
+        self.store.ids.lock().unwrap().insert(ws, id.clone());
+        (ws, id)
+    }
+}
+
 fn spec(ws: WorkspaceId, image: &str) -> StartSpec {
     StartSpec::new(
         ws,
@@ -145,21 +175,16 @@ async fn the_backend_contract_holds_on_docker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_contract_holds_on_ec2() {
-    aws_test_env();
-    let sshd = Sshd::start().await;
-    let moto = Moto::start().await;
-    let proxy = AwsProxy::start(&moto.url, Some(sshd.authorized_keys.clone())).await;
     let dir = instance_dir("contract");
-    let store = Arc::new(MapStore::default());
-    let backend = Ec2Backend::connect(ec2_config(&proxy.url, &sshd, dir.to_str().unwrap()), store.clone()).await.expect("EC2 API");
+    let rig = Rig::start(dir.to_str().unwrap()).await;
     let record = |ws: WorkspaceId, id: Option<String>| {
         let id = id.expect("an EC2 start returns the instance id");
         assert!(id.starts_with("i-"), "{id}");
-        store.ids.lock().unwrap().insert(ws, id);
+        rig.store.ids.lock().unwrap().insert(ws, id);
     };
-    contract(&backend, &record, "registry.example/echo:1", dir.to_str().unwrap()).await;
+    contract(&rig.backend, &record, "registry.example/echo:1", dir.to_str().unwrap()).await;
     // Every exec and read pushed its own key.
-    let keys: Vec<String> = proxy.calls("SendSSHPublicKey").iter().map(|c| c.params["SSHPublicKey"].clone()).collect();
+    let keys: Vec<String> = rig.proxy.calls("SendSSHPublicKey").iter().map(|c| c.params["SSHPublicKey"].clone()).collect();
     assert_eq!(keys.len(), 5, "three execs and two reads, one session each");
     assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), keys.len(), "a fresh key per session");
     let _ = std::fs::remove_dir_all(dir);
@@ -171,15 +196,9 @@ async fn the_backend_contract_holds_on_ec2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn is_running_says_alive_unless_ec2_says_otherwise() {
-    aws_test_env();
-    let sshd = Sshd::start().await;
-    let moto = Moto::start().await;
-    let proxy = AwsProxy::start(&moto.url, None).await;
-    let store = Arc::new(MapStore::default());
-    let backend = Ec2Backend::connect(ec2_config(&proxy.url, &sshd, "/configs"), store.clone()).await.unwrap();
-    let ws = WorkspaceId::new();
-    let id = backend.start(&spec(ws, "img:1")).await.unwrap().instance_id.unwrap();
-    store.ids.lock().unwrap().insert(ws, id.clone());
+    let rig = Rig::start("/configs").await;
+    let (proxy, store, backend, sshd) = (&rig.proxy, &rig.store, &rig.backend, &rig.sshd);
+    let (ws, id) = rig.launch().await;
     assert_eq!(backend.is_running(ws).await.0, true);
 
     // The SDK tries a call twice: each fault is injected for both attempts.
@@ -199,7 +218,7 @@ async fn is_running_says_alive_unless_ec2_says_otherwise() {
     // No answer at all: an endpoint where nothing listens, and one that hangs up on
     // every request.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let mut cfg = ec2_config(&dead, &sshd, "/configs");
+    let mut cfg = ec2_config(&dead, sshd, "/configs");
     cfg.endpoint_url = Some(dead);
     assert!(matches!(Ec2Backend::connect(cfg.clone(), store.clone()).await, Err(BackendError::EngineUnavailable(_))), "start checks the API");
     let (alive, err) = Ec2Backend::new(cfg, store.clone()).await.is_running(ws).await;
@@ -211,7 +230,7 @@ async fn is_running_says_alive_unless_ec2_says_otherwise() {
             drop(conn);
         }
     });
-    let (alive, err) = Ec2Backend::new(ec2_config(&hangup_url, &sshd, "/configs"), store.clone()).await.is_running(ws).await;
+    let (alive, err) = Ec2Backend::new(ec2_config(&hangup_url, sshd, "/configs"), store.clone()).await.is_running(ws).await;
     assert!(alive && matches!(err, Some(BackendError::EngineUnavailable(_))), "connection closed → (true, err): {err:?}");
 
     // Definite answers.
@@ -230,44 +249,31 @@ async fn is_running_says_alive_unless_ec2_says_otherwise() {
 /// Trust on first use, per instance: a changed host key is refused, with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_host_key_is_refused() {
-    aws_test_env();
-    let mut sshd = Sshd::start().await;
-    let moto = Moto::start().await;
-    let proxy = AwsProxy::start(&moto.url, Some(sshd.authorized_keys.clone())).await;
-    let store = Arc::new(MapStore::default());
-    let backend = Ec2Backend::connect(ec2_config(&proxy.url, &sshd, "/configs"), store.clone()).await.unwrap();
-    let ws = WorkspaceId::new();
-    let id = backend.start(&spec(ws, "img:1")).await.unwrap().instance_id.unwrap();
-    store.ids.lock().unwrap().insert(ws, id.clone());
+    let mut rig = Rig::start("/configs").await;
+    let (ws, id) = rig.launch().await;
+    let (store, backend) = (rig.store.clone(), &rig.backend);
     let sink = |_: molecule_backends::OutputStream, _: &[u8]| {};
     let out = backend.exec(ws, &exec_req(&["true"], Duration::from_secs(10)), &sink).await.unwrap();
     assert_eq!(out.exit_code, Some(0));
     let pinned = store.keys.lock().unwrap().get(&id).cloned().expect("pinned on first use");
     assert!(pinned.starts_with("ssh-ed25519 "), "{pinned}");
 
-    sshd.rotate_host_key().await;
+    rig.sshd.rotate_host_key().await;
+    let backend = &rig.backend;
     let err = backend.exec(ws, &exec_req(&["true"], Duration::from_secs(10)), &sink).await.unwrap_err();
     assert!(err.to_string().contains("host key"), "{err}");
     assert_eq!(store.keys.lock().unwrap().get(&id), Some(&pinned), "the pin stays");
     // Another instance (a new id) pins the new key.
-    let ws2 = WorkspaceId::new();
-    let id2 = backend.start(&spec(ws2, "img:1")).await.unwrap().instance_id.unwrap();
-    store.ids.lock().unwrap().insert(ws2, id2);
+    let (ws2, _) = rig.launch().await;
     assert_eq!(backend.exec(ws2, &exec_req(&["true"], Duration::from_secs(10)), &sink).await.unwrap().exit_code, Some(0));
 }
 
 /// The remote process group is killed on the deadline: a background child included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_exec_leaves_no_process_behind() {
-    aws_test_env();
-    let sshd = Sshd::start().await;
-    let moto = Moto::start().await;
-    let proxy = AwsProxy::start(&moto.url, Some(sshd.authorized_keys.clone())).await;
-    let store = Arc::new(MapStore::default());
-    let backend = Ec2Backend::connect(ec2_config(&proxy.url, &sshd, "/configs"), store.clone()).await.unwrap();
-    let ws = WorkspaceId::new();
-    let id = backend.start(&spec(ws, "img:1")).await.unwrap().instance_id.unwrap();
-    store.ids.lock().unwrap().insert(ws, id);
+    let rig = Rig::start("/configs").await;
+    let (ws, _) = rig.launch().await;
+    let backend = &rig.backend;
     let tag = format!("{}", 300 + fastrand::u32(0..600));
     let sink = |_: molecule_backends::OutputStream, _: &[u8]| {};
     let started = std::time::Instant::now();
