@@ -378,8 +378,9 @@ pub struct Ec2Args {
     /// EC2: the AWS API endpoint instead of AWS's own (a local AWS API mock, e.g. moto).
     #[arg(long = "aws-endpoint-url", env = "AWS_ENDPOINT_URL", value_name = "AWS_ENDPOINT_URL", value_parser = parse_http_url)]
     pub endpoint_url: Option<String>,
-    /// EC2: the AMI workspaces boot (`ami-…`; required). It needs cloud-init, Docker,
-    /// curl, coreutils and EC2 Instance Connect (Amazon Linux 2023 and Ubuntu have them).
+    /// EC2: the AMI workspaces boot (`ami-…`; required): one with cloud-init, Docker
+    /// (enabled at boot), curl, coreutils and EC2 Instance Connect — stock Amazon Linux
+    /// 2023 has all but Docker, so bake it in.
     #[arg(long = "ec2-ami", env = "MOLECULE_EC2_AMI", value_name = "MOLECULE_EC2_AMI")]
     pub ami: Option<String>,
     /// EC2: the instance type of workspaces.
@@ -434,7 +435,7 @@ fn aws_id(value: &str, prefix: &str) -> bool {
 impl Ec2Args {
     /// The backend's configuration, or the first setting that is missing or malformed
     /// (named by its variable).
-    pub fn config(&self) -> Result<molecule_backends::ec2::Ec2Config, String> {
+    pub fn config(&self, limits: molecule_backends::isolation::TierLimits) -> Result<molecule_backends::ec2::Ec2Config, String> {
         let region = self.region.clone().filter(|r| !r.trim().is_empty()).ok_or("AWS_REGION is required with MOLECULE_BACKEND=ec2")?;
         if !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(format!("AWS_REGION={region:?}: expected a region name such as us-east-1"));
@@ -458,8 +459,17 @@ impl Ec2Args {
         if self.ssh_user.is_empty() || !self.ssh_user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
             return Err(format!("MOLECULE_EC2_SSH_USER={:?}: expected a user name", self.ssh_user));
         }
-        if !self.config_dir.starts_with('/') {
-            return Err(format!("MOLECULE_EC2_CONFIG_DIR={:?}: expected an absolute path", self.config_dir));
+        // It is chmod 0700'd and bind-mounted (`-v DIR:/configs`): never `/`, no `:` or `,`.
+        let dir = self.config_dir.trim_end_matches('/');
+        if !self.config_dir.starts_with('/')
+            || dir.is_empty()
+            || dir.split('/').any(|part| part == "..")
+            || dir.chars().any(|c| c == ':' || c == ',' || c.is_control())
+        {
+            return Err(format!(
+                "MOLECULE_EC2_CONFIG_DIR={:?}: expected an absolute directory other than / (no `..`, `:` or `,`)",
+                self.config_dir
+            ));
         }
         Ok(molecule_backends::ec2::Ec2Config {
             region,
@@ -470,8 +480,9 @@ impl Ec2Args {
             security_group_ids: groups,
             ssh_user: self.ssh_user.clone(),
             ssh_address: self.ssh_address.clone(),
-            config_dir: self.config_dir.clone(),
+            config_dir: dir.to_string(),
             agent_port: self.agent_port,
+            limits,
         })
     }
 }
@@ -582,7 +593,7 @@ mod tests {
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         let Some(Command::Worker(w)) = cli.command else { panic!("worker") };
-        w.ec2.config()
+        w.ec2.config(Default::default())
     }
 
     #[test]
@@ -601,6 +612,9 @@ mod tests {
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-security-group-ids", "sg-1,default"], "MOLECULE_EC2_SECURITY_GROUP_IDS"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-user", "root; rm"], "MOLECULE_EC2_SSH_USER"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "configs"], "MOLECULE_EC2_CONFIG_DIR"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/"], "MOLECULE_EC2_CONFIG_DIR"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/srv/a:b"], "MOLECULE_EC2_CONFIG_DIR"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/srv/../etc"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-address", "127.0.0.1"], "MOLECULE_EC2_SSH_ADDRESS"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--aws-endpoint-url", "ftp://x"], "AWS_ENDPOINT_URL"),
         ] {

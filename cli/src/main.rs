@@ -411,7 +411,7 @@ async fn select_backend(w: &WorkerArgs, db: &sqlx::PgPool) -> Result<std::sync::
     match w.backend.as_deref() {
         Some("none") => Ok(std::sync::Arc::new(molecule_backends::NoBackend)),
         Some("ec2") => {
-            let cfg = w.ec2.config().map_err(StartError::Ec2Config)?;
+            let cfg = w.ec2.config(w.tier_limits.clone()).map_err(StartError::Ec2Config)?;
             let store = std::sync::Arc::new(molecule_workers::instances::DbInstances::new(db.clone()));
             let backend = molecule_backends::ec2::Ec2Backend::connect(cfg, store).await.map_err(|e| StartError::Backend("ec2", e))?;
             Ok(std::sync::Arc::new(backend))

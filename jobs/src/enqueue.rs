@@ -92,20 +92,28 @@ LIMIT 1
 /// Pushes one job on `conn` (pass `&mut *tx` to enqueue inside a transaction).
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, sqlx::Error> {
     let id = JobId::generate();
-    let got: String = sqlx::query_scalar(INSERT_ONE)
-        .bind(id.as_str())
-        .bind(&job.queue)
-        .bind(&job.payload)
-        .bind(job.max_attempts)
-        .bind(job.run_at)
-        .bind(job.priority)
-        .bind(&job.idempotency_key)
-        .bind(job.org_id.map(|o| o.0))
-        .bind(job.workspace_id.map(|w| w.0))
-        .bind(job.expires_at)
-        .fetch_one(conn)
-        .await?;
-    Ok(JobId::from_db(got))
+    // Twice at most: when a racing enqueue of the same key commits after this statement's
+    // snapshot, DO NOTHING skips the insert and the SELECT cannot see the winner yet; the
+    // next statement (a new snapshot, even inside a transaction at READ COMMITTED) does.
+    for _ in 0..2 {
+        let got: Option<String> = sqlx::query_scalar(INSERT_ONE)
+            .bind(id.as_str())
+            .bind(&job.queue)
+            .bind(&job.payload)
+            .bind(job.max_attempts)
+            .bind(job.run_at)
+            .bind(job.priority)
+            .bind(&job.idempotency_key)
+            .bind(job.org_id.map(|o| o.0))
+            .bind(job.workspace_id.map(|w| w.0))
+            .bind(job.expires_at)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(got) = got {
+            return Ok(JobId::from_db(got));
+        }
+    }
+    Err(sqlx::Error::RowNotFound)
 }
 
 const INSERT_MANY: &str = r#"

@@ -97,11 +97,15 @@ pub enum Fault {
     Garbage,
     /// An AWS error of this status, code and message.
     Error(u16, &'static str, String),
+    /// The call goes through to moto after this long.
+    Delay(Duration),
 }
 
 #[derive(Default)]
 struct ProxyState {
     upstream: String,
+    /// Every request as it arrives (action names), before any fault or answer.
+    arrived: Mutex<Vec<String>>,
     calls: Mutex<Vec<Call>>,
     faults: Mutex<HashMap<String, VecDeque<Fault>>>,
     authorized_keys: Option<PathBuf>,
@@ -148,6 +152,11 @@ impl AwsProxy {
         *self.state.console.lock().unwrap() = Some(text);
     }
 
+    /// How many calls of `action` have arrived (answered or not yet).
+    pub fn arrived(&self, action: &str) -> usize {
+        self.state.arrived.lock().unwrap().iter().filter(|a| *a == action).count()
+    }
+
     pub fn calls(&self, action: &str) -> Vec<Call> {
         self.state.calls.lock().unwrap().iter().filter(|c| c.action == action).cloned().collect()
     }
@@ -180,6 +189,7 @@ async fn handle(st: Arc<ProxyState>, method: Method, uri: Uri, headers: HeaderMa
             (params.get("Action").cloned().unwrap_or_default(), params)
         }
     };
+    st.arrived.lock().unwrap().push(action.clone());
     let record = |status: u16| {
         st.calls.lock().unwrap().push(Call { action: action.clone(), params: params.clone(), status });
     };
@@ -197,6 +207,7 @@ async fn handle(st: Arc<ProxyState>, method: Method, uri: Uri, headers: HeaderMa
             record(200);
             return (StatusCode::OK, [("content-type", "text/xml")], "this is { not an EC2 answer").into_response();
         }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         None => {}
     }
     if action == "SendSSHPublicKey" {

@@ -27,6 +27,8 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
 }
 
 impl Proc {
@@ -36,7 +38,7 @@ impl Proc {
         cmd.stdout(Stdio::null()).stderr(f);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         eprintln!("{name}: pid {} (log {})", child.id(), log.display());
-        Proc { child, name: name.to_string() }
+        Proc { child, name: name.to_string(), log }
     }
 
     pub fn pid(&self) -> i32 {

@@ -644,7 +644,11 @@ async fn rescue_read_serves_the_latest_bundle_to_its_org_only() {
     assert_eq!(v["sections"]["agent_logs"].as_str().unwrap().len(), 64 * 1024, "sections are capped at 64 KiB");
     let r = get(&addr, &path, Some(&tb)).await;
     assert_eq!(r.status, 404, "another org sees nothing");
-    // A8: no console on Docker: a clear 501 (after the same org check).
+    // A8: no instance yet: 409; a Docker container (started, no instance id): a clear 501
+    // (after the same org check).
+    let r = get(&addr, &format!("/workspaces/{ws}/console"), Some(&ta)).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "no_instance_yet"), "{}", r.body);
+    sqlx::query("UPDATE workspaces SET container_name = 'ws-x' WHERE id = $1::uuid").bind(&ws).execute(&db).await.unwrap();
     let r = get(&addr, &format!("/workspaces/{ws}/console"), Some(&ta)).await;
     assert_eq!((r.status, r.code().as_str()), (501, "not_implemented"));
     assert!(r.json()["detail"].as_str().unwrap().contains("Docker"));

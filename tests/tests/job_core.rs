@@ -363,3 +363,30 @@ async fn rescue_capture_without_a_redactor_stores_and_ships_nothing() {
     let status: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
     assert_eq!(status, "failed");
 }
+
+/// Enqueues of one idempotency key racing each other all get the one job: the loser of
+/// the insert race reads the winner even when it committed after its statement began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_enqueues_of_one_key_all_get_the_same_job() {
+    let (db, _) = fresh_db().await;
+    for round in 0..30 {
+        let key = format!("race-{round}");
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (db, key) = (db.clone(), key.clone());
+                tokio::spawn(async move {
+                    let job = NewJob::new(JobKind::Console, &json!({"workspace_id": uuid::Uuid::nil()})).idempotency_key(key);
+                    let mut conn = db.acquire().await.unwrap();
+                    molecule_jobs::enqueue::enqueue(&mut conn, &job).await
+                })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap().expect("every racing enqueue gets an id").to_string());
+        }
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
+    assert_eq!(n, 30);
+}

@@ -275,7 +275,7 @@ async fn org_cli_prints_tokens_once_and_no_token_reaches_the_logs() {
     let mut cmd = Command::new(&bin);
     cmd.args(["api"]).env("DATABASE_URL", &url).env("LISTEN_ADDR", &addr).env("RUST_LOG", "debug");
     cmd.stderr(std::fs::File::create(&log).unwrap()).stdout(std::process::Stdio::null());
-    let mut api = Proc { child: cmd.spawn().unwrap(), name: "api".into() };
+    let mut api = Proc { child: cmd.spawn().unwrap(), name: "api".into(), log: log.clone() };
     ready_within(&addr, Duration::from_secs(30)).await;
     let auth = |t: String| {
         let addr = addr.clone();

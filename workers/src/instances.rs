@@ -32,12 +32,21 @@ impl InstanceStore for DbInstances {
         Ok(id.flatten())
     }
 
+    async fn host_key(&self, instance_id: &str) -> Result<Option<String>, BackendError> {
+        sqlx::query_scalar("SELECT host_key FROM ssh_host_keys WHERE instance_id = $1")
+            .bind(instance_id)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(store_err)
+    }
+
     async fn pin_host_key(&self, instance_id: &str, key: &str) -> Result<String, BackendError> {
-        // First writer wins; everyone reads the winner.
+        // First writer wins and everyone reads the winner, in one statement: the no-op
+        // update returns the stored row even when it was committed by a racing first use
+        // after this statement's snapshot (which DO NOTHING + SELECT would not see).
         sqlx::query_scalar(
-            "WITH ins AS (INSERT INTO ssh_host_keys (instance_id, host_key) VALUES ($1, $2) \
-                          ON CONFLICT (instance_id) DO NOTHING RETURNING host_key) \
-             SELECT host_key FROM ins UNION ALL SELECT host_key FROM ssh_host_keys WHERE instance_id = $1 LIMIT 1",
+            "INSERT INTO ssh_host_keys (instance_id, host_key) VALUES ($1, $2) \
+             ON CONFLICT (instance_id) DO UPDATE SET host_key = ssh_host_keys.host_key RETURNING host_key",
         )
         .bind(instance_id)
         .bind(key)
@@ -55,9 +64,32 @@ mod tests {
     async fn the_first_key_seen_is_the_one_kept() {
         let (db, _) = molecule_domain::testing::fresh_db().await;
         let store = DbInstances::new(db);
+        assert_eq!(store.host_key("i-0abc").await.unwrap(), None);
         assert_eq!(store.pin_host_key("i-0abc", "ssh-ed25519 AAAA1").await.unwrap(), "ssh-ed25519 AAAA1");
+        assert_eq!(store.host_key("i-0abc").await.unwrap().as_deref(), Some("ssh-ed25519 AAAA1"));
         assert_eq!(store.pin_host_key("i-0abc", "ssh-ed25519 BBBB2").await.unwrap(), "ssh-ed25519 AAAA1");
         assert_eq!(store.pin_host_key("i-0def", "ssh-ed25519 BBBB2").await.unwrap(), "ssh-ed25519 BBBB2");
         assert_eq!(store.instance_id(WorkspaceId::new()).await.unwrap(), None);
+    }
+
+    /// Many first uses at once: all of them read the one key that won.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_first_uses_all_get_the_winner() {
+        let (db, _) = molecule_domain::testing::fresh_db().await;
+        let store = std::sync::Arc::new(DbInstances::new(db));
+        for round in 0..20 {
+            let id = format!("i-race{round}");
+            let tasks: Vec<_> = (0..8)
+                .map(|k| {
+                    let (store, id) = (store.clone(), id.clone());
+                    tokio::spawn(async move { store.pin_host_key(&id, &format!("ssh-ed25519 KEY{k}")).await })
+                })
+                .collect();
+            let mut got = std::collections::HashSet::new();
+            for t in tasks {
+                got.insert(t.await.unwrap().expect("every caller gets the pinned key"));
+            }
+            assert_eq!(got.len(), 1, "{got:?}");
+        }
     }
 }

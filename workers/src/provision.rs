@@ -113,7 +113,13 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
         // At-least-once delivery: a repeat after success, or a workspace removed meanwhile.
         return Ok(json!({ "skipped": format!("workspace is {}", row.status.as_str()) }));
     }
-    start(d, ctx, ws, &row).await
+    // Under the workspace's restart lock: a restart accepted while the workspace is still
+    // provisioning must not launch a second instance beside this one (EC2 has no name
+    // that makes two impossible, as Docker's container name does).
+    match crate::restart::one_at_a_time(&d.db, ws, start(d, ctx, ws, &row)).await? {
+        Some(r) => r,
+        None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
+    }
 }
 
 /// Mints the secrets and starts the instance (shared by provision and restart).
@@ -155,20 +161,28 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
             // quicker than this write and the row already moved on).
             // The instance id is what stop, exec and the console go by (seed 002: never the
             // workspace id); an address known only from the launch becomes the trusted URL.
-            sqlx::query(
+            let status: Option<WorkspaceStatus> = sqlx::query_scalar(
                 "UPDATE workspaces SET container_name = $2, runtime_image_digest = $3, instance_id = $4, \
                  assigned_url = COALESCE($5, assigned_url), \
                  last_sample_error = CASE WHEN status = 'provisioning' THEN NULL ELSE last_sample_error END, \
-                 updated_at = now() WHERE id = $1",
+                 updated_at = now() WHERE id = $1 RETURNING status",
             )
             .bind(ws.0)
             .bind(&started.container_name)
             .bind(&started.image_digest)
             .bind(&started.instance_id)
             .bind(&started.agent_url)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
+            if status == Some(WorkspaceStatus::Removed) {
+                // Deleted while it launched: the delete's stop may have found nothing to
+                // stop yet. The id is recorded now; stop what was just started.
+                tx.commit().await.map_err(db_err)?;
+                tracing::info!(event = "provision.removed_meanwhile", workspace_id = %ws, job_id = %ctx.id);
+                d.backend.stop(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
+                return Ok(json!({ "skipped": "workspace removed while it started; its instance is stopped" }));
+            }
             molecule_domain::events::record(
                 &mut tx,
                 row.org,

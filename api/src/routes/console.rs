@@ -42,6 +42,7 @@ pub struct ConsoleOutput {
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 409, description = "no instance yet", body = ErrorBody),
         (status = 501, description = "no console for this backend (Docker workspaces)", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -50,15 +51,26 @@ pub async fn console(State(st): State<AppState>, p: Principal, Path(id): Path<St
     if !p.may_see(id) {
         return Err(ApiError::NotFound("workspace"));
     }
-    let instance: Option<Option<String>> = sqlx::query_scalar("SELECT instance_id FROM workspaces WHERE id = $1 AND org_id = $2")
-        .bind(id.0)
-        .bind(p.org.0)
-        .fetch_optional(&st.db)
-        .await?;
-    let Some(instance_id) = instance.ok_or(ApiError::NotFound("workspace"))? else {
-        return Err(ApiError::NotImplemented(
-            "console output exists for EC2 workspaces only; this one runs on Docker — its agent logs are in its rescue bundle".into(),
-        ));
+    let row: Option<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT instance_id, container_name FROM workspaces WHERE id = $1 AND org_id = $2")
+            .bind(id.0)
+            .bind(p.org.0)
+            .fetch_optional(&st.db)
+            .await?;
+    let instance_id = match row.ok_or(ApiError::NotFound("workspace"))? {
+        (Some(instance), _) => instance,
+        // Started, and no instance id: a Docker container.
+        (None, Some(_)) => {
+            return Err(ApiError::NotImplemented(
+                "console output exists for EC2 workspaces only; this one runs on Docker — its agent logs are in its rescue bundle".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::Conflict {
+                code: "no_instance_yet",
+                detail: "the workspace has no instance yet (still provisioning, or its launch failed); try again once it has one".into(),
+            });
+        }
     };
     let cached = console::latest(&st.db, id, p.org).await?;
     let fresh = cached.as_ref().is_some_and(|c| {

@@ -76,7 +76,7 @@ pub struct JobsQuery {
     /// pending, scheduled, running, succeeded, failed, dead, expired, cancelled or interrupted.
     #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
-    /// provision, stop, restart, rescue_capture, exec, a2a_dispatch or sweep.
+    /// provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep or console.
     pub kind: Option<String>,
     /// 1–200, default 50.
     #[param(minimum = 1, maximum = 200)]

@@ -36,6 +36,8 @@ pub const ORG_TAG: &str = "molecule.org.id";
 pub trait InstanceStore: Send + Sync {
     /// The `i-…` id recorded for the workspace, if any.
     async fn instance_id(&self, ws: WorkspaceId) -> Result<Option<String>, BackendError>;
+    /// The SSH host key pinned for the instance, if one is.
+    async fn host_key(&self, instance_id: &str) -> Result<Option<String>, BackendError>;
     /// Pins `key` for the instance unless one is pinned already; returns the pinned key.
     async fn pin_host_key(&self, instance_id: &str, key: &str) -> Result<String, BackendError>;
 }
@@ -58,6 +60,8 @@ pub struct Ec2Config {
     pub config_dir: String,
     /// Where the agent listens on the instance.
     pub agent_port: u16,
+    /// Memory, CPU and process limits of the agent's container, by tier (as on Docker).
+    pub limits: crate::isolation::TierLimits,
 }
 
 pub struct Ec2Backend {
@@ -74,8 +78,13 @@ pub fn instance_name(ws: WorkspaceId) -> String {
 /// States in which an instance still exists and costs money.
 const LIVE: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
-/// Longest a rescue read or a file read may take.
+/// Longest a file read may take.
 const READ_DEADLINE: Duration = Duration::from_secs(20);
+/// A rescue capture's time on the instance: inside the capture's 45 s budget (J4).
+const RESCUE_DEADLINE: Duration = Duration::from_secs(35);
+/// Opening its SSH session (EC2 calls included), and each of its commands.
+const SESSION_DEADLINE: Duration = Duration::from_secs(20);
+const COMMAND_DEADLINE: Duration = Duration::from_secs(8);
 
 /// `sh` line that runs `cmd` as root where the SSH user may (`sudo -n`), as itself otherwise:
 /// the config directory is root's (user-data runs as root, umask 077).
@@ -230,16 +239,40 @@ impl Ec2Backend {
     async fn session(&self, ws: WorkspaceId) -> Result<ssh::Session, BackendError> {
         let id = self.recorded(ws).await?;
         let address = self.ssh_address(&id).await?;
+        let trust = match self.store.host_key(&id).await? {
+            Some(pinned) => ssh::Trust::Pinned(pinned),
+            // Not pinned yet: the keys the instance printed at boot, when its console
+            // has them (an unreadable console is no reason to refuse: first use).
+            None => match self.console_of(&id).await {
+                Ok(bytes) => ssh::console_host_keys(&String::from_utf8_lossy(&bytes)).map_or(ssh::Trust::FirstUse, ssh::Trust::Listed),
+                Err(e) => {
+                    tracing::info!(instance_id = id, error = %e, "console unreadable; the host key is trusted on first use");
+                    ssh::Trust::FirstUse
+                }
+            },
+        };
         let target = ssh::Target { instance_id: &id, address: &address, user: &self.cfg.ssh_user };
-        ssh::Session::open(&self.aws.connect, self.store.clone(), &target).await
+        ssh::Session::open(&self.aws.connect, self.store.clone(), &target, trust).await
     }
 
-    async fn read_with(session: &ssh::Session, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
-        let (code, out, err) = session.output(&read_line(path), crate::MAX_FILE_READ, READ_DEADLINE).await?;
+    async fn console_of(&self, instance_id: &str) -> Result<Vec<u8>, BackendError> {
+        let out = match self.aws.ec2.get_console_output().instance_id(instance_id).send().await {
+            Ok(out) => out,
+            Err(e) => return Err(Fault::of(&e).into_backend("GetConsoleOutput")),
+        };
+        let encoded = out.output().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| BackendError::EngineUnavailable("GetConsoleOutput: the output is not base64".into()))
+    }
+
+    async fn read_with(session: &ssh::Session, path: &str, deadline: Duration) -> Result<Option<Vec<u8>>, BackendError> {
+        // The instance's stderr is not kept: unredacted instance text is not for logs.
+        let (code, out, _) = session.output(&read_line(path), crate::MAX_FILE_READ, deadline).await?;
         match code {
             Some(0) => Ok(Some(out)),
             Some(ABSENT) => Ok(None),
-            _ => Err(BackendError::engine(500, &format!("reading {path} failed: {}", String::from_utf8_lossy(&err)))),
+            other => Err(BackendError::engine(500, &format!("reading {path} failed (exit status {other:?})"))),
         }
     }
 }
@@ -256,7 +289,7 @@ impl Backend for Ec2Backend {
         // this is a restart) goes before a new one comes.
         let leftovers: Vec<String> = self.live(Some(ws)).await?.into_iter().map(|m| m.name).collect();
         self.terminate(leftovers).await?;
-        let script = user_data::render(spec, &self.cfg.config_dir, self.cfg.agent_port);
+        let script = user_data::render(spec, &self.cfg.config_dir, self.cfg.agent_port, &self.cfg.limits);
         let tags = Self::tags(spec);
         let mut run = self
             .aws
@@ -291,10 +324,15 @@ impl Backend for Ec2Backend {
     }
 
     async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError> {
-        match self.store.instance_id(ws).await? {
-            Some(id) => self.terminate(vec![id]).await,
-            None => Ok(()), // never launched: nothing to stop
+        // The recorded instance, and any other live one tagged for the workspace: a launch
+        // whose id was not recorded yet (a delete during provisioning) or a stray.
+        let mut ids: Vec<String> = self.store.instance_id(ws).await?.into_iter().collect();
+        for m in self.live(Some(ws)).await? {
+            if !ids.contains(&m.name) {
+                ids.push(m.name);
+            }
         }
+        self.terminate(ids).await // none: never launched, nothing to stop
     }
 
     async fn remove_volume(&self, _ws: WorkspaceId) -> Result<(), BackendError> {
@@ -356,33 +394,33 @@ impl Backend for Ec2Backend {
 
     async fn read_file(&self, ws: WorkspaceId, path: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let session = self.session(ws).await?;
-        let out = Self::read_with(&session, path).await;
+        let out = Self::read_with(&session, path, READ_DEADLINE).await;
         session.close().await;
         out
     }
 
     async fn console_output(&self, ws: WorkspaceId) -> Result<Vec<u8>, BackendError> {
         let id = self.recorded(ws).await?;
-        let out = match self.aws.ec2.get_console_output().instance_id(&id).send().await {
-            Ok(out) => out,
-            Err(e) => return Err(Fault::of(&e).into_backend("GetConsoleOutput")),
-        };
-        let encoded = out.output().unwrap_or_default();
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .map_err(|_| BackendError::EngineUnavailable("GetConsoleOutput: the output is not base64".into()))
+        self.console_of(&id).await
     }
 
     async fn rescue_sections(&self, ws: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
-        let session = match self.session(ws).await {
+        // Inside the capture's 45 s budget (J4), whatever the instance does: what was read
+        // by then is kept, the rest says it ran out of time.
+        let deadline = tokio::time::Instant::now() + RESCUE_DEADLINE;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let opened = tokio::time::timeout(SESSION_DEADLINE, self.session(ws)).await.unwrap_or_else(|_| {
+            Err(BackendError::EngineUnavailable("SSH session not open in time".into()))
+        });
+        let session = match opened {
             Ok(s) => s,
             Err(e) => {
                 // A box that fails to boot may never take SSH: what EC2 kept of its
                 // console (cloud-init prints there) stands in for the log.
                 tracing::warn!(workspace_id = %ws, error = %e, "rescue: the instance could not be reached over SSH");
-                let console = match self.console_output(ws).await {
-                    Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                    Err(_) => "(no console output)".into(),
+                let console = match tokio::time::timeout(left(), self.console_output(ws)).await {
+                    Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    _ => "(no console output)".into(),
                 };
                 let unreachable = "(the instance could not be reached over SSH)".to_string();
                 return Ok(crate::RESCUE_SECTIONS
@@ -394,11 +432,13 @@ impl Backend for Ec2Backend {
         let dir = self.cfg.config_dir.trim_end_matches('/');
         let agent = user_data::AGENT_CONTAINER;
         let mut out = Vec::new();
+        let out_of_time = "(not read: the capture ran out of time)".to_string();
         for (section, file) in [("config.yaml", "config.yaml"), ("system-prompt.md", "system-prompt.md")] {
             let path = format!("{dir}/{file}");
-            let text = match Self::read_with(&session, &path).await {
+            let text = match Self::read_with(&session, &path, left().min(COMMAND_DEADLINE)).await {
                 Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
                 Ok(None) => format!("({path} does not exist)"),
+                Err(_) if left().is_zero() => out_of_time.clone(),
                 Err(e) => {
                     tracing::warn!(workspace_id = %ws, error = %e, path, "rescue: a file could not be read");
                     format!("({path} could not be read)")
@@ -406,14 +446,22 @@ impl Backend for Ec2Backend {
             };
             out.push((section.to_string(), text));
         }
+        // Each under the remote `timeout`: a wedged Docker daemon costs a few seconds, not
+        // the capture.
+        let secs = COMMAND_DEADLINE.as_secs().saturating_sub(2).max(1);
+        let log = "/var/log/cloud-init-output.log";
         let commands = [
-            ("cloud-init-output.log", "tail -n 200 /var/log/cloud-init-output.log".to_string()),
-            ("docker-ps", "docker ps -a".to_string()),
-            ("agent-logs", format!("docker logs --tail 200 {agent} 2>&1")),
-            ("runtime-env", format!("docker inspect --format '{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {agent}")),
+            ("cloud-init-output.log", format!("[ -e {log} ] || exit {ABSENT}; tail -n 200 {log}")),
+            ("docker-ps", format!("timeout {secs} docker ps -a")),
+            ("agent-logs", format!("timeout {secs} docker logs --tail 200 {agent} 2>&1")),
+            ("runtime-env", format!("timeout {secs} docker inspect --format '{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {agent}")),
         ];
         for (section, cmd) in commands {
-            let text = match session.output(&as_root(&cmd), crate::MAX_FILE_READ, READ_DEADLINE).await {
+            if left().is_zero() {
+                out.push((section.to_string(), out_of_time.clone()));
+                continue;
+            }
+            let text = match session.output(&as_root(&cmd), crate::MAX_FILE_READ, left().min(COMMAND_DEADLINE)).await {
                 Ok((Some(0), stdout, _)) => {
                     let t = String::from_utf8_lossy(&stdout).into_owned();
                     if section == "runtime-env" {
@@ -428,11 +476,13 @@ impl Backend for Ec2Backend {
                         t
                     }
                 }
+                Ok((Some(ABSENT), _, _)) => format!("({log} does not exist)"),
                 Ok((code, _, _)) => {
                     // Its stderr stays unread: unredacted instance text is not for logs.
                     tracing::warn!(workspace_id = %ws, section, exit_code = ?code, "rescue: a section's command failed");
                     format!("(could not be read on the instance: exit status {})", code.map(|c| c.to_string()).unwrap_or("unknown".into()))
                 }
+                Err(_) if left().is_zero() => out_of_time.clone(),
                 Err(e) => {
                     tracing::warn!(workspace_id = %ws, section, error = %e, "rescue: a section's command failed");
                     "(could not be read on the instance)".to_string()

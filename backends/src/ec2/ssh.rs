@@ -3,12 +3,13 @@
 //! accepts it for 60 s), then an SSH connection that authenticates with it. No key is
 //! stored anywhere; a leaked one is useless a minute later.
 //!
-//! Host keys: trust on first use, per instance id. The key the instance presents on the
-//! first connection is pinned ([`InstanceStore::pin_host_key`]); every later connection
-//! to that instance must present the same key, or it is refused (a typed error, logged).
-//! An instance id is never reused by EC2, so a pin never outlives its machine. The window
-//! is the first connection: an attacker already inside the VPC path at that moment could
-//! be pinned instead — the same trust `ssh` gives a new host, never "accept anything".
+//! Host keys ([`Trust`]): once a key is pinned for an instance, every connection must
+//! present it, or is refused (a typed error, logged). Before that, a key the instance
+//! printed on its console at first boot (cloud-init's `BEGIN SSH HOST KEY KEYS` block, read
+//! through the authenticated EC2 API) must be among those; with no such block, the first
+//! key is trusted (trust on first use). The key is pinned once the login succeeded
+//! ([`InstanceStore::pin_host_key`]). EC2 never reuses an instance id, so a pin never
+//! outlives its machine. Never "accept anything".
 
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
@@ -37,10 +38,22 @@ pub struct Target<'a> {
     pub user: &'a str,
 }
 
-/// Checks the server's key against the instance's pin, pinning it on first use.
+/// What a connection to an instance may present.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// This key only (pinned at an earlier connection).
+    Pinned(String),
+    /// One of these (printed by the instance at boot), then pinned.
+    Listed(Vec<String>),
+    /// Any key, then pinned: trust on first use.
+    FirstUse,
+}
+
+/// Checks the server's key against what is trusted; remembers it for the pin.
 struct HostKeyCheck {
-    store: Arc<dyn InstanceStore>,
-    instance_id: String,
+    trust: Trust,
+    /// The key presented (`type base64`), for pinning after the login.
+    presented: Arc<std::sync::Mutex<Option<String>>>,
     /// Why a key was refused, for the error (the handler's own error type is russh's).
     refused: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -54,23 +67,33 @@ impl client::Handler for HostKeyCheck {
             // Pinning is by key; a host certificate would need a CA this platform has none of.
             PublicKeyOrCertificate::Certificate(_) => String::new(),
         };
-        if presented.is_empty() {
-            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some("no plain host key presented".into());
+        let refusal = match &self.trust {
+            _ if presented.is_empty() => Some("no plain host key presented"),
+            Trust::Pinned(pinned) if *pinned != presented => Some("the instance's host key changed since it was pinned"),
+            Trust::Listed(keys) if !keys.contains(&presented) => Some("not a key the instance printed at boot"),
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
             return Ok(false);
         }
-        match self.store.pin_host_key(&self.instance_id, &presented).await {
-            Ok(pinned) if pinned == presented => Ok(true),
-            Ok(_) => {
-                tracing::error!(instance_id = self.instance_id, "SSH HOST KEY CHANGED for this instance: connection refused");
-                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some("the instance's host key changed since first use".into());
-                Ok(false)
-            }
-            Err(e) => {
-                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("host key pin unavailable: {e}"));
-                Ok(false)
-            }
-        }
+        *self.presented.lock().unwrap_or_else(|p| p.into_inner()) = Some(presented);
+        Ok(true)
     }
+}
+
+/// The host keys in a console's cloud-init block (`type base64` each); None without one.
+pub fn console_host_keys(console: &str) -> Option<Vec<String>> {
+    let start = console.find("-----BEGIN SSH HOST KEY KEYS-----")?;
+    let body = &console[start..];
+    let end = body.find("-----END SSH HOST KEY KEYS-----")?;
+    let keys: Vec<String> = body[..end]
+        .lines()
+        .skip(1)
+        .map(openssh_key_body)
+        .filter(|k| k.starts_with("ssh-") || k.starts_with("ecdsa-"))
+        .collect();
+    (!keys.is_empty()).then_some(keys)
 }
 
 /// `type base64` of an OpenSSH public key line (the comment dropped).
@@ -105,6 +128,7 @@ impl Session {
         connect: &aws_sdk_ec2instanceconnect::Client,
         store: Arc<dyn InstanceStore>,
         t: &Target<'_>,
+        trust: Trust,
     ) -> Result<Session, BackendError> {
         let key = ephemeral_key()?;
         let public = key.public_key().to_openssh().map_err(|e| ssh_err("key encoding", e))?;
@@ -120,7 +144,9 @@ impl Session {
             return Err(BackendError::engine(502, "SendSSHPublicKey: not accepted"));
         }
         let refused = Arc::new(std::sync::Mutex::new(None));
-        let check = HostKeyCheck { store, instance_id: t.instance_id.to_string(), refused: refused.clone() };
+        let presented = Arc::new(std::sync::Mutex::new(None));
+        let pin_after_login = !matches!(trust, Trust::Pinned(_));
+        let check = HostKeyCheck { trust, presented: presented.clone(), refused: refused.clone() };
         let config = Arc::new(client::Config {
             inactivity_timeout: Some(Duration::from_secs(300)),
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -137,16 +163,37 @@ impl Session {
             Ok(Err(e)) => {
                 let why = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
                 return Err(match why {
-                    Some(why) => BackendError::engine(495, &format!("SSH host key refused: {why}")),
+                    Some(why) => {
+                        tracing::error!(instance_id = t.instance_id, reason = why, "SSH HOST KEY REFUSED: connection closed");
+                        BackendError::engine(495, &format!("SSH host key refused: {why}"))
+                    }
                     None => ssh_err("connect", e),
                 });
             }
             Ok(Ok(v)) => v,
         };
+        let session = Session { handle };
         if !auth.success() {
+            session.close().await;
             return Err(BackendError::engine(401, "SSH: the instance refused the pushed key"));
         }
-        Ok(Session { handle })
+        if pin_after_login {
+            // Pinned only once the login worked; a racing first connection that pinned
+            // another key wins, and this one is refused.
+            let key = presented.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+            match store.pin_host_key(t.instance_id, &key).await {
+                Ok(pinned) if pinned == key => {}
+                Ok(_) => {
+                    session.close().await;
+                    return Err(BackendError::engine(495, "SSH host key refused: another key was pinned for the instance meanwhile"));
+                }
+                Err(e) => {
+                    session.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(session)
     }
 
     /// Runs `argv` (quoted here) with a deadline. The command runs in a process group of
@@ -201,9 +248,17 @@ impl Session {
             _ = crate::stopped(stop) => End::Stopped,
         };
         match end {
-            End::Exited(code) => {
-                out.exit_code = code;
+            End::Exited(Some(code)) => {
+                out.exit_code = Some(code);
                 Ok(out)
+            }
+            End::Exited(None) => {
+                // Closed without an exit status: the command may still run. Kill it if
+                // this session still can, and say the run failed (never a clean exit).
+                if let Some(pgid) = marker.pgid {
+                    self.kill_group(pgid).await;
+                }
+                Err(ssh_err("exec", "the channel closed before the command reported how it ended"))
             }
             End::TimedOut | End::Stopped => {
                 out.timed_out = matches!(end, End::TimedOut);
@@ -221,7 +276,9 @@ impl Session {
         let kill = async {
             let mut ch = self.handle.channel_open_session().await?;
             // No `--`: dash's kill refuses it, and every shell reads `-KILL -N` as a group.
-            ch.exec(true, format!("kill -KILL -{pgid}")).await?;
+            // As root where the user may (`sudo -n`): a command may have started sudo'd
+            // children the user's own kill cannot reach.
+            ch.exec(true, super::as_root(&format!("kill -KILL -{pgid}"))).await?;
             while ch.wait().await.is_some() {}
             Ok::<(), russh::Error>(())
         };
@@ -346,6 +403,16 @@ mod tests {
     fn a_pinned_key_is_compared_without_its_comment() {
         assert_eq!(openssh_key_body("ssh-ed25519 AAAAC3Nz root@host"), "ssh-ed25519 AAAAC3Nz");
         assert_eq!(openssh_key_body("ssh-ed25519 AAAAC3Nz"), "ssh-ed25519 AAAAC3Nz");
+    }
+
+    #[test]
+    fn the_boot_keys_are_read_from_the_console() {
+        let console = "cloud-init: ok\n-----BEGIN SSH HOST KEY KEYS-----\necdsa-sha2-nistp256 AAAAE2Vj root@ip-10-0-0-1\n\
+                       ssh-ed25519 AAAAC3Nz root@ip-10-0-0-1\n-----END SSH HOST KEY KEYS-----\nlogin:";
+        assert_eq!(console_host_keys(console), Some(vec!["ecdsa-sha2-nistp256 AAAAE2Vj".to_string(), "ssh-ed25519 AAAAC3Nz".to_string()]));
+        assert_eq!(console_host_keys("no block here"), None);
+        assert_eq!(console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\ngarbage\n"), None, "an unterminated block lists nothing");
+        assert_eq!(console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\n-----END SSH HOST KEY KEYS-----"), None);
     }
 
     #[test]

@@ -16,9 +16,30 @@ pub const ENV_FILE: &str = "/etc/molecule/workspace.env";
 pub const AGENT_CONTAINER: &str = "molecule-agent";
 
 /// The user-data for `spec`: `config_dir` is where the secrets go (mounted into the
-/// agent at /configs), `agent_port` where the agent listens.
-pub fn render(spec: &StartSpec, config_dir: &str, agent_port: u16) -> String {
+/// agent at /configs), `agent_port` where the agent listens. The agent's container is
+/// confined as on the Docker backend ([`crate::isolation`]): every capability dropped but
+/// its runtime's few, no-new-privileges, the tier's memory/CPU/process limits, and the
+/// runtime's user (who then owns the config directory).
+pub fn render(spec: &StartSpec, config_dir: &str, agent_port: u16, limits: &crate::isolation::TierLimits) -> String {
     let secrets = spec.secrets();
+    let profile = crate::isolation::profile(&spec.runtime);
+    let l = limits.of(spec.tier);
+    let mut confine = vec![
+        "--cap-drop ALL".to_string(),
+        "--security-opt no-new-privileges:true".to_string(),
+        format!("--memory {m}m --memory-swap {m}m", m = l.memory_mb),
+        format!("--cpus {}", l.cpus),
+        format!("--pids-limit {}", l.pids),
+    ];
+    confine.extend(profile.cap_add.iter().map(|c| format!("--cap-add {c}")));
+    let owner = match profile.user {
+        Some((uid, gid)) => {
+            confine.push(format!("--user {uid}:{gid}"));
+            format!("chown -R {uid}:{gid} \"$CONFIG_DIR\"\n")
+        }
+        None => String::new(),
+    };
+    let confine = confine.join(" ");
     let mut env: Vec<String> = spec
         .env()
         .into_iter()
@@ -39,7 +60,7 @@ mkdir -p "$CONFIG_DIR"
 chmod 0700 "$CONFIG_DIR"
 printf '%s' {token} > "$CONFIG_DIR/.auth_token"
 printf '%s' {inbound} > "$CONFIG_DIR/.platform_inbound_secret"
-# The URL the agent registers: this instance's private address (IMDSv2), the one the
+{owner}# The URL the agent registers: this instance's private address (IMDSv2), the one the
 # platform recorded for it at launch.
 IMDS=http://169.254.169.254/latest
 IP=$(curl -fsS -m 5 -H "X-aws-ec2-metadata-token: $(curl -fsS -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$IMDS/api/token")" "$IMDS/meta-data/local-ipv4" || true)
@@ -48,7 +69,7 @@ mkdir -p {env_dir}
 {env_lines}    if [ -n "$IP" ]; then printf 'AGENT_URL=http://%s:%s\n' "$IP" {agent_port}; fi
 }} > {env_file}
 docker rm -f {agent} >/dev/null 2>&1 || true
-docker run -d --name {agent} --restart unless-stopped --network host \
+docker run -d --name {agent} --restart unless-stopped --network host {confine} \
     --env-file {env_file} -v "$CONFIG_DIR:/configs" {image}
 "#,
         ws = spec.workspace_id,
@@ -59,6 +80,8 @@ docker run -d --name {agent} --restart unless-stopped --network host \
         env_file = quote(ENV_FILE),
         agent = AGENT_CONTAINER,
         image = quote(&spec.image),
+        owner = owner,
+        confine = confine,
     )
 }
 
@@ -83,7 +106,7 @@ mod tests {
     #[test]
     fn it_is_valid_sh_and_carries_what_the_agent_needs() {
         let s = spec("registry.example/echo:1");
-        let script = render(&s, "/configs", 8000);
+        let script = render(&s, "/configs", 8000, &Default::default());
         assert!(script.len() < 16 * 1024, "EC2 caps user-data at 16 KiB");
         let check = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
         assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
@@ -92,12 +115,17 @@ mod tests {
         assert!(script.contains(&format!("WORKSPACE_ID={}", s.workspace_id)));
         assert!(script.contains("PLATFORM_URL=http://platform.example:8080"));
         assert!(script.contains("AGENT_PORT=8000"));
+        // Confined as on Docker: the echo runtime runs as 65532 with no capability, tier
+        // 2's limits by default.
+        assert!(script.contains("--cap-drop ALL --security-opt no-new-privileges:true --memory 512m --memory-swap 512m --cpus 0.5 --pids-limit 256"), "{script}");
+        assert!(script.contains("--user 65532:65532") && script.contains("chown -R 65532:65532 \"$CONFIG_DIR\""));
+        assert!(!script.contains("--cap-add"));
     }
 
     #[test]
     fn a_hostile_value_stays_a_value() {
         let s = spec("img'; touch /tmp/pwned; echo '");
-        let script = render(&s, "/configs dir$(x)", 8000);
+        let script = render(&s, "/configs dir$(x)", 8000, &Default::default());
         let check = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
         assert!(check.status.success());
         assert!(script.contains("'img'\\''; touch /tmp/pwned; echo '\\'''"), "{script}");

@@ -9,6 +9,8 @@
 //!   recreated, seed 002) → stopped at once; its volume is removed only once it is older
 //!   than the grace (a database restored from an older backup has not lost its workspaces'
 //!   configuration on the first sweep);
+//! - an instance of a workspace that stays, other than the one its row records (EC2:
+//!   a launch whose record another overwrote), once [`STRAY_AGE`] old → reaped alone;
 //! - only what carries the managed label, under the name the platform gives it, is acted
 //!   on: an unlabelled `ws-…` container is never touched; a workspace id from a label is
 //!   used only when it is a UUID — anything else (SQL wildcards included) never reaches a
@@ -32,6 +34,10 @@ pub const RESCUE_VOLUME_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// Most workspaces reaped per sweep.
 pub const BATCH: usize = 50;
 
+/// A live workspace's instance that is not the one its row records is a stray once it is
+/// this old (younger, its launch may still be about to record it).
+pub const STRAY_AGE: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
     /// Workspaces whose instance was stopped and volume removed.
@@ -40,6 +46,9 @@ pub struct Report {
     pub volume_kept: Vec<String>,
     /// The stop failed: the volume is kept for the next sweep.
     pub stop_failed: Vec<String>,
+    /// Instances of a live workspace other than the one its row records (a launch whose
+    /// record was overwritten), older than [`STRAY_AGE`]: reaped.
+    pub strays: Vec<String>,
     /// Listed things that are not the platform's (a label that is not a workspace id, or a
     /// name that is not the one the platform gives): never acted on.
     pub ignored: usize,
@@ -93,9 +102,10 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
         return Ok(report);
     }
     let ids: Vec<uuid::Uuid> = held.keys().copied().collect();
-    // Per row: its status, and whether it has been in it for longer than the grace.
-    let rows: HashMap<uuid::Uuid, (String, bool)> = sqlx::query_as::<_, (uuid::Uuid, String, bool)>(
-        "SELECT id, status::text, status_changed_at < now() - make_interval(secs => $2) FROM workspaces WHERE id = ANY($1)",
+    // Per row: its status, whether it has been in it for longer than the grace, and the
+    // instance it records (EC2's id; none on Docker).
+    let rows: HashMap<uuid::Uuid, (String, bool, Option<String>)> = sqlx::query_as::<_, (uuid::Uuid, String, bool, Option<String>)>(
+        "SELECT id, status::text, status_changed_at < now() - make_interval(secs => $2), instance_id FROM workspaces WHERE id = ANY($1)",
     )
     .bind(&ids)
     .bind(grace.as_secs_f64())
@@ -103,8 +113,9 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
     .await
     .map_err(super::db)?
     .into_iter()
-    .map(|(id, status, old)| (id, (status, old)))
+    .map(|(id, status, old, instance)| (id, (status, old, instance)))
     .collect();
+    let stray_before = Utc::now() - chrono::Duration::from_std(STRAY_AGE).unwrap_or_default();
     let grace_ago = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
     let mut acted = 0;
     for (id, h) in held {
@@ -117,8 +128,34 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
                 let old_volume = h.volume_created.is_some_and(|c| c.is_none_or(|c| c < grace_ago));
                 ("no_row", old_volume)
             }
-            Some((status, _)) if status == "removed" => ("removed", true),
-            Some((status, true)) if status == "failed" => ("failed_past_grace", true),
+            Some((status, _, _)) if status == "removed" => ("removed", true),
+            Some((status, true, _)) if status == "failed" => ("failed_past_grace", true),
+            Some((_, _, Some(recorded))) => {
+                // A workspace that stays: only instances other than the one its row
+                // records, launched long enough ago that the record had time to land.
+                let strays: Vec<ManagedInstance> = h
+                    .instances
+                    .iter()
+                    .filter(|m| m.name != *recorded && m.created_at.is_some_and(|c| c < stray_before))
+                    .cloned()
+                    .collect();
+                if strays.is_empty() {
+                    continue;
+                }
+                acted += 1;
+                let ws = WorkspaceId(id);
+                match d.backend.reap(ws, &strays).await {
+                    Ok(()) => {
+                        tracing::info!(event = "sweep.orphans", workspace_id = %ws, reason = "stray_instance", count = strays.len(), "reaped");
+                        report.strays.extend(strays.into_iter().map(|m| m.name));
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "sweep.orphans", workspace_id = %ws, reason = "stray_instance", error = %e, "reap failed");
+                        report.stop_failed.push(ws.to_string());
+                    }
+                }
+                continue;
+            }
             Some(_) => continue,
         };
         if h.instances.is_empty() && (!remove_volume || h.volume_created.is_none()) {
@@ -171,5 +208,100 @@ mod tests {
                     "{0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f}", "urn:uuid:0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f"] {
             assert!(workspace_id(bad).is_none(), "{bad:?}");
         }
+    }
+
+    /// Lists what it is given; records what it is asked to reap.
+    struct Listed {
+        instances: Vec<ManagedInstance>,
+        reaped: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl molecule_backends::Backend for Listed {
+        fn name(&self) -> &'static str {
+            "listed"
+        }
+        async fn start(&self, _: &molecule_backends::StartSpec) -> Result<molecule_backends::Started, BackendError> {
+            unreachable!("not used")
+        }
+        async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            unreachable!("the sweep reaps by the listed instances")
+        }
+        async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
+            (true, None)
+        }
+        async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+            Ok(self.instances.clone())
+        }
+        async fn reap(&self, _: WorkspaceId, listed: &[ManagedInstance]) -> Result<(), BackendError> {
+            self.reaped.lock().unwrap().extend(listed.iter().map(|m| m.name.clone()));
+            Ok(())
+        }
+        async fn exec(
+            &self,
+            _: WorkspaceId,
+            _: &molecule_backends::ExecRequest,
+            _: molecule_backends::ChunkSink<'_>,
+        ) -> Result<molecule_backends::ExecOutcome, BackendError> {
+            unreachable!("not used")
+        }
+        async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
+            unreachable!("not used")
+        }
+        async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+            unreachable!("not used")
+        }
+    }
+
+    /// A live workspace's instances other than the recorded one are reaped once they are
+    /// older than STRAY_AGE, alone; the recorded one, young strays, and workspaces with no
+    /// recorded instance (Docker) are left.
+    #[tokio::test]
+    async fn strays_beside_the_recorded_instance_are_reaped() {
+        let (db, _) = molecule_domain::testing::fresh_db().await;
+        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let (online, docker) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for (id, instance) in [(online, Some("i-recorded")), (docker, None)] {
+            sqlx::query("INSERT INTO workspaces (id, org_id, name, runtime, tier, status, instance_id) VALUES ($1, $2, 'w', 'echo', 2, 'online', $3)")
+                .bind(id)
+                .bind(org)
+                .bind(instance)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let at = |name: &str, ws: uuid::Uuid, age_s: i64| ManagedInstance {
+            name: name.into(),
+            workspace_id: Some(ws.to_string()),
+            running: true,
+            created_at: Some(Utc::now() - chrono::Duration::seconds(age_s)),
+        };
+        let old = STRAY_AGE.as_secs() as i64 + 60;
+        let backend = std::sync::Arc::new(Listed {
+            instances: vec![
+                at("i-recorded", online, old),
+                at("i-stray-old", online, old),
+                at("i-stray-young", online, 30),
+                at("ws-docker", docker, old),
+            ],
+            reaped: Default::default(),
+        });
+        let deps = Deps {
+            db,
+            backend: backend.clone(),
+            platform_url: String::new(),
+            registry: String::new(),
+            image_local_override: false,
+            redactor: None,
+            loki_url: None,
+            agents: crate::a2a::AgentClient::new(true).unwrap(),
+        };
+        let report = sweep(&deps, RESCUE_VOLUME_GRACE).await.unwrap();
+        assert_eq!(report.strays, vec!["i-stray-old".to_string()], "{report:?}");
+        assert_eq!(*backend.reaped.lock().unwrap(), vec!["i-stray-old".to_string()]);
+        assert!(report.reaped.is_empty() && report.stop_failed.is_empty());
     }
 }
