@@ -366,16 +366,7 @@ async fn the_orphan_sweep_terminates_removed_workspaces_instances_only() {
         }
         ids.insert(status, (ws, id));
     }
-    let deps = molecule_workers::Deps {
-        db: db.clone(),
-        backend: backend.clone(),
-        platform_url: String::new(),
-        registry: String::new(),
-        image_local_override: false,
-        redactor: None,
-        loki_url: None,
-        agents: molecule_workers::a2a::AgentClient::new(true).unwrap(),
-    };
+    let deps = molecule_workers::Deps::minimal(db.clone(), backend.clone()).unwrap();
     let report = molecule_workers::sweeps::orphans::sweep(&deps, molecule_workers::sweeps::orphans::RESCUE_VOLUME_GRACE).await.unwrap();
     assert!(report.stop_failed.is_empty(), "{report:?}");
     let terminated: Vec<String> = proxy.calls("TerminateInstances").iter().flat_map(|c| c.list("InstanceId")).collect();

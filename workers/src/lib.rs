@@ -43,3 +43,21 @@ pub struct Deps {
     /// Calls agents (J6) under the X5 rules of this process.
     pub agents: a2a::AgentClient,
 }
+
+impl Deps {
+    /// Handlers' dependencies with nothing optional: no registry prefix, no redactor (so no
+    /// rescue capture), no Loki, agents on loopback allowed. For tools and tests that drive
+    /// one handler or sweep directly.
+    pub fn minimal(db: PgPool, backend: Arc<dyn Backend>) -> Result<Deps, String> {
+        Ok(Deps {
+            db,
+            backend,
+            platform_url: String::new(),
+            registry: String::new(),
+            image_local_override: false,
+            redactor: None,
+            loki_url: None,
+            agents: a2a::AgentClient::new(true)?,
+        })
+    }
+}

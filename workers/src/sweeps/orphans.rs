@@ -289,16 +289,7 @@ mod tests {
             ],
             reaped: Default::default(),
         });
-        let deps = Deps {
-            db,
-            backend: backend.clone(),
-            platform_url: String::new(),
-            registry: String::new(),
-            image_local_override: false,
-            redactor: None,
-            loki_url: None,
-            agents: crate::a2a::AgentClient::new(true).unwrap(),
-        };
+        let deps = Deps::minimal(db, backend.clone()).unwrap();
         let report = sweep(&deps, RESCUE_VOLUME_GRACE).await.unwrap();
         assert_eq!(report.strays, vec!["i-stray-old".to_string()], "{report:?}");
         assert_eq!(*backend.reaped.lock().unwrap(), vec!["i-stray-old".to_string()]);
