@@ -229,6 +229,13 @@ pub trait Backend: Send + Sync {
     fn assign_agent_endpoint(&self, _ws: WorkspaceId) -> Result<Option<AgentEndpoint>, BackendError> {
         Ok(None)
     }
+    /// Whether instances are known by an id the backend assigns at launch (EC2's `i-…`),
+    /// recorded on the row: then two launches for one workspace are possible (nothing
+    /// like a container name forbids them), starts must take turns, and an instance other
+    /// than the recorded one is a stray. False: one name per workspace (Docker).
+    fn assigns_instance_ids(&self) -> bool {
+        false
+    }
     /// Starts (or replaces) the workspace's instance, with its secrets written into its
     /// config volume before it starts.
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError>;

@@ -461,13 +461,16 @@ impl Ec2Args {
         }
         // It is chmod 0700'd and bind-mounted (`-v DIR:/configs`): never `/`, no `:` or `,`.
         let dir = self.config_dir.trim_end_matches('/');
+        const SYSTEM: [&str; 18] = ["/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/mnt", "/opt", "/proc", "/root",
+                                    "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"];
         if !self.config_dir.starts_with('/')
             || dir.is_empty()
+            || SYSTEM.contains(&dir)
             || dir.split('/').any(|part| part == "..")
             || dir.chars().any(|c| c == ':' || c == ',' || c.is_control())
         {
             return Err(format!(
-                "MOLECULE_EC2_CONFIG_DIR={:?}: expected an absolute directory other than / (no `..`, `:` or `,`)",
+                "MOLECULE_EC2_CONFIG_DIR={:?}: expected an absolute directory of its own, not / or a system directory (no `..`, `:` or `,`)",
                 self.config_dir
             ));
         }
@@ -613,6 +616,7 @@ mod tests {
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-user", "root; rm"], "MOLECULE_EC2_SSH_USER"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "configs"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/"], "MOLECULE_EC2_CONFIG_DIR"),
+            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/etc/"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/srv/a:b"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/srv/../etc"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-address", "127.0.0.1"], "MOLECULE_EC2_SSH_ADDRESS"),

@@ -327,11 +327,17 @@ async fn a_timed_out_exec_leaves_no_process_behind() {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut req = exec_req(&["sh", "-c", &format!("sleep {tag} & sleep {tag}")], Duration::from_secs(60));
     req.stop = Some(rx);
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pattern = format!("^sleep {tag}$");
+    let stopper = async {
+        eventually(Duration::from_secs(20), "the command to run", || async {
+            let o = Command::new("pgrep").args(["-u", SSH_USER, "-f", &pattern]).output().unwrap();
+            (!o.stdout.is_empty()).then_some(())
+        })
+        .await;
         let _ = stop.send(true);
-    });
-    let out = backend.exec(ws, &req, &sink).await.unwrap();
+    };
+    let (out, ()) = tokio::join!(backend.exec(ws, &req, &sink), stopper);
+    let out = out.unwrap();
     assert!(out.interrupted && !out.timed_out && out.exit_code.is_none(), "{out:?}");
     gone(format!("sleep {tag}")).await;
 }

@@ -72,24 +72,37 @@ mod tests {
         assert_eq!(store.instance_id(WorkspaceId::new()).await.unwrap(), None);
     }
 
-    /// Many first uses at once: all of them read the one key that won.
+    /// A first use racing another's still-open pin waits for it and reads the winner.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn racing_first_uses_all_get_the_winner() {
+    async fn a_racing_first_use_reads_the_winner() {
         let (db, _) = molecule_domain::testing::fresh_db().await;
-        let store = std::sync::Arc::new(DbInstances::new(db));
-        for round in 0..20 {
-            let id = format!("i-race{round}");
-            let tasks: Vec<_> = (0..8)
-                .map(|k| {
-                    let (store, id) = (store.clone(), id.clone());
-                    tokio::spawn(async move { store.pin_host_key(&id, &format!("ssh-ed25519 KEY{k}")).await })
-                })
-                .collect();
-            let mut got = std::collections::HashSet::new();
-            for t in tasks {
-                got.insert(t.await.unwrap().expect("every caller gets the pinned key"));
+        let store = std::sync::Arc::new(DbInstances::new(db.clone()));
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO ssh_host_keys (instance_id, host_key) VALUES ('i-race', 'ssh-ed25519 FIRST')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let second = tokio::spawn({
+            let store = store.clone();
+            async move { store.pin_host_key("i-race", "ssh-ed25519 SECOND").await }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
-            assert_eq!(got.len(), 1, "{got:?}");
-        }
+        })
+        .await
+        .expect("the second pin waits on the first");
+        tx.commit().await.unwrap();
+        assert_eq!(second.await.unwrap().unwrap(), "ssh-ed25519 FIRST");
     }
 }

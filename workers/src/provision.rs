@@ -74,10 +74,15 @@ pub(crate) struct Row {
     pub runtime: String,
     pub tier: i16,
     pub status: WorkspaceStatus,
+    /// A start has been recorded (a container name or an instance id).
+    pub started: bool,
 }
 
 pub(crate) async fn load(d: &Deps, ws: WorkspaceId) -> Result<Option<Row>, JobError> {
-    sqlx::query_as("SELECT org_id, parent_id, runtime, tier, status FROM workspaces WHERE id = $1")
+    sqlx::query_as(
+        "SELECT org_id, parent_id, runtime, tier, status, \
+         (container_name IS NOT NULL OR instance_id IS NOT NULL) AS started FROM workspaces WHERE id = $1",
+    )
         .bind(ws.0)
         .fetch_optional(&d.db)
         .await
@@ -106,6 +111,21 @@ pub async fn resolve_image(d: &Deps, runtime: &str) -> Result<String, JobError> 
 }
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
+    if !d.backend.assigns_instance_ids() {
+        return provision(d, ctx, ws).await;
+    }
+    // Launches take turns with restarts (the workspace's restart lock): a restart accepted
+    // while the workspace is still provisioning must not launch a second instance beside
+    // this one — on EC2 nothing like Docker's container name makes two impossible.
+    match crate::restart::one_at_a_time(&d.db, ws, provision(d, ctx, ws)).await? {
+        Some(r) => r,
+        None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
+    }
+}
+
+/// Starts the workspace once: never again when a start is recorded (a restart did it, or
+/// this job is a repeat of one whose start landed).
+async fn provision(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     let Some(row) = load(d, ws).await? else {
         return Ok(json!({ "skipped": "workspace does not exist" }));
     };
@@ -113,13 +133,10 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
         // At-least-once delivery: a repeat after success, or a workspace removed meanwhile.
         return Ok(json!({ "skipped": format!("workspace is {}", row.status.as_str()) }));
     }
-    // Under the workspace's restart lock: a restart accepted while the workspace is still
-    // provisioning must not launch a second instance beside this one (EC2 has no name
-    // that makes two impossible, as Docker's container name does).
-    match crate::restart::one_at_a_time(&d.db, ws, start(d, ctx, ws, &row)).await? {
-        Some(r) => r,
-        None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
+    if row.started {
+        return Ok(json!({ "skipped": "already started; its agent has yet to register" }));
     }
+    start(d, ctx, ws, &row).await
 }
 
 /// Mints the secrets and starts the instance (shared by provision and restart).
@@ -175,13 +192,20 @@ pub(crate) async fn start(d: &Deps, ctx: &JobContext, ws: WorkspaceId, row: &Row
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
-            if status == Some(WorkspaceStatus::Removed) {
+            if matches!(status, Some(WorkspaceStatus::Removed) | None) {
                 // Deleted while it launched: the delete's stop may have found nothing to
-                // stop yet. The id is recorded now; stop what was just started.
+                // stop yet. The id is recorded now; stop what was just started. A retry
+                // would find the row removed and do nothing: a failure here is left to
+                // the orphan sweep (S2 reaps a removed row's instances), not retried.
                 tx.commit().await.map_err(db_err)?;
                 tracing::info!(event = "provision.removed_meanwhile", workspace_id = %ws, job_id = %ctx.id);
-                d.backend.stop(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
-                return Ok(json!({ "skipped": "workspace removed while it started; its instance is stopped" }));
+                return Ok(match d.backend.stop(ws).await {
+                    Ok(()) => json!({ "skipped": "workspace removed while it started; its instance is stopped" }),
+                    Err(e) => {
+                        tracing::warn!(workspace_id = %ws, job_id = %ctx.id, error = %e, "stopping the instance of a removed workspace failed; the orphan sweep will");
+                        json!({ "skipped": "workspace removed while it started; its instance is left to the orphan sweep" })
+                    }
+                });
             }
             molecule_domain::events::record(
                 &mut tx,

@@ -15,34 +15,42 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
     if !matches!(reason, "delete" | "restart" | "hibernate") {
         return Err(JobError::permanent("invalid_input", format!("unknown stop reason {reason:?}")));
     }
-    if reason == "hibernate" {
-        // Under the workspace's restart lock: a restart (which wakes it) and this stop
-        // never interleave — a restart's new instance has the same name as the old one.
-        return match crate::restart::one_at_a_time(&d.db, ws, hibernate(d, ctx, ws)).await? {
+    // A restart's and a hibernation's stop run under the workspace's restart lock: they
+    // never interleave with a restart or a launch (a restart's new instance may have the
+    // same name as the old one; an EC2 stop lists instances by tag).
+    if reason != "delete" {
+        let work = async {
+            match reason {
+                "hibernate" => hibernate(d, ctx, ws).await,
+                _ => {
+                    d.backend.stop(ws).await.map_err(backend_err)?;
+                    tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed = false);
+                    Ok(json!({ "stopped": true, "volume_removed": false }))
+                }
+            }
+        };
+        return match crate::restart::one_at_a_time(&d.db, ws, work).await? {
             Some(r) => r,
             None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
         };
     }
-    d.backend.stop(ws).await.map_err(|e| match e {
+    d.backend.stop(ws).await.map_err(backend_err)?;
+    d.backend.remove_volume(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
+    // The API wrote `removed` already; this repeats it for a stop enqueued otherwise.
+    sqlx::query("UPDATE workspaces SET status = 'removed', updated_at = now() WHERE id = $1 AND status <> 'removed'")
+        .bind(ws.0)
+        .execute(&d.db)
+        .await
+        .map_err(db_err)?;
+    tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed = true);
+    Ok(json!({ "stopped": true, "volume_removed": true }))
+}
+
+fn backend_err(e: molecule_backends::BackendError) -> JobError {
+    match e {
         molecule_backends::BackendError::NoBackend => JobError::NoBackend,
         other => JobError::retryable("backend", other.to_string()),
-    })?;
-    let mut volume_removed = false;
-    if reason == "delete" {
-        d.backend.remove_volume(ws).await.map_err(|e| JobError::retryable("backend", e.to_string()))?;
-        volume_removed = true;
     }
-    // A delete's row is `removed` already (the API wrote it); a restart's status is the
-    // restart's to set.
-    if reason == "delete" {
-        sqlx::query("UPDATE workspaces SET status = 'removed', updated_at = now() WHERE id = $1 AND status <> 'removed'")
-            .bind(ws.0)
-            .execute(&d.db)
-            .await
-            .map_err(db_err)?;
-    }
-    tracing::info!(event = "stop.done", workspace_id = %ws, job_id = %ctx.id, reason, volume_removed);
-    Ok(json!({ "stopped": true, "volume_removed": volume_removed }))
 }
 
 /// Stops a `hibernating` workspace and marks it `hibernated`; anything else (a restart or
@@ -56,10 +64,7 @@ async fn hibernate(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult
     if status.as_deref() != Some("hibernating") {
         return Ok(json!({ "skipped": format!("no longer hibernating ({})", status.as_deref().unwrap_or("gone")) }));
     }
-    d.backend.stop(ws).await.map_err(|e| match e {
-        molecule_backends::BackendError::NoBackend => JobError::NoBackend,
-        other => JobError::retryable("backend", other.to_string()),
-    })?;
+    d.backend.stop(ws).await.map_err(backend_err)?;
     sqlx::query("UPDATE workspaces SET status = 'hibernated', updated_at = now() WHERE id = $1 AND status = 'hibernating'")
         .bind(ws.0)
         .execute(&d.db)

@@ -283,6 +283,10 @@ impl Backend for Ec2Backend {
         "ec2"
     }
 
+    fn assigns_instance_ids(&self) -> bool {
+        true
+    }
+
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
         let ws = spec.workspace_id;
         // One instance per workspace: an earlier attempt's (its id never recorded, or
@@ -476,7 +480,7 @@ impl Backend for Ec2Backend {
                         t
                     }
                 }
-                Ok((Some(ABSENT), _, _)) => format!("({log} does not exist)"),
+                Ok((Some(ABSENT), _, _)) if section == "cloud-init-output.log" => format!("({log} does not exist)"),
                 Ok((code, _, _)) => {
                     // Its stderr stays unread: unredacted instance text is not for logs.
                     tracing::warn!(workspace_id = %ws, section, exit_code = ?code, "rescue: a section's command failed");

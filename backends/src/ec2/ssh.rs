@@ -29,6 +29,8 @@ const REMOTE_BACKSTOP: Duration = Duration::from_secs(30);
 const PGID_MARKER: &str = "molecule-exec-pgid=";
 /// Stderr held back while looking for the marker (a login shell may print first).
 const MARKER_WINDOW: usize = 4096;
+/// How long a command cut short before its marker arrived may still take to send it.
+const MARKER_WAIT: Duration = Duration::from_secs(3);
 
 /// Where and as whom to connect.
 pub struct Target<'a> {
@@ -263,6 +265,20 @@ impl Session {
             End::TimedOut | End::Stopped => {
                 out.timed_out = matches!(end, End::TimedOut);
                 out.interrupted = matches!(end, End::Stopped);
+                // Cut short before the wrapper named its process group: give it a moment
+                // to (what it prints meanwhile is not kept).
+                let named = async {
+                    while marker.pgid.is_none() {
+                        match channel.wait().await {
+                            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                                marker.push(&data);
+                            }
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(MARKER_WAIT, named).await;
                 match marker.pgid {
                     Some(pgid) => self.kill_group(pgid).await,
                     None => tracing::warn!("the command's process group is unknown; the remote timeout will end it"),
@@ -314,7 +330,8 @@ impl Session {
     }
 
     pub async fn close(self) {
-        let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+        // A peer that stopped answering must not hold the caller.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.handle.disconnect(russh::Disconnect::ByApplication, "", "en")).await;
     }
 }
 

@@ -28,7 +28,8 @@ pub fn render(spec: &StartSpec, config_dir: &str, agent_port: u16, limits: &crat
         "--cap-drop ALL".to_string(),
         "--security-opt no-new-privileges:true".to_string(),
         format!("--memory {m}m --memory-swap {m}m", m = l.memory_mb),
-        format!("--cpus {}", l.cpus),
+        // Never more than the instance has: Docker refuses to start the container then.
+        r#"--cpus "$CPUS""#.to_string(),
         format!("--pids-limit {}", l.pids),
     ];
     confine.extend(profile.cap_add.iter().map(|c| format!("--cap-add {c}")));
@@ -68,6 +69,7 @@ mkdir -p {env_dir}
 {{
 {env_lines}    if [ -n "$IP" ]; then printf 'AGENT_URL=http://%s:%s\n' "$IP" {agent_port}; fi
 }} > {env_file}
+CPUS=$(awk -v want={cpus} -v have="$(nproc)" 'BEGIN {{ print (want > have) ? have : want }}')
 docker rm -f {agent} >/dev/null 2>&1 || true
 docker run -d --name {agent} --restart unless-stopped --network host {confine} \
     --env-file {env_file} -v "$CONFIG_DIR:/configs" {image}
@@ -82,6 +84,7 @@ docker run -d --name {agent} --restart unless-stopped --network host {confine} \
         image = quote(&spec.image),
         owner = owner,
         confine = confine,
+        cpus = l.cpus,
     )
 }
 
@@ -117,9 +120,19 @@ mod tests {
         assert!(script.contains("AGENT_PORT=8000"));
         // Confined as on Docker: the echo runtime runs as 65532 with no capability, tier
         // 2's limits by default.
-        assert!(script.contains("--cap-drop ALL --security-opt no-new-privileges:true --memory 512m --memory-swap 512m --cpus 0.5 --pids-limit 256"), "{script}");
+        assert!(script.contains("--cap-drop ALL --security-opt no-new-privileges:true --memory 512m --memory-swap 512m --cpus \"$CPUS\" --pids-limit 256"), "{script}");
         assert!(script.contains("--user 65532:65532") && script.contains("chown -R 65532:65532 \"$CONFIG_DIR\""));
         assert!(!script.contains("--cap-add"));
+        // The tier's CPUs, capped at the instance's.
+        let cpus = |script: &str| {
+            let line = script.lines().find(|l| l.starts_with("CPUS=")).expect("a CPUS line");
+            let out = std::process::Command::new("sh").arg("-c").arg(format!("{line}; echo \"$CPUS\"")).output().unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        assert_eq!(cpus(&script), "0.5");
+        let many = crate::isolation::TierLimits::parse("2=512/200/256").unwrap();
+        let have = String::from_utf8(std::process::Command::new("nproc").output().unwrap().stdout).unwrap().trim().to_string();
+        assert_eq!(cpus(&render(&s, "/configs", 8000, &many)), have);
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
             }
             Some((status, _, _)) if status == "removed" => ("removed", true),
             Some((status, true, _)) if status == "failed" => ("failed_past_grace", true),
-            Some((_, _, Some(recorded))) => {
+            Some((_, _, Some(recorded))) if d.backend.assigns_instance_ids() => {
                 // A workspace that stays: only instances other than the one its row
                 // records, launched long enough ago that the record had time to land.
                 let strays: Vec<ManagedInstance> = h
@@ -220,6 +220,9 @@ mod tests {
     impl molecule_backends::Backend for Listed {
         fn name(&self) -> &'static str {
             "listed"
+        }
+        fn assigns_instance_ids(&self) -> bool {
+            true
         }
         async fn start(&self, _: &molecule_backends::StartSpec) -> Result<molecule_backends::Started, BackendError> {
             unreachable!("not used")
