@@ -26,6 +26,10 @@ fi
 command -v script >/dev/null && command -v curl >/dev/null && [[ -x /usr/sbin/sshd ]] || {
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bsdutils curl openssh-server
 }
+# A headless Chromium and its WebDriver (the dashboard's browser test, tests/tests/operations.rs).
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
 if ! docker info >/dev/null 2>&1; then
     mkdir -p /var/log
     nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/molecule-dockerd.log 2>&1 &
@@ -49,6 +53,14 @@ MOTO_VENV="$HOME/.cache/molecule-moto"
 if [[ ! -x "$MOTO_VENV/bin/moto_server" ]]; then
     python3 -m venv "$MOTO_VENV"
     "$MOTO_VENV/bin/pip" install -q 'moto[server]>=5,<6'
+fi
+
+# The deployment files' offline validator (infra/k8s/validate.py, run by tests/tests/deploy.rs):
+# kubernetes-validate ships Kubernetes' JSON schemas (and brings jsonschema and PyYAML).
+INFRA_VENV="${MOLECULE_INFRA_VENV:-$HOME/.cache/molecule-infra}"
+if ! "$INFRA_VENV/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+    python3 -m venv "$INFRA_VENV"
+    "$INFRA_VENV/bin/pip" install -q 'kubernetes-validate==1.37.0'
 fi
 
 # A DATABASE_URL in the environment never reaches the compiler (.cargo/config.toml sets

@@ -53,7 +53,7 @@ impl ApiError {
         ApiError::BadRequest { code, detail: detail.into() }
     }
 
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    pub(crate) fn parts(&self) -> (StatusCode, &'static str, String) {
         use ApiError::*;
         match self {
             BadRequest { code, detail } => (StatusCode::BAD_REQUEST, code, detail.clone()),

@@ -4,8 +4,10 @@
 //! route → extractors (auth, ids, body) → handler → one transaction (domain row + job) → answer.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
+pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod server;
@@ -49,6 +51,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(routes::metrics::render))
         .route("/openapi.json", get(openapi::serve))
         .route("/workspaces", post(workspaces::create).get(workspaces::list))
         .route("/workspaces/{id}", get(workspaces::get).delete(workspaces::delete))
@@ -70,6 +73,8 @@ pub fn router(state: AppState) -> Router {
         .route("/queues", get(queues::queues))
         .route("/registry/register", post(registry::register))
         .route("/registry/heartbeat", post(registry::heartbeat))
+        .merge(dashboard::routes())
+        .route_layer(axum::middleware::from_fn(crate::metrics::track_route))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -89,8 +94,10 @@ async fn request_context(req: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| ulid::Ulid::generate().to_string());
     let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let method = req.method().clone();
     let started = Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
+    crate::metrics::record_unmatched(method.as_str(), &res, started);
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }

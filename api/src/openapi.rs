@@ -4,13 +4,13 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{a2a, console, exec, health, jobs, queues, registry, rescue, tokens, workspaces};
+use crate::routes::{a2a, console, exec, health, jobs, metrics, queues, registry, rescue, tokens, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Molecule workspace server", description = "Validates, writes and enqueues; workers do the work."),
     paths(
-        health::healthz, health::readyz,
+        health::healthz, health::readyz, metrics::render,
         workspaces::create, workspaces::list, workspaces::get, workspaces::delete, workspaces::restart, workspaces::events,
         jobs::get, jobs::list, jobs::cancel, jobs::retry, jobs::admin_get,
         queues::queues,

@@ -35,6 +35,10 @@ pub enum Command {
         #[command(subcommand)]
         command: OrgCommand,
     },
+    /// The operator commands (`queues`, `jobs …`, `workspaces …`): HTTP clients of a
+    /// running API.
+    #[command(flatten)]
+    Ops(crate::ops::OpsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +81,7 @@ pub enum TokenCommand {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options (serve, api, worker, scheduler, migrate, org)")]
 pub struct Common {
     /// PostgreSQL URL. Unset: `serve` starts an embedded cluster under MOLECULE_DATA_DIR;
     /// the other commands need it.

@@ -1,6 +1,7 @@
 //! `molecule`: one binary, one role per subcommand (SPEC §1).
 
 mod config;
+mod ops;
 
 use clap::Parser;
 use config::{ApiArgs, Cli, Command, Common, OrgCommand, SchedulerArgs, TokenCommand, WorkerArgs};
@@ -47,6 +48,11 @@ fn main() -> ExitCode {
             Ok(cli) if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => cli,
             _ => e.exit(),
         },
+    };
+    // The operator commands are HTTP clients of a running API: no logs, no database.
+    let cli = match cli.command {
+        Some(Command::Ops(op)) => return ops::main(op),
+        command => Cli { command, ..cli },
     };
     init_tracing(&cli.common);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -114,9 +120,14 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     // that would leave the embedded PostgreSQL running.
     let serving = !matches!(cli.command, Some(Command::Migrate) | Some(Command::Org { .. }));
     let stop = serving.then(Stop::install);
+    if serving {
+        // Before any pool starts: pools take their metric handles once (jobs::metrics).
+        molecule_api::metrics::install();
+    }
     let common = cli.common;
     match cli.command.expect("defaulted to serve above") {
         Command::Org { command } => org_command(&common, command).await,
+        Command::Ops(_) => unreachable!("the operator commands return from main before this"),
         Command::Migrate => {
             let db = connect(&common, "migrate").await?;
             db::migrate(&db).await?;

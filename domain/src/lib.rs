@@ -11,6 +11,7 @@ pub mod events;
 pub mod ids;
 pub mod redact;
 pub mod runtimes;
+pub mod sessions;
 pub mod ssrf;
 pub mod status;
 pub mod text;

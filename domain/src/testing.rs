@@ -10,12 +10,18 @@ use std::sync::{Mutex, OnceLock};
 
 static CLUSTER: OnceLock<Mutex<Option<EmbeddedPostgres>>> = OnceLock::new();
 static ADMIN_URL: OnceLock<String> = OnceLock::new();
+/// The cluster's directory, removed at exit (≈ 230 MB per test binary and run: left
+/// behind, they once filled this machine's disk).
+static CLUSTER_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 extern "C" fn stop_cluster() {
     if let Some(m) = CLUSTER.get() {
         if let Ok(mut g) = m.lock() {
             if let Some(mut pg) = g.take() {
                 pg.stop();
+                if let Some(dir) = CLUSTER_DIR.get() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
             }
         }
     }
@@ -28,7 +34,9 @@ pub fn admin_url() -> String {
             if let Ok(u) = std::env::var("MOLECULE_TEST_PG_URL") {
                 return u;
             }
-            let dir = crate::embedded_pg::default_data_dir(&temp_dir("cluster")).expect("cluster directory").path;
+            let root = temp_dir("cluster");
+            let dir = crate::embedded_pg::default_data_dir(&root).expect("cluster directory").path;
+            let _ = CLUSTER_DIR.set(if dir.starts_with(&root) { root } else { dir.clone() });
             let pg = EmbeddedPostgres::start(&dir).expect("start the embedded test cluster");
             let url = pg.database_url();
             CLUSTER.get_or_init(|| Mutex::new(Some(pg)));

@@ -42,6 +42,11 @@ pub fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Constant-time equality of two digests.
+pub fn constant_time_eq_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
 /// Constant-time equality (for ADMIN_TOKEN).
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
     // Compare hashes so the length of the secret does not leak through timing either.

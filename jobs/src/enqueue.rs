@@ -110,6 +110,9 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, sql
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(got) = got {
+            if got == id.as_str() {
+                crate::metrics::enqueued(&job.queue, 1);
+            }
             return Ok(JobId::from_db(got));
         }
     }
@@ -142,5 +145,9 @@ pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Ve
         .bind(jobs.iter().map(|j| j.expires_at).collect::<Vec<_>>())
         .execute(conn)
         .await?;
+    // One count per run of jobs to the same queue (a bulk is usually one queue).
+    for run in jobs.chunk_by(|a, b| a.queue == b.queue) {
+        crate::metrics::enqueued(&run[0].queue, run.len());
+    }
     Ok(ids)
 }

@@ -11,6 +11,7 @@
 //! - [`status`]: the client status vocabulary (A13), reads, cancel and retry (A14).
 //! - [`failures`]: what tenants read about a failure (codes and canned sentences).
 //! - [`output`]: job output chunks for streaming readers, and the "finished" announcement.
+//! - [`metrics`]: what the core counts (enqueued, started, outcomes, durations, stale acks).
 //! - [`maintenance`]: the lease rescuer and the pruner, one file each with its test.
 //! - [`sweeper`]: the sweepers and their jobs' payload (SPEC §5).
 //! - [`restarts`]: restart requests, coalesced per workspace (A4, J6).
@@ -25,6 +26,7 @@ pub mod failures;
 pub mod handler;
 pub mod kinds;
 pub mod maintenance;
+pub mod metrics;
 pub mod output;
 pub mod restarts;
 pub mod runtime;

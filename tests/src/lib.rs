@@ -6,6 +6,7 @@
 //! Each test gets its own database, migrated, so tests run in parallel.
 
 pub mod aws;
+pub mod webdriver;
 
 pub use molecule_domain::testing::{admin_url, fresh_db, fresh_db_on, temp_dir, url_for};
 use std::path::PathBuf;

@@ -3,6 +3,7 @@ pub mod console;
 pub mod exec;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod queues;
 pub mod registry;
 pub mod rescue;

@@ -242,6 +242,18 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
     Ok(Json(WorkspacePage { items, next_cursor }))
 }
 
+/// The dashboard's listing: an org's workspaces (`Some`) or every org's, not removed,
+/// most recently changed first.
+pub(crate) async fn recent(db: &sqlx::PgPool, org: Option<molecule_domain::OrgId>, limit: i64) -> Result<Vec<Workspace>, sqlx::Error> {
+    sqlx::query_as(ws_select!(
+        "WHERE ($1::uuid IS NULL OR w.org_id = $1) AND w.status <> 'removed' ORDER BY w.updated_at DESC, w.id DESC LIMIT $2"
+    ))
+    .bind(org.map(|o| o.0))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
 async fn load(st: &AppState, p: &Principal, id: WorkspaceId) -> ApiResult<Workspace> {
     if !p.may_see(id) {
         return Err(ApiError::NotFound("workspace"));

@@ -86,7 +86,7 @@ impl Redactor {
         }
         let mut out = text.to_string();
         for i in matched.iter() {
-            let (re, scope, _) = &self.rules[i];
+            let (re, scope, family) = &self.rules[i];
             // Spans to replace, found on the text as it is now (an earlier rule may have
             // replaced part of what this one matched).
             let spans: Vec<(usize, usize)> = re
@@ -99,6 +99,7 @@ impl Redactor {
             if spans.is_empty() {
                 continue;
             }
+            metrics::counter!(REDACTIONS, "family" => *family).increment(spans.len() as u64);
             let mut next = String::with_capacity(out.len());
             let mut at = 0;
             for (a, b) in spans {
@@ -112,6 +113,9 @@ impl Redactor {
         Cow::Owned(out)
     }
 }
+
+/// Secrets replaced, per rule family (a counter; the exporter lives in the API crate).
+pub const REDACTIONS: &str = "molecule_redactions_total";
 
 /// Size of the segments a large text is redacted in.
 const SEGMENT: usize = 64 * 1024;

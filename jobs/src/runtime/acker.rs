@@ -14,6 +14,7 @@ use super::Shared;
 use crate::backoff::retry_delay;
 use crate::handler::JobError;
 use crate::kinds::RetryPolicy;
+use crate::metrics::QueueMetrics;
 use crate::state::{JobState, Outcome};
 use crate::store::{self, Ack};
 
@@ -67,6 +68,7 @@ fn truncate(s: &str, max: usize) -> String {
 /// fetcher must re-read its next due time.
 pub(super) async fn run(
     shared: Arc<Shared>,
+    counts: QueueMetrics,
     worker_id: String,
     notify_finished: bool,
     mut rx: mpsc::UnboundedReceiver<Ack>,
@@ -107,7 +109,8 @@ pub(super) async fn run(
             };
             match res {
                 Ok(applied) => {
-                    report_stale(&shared, &worker_id, &buf, &applied);
+                    report_stale(&shared, &counts, &worker_id, &buf, &applied);
+                    count_applied(&counts, &buf, &applied);
                     if notify_finished && !applied.is_empty() {
                         let finished: Vec<String> = buf
                             .iter()
@@ -141,10 +144,21 @@ pub(super) async fn run(
     }
 }
 
-fn report_stale(shared: &Shared, worker_id: &str, sent: &[Ack], applied: &[String]) {
+/// Usually the whole batch applied; otherwise a set, not a scan per ack (5,000 a batch).
+fn count_applied(counts: &QueueMetrics, sent: &[Ack], applied: &[String]) {
+    if applied.len() == sent.len() {
+        counts.applied(sent.iter());
+    } else {
+        let applied: std::collections::HashSet<&str> = applied.iter().map(String::as_str).collect();
+        counts.applied(sent.iter().filter(|a| applied.contains(a.id.as_str())));
+    }
+}
+
+fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &[Ack], applied: &[String]) {
     if applied.len() == sent.len() {
         return;
     }
+    counts.stale(sent.len() - applied.len());
     for a in sent.iter().filter(|a| !applied.contains(&a.id)) {
         shared.stale_acks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(

@@ -39,9 +39,10 @@ pub(super) async fn run(
     }
     tracing::info!(queue, worker_id, concurrency = spec.concurrency, "pool started");
 
+    let counts = crate::metrics::QueueMetrics::new(&queue);
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
-    let acker = tokio::spawn(acker::run(shared.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
+    let acker = tokio::spawn(acker::run(shared.clone(), counts.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
     let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
 
@@ -79,6 +80,7 @@ pub(super) async fn run(
             }
         };
         let n = claimed.len();
+        counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
             let claim = Claim { id: job.id.clone(), fence: job.fence };
             if job.expired {
@@ -110,7 +112,9 @@ pub(super) async fn run(
             let unacked = attempts.unacked.clone();
             let ended = attempts.ended.clone();
             let (attempt, max_attempts) = (job.attempts, job.max_attempts);
+            let counts = counts.clone();
             attempts.tasks.spawn(async move {
+                let began = std::time::Instant::now();
                 let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
                 let ack = match outcome {
                     Ok(Ok(result)) => acker::succeeded(claim, result),
@@ -128,6 +132,7 @@ pub(super) async fn run(
                         acker::failed(claim, &JobError::retryable("handler_panicked", "handler panicked"), attempt, max_attempts, &retry)
                     }
                 };
+                counts.duration(&ack, began.elapsed().as_secs_f64());
                 // Out of the in-flight set before the ack leaves: whatever is still in it
                 // after an abort never produced one.
                 lock(&unacked).remove(&(ack.id.clone(), ack.fence));

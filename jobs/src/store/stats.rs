@@ -1,7 +1,7 @@
 //! Read models over the job tables for other crates: queue statistics (A15) and the
 //! pending job of a kind for a workspace (restart coalescing, A4).
 
-use molecule_domain::{JobId, WorkspaceId};
+use molecule_domain::{JobId, OrgId, WorkspaceId};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
@@ -53,7 +53,7 @@ SELECT job_type AS queue,
        COALESCE(EXTRACT(EPOCH FROM now() - min(run_at) FILTER (
            WHERE status IN ('Pending', 'Failed') AND run_at <= now()))::float8, 0) AS oldest_pending_age_s
 FROM apalis.jobs
-WHERE status <> 'Done' OR done_at > now() - interval '1 hour'
+WHERE (status <> 'Done' OR done_at > now() - interval '1 hour') AND ($1::uuid IS NULL OR org_id = $1)
 GROUP BY job_type
 "#;
 
@@ -75,8 +75,17 @@ GROUP BY worker_type
 /// Every pool's depth, the age of its oldest due job, and its live workers: the product's
 /// queues first (even when empty), then any other queue found in the table.
 pub async fn queue_stats(db: &PgPool) -> Result<Vec<QueueStats>, sqlx::Error> {
-    let depths: Vec<Depth> = sqlx::query_as(DEPTH).fetch_all(db).await?;
-    let workers: Vec<Workers> = sqlx::query_as(WORKERS).fetch_all(db).await?;
+    queue_stats_of(db, None).await
+}
+
+/// [`queue_stats`] of one organization's jobs (`Some`): its depths only; the pools'
+/// workers are the platform's, not the org's, and are left at 0.
+pub async fn queue_stats_of(db: &PgPool, org: Option<OrgId>) -> Result<Vec<QueueStats>, sqlx::Error> {
+    let depths: Vec<Depth> = sqlx::query_as(DEPTH).bind(org.map(|o| o.0)).fetch_all(db).await?;
+    let workers: Vec<Workers> = match org {
+        None => sqlx::query_as(WORKERS).fetch_all(db).await?,
+        Some(_) => Vec::new(),
+    };
     let mut out: Vec<QueueStats> =
         JobKind::ALL.iter().map(|k| QueueStats { queue: k.queue().to_string(), ..Default::default() }).collect();
     let slot = |queue: &str, out: &mut Vec<QueueStats>| match out.iter().position(|q| q.queue == queue) {

@@ -36,3 +36,28 @@ pub async fn remove(conn: &mut PgConnection, ids: &[String]) -> Result<(), sqlx:
     sqlx::query("DELETE FROM apalis.workers WHERE id = ANY($1)").bind(ids).execute(conn).await?;
     Ok(())
 }
+
+/// A live worker, for operators' views.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct LiveWorker {
+    pub id: String,
+    pub queue: String,
+    pub concurrency: i64,
+    /// Jobs it holds now.
+    pub running: i64,
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_seen: chrono::DateTime<chrono::Utc>,
+}
+
+/// Workers seen within a minute, by queue then id, with the jobs each holds.
+pub async fn alive(db: &sqlx::PgPool) -> Result<Vec<LiveWorker>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT w.id, w.worker_type AS queue, \
+                COALESCE(NULLIF(substring(w.layers FROM 'concurrency=([0-9]+)'), '')::bigint, 0) AS concurrency, \
+                (SELECT count(*) FROM apalis.jobs j WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running')) AS running, \
+                w.started_at, w.last_seen \
+         FROM apalis.workers w WHERE w.last_seen > now() - interval '1 minute' ORDER BY w.worker_type, w.id",
+    )
+    .fetch_all(db)
+    .await
+}
