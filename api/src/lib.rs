@@ -37,6 +37,14 @@ pub struct AppState {
     pub streams: streams::Streams,
 }
 
+/// Handlers that need only the database (`/metrics`) take it by itself, so a process
+/// without the API can serve them too ([`metrics::serve_alone`]).
+impl axum::extract::FromRef<AppState> for PgPool {
+    fn from_ref(st: &AppState) -> PgPool {
+        st.db.clone()
+    }
+}
+
 impl AppState {
     /// State over `db` with the default stream cap. Starts the streams' listener: call
     /// inside a tokio runtime.

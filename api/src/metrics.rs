@@ -83,3 +83,15 @@ fn record(method: &str, route: String, status: u16, started: Instant) {
     metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)
         .record(started.elapsed().as_secs_f64());
 }
+
+/// `/metrics` and `/healthz` on their own listener, for processes that run pools but no
+/// API (`molecule worker --metrics-listen …`): their job counters live only in them.
+pub async fn serve_alone(listener: tokio::net::TcpListener, db: sqlx::PgPool, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(crate::routes::metrics::render))
+        .route("/healthz", get(crate::routes::health::healthz))
+        .route_layer(axum::middleware::from_fn(track_route))
+        .with_state(db);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -193,6 +193,11 @@ pub struct WorkerArgs {
     pub backend: Option<String>,
     #[command(flatten)]
     pub ec2: Ec2Args,
+    /// Where `molecule worker` serves its own `/metrics` (its pools' job counters and
+    /// durations live only in it) and `/healthz`. Unset: not served. Under `serve` the
+    /// API's `/metrics` has them.
+    #[arg(long = "metrics-listen", env = "MOLECULE_METRICS_ADDR", value_name = "MOLECULE_METRICS_ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The URL workspaces use to reach the API. Default: http://<LISTEN_ADDR> under
     /// `serve`, http://127.0.0.1:8080 otherwise.
     #[arg(long, env = "PLATFORM_URL", value_name = "PLATFORM_URL")]

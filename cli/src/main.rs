@@ -333,8 +333,18 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
         None => None,
     };
 
+    let api_serves_metrics = api_task.is_some();
+    let mut metrics_task = None;
     let runtime = match roles.worker {
         Some((db, w)) => {
+            if let (Some(addr), false) = (w.metrics_listen, api_serves_metrics) {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+                tracing::info!(addr = %addr, "worker metrics listening (/metrics, /healthz)");
+                let mut rx = stop_rx.clone();
+                metrics_task = Some(tokio::spawn(molecule_api::metrics::serve_alone(listener, db.clone(), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })));
+            }
             let backend = select_backend(&w, &db).await?;
             tracing::info!(backend = backend.name(), "workspace backend");
             if backend.name() == "none" {
@@ -391,6 +401,9 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
     };
     let scheduler = async {
         if let Some(t) = sched_task {
+            let _ = t.await;
+        }
+        if let Some(t) = metrics_task {
             let _ = t.await;
         }
     };

@@ -321,3 +321,30 @@ async fn a_person_logs_in_with_chromium_and_reads_a_failed_jobs_error() {
     assert_eq!(b.url().await, format!("{base}/dashboard/login"), "logged out");
     b.quit().await;
 }
+
+/// A worker process without the API serves its own `/metrics`: its pools' counters live
+/// only in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_its_own_counters() {
+    let (db, url) = fresh_db().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(bin_path("molecule"));
+    cmd.args(["worker", "--pool", "console=1", "--metrics-listen", &addr])
+        .env("DATABASE_URL", &url)
+        .env("MOLECULE_BACKEND", "none");
+    let _worker = Proc::spawn(cmd, "worker-metrics");
+    eventually(Duration::from_secs(30), "the worker's /healthz", || async {
+        matches!(http_get(&addr, "/healthz").await, Ok((200, _))).then_some(())
+    })
+    .await;
+    // No backend: the console job fails for good, and the worker counts it.
+    push_many(&db, JobKind::Console, 1).await;
+    let m = eventually(Duration::from_secs(20), "the worker to count the dead console job", || async {
+        let m = metrics_text(&addr).await;
+        (sample(&m, r#"molecule_job_attempts_total{queue="console",event="dead"}"#) == Some(1.0)).then_some(m)
+    })
+    .await;
+    assert_eq!(sample(&m, r#"molecule_jobs_started_total{queue="console"}"#), Some(1.0));
+    assert_eq!(sample(&m, r#"molecule_pool_workers{queue="console"}"#), Some(1.0), "its own worker row, read from the database");
+    assert_eq!(sample(&m, r#"molecule_queue_depth{queue="console",state="pending"}"#), Some(0.0));
+}

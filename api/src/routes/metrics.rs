@@ -7,18 +7,18 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use molecule_jobs::store::stats::{queue_stats, QueueStats};
 
-use crate::AppState;
+use sqlx::PgPool;
 
 /// Prometheus metrics (text exposition format 0.0.4). Unauthenticated, like `/healthz`:
 /// queue names and counts only, never a job's content.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn render(State(st): State<AppState>) -> Response {
+pub async fn render(State(db): State<PgPool>) -> Response {
     let Some(handle) = crate::metrics::handle() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "another metrics recorder is installed in this process\n").into_response();
     };
     // A database that does not answer leaves the process metrics readable, with db_up 0.
-    let stats = tokio::time::timeout(std::time::Duration::from_secs(2), queue_stats(&st.db)).await;
+    let stats = tokio::time::timeout(std::time::Duration::from_secs(2), queue_stats(&db)).await;
     match stats {
         Ok(Ok(stats)) => {
             set_queue_gauges(&stats);
