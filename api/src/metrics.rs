@@ -77,7 +77,12 @@ pub(crate) fn record_unmatched(method: &str, res: &Response, started: Instant) {
 }
 
 fn record(method: &str, route: String, status: u16, started: Instant) {
-    let method = method.to_string();
+    // Any token is a method to HTTP: an unknown one must not make a series of its own.
+    let method = match method {
+        "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+        _ => "other",
+    }
+    .to_string();
     let status = status.to_string();
     metrics::counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.clone()).increment(1);
     metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)

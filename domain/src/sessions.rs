@@ -22,30 +22,38 @@ pub enum Viewer {
 }
 
 /// What a login was made with.
-pub enum Login {
-    Operator { admin_fingerprint: [u8; 32] },
+pub enum Login<'a> {
+    /// With ADMIN_TOKEN (checked by the caller).
+    Operator { admin_token: &'a str },
     Org { org: OrgId, token_id: Uuid },
+}
+
+/// What an operator session stores: a hash over its secret and ADMIN_TOKEN. It changes
+/// with either, and a copy of the table alone (no cookie) gives nothing to guess
+/// ADMIN_TOKEN against — unlike a plain hash of a token an operator chose.
+fn admin_binding(secret: &str, admin_token: &str) -> [u8; 32] {
+    hash(&format!("molecule-dashboard-operator\0{secret}\0{admin_token}"))
 }
 
 /// Opens a session; returns the secret to put in the cookie (shown once). Expired
 /// sessions are removed on the way.
-pub async fn open(conn: &mut PgConnection, login: Login) -> Result<String, sqlx::Error> {
+pub async fn open(conn: &mut PgConnection, login: Login<'_>) -> Result<String, sqlx::Error> {
     let mut buf = [0u8; 32];
     getrandom::getrandom(&mut buf).expect("OS random number generator unavailable");
     let secret = format!("{PREFIX}{}", hex::encode(buf));
-    let (org, token, fingerprint) = match login {
-        Login::Operator { admin_fingerprint } => (None, None, Some(admin_fingerprint.to_vec())),
+    let (org, token, binding) = match login {
+        Login::Operator { admin_token } => (None, None, Some(admin_binding(&secret, admin_token).to_vec())),
         Login::Org { org, token_id } => (Some(org.0), Some(token_id), None),
     };
     sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at < now()").execute(&mut *conn).await?;
     sqlx::query(
-        "INSERT INTO dashboard_sessions (secret_sha256, org_id, org_token_id, admin_fingerprint, expires_at) \
+        "INSERT INTO dashboard_sessions (secret_sha256, org_id, org_token_id, admin_binding, expires_at) \
          VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
     )
     .bind(&hash(&secret)[..])
     .bind(org)
     .bind(token)
-    .bind(fingerprint)
+    .bind(binding)
     .bind(LIFETIME.as_secs_f64())
     .execute(&mut *conn)
     .await?;
@@ -53,13 +61,13 @@ pub async fn open(conn: &mut PgConnection, login: Login) -> Result<String, sqlx:
 }
 
 /// The session's viewer: None when unknown, expired, its org token revoked, or (for an
-/// operator) ADMIN_TOKEN changed since — `admin_fingerprint` is the current one's hash.
-pub async fn lookup(conn: &mut PgConnection, secret: &str, admin_fingerprint: Option<[u8; 32]>) -> Result<Option<Viewer>, sqlx::Error> {
+/// operator) ADMIN_TOKEN changed since or unset now (`admin_token`: the current one).
+pub async fn lookup(conn: &mut PgConnection, secret: &str, admin_token: Option<&str>) -> Result<Option<Viewer>, sqlx::Error> {
     if !secret.starts_with(PREFIX) {
         return Ok(None);
     }
     let row: Option<(Option<Uuid>, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT s.org_id, s.admin_fingerprint FROM dashboard_sessions s \
+        "SELECT s.org_id, s.admin_binding FROM dashboard_sessions s \
          LEFT JOIN org_tokens t ON t.id = s.org_token_id \
          WHERE s.secret_sha256 = $1 AND s.expires_at > now() \
            AND (s.org_token_id IS NULL OR t.revoked_at IS NULL)",
@@ -69,8 +77,8 @@ pub async fn lookup(conn: &mut PgConnection, secret: &str, admin_fingerprint: Op
     .await?;
     Ok(match row {
         Some((Some(org), _)) => Some(Viewer::Org(OrgId(org))),
-        Some((None, Some(fp))) => {
-            let current = admin_fingerprint.map(|f| crate::tokens::constant_time_eq_bytes(&f, &fp)).unwrap_or(false);
+        Some((None, Some(stored))) => {
+            let current = admin_token.is_some_and(|t| crate::tokens::constant_time_eq_bytes(&admin_binding(secret, t), &stored));
             current.then_some(Viewer::Operator)
         }
         _ => None,
@@ -102,16 +110,18 @@ mod tests {
         assert!(crate::tokens::revoke_org_token(&mut conn, org, token_id).await.unwrap());
         assert_eq!(lookup(&mut conn, &s, None).await.unwrap(), None, "revoking the token ends its sessions");
 
-        let admin = hash("the admin token");
-        let op = open(&mut conn, Login::Operator { admin_fingerprint: admin }).await.unwrap();
+        let admin = "the admin token";
+        let op = open(&mut conn, Login::Operator { admin_token: admin }).await.unwrap();
         assert_eq!(lookup(&mut conn, &op, Some(admin)).await.unwrap(), Some(Viewer::Operator));
-        assert_eq!(lookup(&mut conn, &op, Some(hash("a new admin token"))).await.unwrap(), None, "a new ADMIN_TOKEN ends operator sessions");
+        assert_eq!(lookup(&mut conn, &op, Some("a new admin token")).await.unwrap(), None, "a new ADMIN_TOKEN ends operator sessions");
         assert_eq!(lookup(&mut conn, &op, None).await.unwrap(), None);
+        let stored: Vec<u8> = sqlx::query_scalar("SELECT admin_binding FROM dashboard_sessions WHERE org_id IS NULL").fetch_one(&mut *conn).await.unwrap();
+        assert_ne!(stored, hash(admin).to_vec(), "the table does not hold a plain hash of ADMIN_TOKEN");
         close(&mut conn, &op).await.unwrap();
         assert_eq!(lookup(&mut conn, &op, Some(admin)).await.unwrap(), None, "logout ends it");
 
         sqlx::query("UPDATE dashboard_sessions SET expires_at = now() - interval '1 second'").execute(&mut *conn).await.unwrap();
-        let fresh = open(&mut conn, Login::Operator { admin_fingerprint: admin }).await.unwrap();
+        let fresh = open(&mut conn, Login::Operator { admin_token: admin }).await.unwrap();
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dashboard_sessions").fetch_one(&mut *conn).await.unwrap();
         assert_eq!(left, 1, "a login clears expired sessions");
         assert_eq!(lookup(&mut conn, &fresh, Some(admin)).await.unwrap(), Some(Viewer::Operator));

@@ -301,14 +301,20 @@ def check_references(objs, errors):
             errors.add(where, f"pool {pool} has a second ScaledObject ({scaled[pool]})")
         scaled[pool] = so["metadata"]["name"]
         triggers = so["spec"]["triggers"]
-        if len(triggers) != 1 or triggers[0]["type"] != "postgresql":
-            errors.add(where, "exactly one trigger, of type postgresql")
+        # `depth`: the jobs the pool's claim would take now; `load`: those plus the ones
+        # running (so a saturated pool is not scaled down). Both postgresql, both this pool's.
+        named = {t.get("name"): t for t in triggers}
+        if sorted(named) != ["depth", "load"] or any(t["type"] != "postgresql" for t in triggers):
+            errors.add(where, "two postgresql triggers, named depth and load")
             continue
-        t = triggers[0]
+        for t in triggers:
+            q = t["metadata"].get("query", "")
+            if not re.search(r"\bjob_type\s*=\s*'" + re.escape(pool) + r"'", q):
+                errors.add(where, f"the {t['name']} trigger's query does not select job_type = '{pool}': {q!r}")
+        t = named["depth"]
         meta = t["metadata"]
         query = meta.get("query", "")
-        if not re.search(r"\bjob_type\s*=\s*'" + re.escape(pool) + r"'", query):
-            errors.add(where, f"the trigger's query does not select job_type = '{pool}': {query!r}")
+        load_query = named["load"]["metadata"].get("query", "")
         try:
             target_value = float(meta.get("targetQueryValue", ""))
             if target_value <= 0:
@@ -327,7 +333,7 @@ def check_references(objs, errors):
         mn, mx = so["spec"].get("minReplicaCount", 0), so["spec"].get("maxReplicaCount", 100)
         if mn > mx:
             errors.add(where, f"minReplicaCount {mn} > maxReplicaCount {mx}")
-        pools[pool].update({"scaled_object": so["metadata"]["name"], "query": query,
+        pools[pool].update({"scaled_object": so["metadata"]["name"], "query": query, "load_query": load_query,
                             "target_query_value": target_value, "min_replicas": mn, "max_replicas": mx})
     for pool, name in workers.items():
         if pool not in scaled:

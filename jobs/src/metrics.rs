@@ -31,6 +31,21 @@ pub(crate) fn enqueued(queue: &str, n: usize) {
     metrics::counter!(ENQUEUED, "queue" => queue.to_string()).increment(n as u64);
 }
 
+/// An attempt the lease rescuer ended (its worker stopped heartbeating): retried, dead
+/// or interrupted, and — as from a pool — `failed` too unless interrupted. Rare: no
+/// cached handles.
+pub(crate) fn rescued(queue: &str, outcome: Option<&str>) {
+    let event = match outcome {
+        None => "retried",
+        Some("interrupted") => "interrupted",
+        Some(_) => "dead",
+    };
+    if event != "interrupted" {
+        metrics::counter!(ENDED, "queue" => queue.to_string(), "event" => "failed").increment(1);
+    }
+    metrics::counter!(ENDED, "queue" => queue.to_string(), "event" => event).increment(1);
+}
+
 /// One pool's handles.
 #[derive(Clone)]
 pub(crate) struct QueueMetrics {

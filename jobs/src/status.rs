@@ -231,11 +231,19 @@ pub async fn get_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Option<J
     Ok(row.map(view))
 }
 
-/// Filters of a job listing. Tenants' listings always name their org (X1); only the
-/// operators' dashboard lists every org's jobs (`org: None`).
+/// Whose jobs a listing reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobScope {
+    /// One organization's (every tenant listing: X1).
+    Org(OrgId),
+    /// Every organization's: operators only (the dashboard with ADMIN_TOKEN).
+    AllOrgs,
+}
+
+/// Filters of a job listing.
 #[derive(Clone, Debug)]
 pub struct ListFilter {
-    pub org: Option<OrgId>,
+    pub scope: JobScope,
     pub workspace: Option<Uuid>,
     pub kind: Option<String>,
     pub status: Option<JobStatus>,
@@ -257,7 +265,10 @@ const LIST: &str = concat!(
 pub async fn list(db: &PgPool, f: &ListFilter) -> Result<Vec<JobView>, sqlx::Error> {
     let status = f.status.map(JobStatus::as_str);
     let rows: Vec<ViewRow> = sqlx::query_as(LIST)
-        .bind(f.org.map(|o| o.0))
+        .bind(match f.scope {
+            JobScope::Org(o) => Some(o.0),
+            JobScope::AllOrgs => None,
+        })
         .bind(f.workspace)
         .bind(&f.kind)
         .bind(status)

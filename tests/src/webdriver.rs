@@ -28,6 +28,8 @@ impl Browser {
         let port = free_port();
         let mut cmd = Command::new(CHROMEDRIVER);
         cmd.arg(format!("--port={port}")).arg("--allowed-ips=127.0.0.1");
+        // A group of its own: the browsers it starts die with it (see Drop).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let driver = Proc::spawn(cmd, "chromedriver");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap();
@@ -123,5 +125,12 @@ impl Browser {
 
     pub async fn quit(self) {
         let _ = self.http.delete(format!("{}{}", self.base, self.at(""))).send().await;
+    }
+}
+
+impl Drop for Browser {
+    /// Chromedriver and every browser it started, even when a test panics midway.
+    fn drop(&mut self) {
+        unsafe { libc::kill(-self._driver.pid(), libc::SIGKILL) };
     }
 }

@@ -20,8 +20,10 @@ struct PoolManifest {
     pool: String,
     deployment: String,
     scaled_object: String,
-    /// The ScaledObject's `postgresql` trigger query.
+    /// The ScaledObject's `depth` trigger query (what the claim would take now).
     query: String,
+    /// Its `load` trigger query: depth plus the jobs running.
+    load_query: String,
     target_query_value: f64,
 }
 
@@ -192,6 +194,17 @@ async fn each_pools_keda_query_returns_its_own_depth() {
     }
     assert_eq!(depth.get("provision"), Some(&7));
     assert_eq!(depth.get("exec"), Some(&3));
+
+    // The load trigger adds the running jobs (provision: the one claimed and not acked).
+    let running: HashMap<&str, i64> = [("provision", 1)].into_iter().collect();
+    for p in &pools {
+        let got: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(p.load_query.clone()))
+            .fetch_one(&db)
+            .await
+            .unwrap_or_else(|e| panic!("{}'s load query fails: {e}\n{}", p.scaled_object, p.load_query));
+        let want = depth[&p.pool] + running.get(p.pool.as_str()).copied().unwrap_or(0);
+        assert_eq!(got, want, "{}'s load query returned {got} for pool {}, not depth + running = {want}", p.scaled_object, p.pool);
+    }
 
     // And that depth is exactly what the pool's claim takes right now.
     for p in &pools {

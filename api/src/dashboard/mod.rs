@@ -17,7 +17,7 @@ use axum::{Form, Router};
 use molecule_domain::sessions::{self, Login, Viewer};
 use molecule_domain::tokens::{self, TokenOwner};
 use molecule_domain::JobId;
-use molecule_jobs::status::{self, JobStatus, ListFilter};
+use molecule_jobs::status::{self, JobScope, JobStatus, ListFilter};
 use serde::Deserialize;
 
 use crate::auth::OrgPin;
@@ -52,8 +52,7 @@ impl FromRequestParts<AppState> for Seen {
         }
         if let Some(secret) = cookie(&parts.headers, COOKIE) {
             let mut conn = st.db.acquire().await.map_err(|e| page_error(e.into()))?;
-            let admin = st.auth.admin_token.as_deref().map(tokens::hash);
-            match sessions::lookup(&mut conn, secret, admin).await {
+            match sessions::lookup(&mut conn, secret, st.auth.admin_token.as_deref()).await {
                 Ok(Some(v)) if pinned_ok(st, v) => return Ok(Seen(v)),
                 Ok(_) => {}
                 Err(e) => return Err(page_error(e.into())),
@@ -77,10 +76,10 @@ fn pinned_ok(st: &AppState, v: Viewer) -> bool {
 
 /// ADMIN_TOKEN → the operator; an org token → its org (with the token's id, for the
 /// session); anything else (a workspace token included) → None.
-async fn viewer_of_token(st: &AppState, token: &str) -> Result<Option<(Viewer, Login)>, ApiError> {
+async fn viewer_of_token<'a>(st: &'a AppState, token: &str) -> Result<Option<(Viewer, Login<'a>)>, ApiError> {
     if let Some(admin) = &st.auth.admin_token {
         if tokens::constant_time_eq(token, admin) {
-            return Ok(Some((Viewer::Operator, Login::Operator { admin_fingerprint: tokens::hash(admin) })));
+            return Ok(Some((Viewer::Operator, Login::Operator { admin_token: admin })));
         }
     }
     let mut conn = st.db.acquire().await?;
@@ -172,7 +171,11 @@ async fn jobs(State(st): State<AppState>, Seen(v): Seen, Query(q): Query<JobsQue
         },
     };
     let kind = q.queue.filter(|s| !s.is_empty());
-    let filter = ListFilter { org: org_of(v), workspace: None, kind: kind.clone(), status, before, limit: PAGE + 1 };
+    let scope = match v {
+        Viewer::Operator => JobScope::AllOrgs,
+        Viewer::Org(o) => JobScope::Org(o),
+    };
+    let filter = ListFilter { scope, workspace: None, kind: kind.clone(), status, before, limit: PAGE + 1 };
     let mut rows = match status::list(&st.db, &filter).await {
         Ok(r) => r,
         Err(e) => return page_error(e.into()),
@@ -274,14 +277,16 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
     res
 }
 
-/// A form posted from another site is refused (the cookie is SameSite=Strict too).
+/// A form posted from another site is refused (the cookie is SameSite=Strict too): a POST
+/// must name this host as its `Origin`, or come with `Sec-Fetch-Site: same-origin`.
+/// Browsers send one or both; a request with neither is not from our form.
 fn same_origin(h: &HeaderMap) -> Result<(), Response> {
-    let (Some(origin), Some(host)) = (h.get(header::ORIGIN), h.get(header::HOST)) else {
-        return Ok(());
+    let text = |name| h.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let origin_ok = match (text(header::ORIGIN), text(header::HOST)) {
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host)),
+        _ => false,
     };
-    let origin = origin.to_str().unwrap_or("");
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
-    if origin_host.eq_ignore_ascii_case(host.to_str().unwrap_or("-")) {
+    if origin_ok || text(header::HeaderName::from_static("sec-fetch-site")) == Some("same-origin") {
         Ok(())
     } else {
         Err(page_error(ApiError::Forbidden("a dashboard form must be posted from the dashboard".into())))
@@ -312,5 +317,13 @@ mod tests {
         assert!(same_origin(&h).is_ok());
         h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
         assert_eq!(same_origin(&h).unwrap_err().status(), StatusCode::FORBIDDEN);
+        h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(same_origin(&h).is_err());
+        h.remove(header::ORIGIN);
+        assert!(same_origin(&h).is_err(), "neither Origin nor Sec-Fetch-Site: not our form");
+        h.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(same_origin(&h).is_ok());
+        h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(same_origin(&h).is_err());
     }
 }

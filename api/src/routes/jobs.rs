@@ -126,7 +126,7 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
         }
     }
     let before = q.cursor.as_deref().map(|c| parse_job_id(c).map_err(|_| ApiError::bad("invalid_cursor", "cursor is not one this API returned"))).transpose()?;
-    let filter = ListFilter { org: Some(p.org), workspace, kind: q.kind, status, before, limit: limit + 1 };
+    let filter = ListFilter { scope: molecule_jobs::status::JobScope::Org(p.org), workspace, kind: q.kind, status, before, limit: limit + 1 };
     let mut items = status::list(&st.db, &filter).await?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);

@@ -189,12 +189,22 @@ pub fn parse_api_url(s: &str) -> Result<Url, String> {
     if u.query().is_some() || u.fragment().is_some() {
         return Err(format!("{s:?}: the API's base URL takes no query or fragment"));
     }
+    // Credentials in a URL end up in messages and shell history: the token goes in --token.
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("the API's URL must not carry a user or password (give the token with --token or MOLECULE_TOKEN)".into());
+    }
     Ok(u)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_with_credentials_is_refused_without_echoing_them() {
+        let e = parse_api_url("http://admin:hunter2@127.0.0.1:8080").unwrap_err();
+        assert!(!e.contains("hunter2") && e.contains("--token"), "{e}");
+    }
 
     #[test]
     fn ids_are_path_segments_and_a_base_path_is_kept() {

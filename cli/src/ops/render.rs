@@ -19,7 +19,10 @@ pub fn text(v: &Value) -> String {
 /// An RFC 3339 timestamp to the second, in the API's zone (UTC): `2026-11-30 10:04:05`.
 pub fn time(v: &Value) -> String {
     match v.as_str() {
-        Some(s) if s.len() >= 19 && s.as_bytes()[10] == b'T' => format!("{} {}", &s[..10], &s[11..19]),
+        // By `get`: a server that is not ours could send anything, multi-byte text included.
+        Some(s) if s.as_bytes().get(10) == Some(&b'T') && s.get(..10).is_some() && s.get(11..19).is_some() => {
+            format!("{} {}", &s[..10], &s[11..19])
+        }
         _ => text(v),
     }
 }

@@ -39,16 +39,19 @@ SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
         'error', CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END))
 FROM verdict v
 WHERE j.id = v.id
-RETURNING j.job_type, v.outcome IS NULL AS again
+RETURNING j.job_type, v.outcome
 "#;
 
 /// Hands back the jobs of workers silent for longer than `lease`. `run_once` names the
 /// queues whose jobs must not run twice (they end `interrupted`). Safe on many processes
 /// at once (SKIP LOCKED). Returns how many jobs it took.
 pub async fn rescue_expired_leases(db: &PgPool, lease: Duration, run_once: &[&str]) -> Result<u64, sqlx::Error> {
-    let rows: Vec<(String, bool)> =
+    let rows: Vec<(String, Option<String>)> =
         sqlx::query_as(RESCUE).bind(lease.as_millis() as i64).bind(run_once).bind(crate::failures::public("worker_lost")).bind(crate::failures::public("interrupted")).fetch_all(db).await?;
-    let mut again: Vec<&str> = rows.iter().filter(|r| r.1).map(|r| r.0.as_str()).collect();
+    for (queue, outcome) in &rows {
+        crate::metrics::rescued(queue, outcome.as_deref());
+    }
+    let mut again: Vec<&str> = rows.iter().filter(|r| r.1.is_none()).map(|r| r.0.as_str()).collect();
     again.sort_unstable();
     again.dedup();
     if !again.is_empty() {
