@@ -2,17 +2,26 @@
 //! one run.
 //!
 //! (a) drain: N no-op jobs bulk-enqueued, then drained by one pool of our runtime, and
-//!     by the raw baseline (C clients, each: claim a batch with FOR UPDATE SKIP LOCKED,
-//!     complete the batch). Rounds alternate; the median of each side is reported.
-//! (b) pickup: single jobs enqueued one at a time into an idle pool; latency from the
-//!     enqueue's commit to the handler's start.
+//!     by the raw baseline (K clients, each: claim a batch with FOR UPDATE SKIP LOCKED,
+//!     complete the batch; sqlx prepares and caches both statements per connection).
+//!     The raw side runs its default (claim 50, 4 clients: `raw_jobs_s`) and every
+//!     claim size of 50 and 500 with 1, 2, 4 and 8 clients; the best of those is
+//!     `raw_best_jobs_s`, the strongest figure this PostgreSQL gives with no library in
+//!     the way. Rounds alternate; medians are reported.
+//! (b) pickup: single jobs enqueued one at a time into an idle pool, timed two ways:
+//!     from the enqueue's commit to the handler's start (`pickup_*`), and from before the
+//!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures).
+//! (c) `--processes N`: the drain by N worker processes (this binary, re-run as a
+//!     worker) on the one PostgreSQL, with PostgreSQL's CPU time over the drain.
 //!
 //! The last line is exactly:
-//! `drain_jobs_s=<n> raw_jobs_s=<n> drain_ratio=<x> pickup_p50_ms=<x> pickup_p95_ms=<x> pickup_p99_ms=<x>`
+//! `drain_jobs_s=<n> raw_jobs_s=<n> drain_ratio=<x> pickup_p50_ms=<x> pickup_p95_ms=<x> pickup_p99_ms=<x>
+//!  pickup_e2e_p50_ms=<x> pickup_e2e_p99_ms=<x> raw_best_jobs_s=<n> drain_vs_raw_best=<x>` (one line).
 //!
 //! Flags: --jobs N (20000) --rounds R (3) --samples S (300) --concurrency C (1000)
-//! --batch B (1000) --raw-clients K (4) --raw-batch M (50) --pools P (1). DATABASE_URL unset → a private
-//! embedded cluster in a temporary directory.
+//! --batch B (1000) --raw-clients K (4) --raw-batch M (50) --pools P (1) --processes N (0:
+//! in this process) --raw-matrix 0|1 (1). DATABASE_URL unset → a private embedded
+//! cluster in a temporary directory.
 
 use molecule_domain::embedded_pg::EmbeddedPostgres;
 use molecule_jobs::{enqueue, enqueue_many, handler_fn, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
@@ -31,10 +40,23 @@ struct Opts {
     raw_clients: usize,
     raw_batch: i64,
     pools: usize,
+    processes: usize,
+    raw_matrix: bool,
 }
 
 fn opts() -> Result<Opts, String> {
-    let mut o = Opts { jobs: 20_000, rounds: 3, samples: 300, concurrency: 1000, batch: 1000, raw_clients: 4, raw_batch: 50, pools: 1 };
+    let mut o = Opts {
+        jobs: 20_000,
+        rounds: 3,
+        samples: 300,
+        concurrency: 1000,
+        batch: 1000,
+        raw_clients: 4,
+        raw_batch: 50,
+        pools: 1,
+        processes: 0,
+        raw_matrix: true,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -49,6 +71,8 @@ fn opts() -> Result<Opts, String> {
             "--raw-clients" => o.raw_clients = n.max(1),
             "--raw-batch" => o.raw_batch = n.max(1) as i64,
             "--pools" => o.pools = n.max(1),
+            "--processes" => o.processes = n,
+            "--raw-matrix" => o.raw_matrix = n != 0,
             other => return Err(format!("unknown flag {other}")),
         }
         i += 2;
@@ -89,10 +113,12 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
     sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
     let done = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(Notify::new());
-    let (d, a, n) = (done.clone(), all_done.clone(), o.jobs);
+    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let (d, a, n, f) = (done.clone(), all_done.clone(), o.jobs, first.clone());
     let handler = handler_fn(move |_ctx| {
-        let (d, a) = (d.clone(), a.clone());
+        let (d, a, f) = (d.clone(), a.clone(), f.clone());
         async move {
+            f.get_or_init(Instant::now);
             if d.fetch_add(1, Ordering::Relaxed) + 1 == n {
                 a.notify_one();
             }
@@ -105,8 +131,13 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
         .collect();
     let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     all_done.notified().await;
+    let ran = t0.elapsed();
     rt.shutdown().await; // flushes the last acks
     let secs = t0.elapsed().as_secs_f64();
+    if std::env::var_os("BENCH_PHASES").is_some() {
+        let first = first.get().map(|f| f.duration_since(t0).as_secs_f64() * 1000.0).unwrap_or(0.0);
+        eprintln!("  phases: first handler {first:.0} ms, last handler {:.0} ms, shut down {:.0} ms", ran.as_secs_f64() * 1000.0, secs * 1000.0);
+    }
     let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
         .bind(&queue)
         .fetch_one(db)
@@ -134,9 +165,10 @@ WHERE id IN (SELECT id FROM bench_raw WHERE queue = $1 AND status = 'available' 
 RETURNING id, payload
 "#;
 
-/// The physical baseline: K clients, each claiming a batch with SKIP LOCKED and completing it.
-async fn drain_raw(db: &PgPool, o: &Opts, round: usize) -> f64 {
-    let queue = format!("raw_{round}");
+/// The physical baseline: `clients` clients, each claiming `batch` with SKIP LOCKED and
+/// completing it.
+async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i64) -> f64 {
+    let queue = queue.to_string();
     sqlx::query("INSERT INTO bench_raw (queue, payload) SELECT $1, '\\x7b7d' FROM generate_series(1, $2)")
         .bind(&queue)
         .bind(o.jobs as i64)
@@ -146,8 +178,8 @@ async fn drain_raw(db: &PgPool, o: &Opts, round: usize) -> f64 {
     sqlx::query("ANALYZE bench_raw").execute(db).await.ok();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..o.raw_clients {
-        let (db, queue, batch) = (db.clone(), queue.clone(), o.raw_batch);
+    for _ in 0..clients {
+        let (db, queue) = (db.clone(), queue.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let rows: Vec<(i64, Option<Vec<u8>>)> =
@@ -177,8 +209,9 @@ async fn drain_raw(db: &PgPool, o: &Opts, round: usize) -> f64 {
     o.jobs as f64 / secs
 }
 
-/// Enqueue-commit → handler-start latency of single jobs into an idle pool, in ms, sorted.
-async fn pickup(db: &PgPool, o: &Opts) -> Vec<f64> {
+/// Latency of single jobs into an idle pool, in ms, sorted: (from the enqueue's commit,
+/// from before the enqueue call) to the handler's start.
+async fn pickup(db: &PgPool, o: &Opts) -> (Vec<f64>, Vec<f64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let handler = handler_fn(move |_ctx| {
         let tx = tx.clone();
@@ -195,18 +228,22 @@ async fn pickup(db: &PgPool, o: &Opts) -> Vec<f64> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut conn = db.acquire().await.expect("connection");
     let mut lat = Vec::with_capacity(o.samples);
+    let mut e2e = Vec::with_capacity(o.samples);
     for _ in 0..o.samples {
+        let called = Instant::now();
         enqueue(&mut conn, &NewJob::to_queue("bench_pickup", &serde_json::json!({}))).await.expect("enqueue");
         let committed = Instant::now();
         let started = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("pickup within 10 s").expect("handler");
         lat.push(started.saturating_duration_since(committed).as_secs_f64() * 1000.0);
+        e2e.push(started.saturating_duration_since(called).as_secs_f64() * 1000.0);
         // Let the pool go idle again before the next sample.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(conn);
     rt.shutdown().await;
     lat.sort_by(|a, b| a.total_cmp(b));
-    lat
+    e2e.sort_by(|a, b| a.total_cmp(b));
+    (lat, e2e)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -221,6 +258,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--worker-child") {
+        let n = |i: usize| args.get(i).and_then(|v| v.parse().ok()).expect("worker-child arguments");
+        worker_child(&args[2], &args[3], n(4), n(5)).await;
+        return;
+    }
     let o = match opts() {
         Ok(o) => o,
         Err(e) => {
@@ -228,7 +271,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let (_embedded, admin) = match std::env::var("DATABASE_URL") {
+    let (embedded, admin) = match std::env::var("DATABASE_URL") {
         Ok(u) => (None, u),
         Err(_) => {
             // Under TMPDIR unless the cluster's user cannot reach it there (a 0700 TMPDIR, as root).
@@ -237,7 +280,7 @@ async fn main() {
             eprintln!("bench-queue: private PostgreSQL in {}", dir.display());
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir)).await.unwrap().expect("embedded PostgreSQL");
             let url = pg.database_url();
-            (Some(pg), url)
+            (Some((pg, preferred)), url)
         }
     };
     // A database of its own, so the figures never depend on leftovers.
@@ -249,36 +292,172 @@ async fn main() {
     molecule_domain::db::migrate(&db).await.expect("migrate");
     sqlx::raw_sql(RAW_SCHEMA).execute(&db).await.expect("raw schema");
 
-    let mut ours = Vec::new();
-    let mut raw = Vec::new();
-    let mut enq = Vec::new();
-    for round in 0..o.rounds {
-        let r = drain_raw(&db, &o, round).await;
-        let (d, e) = drain_ours(&db, &o, round).await;
-        println!("round {round}: ours {d:.0} jobs/s, raw {r:.0} jobs/s, bulk enqueue {e:.0} jobs/s ({} jobs)", o.jobs);
-        ours.push(d);
-        raw.push(r);
-        enq.push(e);
+    if o.processes > 0 {
+        scale_out(&db, &o, &format!("{base}/{name}")).await;
+    } else {
+        in_process(&db, &o).await;
     }
-    println!("bulk_enqueue_jobs_s={:.0}", median(enq));
-    let lat = pickup(&db, &o).await;
-    let (d, r) = (median(ours), median(raw));
-    println!(
-        "pickup over {} samples: min {:.2} ms, max {:.2} ms",
-        lat.len(),
-        lat[0],
-        lat[lat.len() - 1]
-    );
     db.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}"))).execute(&admin_pool).await.ok();
     admin_pool.close().await;
+    // The private cluster goes with the run (each is ~40 MB or more).
+    if let Some((mut pg, dir)) = embedded {
+        pg.stop();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// (a) and (b): the drain rounds beside the raw baselines, then pickup; the last line.
+async fn in_process(db: &PgPool, o: &Opts) {
+    let mut ours = Vec::new();
+    let mut raw = Vec::new();
+    let mut best = Vec::new();
+    let mut enq = Vec::new();
+    for round in 0..o.rounds {
+        let r = drain_raw(db, o, &format!("raw_{round}"), o.raw_clients, o.raw_batch).await;
+        let mut round_best = r;
+        if o.raw_matrix {
+            for batch in [50, 500] {
+                let mut line = format!("round {round}: raw claim {batch:>3}:");
+                for clients in [1, 2, 4, 8] {
+                    let rate = drain_raw(db, o, &format!("raw_{round}_{batch}_{clients}"), clients, batch).await;
+                    line.push_str(&format!(" {clients} clients {rate:.0}"));
+                    round_best = round_best.max(rate);
+                }
+                println!("{line} jobs/s");
+            }
+        }
+        let (d, e) = drain_ours(db, o, round).await;
+        println!(
+            "round {round}: ours {d:.0} jobs/s, raw {r:.0} jobs/s (claim {}, {} clients), raw best {round_best:.0} jobs/s, bulk enqueue {e:.0} jobs/s ({} jobs)",
+            o.raw_batch, o.raw_clients, o.jobs
+        );
+        ours.push(d);
+        raw.push(r);
+        best.push(round_best);
+        enq.push(e);
+    }
+    println!("bulk_enqueue_jobs_s={:.0}", median(enq));
+    let (lat, e2e) = pickup(db, o).await;
+    let (d, r, b) = (median(ours), median(raw), median(best));
     println!(
-        "drain_jobs_s={:.0} raw_jobs_s={:.0} drain_ratio={:.2} pickup_p50_ms={:.2} pickup_p95_ms={:.2} pickup_p99_ms={:.2}",
+        "pickup over {} samples, from the commit: min {:.2} ms, max {:.2} ms; from before the enqueue call: min {:.2} ms, max {:.2} ms",
+        lat.len(),
+        lat[0],
+        lat[lat.len() - 1],
+        e2e[0],
+        e2e[e2e.len() - 1]
+    );
+    let dead: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT n_dead_tup, n_live_tup, pg_total_relation_size('apalis.jobs') FROM pg_stat_user_tables \
+         WHERE schemaname = 'apalis' AND relname = 'jobs'",
+    )
+    .fetch_optional(db)
+    .await
+    .ok()
+    .flatten();
+    if let Some((dead, live, bytes)) = dead {
+        println!("apalis.jobs after the run: {live} live rows, {dead} dead tuples, {:.1} MiB with its indexes", bytes as f64 / 1048576.0);
+    }
+    println!(
+        "drain_jobs_s={:.0} raw_jobs_s={:.0} drain_ratio={:.2} pickup_p50_ms={:.2} pickup_p95_ms={:.2} pickup_p99_ms={:.2} \
+         pickup_e2e_p50_ms={:.2} pickup_e2e_p99_ms={:.2} raw_best_jobs_s={:.0} drain_vs_raw_best={:.2}",
         d,
         r,
         d / r,
         pct(&lat, 0.50),
         pct(&lat, 0.95),
-        pct(&lat, 0.99)
+        pct(&lat, 0.99),
+        pct(&e2e, 0.50),
+        pct(&e2e, 0.99),
+        b,
+        d / b
     );
+}
+
+/// CPU seconds of every `postgres` process so far, the exited backends included (the
+/// postmaster's children's times), from /proc.
+fn postgres_cpu_s() -> f64 {
+    let mut ticks = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            let Some((comm, rest)) = stat.split_once(") ") else { continue };
+            if !comm.ends_with("(postgres") {
+                continue;
+            }
+            // After "pid (comm) ": state is field 3; utime, stime, cutime, cstime are 14–17.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            ticks += f.get(11..15).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of this process's exited children (the worker processes).
+fn children_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(13..15).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
+}
+
+/// (c): N worker processes drain one queue; jobs/s, and the CPU PostgreSQL and the
+/// workers used over the drain (in cores: CPU seconds per second).
+async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
+    let exe = std::env::current_exe().expect("this binary");
+    let mut results = Vec::new();
+    for round in 0..o.rounds {
+        let queue = format!("bench_scale_{}_{round}", o.processes);
+        fill(db, &queue, o.jobs).await;
+        sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
+        let (pg0, kids0) = (postgres_cpu_s(), children_cpu_s());
+        let t0 = Instant::now();
+        let children: Vec<_> = (0..o.processes)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args(["--worker-child", url, &queue, &o.concurrency.to_string(), &o.batch.to_string()])
+                    .spawn()
+                    .expect("spawn a worker process")
+            })
+            .collect();
+        for mut c in children {
+            let st = tokio::task::spawn_blocking(move || c.wait()).await.unwrap().expect("worker process");
+            assert!(st.success(), "a worker process failed: {st}");
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let (pg, kids) = ((postgres_cpu_s() - pg0) / secs, (children_cpu_s() - kids0) / secs);
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
+            .bind(&queue)
+            .fetch_one(db)
+            .await
+            .expect("count");
+        assert_eq!(done as usize, o.jobs, "every job must end succeeded");
+        let rate = o.jobs as f64 / secs;
+        println!("round {round}: {} processes: {rate:.0} jobs/s, PostgreSQL {pg:.2} cores, workers {kids:.2} cores", o.processes);
+        results.push((rate, pg, kids));
+    }
+    results.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (rate, pg, kids) = results[results.len() / 2];
+    println!("processes={} drain_jobs_s={rate:.0} postgres_cores={pg:.2} worker_cores={kids:.2}", o.processes);
+}
+
+/// A worker process of `--processes`: one pool on `queue` until none of its jobs is left
+/// to run, then a clean shutdown (the last acks written).
+async fn worker_child(url: &str, queue: &str, concurrency: usize, batch: usize) {
+    let db = molecule_domain::db::connect(url, 4).await.expect("connect");
+    let handler = handler_fn(|_ctx| async { Ok(serde_json::Value::Null) });
+    let rt = Runtime::start(db.clone(), runtime_cfg(batch), vec![PoolSpec::new(queue, concurrency, RETRY, handler)]);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status IN ('Pending', 'Failed')")
+            .bind(queue)
+            .fetch_one(&db)
+            .await
+            .expect("count");
+        if left == 0 {
+            break;
+        }
+    }
+    rt.shutdown().await;
 }
