@@ -109,13 +109,15 @@ pub(super) async fn run(
             };
             match res {
                 Ok(applied) => {
+                    let applied = which_applied(&buf, &applied);
                     report_stale(&shared, &counts, &worker_id, &buf, &applied);
-                    count_applied(&counts, &buf, &applied);
-                    if notify_finished && !applied.is_empty() {
+                    counts.applied(buf.iter().zip(&applied).filter(|(_, ok)| **ok).map(|(a, _)| a));
+                    if notify_finished && applied.contains(&true) {
                         let finished: Vec<String> = buf
                             .iter()
-                            .filter(|a| a.state.is_terminal() && applied.contains(&a.id))
-                            .map(|a| a.id.clone())
+                            .zip(&applied)
+                            .filter(|(a, ok)| **ok && a.state.is_terminal())
+                            .map(|(a, _)| a.id.clone())
                             .collect();
                         if let Err(e) = store::ack::notify_finished(db, &finished).await {
                             // Followers fall back to their own polling.
@@ -144,22 +146,21 @@ pub(super) async fn run(
     }
 }
 
-/// Usually the whole batch applied; otherwise a set, not a scan per ack (5,000 a batch).
-fn count_applied(counts: &QueueMetrics, sent: &[Ack], applied: &[String]) {
-    if applied.len() == sent.len() {
-        counts.applied(sent.iter());
-    } else {
-        let applied: std::collections::HashSet<&str> = applied.iter().map(String::as_str).collect();
-        counts.applied(sent.iter().filter(|a| applied.contains(a.id.as_str())));
-    }
+/// For each sent ack, whether the database applied it — matched on (id, fence): two acks
+/// of one job in a batch (a slow attempt's and its successor's) are two different acks.
+/// A set, not a scan per ack (5,000 a batch).
+fn which_applied(sent: &[Ack], applied: &[(String, i64)]) -> Vec<bool> {
+    let set: std::collections::HashSet<(&str, i64)> = applied.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+    sent.iter().map(|a| set.contains(&(a.id.as_str(), a.fence))).collect()
 }
 
-fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &[Ack], applied: &[String]) {
-    if applied.len() == sent.len() {
+fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &[Ack], applied: &[bool]) {
+    let stale = applied.iter().filter(|ok| !**ok).count();
+    if stale == 0 {
         return;
     }
-    counts.stale(sent.len() - applied.len());
-    for a in sent.iter().filter(|a| !applied.contains(&a.id)) {
+    counts.stale(stale);
+    for (a, _) in sent.iter().zip(applied).filter(|(_, ok)| !**ok) {
         shared.stale_acks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             worker_id,
@@ -173,7 +174,7 @@ fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &
 
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
 /// ("result could not be stored"), so it is never lost and never blocks the others.
-async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<String>, sqlx::Error> {
+async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let mut applied = Vec::new();
     for a in buf.iter_mut() {
         match store::write_acks(db, std::slice::from_ref(a)).await {
