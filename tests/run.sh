@@ -84,5 +84,6 @@ export MOLECULE_SWEEP_ORPHANS=off
 bench/queue/run.sh --smoke
 bench/exec/run.sh --smoke
 bench/redact/run.sh --smoke
+bench/e2e/run.sh --smoke
 tests/fuzz_api.sh
 cargo test --locked --workspace "$@"
