@@ -336,6 +336,11 @@ WITH r AS (
 SELECT pg_notify($2, json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r
 "#;
 
+/// Removes a job's row outright, as retention does to old ones: true when there was one.
+pub async fn delete(db: &PgPool, id: &JobId) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(id.as_str()).execute(db).await?.rows_affected() > 0)
+}
+
 pub async fn retry(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
     let n = sqlx::query(RETRY).bind(id.as_str()).bind(crate::runtime::INSERT_CHANNEL).execute(db).await?.rows_affected();
     settle(db, id, n).await

@@ -69,10 +69,9 @@ mod tests {
         let Fired::Now(job) = fire(&db, &args, tick, None).await.unwrap() else { panic!("first fire") };
         assert_eq!(fire(&db, &args, tick, None).await.unwrap(), Fired::Already);
         // Job retention deleted the job (and its idempotency key): the tick still holds.
-        sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(&job).execute(&db).await.unwrap();
+        assert!(molecule_jobs::status::delete(&db, &molecule_domain::JobId::from_db(job.clone())).await.unwrap());
         assert_eq!(fire(&db, &args, tick, None).await.unwrap(), Fired::Already);
-        let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
-        assert_eq!(jobs, 0);
+        assert_eq!(molecule_jobs::store::stats::count_all(&db).await.unwrap(), 0);
         // Another sweeper's same tick is its own.
         assert!(matches!(fire(&db, &SweepArgs::new(Sweeper::Health), tick, None).await.unwrap(), Fired::Now(_)));
         sqlx::query("UPDATE scheduler_ticks SET fired_at = now() - interval '40 days'").execute(&db).await.unwrap();

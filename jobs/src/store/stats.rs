@@ -127,3 +127,19 @@ pub async fn waiting_job_of(conn: &mut PgConnection, ws: WorkspaceId, kind: JobK
     .await?;
     Ok(id.map(JobId::from_db))
 }
+
+/// The payloads of a workspace's jobs of `kind`, oldest first, whatever their state
+/// (sweepers' tests read what a sweep enqueued).
+pub async fn payloads_of(db: &PgPool, kind: JobKind, ws: WorkspaceId) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE job_type = $1 AND workspace_id = $2 ORDER BY id")
+        .bind(kind.queue())
+        .bind(ws.0)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.iter().map(|b| serde_json::from_slice(b).unwrap_or(serde_json::Value::Null)).collect())
+}
+
+/// Every job row, whatever its queue and state.
+pub async fn count_all(db: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(db).await
+}

@@ -214,11 +214,7 @@ mod tests {
         let restarts = || {
             let db = db.clone();
             async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM apalis.jobs WHERE job_type = 'restart' AND workspace_id = $1")
-                    .bind(ws.0)
-                    .fetch_one(&db)
-                    .await
-                    .unwrap()
+                molecule_jobs::store::stats::payloads_of(&db, molecule_jobs::JobKind::Restart, ws).await.unwrap().len() as i64
             }
         };
         // A restart is running (J3's lock is held): its stop is not a death.

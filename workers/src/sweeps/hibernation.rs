@@ -122,12 +122,8 @@ mod tests {
         for (id, status, stops) in [(idle, "hibernating", 1), (never_used, "hibernating", 1), (busy, "online", 0), (awaited, "online", 0),
                                     (just_online, "online", 0), (external, "online", 0), (removed, "removed", 0)] {
             let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'stop' AND workspace_id = $1 \
-                                             AND convert_from(job, 'UTF8')::jsonb ->> 'reason' = 'hibernate'")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap();
+            let stops_of = molecule_jobs::store::stats::payloads_of(&db, molecule_jobs::JobKind::Stop, WorkspaceId(id)).await.unwrap();
+            let n = stops_of.iter().filter(|p| p["reason"] == "hibernate").count() as i64;
             assert_eq!((s.as_str(), n), (status, stops), "{id}");
         }
         assert!(sweep(&db, Duration::from_secs(3600), 1).await.unwrap().is_empty());

@@ -112,13 +112,7 @@ mod tests {
     }
 
     async fn rescue_jobs(db: &PgPool, id: uuid::Uuid) -> Vec<serde_json::Value> {
-        let rows: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE job_type = 'rescue_capture' AND workspace_id = $1")
-                .bind(id)
-                .fetch_all(db)
-                .await
-                .unwrap();
-        rows.iter().map(|b| serde_json::from_slice(b).unwrap()).collect()
+        molecule_jobs::store::stats::payloads_of(db, molecule_jobs::JobKind::RescueCapture, WorkspaceId(id)).await.unwrap()
     }
 
     /// S1: an agent that never called → `failed`, a canned reason, an event and one rescue
