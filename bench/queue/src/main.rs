@@ -138,13 +138,18 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
         let first = first.get().map(|f| f.duration_since(t0).as_secs_f64() * 1000.0).unwrap_or(0.0);
         eprintln!("  phases: first handler {first:.0} ms, last handler {:.0} ms, shut down {:.0} ms", ran.as_secs_f64() * 1000.0, secs * 1000.0);
     }
+    assert_all_succeeded(db, &queue, o.jobs).await;
+    (o.jobs as f64 / secs, enqueue_rate)
+}
+
+/// A drain counts only if every job of it ended succeeded.
+async fn assert_all_succeeded(db: &PgPool, queue: &str, n: usize) {
     let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
-        .bind(&queue)
+        .bind(queue)
         .fetch_one(db)
         .await
         .expect("count");
-    assert_eq!(succeeded as usize, o.jobs, "every job must end succeeded");
-    (o.jobs as f64 / secs, enqueue_rate)
+    assert_eq!(succeeded as usize, n, "every job must end succeeded");
 }
 
 const RAW_SCHEMA: &str = r#"
@@ -427,12 +432,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
         }
         let secs = t0.elapsed().as_secs_f64();
         let (pg, kids) = ((postgres_cpu_s() - pg0) / secs, (children_cpu_s() - kids0) / secs);
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
-            .bind(&queue)
-            .fetch_one(db)
-            .await
-            .expect("count");
-        assert_eq!(done as usize, o.jobs, "every job must end succeeded");
+        assert_all_succeeded(db, &queue, o.jobs).await;
         let rate = o.jobs as f64 / secs;
         println!("round {round}: {} processes: {rate:.0} jobs/s, PostgreSQL {pg:.2} cores, workers {kids:.2} cores", o.processes);
         results.push((rate, pg, kids));

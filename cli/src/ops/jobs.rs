@@ -8,14 +8,11 @@ use super::{JobId, JobsList, QueuesArgs};
 
 pub async fn list(a: JobsList) -> Result<(), Failure> {
     let c = a.conn.client()?;
-    let mut query = Vec::new();
-    for (k, v) in [("status", a.status), ("kind", a.kind), ("workspace_id", a.workspace), ("cursor", a.cursor)] {
+    let mut query = a.page.query();
+    for (k, v) in [("status", a.status), ("kind", a.kind), ("workspace_id", a.workspace)] {
         if let Some(v) = v {
             query.push((k, v));
         }
-    }
-    if let Some(l) = a.limit {
-        query.push(("limit", l.to_string()));
     }
     let page = c.get(&["jobs"], &query).await?;
     if a.conn.json {

@@ -109,14 +109,35 @@ pub struct JobsList {
     /// Only this workspace's jobs.
     #[arg(long, value_name = "WORKSPACE_ID")]
     pub workspace: Option<String>,
-    /// Jobs per page (1–200) [API default: 50].
+    #[command(flatten)]
+    pub page: Page,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Which page of a listing.
+#[derive(Args, Debug)]
+pub struct Page {
+    /// Items per page (1–200) [API default: 50].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=200))]
     pub limit: Option<u16>,
     /// The next page: the cursor a previous listing printed.
     #[arg(long)]
     pub cursor: Option<String>,
-    #[command(flatten)]
-    pub conn: Conn,
+}
+
+impl Page {
+    /// As query parameters of the API's listings.
+    pub fn query(self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(l) = self.limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(c) = self.cursor {
+            q.push(("cursor", c));
+        }
+        q
+    }
 }
 
 #[derive(Args, Debug)]
@@ -147,12 +168,8 @@ pub enum WorkspacesCommand {
 
 #[derive(Args, Debug)]
 pub struct WorkspacesList {
-    /// Workspaces per page (1–200) [API default: 50].
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=200))]
-    pub limit: Option<u16>,
-    /// The next page: the cursor a previous listing printed.
-    #[arg(long)]
-    pub cursor: Option<String>,
+    #[command(flatten)]
+    pub page: Page,
     #[command(flatten)]
     pub conn: Conn,
 }

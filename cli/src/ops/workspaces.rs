@@ -15,14 +15,7 @@ const POLL: Duration = Duration::from_millis(500);
 
 pub async fn list(a: WorkspacesList) -> Result<(), Failure> {
     let c = a.conn.client()?;
-    let mut query = Vec::new();
-    if let Some(l) = a.limit {
-        query.push(("limit", l.to_string()));
-    }
-    if let Some(cur) = a.cursor {
-        query.push(("cursor", cur));
-    }
-    let page = c.get(&["workspaces"], &query).await?;
+    let page = c.get(&["workspaces"], &a.page.query()).await?;
     if a.conn.json {
         print_json(&page);
         return Ok(());
