@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/molecule-target}"
 if [[ "${1:-}" == "--smoke" ]]; then
     shift
     cargo build -q --workspace --bins --tests   # no-op after tests/run.sh's build
-    exec "$CARGO_TARGET_DIR/debug/molecule-bench-exec" --samples 3 "$@"
+    exec "$CARGO_TARGET_DIR/debug/molecule-bench-exec" --samples 3 --provisions 1 "$@"
 fi
 cargo build -q --release --bin molecule --bin molecule-bench-exec
 exec "$CARGO_TARGET_DIR/release/molecule-bench-exec" "$@"

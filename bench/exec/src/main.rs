@@ -9,7 +9,17 @@
 //! - **docker**: `docker exec <container> …` (the CLI), the floor.
 //!
 //! Prints medians and p90s, and the ratios ndjson/polling and polling/docker.
-//! Options: --samples N (30), --molecule PATH (the `molecule` binary beside this one).
+//!
+//! Then provisioning, interleaved the same way (issue 15):
+//!
+//! - **provision**: `POST /workspaces` until `GET /workspaces/{id}` says `online` (polled
+//!   every 5 ms): the provision job, the container, and the agent registering with its token;
+//! - **docker run**: `docker run -d` of the same image on the host network until the
+//!   agent's `/healthz` answers (polled every 5 ms) — the floor: no job, no confinement,
+//!   no registration.
+//!
+//! Options: --samples N (30), --provisions N (5), --molecule PATH (the `molecule` binary
+//! beside this one).
 //! `DATABASE_URL` set: serve uses it; unset: serve's embedded cluster in a temporary
 //! directory, removed at the end.
 
@@ -25,12 +35,14 @@ type Fallible<T> = Result<T, String>;
 
 struct Opts {
     samples: usize,
+    provisions: usize,
     molecule: PathBuf,
 }
 
 fn opts() -> Fallible<Opts> {
     let mut o = Opts {
         samples: 30,
+        provisions: 5,
         molecule: std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("molecule"),
     };
     let mut args = std::env::args().skip(1);
@@ -38,8 +50,9 @@ fn opts() -> Fallible<Opts> {
         let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
             "--samples" => o.samples = value()?.parse().map_err(|e| format!("--samples: {e}"))?,
+            "--provisions" => o.provisions = value()?.parse().map_err(|e| format!("--provisions: {e}"))?,
             "--molecule" => o.molecule = value()?.into(),
-            other => return Err(format!("unknown option {other} (options: --samples N, --molecule PATH)")),
+            other => return Err(format!("unknown option {other} (options: --samples N, --provisions N, --molecule PATH)")),
         }
     }
     if o.samples == 0 {
@@ -141,6 +154,50 @@ impl Api {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Creates an echo workspace; its id.
+    async fn create(&self, name: &str) -> Fallible<String> {
+        let created = self.json(reqwest::Method::POST, "/workspaces", Some(json!({ "name": name, "runtime": "echo", "tier": 3 }))).await?;
+        created["workspace"]["id"].as_str().map(str::to_string).ok_or_else(|| format!("no workspace id in {created}"))
+    }
+
+    /// Waits, polling every `every`, until the workspace is online.
+    async fn online(&self, ws: &str, every: Duration) -> Fallible<()> {
+        let path = format!("/workspaces/{ws}");
+        let t0 = Instant::now();
+        loop {
+            let w = self.json(reqwest::Method::GET, &path, None).await?;
+            match w["status"].as_str() {
+                Some("online") => return Ok(()),
+                Some("failed" | "removed") => return Err(format!("workspace {ws} ended {w}")),
+                _ if t0.elapsed() > Duration::from_secs(120) => return Err(format!("workspace {ws} not online within 120 s")),
+                _ => tokio::time::sleep(every).await,
+            }
+        }
+    }
+
+    /// Deletes a workspace and waits until its jobs (container and volume removed) are done.
+    async fn remove(&self, ws: &str) -> Fallible<()> {
+        let v = self.json(reqwest::Method::DELETE, &format!("/workspaces/{ws}"), None).await?;
+        for j in v["job_ids"].as_array().cloned().unwrap_or_default() {
+            let path = format!("/jobs/{}", j.as_str().unwrap_or_default());
+            self.until(Duration::from_secs(60), "workspace removed", async |a| {
+                let s = a.json(reqwest::Method::GET, &path, None).await?;
+                Ok(matches!(s["status"].as_str(), Some("succeeded" | "dead" | "cancelled")).then_some(()))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Provisioning: create, then read the workspace until it is online.
+    async fn provision(&self, i: usize) -> Fallible<Duration> {
+        let t0 = Instant::now();
+        let ws = self.create(&format!("bench-provision-{i}")).await?;
+        let up = self.online(&ws, POLL_EVERY).await.map(|()| t0.elapsed());
+        self.remove(&ws).await?;
+        up
     }
 
     /// Polling: enqueue, then read the job until it is final.
@@ -245,33 +302,15 @@ async fn run(o: &Opts, server: &Server) -> Fallible<()> {
     })
     .await?;
     let api = Api { token: server.org_token(&o.molecule)?, ..api };
-    let created = api
-        .json(reqwest::Method::POST, "/workspaces", Some(json!({ "name": "bench-exec", "runtime": "echo", "tier": 3 })))
-        .await?;
-    let ws = created["workspace"]["id"].as_str().ok_or("no workspace id")?.to_string();
+    let ws = api.create("bench-exec").await?;
     let result = measure(o, &api, &ws).await;
     // Remove the workspace (its container and volume) whatever happened.
-    if let Ok(v) = api.json(reqwest::Method::DELETE, &format!("/workspaces/{ws}"), None).await {
-        for j in v["job_ids"].as_array().cloned().unwrap_or_default() {
-            let path = format!("/jobs/{}", j.as_str().unwrap_or_default());
-            let _ = api
-                .until(Duration::from_secs(60), "workspace removed", async |a| {
-                    let s = a.json(reqwest::Method::GET, &path, None).await?;
-                    Ok(matches!(s["status"].as_str(), Some("succeeded" | "dead" | "cancelled")).then_some(()))
-                })
-                .await;
-        }
-    }
+    let _ = api.remove(&ws).await;
     result
 }
 
 async fn measure(o: &Opts, api: &Api, ws: &str) -> Fallible<()> {
-    let path = format!("/workspaces/{ws}");
-    api.until(Duration::from_secs(120), "workspace online", async |a| {
-        let w = a.json(reqwest::Method::GET, &path, None).await?;
-        Ok((w["status"] == "online").then_some(()))
-    })
-    .await?;
+    api.online(ws, Duration::from_millis(50)).await?;
     let container = container_of(ws)?;
     // Warm-up: connections, the container's page cache, the exec pool.
     for _ in 0..3 {
@@ -297,17 +336,89 @@ async fn measure(o: &Opts, api: &Api, ws: &str) -> Fallible<()> {
     println!("  {:<28} {:>8.1} {:>8.1}", "NDJSON stream", n.0, n.1);
     println!("  {:<28} {:>8.1} {:>8.1}", "docker exec CLI", d.0, d.1);
     println!("  ndjson / polling = {:.3}   polling / docker exec = {:.3}", n.0 / p.0, p.0 / d.0);
+    let image = image_of(&container)?;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..o.provisions {
+        if i % 2 == 0 {
+            ours.push(api.provision(i).await?);
+            theirs.push(docker_run(&image).await?);
+        } else {
+            theirs.push(docker_run(&image).await?);
+            ours.push(api.provision(i).await?);
+        }
+    }
+    let (pv, dr) = (summary(ours), summary(theirs));
+    println!("provision to online, {} samples each, image {image} (ms):", o.provisions);
+    println!("  {:<28} {:>8.1} {:>8.1}", "POST /workspaces → online", pv.0, pv.1);
+    println!("  {:<28} {:>8.1} {:>8.1}", "docker run → /healthz", dr.0, dr.1);
+    println!("  provision / docker run = {:.3}", pv.0 / dr.0);
     println!(
         "{}",
         json!({
             "samples": o.samples,
-            "median_ms": { "polling": p.0, "ndjson": n.0, "docker_exec": d.0 },
-            "p90_ms": { "polling": p.1, "ndjson": n.1, "docker_exec": d.1 },
+            "median_ms": { "polling": p.0, "ndjson": n.0, "docker_exec": d.0, "provision": pv.0, "docker_run": dr.0 },
+            "p90_ms": { "polling": p.1, "ndjson": n.1, "docker_exec": d.1, "provision": pv.1, "docker_run": dr.1 },
             "ndjson_over_polling": n.0 / p.0,
             "polling_over_docker_exec": p.0 / d.0,
+            "provisions": o.provisions,
+            "provision_over_docker_run": pv.0 / dr.0,
         })
     );
     Ok(())
+}
+
+fn image_of(container: &str) -> Fallible<String> {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{.Config.Image}}", container])
+        .output()
+        .map_err(|e| format!("docker: {e}"))?;
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || image.is_empty() {
+        return Err(format!("docker inspect {container}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(image)
+}
+
+/// `docker run -d` of the echo image until its agent answers `/healthz`; the container
+/// is removed after (not timed). The agent gets the files it reads at start and a
+/// platform address nothing listens on: it serves `/healthz` before it registers.
+async fn docker_run(image: &str) -> Fallible<Duration> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let dir = std::env::temp_dir().join(format!("molecule-bench-run-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    for f in [".auth_token", ".platform_inbound_secret"] {
+        std::fs::write(dir.join(f), "bench-not-a-secret").map_err(|e| e.to_string())?;
+    }
+    let health = format!("http://127.0.0.1:{port}/healthz");
+    let http = reqwest::Client::builder().no_proxy().build().map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let out = Command::new("docker")
+        .args(["run", "-d", "--network", "host", "-e", "PLATFORM_URL=http://127.0.0.1:9", "-e"])
+        .arg(format!("AGENT_PORT={port}"))
+        .arg("-v")
+        .arg(format!("{}:/configs:ro", dir.display()))
+        .arg(image)
+        .output()
+        .map_err(|e| format!("docker: {e}"))?;
+    let container = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let up = if !out.status.success() {
+        Err(format!("docker run: {}", String::from_utf8_lossy(&out.stderr)))
+    } else {
+        loop {
+            if http.get(&health).send().await.is_ok_and(|r| r.status().is_success()) {
+                break Ok(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                break Err(format!("docker run: {health} not answering within 60 s"));
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    };
+    if !container.is_empty() {
+        let _ = Command::new("docker").args(["rm", "-f", &container]).output();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    up
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
