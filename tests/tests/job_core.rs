@@ -396,3 +396,46 @@ async fn an_enqueue_racing_another_on_one_key_gets_the_winner() {
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
     assert_eq!(n, 1);
 }
+
+/// Two claim loops in one pool (RuntimeConfig::claimers) split its slots: together they
+/// fill the pool, never run more than its concurrency at once, and run every job exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_claim_loops_share_its_slots_and_run_each_job_once() {
+    let (db, _) = fresh_db().await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (r, p, seen) = (running.clone(), peak.clone(), runs.clone());
+    let handler = handler_fn(move |ctx| {
+        let (r, p, seen) = (r.clone(), p.clone(), seen.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            seen.lock().unwrap().push(ctx.id.to_string());
+            // Long enough for the other loop's claim to land while this one runs.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    let mut conn = db.acquire().await.unwrap();
+    let jobs: Vec<NewJob> = (0..300).map(|i| NewJob::to_queue("split", &json!({ "i": i }))).collect();
+    let ids = molecule_jobs::enqueue_many(&mut conn, &jobs).await.unwrap();
+    drop(conn);
+    // Shares of 5 slots between two loops: 3 and 2; a claim takes 3 at most.
+    let c = RuntimeConfig { claimers: 2, batch: 3, ..cfg() };
+    let rt = Runtime::start(db.clone(), c, vec![PoolSpec::new("split", 5, policy(100), handler)]);
+    for id in &ids {
+        wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(60)).await;
+    }
+    rt.shutdown().await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 5, "{peak} jobs ran at once in a pool of 5");
+    assert_eq!(peak, 5, "the pool's slots were never all in use");
+    let mut runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 300, "each job runs once");
+    runs.sort();
+    runs.dedup();
+    assert_eq!(runs.len(), 300, "no job ran twice");
+}
