@@ -35,6 +35,11 @@ pub struct AppState {
     pub auth: AuthConfig,
     /// NDJSON followers: one shared LISTEN connection, per-org caps.
     pub streams: streams::Streams,
+    /// Wakes pools after a request's transaction committed (the busy paths enqueue
+    /// without a NOTIFY in their transaction: molecule_jobs::announce).
+    pub announcer: molecule_jobs::Announcer,
+    /// Workspaces this process marked active within the last second (S5's marks).
+    pub activity: molecule_domain::activity::RecentMarks,
 }
 
 /// Handlers that need only the database (`/metrics`) take it by itself, so a process
@@ -50,7 +55,8 @@ impl AppState {
     /// inside a tokio runtime.
     pub fn new(db: PgPool, auth: AuthConfig) -> Self {
         let streams = streams::Streams::start(&db, streams::DEFAULT_STREAMS_PER_ORG);
-        AppState { db, auth, streams }
+        let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
+        AppState { db, auth, streams, announcer, activity: Default::default() }
     }
 }
 

@@ -320,7 +320,8 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
                 tracing::error!("MOLECULE_ORG_ID is set but empty: every tenant route answers 503 platform_misconfigured");
             }
             let streams = molecule_api::streams::Streams::start(&db, a.streams_per_org as usize);
-            let state = molecule_api::AppState { db, auth, streams };
+            let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
+            let state = molecule_api::AppState { db, auth, streams, announcer, activity: Default::default() };
             Some(tokio::spawn(molecule_api::serve_with(
                 listener,
                 state,

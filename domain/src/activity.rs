@@ -102,6 +102,42 @@ pub async fn mark_active(conn: &mut PgConnection, workspaces: &[WorkspaceId]) ->
     Ok(())
 }
 
+/// Which workspaces this process marked active within the last second. Consulted before
+/// [`mark_active`], it spares the statement (and the wait for the row, which a marking
+/// transaction holds until it commits) for all but one request a second per workspace
+/// and process; the statement's own predicate still keeps processes from writing more.
+#[derive(Clone, Default)]
+pub struct RecentMarks {
+    marked: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
+}
+
+impl RecentMarks {
+    /// How long a mark spares further ones.
+    pub const FOR: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Past this many remembered workspaces, those older than [`Self::FOR`] are forgotten.
+    const KEEP: usize = 4096;
+
+    /// Those of `workspaces` not marked by this process within the last second, noted as
+    /// marked at `now` (a mark whose transaction then rolls back is only a second lost).
+    pub fn due(&self, workspaces: &[WorkspaceId], now: std::time::Instant) -> Vec<WorkspaceId> {
+        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        if marked.len() > Self::KEEP {
+            marked.retain(|_, at| now.saturating_duration_since(*at) < Self::FOR);
+        }
+        let mut due = Vec::new();
+        for ws in workspaces {
+            match marked.get(&ws.0) {
+                Some(at) if now.saturating_duration_since(*at) < Self::FOR => {}
+                _ => {
+                    marked.insert(ws.0, now);
+                    due.push(*ws);
+                }
+            }
+        }
+        due
+    }
+}
+
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Activity {
     pub id: i64,
@@ -196,6 +232,25 @@ mod tests {
 
     async fn at(conn: &mut PgConnection, ws: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
         sqlx::query_scalar("SELECT last_active_at FROM workspaces WHERE id = $1").bind(ws).fetch_one(conn).await.unwrap()
+    }
+
+    #[test]
+    fn recent_marks_spare_a_workspace_for_a_second() {
+        let marks = RecentMarks::default();
+        let (a, b) = (WorkspaceId(Uuid::new_v4()), WorkspaceId(Uuid::new_v4()));
+        let t0 = std::time::Instant::now();
+        assert_eq!(marks.due(&[a], t0), vec![a]);
+        assert_eq!(marks.due(&[a, b], t0 + std::time::Duration::from_millis(500)), vec![b], "a was marked half a second ago");
+        assert_eq!(marks.due(&[a, b], t0 + std::time::Duration::from_millis(1000)), vec![a], "a's second is over; b's is not");
+        // Beyond KEEP entries the stale ones go; the fresh ones stay remembered.
+        let later = t0 + std::time::Duration::from_secs(5);
+        for _ in 0..=RecentMarks::KEEP {
+            marks.due(&[WorkspaceId(Uuid::new_v4())], later);
+        }
+        let fresh = WorkspaceId(Uuid::new_v4());
+        marks.due(&[fresh], later);
+        assert!(marks.due(&[fresh], later).is_empty());
+        assert!(marks.marked.lock().unwrap().len() <= RecentMarks::KEEP + 3);
     }
 
     /// Once a second at most: a busy workspace's requests do not queue on its row.

@@ -21,6 +21,31 @@ pub struct NewJob {
     pub priority: i32,
     /// Same (queue, key) twice → the first job's id is returned and nothing is added.
     pub idempotency_key: Option<String>,
+    /// Who wakes the queue's pools: the enqueuing transaction (a NOTIFY at its commit),
+    /// or the caller after the commit ([`crate::announce`]).
+    pub announce: Announce,
+}
+
+/// Who announces a new job to the pools of its queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Announce {
+    /// The insert trigger, with a NOTIFY sent at the commit. Costs the commit its share
+    /// of the WAL flush (see migrations/…_announce_after_commit.sql).
+    #[default]
+    InTransaction,
+    /// The caller, after its transaction committed, with [`crate::announce::Announcer`].
+    /// A caller that forgets leaves the job to the pools' polling (a second by default).
+    AfterCommit,
+}
+
+impl Announce {
+    /// `molecule.announce` for the enqueuing statement's transaction.
+    fn setting(self) -> &'static str {
+        match self {
+            Announce::InTransaction => "",
+            Announce::AfterCommit => "after_commit",
+        }
+    }
 }
 
 impl NewJob {
@@ -42,6 +67,7 @@ impl NewJob {
             max_attempts: 25,
             priority: 0,
             idempotency_key: None,
+            announce: Announce::InTransaction,
         }
     }
 
@@ -73,13 +99,22 @@ impl NewJob {
         self.idempotency_key = Some(key.into());
         self
     }
+    /// The caller announces this job after its transaction commits
+    /// ([`crate::announce::Announcer::announce`]); the commit sends no NOTIFY.
+    pub fn announce_after_commit(mut self) -> Self {
+        self.announce = Announce::AfterCommit;
+        self
+    }
 }
 
 const INSERT_ONE: &str = r#"
 WITH ins AS (
     INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at,
                              priority, idempotency_key, org_id, workspace_id, expires_at)
-    VALUES ($1, $2, $3, 'Pending', 0, $4, COALESCE($5, now()), $6, $7, $8, $9, $10)
+    SELECT $1, $2, $3, 'Pending', 0, $4, COALESCE($5, now()), $6, $7, $8, $9, $10
+    -- For the insert trigger, which runs after this statement (announce_after_commit.sql).
+    -- (An uncorrelated subquery: evaluated once, before the insert.)
+    WHERE (SELECT set_config('molecule.announce', $11, true)) IS NOT NULL
     ON CONFLICT (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
@@ -107,6 +142,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, sql
             .bind(job.org_id.map(|o| o.0))
             .bind(job.workspace_id.map(|w| w.0))
             .bind(job.expires_at)
+            .bind(job.announce.setting())
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(got) = got {
@@ -127,12 +163,19 @@ SELECT id, job_type, job, 'Pending', 0, max_attempts, COALESCE(run_at, now()),
 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[], $5::timestamptz[],
             $6::int[], $7::uuid[], $8::uuid[], $9::timestamptz[])
      AS t(id, job_type, job, max_attempts, run_at, priority, org_id, workspace_id, expires_at)
+-- For the insert trigger (see INSERT_ONE); evaluated once.
+WHERE (SELECT set_config('molecule.announce', $10, true)) IS NOT NULL
 "#;
 
 /// Pushes many jobs in one statement (bulk enqueue). Idempotency keys are not
 /// supported here: use [`enqueue`] for keyed jobs.
 pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, sqlx::Error> {
     let ids: Vec<JobId> = jobs.iter().map(|_| JobId::generate()).collect();
+    // Quiet only when every job's caller announces it.
+    let announce = match jobs.iter().all(|j| j.announce == Announce::AfterCommit) {
+        true if !jobs.is_empty() => Announce::AfterCommit,
+        _ => Announce::InTransaction,
+    };
     sqlx::query(INSERT_MANY)
         .bind(ids.iter().map(|i| i.as_str().to_string()).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.queue.clone()).collect::<Vec<_>>())
@@ -143,6 +186,7 @@ pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Ve
         .bind(jobs.iter().map(|j| j.org_id.map(|o| o.0)).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.workspace_id.map(|w| w.0)).collect::<Vec<_>>())
         .bind(jobs.iter().map(|j| j.expires_at).collect::<Vec<_>>())
+        .bind(announce.setting())
         .execute(conn)
         .await?;
     // One count per run of jobs to the same queue (a bulk is usually one queue).

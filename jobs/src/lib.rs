@@ -2,6 +2,7 @@
 //! with our own fetch/ack path.
 //!
 //! - [`enqueue`]: push jobs inside the caller's transaction, with ULIDs we generate.
+//! - [`announce`]: wake-ups sent after the enqueuing transaction committed (busy paths).
 //! - [`runtime`]: worker pools (one per queue), woken by LISTEN/NOTIFY with a polling
 //!   and next-due fallback, batched claims (`FOR UPDATE SKIP LOCKED`) and batched acks,
 //!   persisted retries with backoff, expiry, leases for orphaned jobs, graceful shutdown.
@@ -20,6 +21,7 @@
 //! What each kind does lives in `molecule-workers` (it needs the backends, which the
 //! API — a user of this crate — must not link).
 
+pub mod announce;
 pub mod backoff;
 pub mod enqueue;
 pub mod failures;
@@ -36,7 +38,8 @@ pub mod store;
 pub mod sweeper;
 pub mod verdicts;
 
-pub use enqueue::{enqueue, enqueue_many, NewJob};
+pub use announce::Announcer;
+pub use enqueue::{enqueue, enqueue_many, Announce, NewJob};
 pub use handler::{handler_fn, typed_handler, Handler, Interrupt, JobContext, JobError};
 pub use kinds::{JobKind, RetryPolicy};
 pub use runtime::{PoolSpec, Runtime, RuntimeConfig, ShutdownReport};

@@ -218,7 +218,10 @@ pub async fn send(
     let t = t.ok_or(ApiError::NotFound("workspace"))?;
     // Sender and target are in use (S5 hibernates only idle workspaces).
     let active: Vec<WorkspaceId> = std::iter::once(target).chain(caller).collect();
-    activity::mark_active(&mut tx, &active).await?;
+    let active = st.activity.due(&active, std::time::Instant::now());
+    if !active.is_empty() {
+        activity::mark_active(&mut tx, &active).await?;
+    }
 
     if t.delivery_mode == DeliveryMode::Poll {
         // The inbox holds the request as the agent will read it: in its generation.
@@ -274,7 +277,8 @@ pub async fn send(
         Inserted::New(queue_id) => {
             let mut job = NewJob::new(JobKind::A2aDispatch, &serde_json::json!({ "queue_id": queue_id }))
                 .org(p.org)
-                .workspace(target);
+                .workspace(target)
+                .announce_after_commit();
             if let Some(at) = expires_at {
                 job = job.expires_at(at);
             }
@@ -288,6 +292,9 @@ pub async fn send(
         }
     };
     tx.commit().await?;
+    if !queued.duplicate {
+        st.announcer.announce(JobKind::A2aDispatch.queue());
+    }
     tracing::info!(event = "a2a.queued", workspace_id = %target, org_id = %p.org, queue_id = %queued.queue_id,
         duplicate = queued.duplicate, method = n.method, generation = n.generation.as_str());
     Ok((StatusCode::ACCEPTED, Json(queued)).into_response())

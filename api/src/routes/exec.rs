@@ -128,12 +128,16 @@ pub async fn exec(
     let job = NewJob::new(JobKind::Exec, &payload)
         .org(org)
         .workspace(id)
-        .expires_at(Utc::now() + chrono::Duration::minutes(5));
+        .expires_at(Utc::now() + chrono::Duration::minutes(5))
+        .announce_after_commit();
     let job_id = enqueue(&mut tx, &job).await?;
-    molecule_domain::activity::mark_active(&mut tx, &[id]).await?;
+    if !st.activity.due(&[id], std::time::Instant::now()).is_empty() {
+        molecule_domain::activity::mark_active(&mut tx, &[id]).await?;
+    }
     // Subscribed before the job can run, so no announcement is missed.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
     tx.commit().await?;
+    st.announcer.announce(JobKind::Exec.queue());
     let (Some(admission), Some(subscription)) = (admission, subscription) else {
         return Ok((StatusCode::ACCEPTED, Json(ExecQueued { job_id: job_id.to_string(), timeout_s })).into_response());
     };

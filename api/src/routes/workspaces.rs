@@ -160,12 +160,16 @@ pub async fn create(
     } else {
         let job = NewJob::new(JobKind::Provision, &serde_json::json!({ "workspace_id": ws.id }))
             .org(org)
-            .workspace(WorkspaceId(ws.id));
+            .workspace(WorkspaceId(ws.id))
+            .announce_after_commit();
         Some(enqueue(&mut tx, &job).await?.to_string())
     };
     record_event(&mut tx, org, ws.id, "WORKSPACE_CREATED", serde_json::json!({ "runtime": ws.runtime, "job_id": job_id }))
         .await?;
     tx.commit().await?;
+    if job_id.is_some() {
+        st.announcer.announce(JobKind::Provision.queue());
+    }
     tracing::info!(event = "workspace.created", workspace_id = %ws.id, org_id = %org, job_id = ?job_id);
     Ok((StatusCode::ACCEPTED, Json(Created { workspace: ws, job_id })))
 }
@@ -333,12 +337,16 @@ pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<Str
     for ws in &removed {
         let job = NewJob::new(JobKind::Stop, &serde_json::json!({ "workspace_id": ws, "reason": "delete" }))
             .org(org)
-            .workspace(WorkspaceId(*ws));
+            .workspace(WorkspaceId(*ws))
+            .announce_after_commit();
         let job_id = enqueue(&mut tx, &job).await?.to_string();
         record_event(&mut tx, org, *ws, "WORKSPACE_REMOVED", serde_json::json!({ "job_id": job_id, "root": id })).await?;
         job_ids.push(job_id);
     }
     tx.commit().await?;
+    if !job_ids.is_empty() {
+        st.announcer.announce(JobKind::Stop.queue());
+    }
     tracing::info!(event = "workspace.removed", workspace_id = %id, org_id = %org, count = removed.len());
     Ok((StatusCode::ACCEPTED, Json(Removed { removed, job_ids })))
 }

@@ -1,0 +1,90 @@
+//! Wake-ups sent after the enqueuing transaction committed.
+//!
+//! A NOTIFY inside a transaction makes its commit take a database-wide lock until the
+//! commit is flushed, so enqueuing transactions that notify commit one at a time, each
+//! waiting for its own WAL flush (migrations/…_announce_after_commit.sql has the figures).
+//! A caller on a busy path enqueues with [`NewJob::announce_after_commit`] instead and,
+//! once its transaction committed, calls [`Announcer::announce`]. One task per
+//! [`Announcer`] sends one autocommit `pg_notify` per queue for every queue announced
+//! while its previous statement ran, on a connection of its own: one short locked
+//! commit for many enqueues, none of them waiting for it.
+//!
+//! A lost announcement (the statement failed, the process died after the commit) costs
+//! latency, never a job: pools also poll.
+//!
+//! [`NewJob::announce_after_commit`]: crate::NewJob::announce_after_commit
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+use crate::runtime::INSERT_CHANNEL;
+
+/// Announces queues with committed new jobs. Cheap to clone; every clone feeds one task.
+#[derive(Clone)]
+pub struct Announcer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Queues announced since the last statement (a set: one notify per queue however
+    /// many jobs).
+    pending: Mutex<BTreeSet<String>>,
+    wake: Notify,
+}
+
+impl Announcer {
+    /// Starts the announcing task on a connection of its own made from `options`. Call
+    /// inside a tokio runtime. The task ends when the last clone is dropped.
+    pub fn start(options: PgConnectOptions) -> Announcer {
+        let inner = Arc::new(Inner { pending: Mutex::new(BTreeSet::new()), wake: Notify::new() });
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        tokio::spawn(run(Arc::downgrade(&inner), db));
+        Announcer { inner }
+    }
+
+    /// Wakes the pools of `queue`: call after the transaction that enqueued to it
+    /// committed (before, a woken pool could find nothing and go back to sleep).
+    pub fn announce(&self, queue: &str) {
+        let mut pending = lock(&self.inner.pending);
+        if !pending.contains(queue) {
+            pending.insert(queue.to_string());
+        }
+        drop(pending);
+        self.inner.wake.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The same payload as the insert trigger's, so listeners need not tell them apart.
+const NOTIFY: &str = "SELECT pg_notify($1, json_build_object('job_type', q)::text) FROM unnest($2::text[]) AS q";
+
+async fn run(inner: std::sync::Weak<Inner>, db: PgPool) {
+    loop {
+        let queues: Vec<String> = {
+            let Some(inner) = inner.upgrade() else { break };
+            let queues: Vec<String> = std::mem::take(&mut *lock(&inner.pending)).into_iter().collect();
+            if queues.is_empty() {
+                // Woken by the next announce, or now and then to notice the last clone gone.
+                let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
+                continue;
+            }
+            queues
+        };
+        if let Err(e) = sqlx::query(NOTIFY).bind(INSERT_CHANNEL).bind(&queues).execute(&db).await {
+            // The pools' polling picks these jobs up meanwhile.
+            tracing::warn!(error = %e, queues = ?queues, "announcing new jobs failed; pools will find them by polling");
+        }
+    }
+    db.close().await;
+}

@@ -1,0 +1,100 @@
+//! Wake-ups after commit (issue 15): an enqueue marked `announce_after_commit` sends no
+//! NOTIFY at its commit (which would serialize commits), every other enqueue still does,
+//! and the announcer's NOTIFY after the commit wakes an idle pool.
+//!
+//! Absence is checked without waiting: notifications arrive in commit order, so when a
+//! later transaction's notification is the next one received, the earlier transaction
+//! sent none.
+
+use molecule_jobs::runtime::INSERT_CHANNEL;
+use molecule_jobs::{enqueue, enqueue_many, handler_fn, Announcer, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_tests::fresh_db;
+use serde_json::json;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::time::Duration;
+
+fn job(queue: &str) -> NewJob {
+    NewJob::to_queue(queue, &json!({}))
+}
+
+/// The queue named by the next notification on the insert channel.
+async fn next_queue(listener: &mut PgListener) -> String {
+    let n = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.expect("a notification within 10 s").unwrap();
+    let v: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+    v["job_type"].as_str().expect("job_type in the payload").to_string()
+}
+
+async fn loud(db: &PgPool, queue: &str) {
+    let mut conn = db.acquire().await.unwrap();
+    enqueue(&mut conn, &job(queue)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_enqueues_send_no_notify_and_the_announcer_sends_one_per_queue() {
+    let (db, _) = fresh_db().await;
+    let mut listener = PgListener::connect_with(&db).await.unwrap();
+    listener.listen(INSERT_CHANNEL).await.unwrap();
+
+    // A quiet enqueue, committed; then a loud one: the loud one's is the next notification.
+    let mut tx = db.begin().await.unwrap();
+    enqueue(&mut tx, &job("quiet").announce_after_commit()).await.unwrap();
+    tx.commit().await.unwrap();
+    loud(&db, "marker-1").await;
+    assert_eq!(next_queue(&mut listener).await, "marker-1", "the quiet enqueue's commit notified");
+
+    // A loud enqueue after a quiet one in the same transaction still notifies (each
+    // statement sets the mode for itself).
+    let mut tx = db.begin().await.unwrap();
+    enqueue(&mut tx, &job("quiet").announce_after_commit()).await.unwrap();
+    enqueue(&mut tx, &job("mixed")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(next_queue(&mut listener).await, "mixed");
+    loud(&db, "marker-2").await;
+    assert_eq!(next_queue(&mut listener).await, "marker-2", "one notification for the mixed transaction, not two");
+
+    // Bulk: quiet when every job is, loud otherwise.
+    let mut conn = db.acquire().await.unwrap();
+    enqueue_many(&mut conn, &[job("bulk-quiet").announce_after_commit(), job("bulk-quiet").announce_after_commit()]).await.unwrap();
+    enqueue_many(&mut conn, &[job("bulk-mixed").announce_after_commit(), job("bulk-mixed")]).await.unwrap();
+    drop(conn);
+    assert_eq!(next_queue(&mut listener).await, "bulk-mixed");
+
+    // The announcer: one notification per queue announced, same payload as the trigger's.
+    let announcer = Announcer::start(db.connect_options().as_ref().clone());
+    announcer.announce("quiet");
+    assert_eq!(next_queue(&mut listener).await, "quiet");
+    loud(&db, "marker-3").await;
+    assert_eq!(next_queue(&mut listener).await, "marker-3", "an announce sends one notification");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
+    let (db, _) = fresh_db().await;
+    let (tx_started, mut started) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let handler = handler_fn(move |ctx| {
+        let tx_started = tx_started.clone();
+        async move {
+            let _ = tx_started.send(ctx.id.to_string());
+            Ok(json!(null))
+        }
+    });
+    // Only a wake-up can start a job within the test's bounds: the poll is a minute away.
+    let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: "announce-test".into(), ..Default::default() };
+    let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("announced", 2, RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 }, handler)]);
+    let announcer = Announcer::start(db.connect_options().as_ref().clone());
+    // The pool's first claim (at start) found nothing; wait until it sleeps on the queue:
+    // its worker row exists and a first enqueue, announced, is taken.
+    for round in 0..3 {
+        let mut tx = db.begin().await.unwrap();
+        let id = enqueue(&mut tx, &job("announced").announce_after_commit()).await.unwrap();
+        tx.commit().await.unwrap();
+        announcer.announce("announced");
+        let got = tokio::time::timeout(Duration::from_secs(10), started.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the announced job did not start within 10 s"))
+            .unwrap();
+        assert_eq!(got, id.to_string());
+    }
+    rt.shutdown().await;
+}
