@@ -6,10 +6,13 @@
 //! - **POST /workspaces**: C clients creating `echo` workspaces (each: validation, one
 //!   transaction writing the row, its event and the provision job);
 //! - **POST /workspaces/{id}/exec**: C clients enqueueing a command in one workspace;
-//! - `serve`'s resident memory idle (after start-up) and its peak under those loads.
+//! - the server's resident memory idle (after start-up) and its peak under those loads.
 //!
-//! `serve` runs with `MOLECULE_BACKEND=none`: the jobs the load enqueues are taken by the
-//! pools and fail at once instead of starting thousands of containers (its workers are
+//! The two request phases run twice: against `molecule serve` (its pools take the jobs
+//! the load enqueues, on the same two cores, as a one-process install does), then against
+//! `molecule api` alone (the request path only: validation, one transaction, the job
+//! queued for pools elsewhere). `serve` runs with `MOLECULE_BACKEND=none`: the jobs are
+//! taken and fail at once instead of starting thousands of containers (its workers are
 //! busy meanwhile, as under real load). The exec target is marked online in the database,
 //! the one shortcut (no agent could come up without a backend).
 //!
@@ -176,12 +179,76 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
     .await;
     raw_db.close().await;
 
+    // `serve` first (its pools drain what the load enqueues, on the same cores), then
+    // `api` alone (the request path only; its jobs stay queued).
+    let served = server_phases(o, url, "serve").await?;
+    let api = server_phases(o, url, "api").await?;
+
+    println!("| phase | ok | failed | per second | p50 ms | p99 ms | vs raw INSERT |");
+    println!("|---|---|---|---|---|---|---|");
+    for p in [&raw, &served.create, &served.exec, &api.create, &api.exec] {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            p.name,
+            p.ok,
+            p.failed,
+            p.rate(),
+            p.pct(0.5),
+            p.pct(0.99),
+            p.rate() / raw.rate()
+        );
+    }
+    for m in [&served, &api] {
+        println!(
+            "{} RSS: idle {:.1} MiB, peak under POST /workspaces {:.1} MiB, under exec {:.1} MiB",
+            m.command, m.idle_rss, m.create_rss, m.exec_rss
+        );
+    }
+    println!(
+        "clients={} secs={} raw_insert_tps={:.0} create_rps={:.0} create_p99_ms={:.2} create_vs_raw={:.2} exec_rps={:.0} exec_p99_ms={:.2} exec_vs_raw={:.2} rss_idle_mib={:.1} rss_load_mib={:.1} api_create_rps={:.0} api_create_p99_ms={:.2} api_create_vs_raw={:.2} api_exec_rps={:.0} api_exec_p99_ms={:.2} api_exec_vs_raw={:.2}",
+        o.clients,
+        o.secs,
+        raw.rate(),
+        served.create.rate(),
+        served.create.pct(0.99),
+        served.create.rate() / raw.rate(),
+        served.exec.rate(),
+        served.exec.pct(0.99),
+        served.exec.rate() / raw.rate(),
+        served.idle_rss,
+        served.create_rss.max(served.exec_rss),
+        api.create.rate(),
+        api.create.pct(0.99),
+        api.create.rate() / raw.rate(),
+        api.exec.rate(),
+        api.exec.pct(0.99),
+        api.exec.rate() / raw.rate(),
+    );
+    Ok(())
+}
+
+/// The two request phases against one `molecule <command>` process, and its memory.
+struct ServerPhases {
+    command: &'static str,
+    create: Phase,
+    exec: Phase,
+    idle_rss: f64,
+    create_rss: f64,
+    exec_rss: f64,
+}
+
+async fn server_phases(o: &Opts, url: &str, command: &'static str) -> Fallible<ServerPhases> {
+    let names = match command {
+        "serve" => ("POST /workspaces (serve)", "POST /workspaces/{id}/exec (serve)"),
+        _ => ("POST /workspaces (api alone)", "POST /workspaces/{id}/exec (api alone)"),
+    };
+    // `api` does not migrate; `serve` (run first) has.
     // One serve on the same database.
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
-    let log = std::env::temp_dir().join(format!("molecule-bench-e2e-{}.log", std::process::id()));
+    let log = std::env::temp_dir().join(format!("molecule-bench-e2e-{}-{command}.log", std::process::id()));
     let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let child = Command::new(&o.molecule)
-        .arg("serve")
+        .arg(command)
         .env("DATABASE_URL", url)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("MOLECULE_BACKEND", "none")
@@ -217,7 +284,7 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
     let h = http.clone();
     let (create, create_rss) = with_peak_rss(
         pid,
-        load("POST /workspaces", o.clients, o.secs, move |n| {
+        load(names.0, o.clients, o.secs, move |n| {
             let (h, base, tok) = (h.clone(), base.clone(), tok.clone());
             async move {
                 let body = json!({"name": format!("w-{n}"), "runtime": "echo", "tier": 3});
@@ -252,7 +319,7 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
     let h = http.clone();
     let (exec, exec_rss) = with_peak_rss(
         pid,
-        load("POST /workspaces/{id}/exec", o.clients, o.secs, move |_| {
+        load(names.1, o.clients, o.secs, move |_| {
             let (h, base, tok, target) = (h.clone(), base.clone(), tok.clone(), target.clone());
             async move {
                 let body = json!({"argv": ["echo", "bench"], "timeout_s": 5});
@@ -266,37 +333,8 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
     .await;
     db.close().await;
     drop(serve);
+    Ok(ServerPhases { command, create, exec, idle_rss, create_rss, exec_rss })
 
-    println!("| phase | ok | failed | per second | p50 ms | p99 ms | vs raw INSERT |");
-    println!("|---|---|---|---|---|---|---|");
-    for p in [&raw, &create, &exec] {
-        println!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            p.name,
-            p.ok,
-            p.failed,
-            p.rate(),
-            p.pct(0.5),
-            p.pct(0.99),
-            p.rate() / raw.rate()
-        );
-    }
-    println!("serve RSS: idle {idle_rss:.1} MiB, peak under POST /workspaces {create_rss:.1} MiB, under exec {exec_rss:.1} MiB");
-    println!(
-        "clients={} secs={} raw_insert_tps={:.0} create_rps={:.0} create_p99_ms={:.2} create_vs_raw={:.2} exec_rps={:.0} exec_p99_ms={:.2} exec_vs_raw={:.2} rss_idle_mib={:.1} rss_load_mib={:.1}",
-        o.clients,
-        o.secs,
-        raw.rate(),
-        create.rate(),
-        create.pct(0.99),
-        create.rate() / raw.rate(),
-        exec.rate(),
-        exec.pct(0.99),
-        exec.rate() / raw.rate(),
-        idle_rss,
-        create_rss.max(exec_rss)
-    );
-    Ok(())
 }
 
 #[tokio::main]
