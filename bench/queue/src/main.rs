@@ -19,7 +19,7 @@
 //!  pickup_e2e_p50_ms=<x> pickup_e2e_p99_ms=<x> raw_best_jobs_s=<n> drain_vs_raw_best=<x>` (one line).
 //!
 //! Flags: --jobs N (20000) --rounds R (3) --samples S (300) --concurrency C (1000)
-//! --batch B (1000) --claimers K (the runtime's default) --raw-clients K (4) --raw-batch M (50) --pools P (1) --processes N (0:
+//! --batch B (1000) --raw-clients K (4) --raw-batch M (50) --pools P (1) --processes N (0:
 //! in this process) --raw-matrix 0|1 (1). DATABASE_URL unset → a private embedded
 //! cluster in a temporary directory.
 
@@ -37,7 +37,6 @@ struct Opts {
     samples: usize,
     concurrency: usize,
     batch: usize,
-    claimers: usize,
     raw_clients: usize,
     raw_batch: i64,
     pools: usize,
@@ -52,7 +51,6 @@ fn opts() -> Result<Opts, String> {
         samples: 300,
         concurrency: 1000,
         batch: 1000,
-        claimers: RuntimeConfig::default().claimers,
         raw_clients: 4,
         raw_batch: 50,
         pools: 1,
@@ -70,7 +68,6 @@ fn opts() -> Result<Opts, String> {
             "--samples" => o.samples = n.max(1),
             "--concurrency" => o.concurrency = n.max(1),
             "--batch" => o.batch = n.max(1),
-            "--claimers" => o.claimers = n.max(1),
             "--raw-clients" => o.raw_clients = n.max(1),
             "--raw-batch" => o.raw_batch = n.max(1) as i64,
             "--pools" => o.pools = n.max(1),
@@ -83,14 +80,13 @@ fn opts() -> Result<Opts, String> {
     Ok(o)
 }
 
-fn runtime_cfg(batch: usize, claimers: usize) -> RuntimeConfig {
+fn runtime_cfg(batch: usize) -> RuntimeConfig {
     RuntimeConfig {
         lease: Duration::from_secs(30),
         heartbeat: Duration::from_secs(5),
         poll_interval: Duration::from_secs(1),
         grace: Duration::from_secs(10),
         batch,
-        claimers,
         node: "bench".into(),
         ..Default::default()
     }
@@ -133,7 +129,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
     let specs = (0..o.pools)
         .map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone()))
         .collect();
-    let rt = Runtime::start(db.clone(), runtime_cfg(o.batch, o.claimers), specs);
+    let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     all_done.notified().await;
     let ran = t0.elapsed();
     rt.shutdown().await; // flushes the last acks
@@ -231,7 +227,7 @@ async fn pickup(db: &PgPool, o: &Opts) -> (Vec<f64>, Vec<f64>) {
     });
     let rt = Runtime::start(
         db.clone(),
-        runtime_cfg(o.batch, o.claimers),
+        runtime_cfg(o.batch),
         vec![PoolSpec::new("bench_pickup", 4, RETRY, handler)],
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -270,7 +266,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--worker-child") {
         let n = |i: usize| args.get(i).and_then(|v| v.parse().ok()).expect("worker-child arguments");
-        worker_child(&args[2], &args[3], n(4), n(5), n(6)).await;
+        worker_child(&args[2], &args[3], n(4), n(5)).await;
         return;
     }
     let o = match opts() {
@@ -425,7 +421,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
         let children: Vec<_> = (0..o.processes)
             .map(|_| {
                 std::process::Command::new(&exe)
-                    .args(["--worker-child", url, &queue, &o.concurrency.to_string(), &o.batch.to_string(), &o.claimers.to_string()])
+                    .args(["--worker-child", url, &queue, &o.concurrency.to_string(), &o.batch.to_string()])
                     .spawn()
                     .expect("spawn a worker process")
             })
@@ -448,10 +444,10 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
 
 /// A worker process of `--processes`: one pool on `queue` until none of its jobs is left
 /// to run, then a clean shutdown (the last acks written).
-async fn worker_child(url: &str, queue: &str, concurrency: usize, batch: usize, claimers: usize) {
+async fn worker_child(url: &str, queue: &str, concurrency: usize, batch: usize) {
     let db = molecule_domain::db::connect(url, 4).await.expect("connect");
     let handler = handler_fn(|_ctx| async { Ok(serde_json::Value::Null) });
-    let rt = Runtime::start(db.clone(), runtime_cfg(batch, claimers), vec![PoolSpec::new(queue, concurrency, RETRY, handler)]);
+    let rt = Runtime::start(db.clone(), runtime_cfg(batch), vec![PoolSpec::new(queue, concurrency, RETRY, handler)]);
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status IN ('Pending', 'Failed')")

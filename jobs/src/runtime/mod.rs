@@ -1,12 +1,11 @@
 //! Worker pools: one per queue, each with its own concurrency, in one runtime per process.
 //!
-//! Per pool ([`pool`]): claim loops (`claimers`, each with its share of the pool's slots)
-//! each claim up to `min(free slots, batch)` jobs in one statement (`FOR UPDATE SKIP
-//! LOCKED` over the partial claim index) and run each on its own task; one acker
-//! ([`acker`]) writes outcomes back in batches, each under the fence of its claim. When the
-//! queue runs dry a loop sleeps until the first of: a NOTIFY for its queue (the insert
-//! trigger), the next job's `run_at` (retries, future-dated jobs), or the polling interval
-//! (missed NOTIFYs); a loop whose claim came back full wakes a sleeping sibling.
+//! Per pool ([`pool`]): a fetcher claims up to `min(free slots, batch)` jobs in one
+//! statement (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own
+//! task, and an acker ([`acker`]) writes outcomes back in batches, each under the fence of
+//! its claim. When the queue runs dry the fetcher sleeps until the first of: a NOTIFY for
+//! its queue (the insert trigger), the next job's `run_at` (retries, future-dated jobs), or
+//! the polling interval (missed NOTIFYs).
 //!
 //! Per process: one LISTEN connection ([`listener`]) and one heartbeat connection
 //! ([`heartbeat`]), both dedicated, outside every pool; claims and acks on a small pool of
@@ -60,10 +59,6 @@ pub struct RuntimeConfig {
     pub interrupt_wait: Duration,
     /// Most jobs one claim takes.
     pub batch: usize,
-    /// Claim loops per pool, each with its share of the pool's slots: with two, one
-    /// claim's statement runs while the other's jobs are handed out (a deep queue drains
-    /// about a quarter faster here). Never more than the pool's concurrency.
-    pub claimers: usize,
     /// Identifies this process in worker names (host and pid by default).
     pub node: String,
     /// Queues whose jobs must never run twice: the lease rescuer ends theirs `interrupted`
@@ -81,7 +76,6 @@ impl Default for RuntimeConfig {
             grace: Duration::from_secs(30),
             interrupt_wait: Duration::from_secs(5),
             batch: 200,
-            claimers: 2,
             node: default_node(),
             run_once_queues: JobKind::ALL.iter().filter(|k| k.runs_once()).map(|k| k.queue().to_string()).collect(),
         }
@@ -167,11 +161,10 @@ impl Runtime {
             }
         }
         let options = db.connect_options().as_ref().clone();
-        // The claim loops and the acker of each pool, plus the lease rescuer: none of them
-        // waits for a connection a handler holds.
-        let per_pool = cfg.claimers.max(1) + 1;
+        // A claimer and an acker per pool, plus the lease rescuer: none of them waits for a
+        // connection a handler holds.
         let core = PgPoolOptions::new()
-            .max_connections((per_pool * specs.len() + 1).max(2) as u32)
+            .max_connections((2 * specs.len() + 1).max(2) as u32)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options.clone());
         let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });

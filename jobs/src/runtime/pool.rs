@@ -29,6 +29,7 @@ pub(super) async fn run(
     mut lease: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> PoolReport {
+    let cfg = &shared.cfg;
     let queue = spec.queue.clone();
     // No claim before the heartbeat has written our worker row: a claimed job whose
     // worker row does not exist looks orphaned to every lease rescuer.
@@ -36,201 +37,153 @@ pub(super) async fn run(
         r = lease.wait_for(|held| *held) => { if r.is_err() { return PoolReport::default(); } }
         _ = shutdown.wait_for(|s| *s) => return PoolReport::default(),
     }
-    let shares = claimer_shares(spec.concurrency, shared.cfg.claimers);
-    tracing::info!(queue, worker_id, concurrency = spec.concurrency, claimers = shares.len(), "pool started");
+    tracing::info!(queue, worker_id, concurrency = spec.concurrency, "pool started");
 
     let counts = crate::metrics::QueueMetrics::new(&queue);
+    let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
     let acker = tokio::spawn(acker::run(shared.clone(), counts.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
-    let claimer = Claimer { shared: &shared, spec: &spec, worker_id: &worker_id, notify: &notify, counts: &counts, ack_tx: &ack_tx };
-    let ended = futures_util::future::join_all(
-        shares.into_iter().map(|share| claimer.run(share, lease.clone(), shutdown.clone())),
-    )
-    .await;
+    let mut attempts = Attempts::new(spec.runs_once);
+    let mut backoff = ErrorBackoff::new();
+
+    while !*shutdown.borrow() {
+        if !*lease.borrow() {
+            // Half a lease without a written heartbeat: others will soon take our jobs.
+            let wait = if spec.runs_once { cfg.interrupt_wait.min(cfg.lease / 4) } else { Duration::ZERO };
+            attempts.stop(wait, &ack_tx).await;
+            tokio::select! {
+                r = lease.wait_for(|held| *held) => { if r.is_err() { break; } }
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        attempts.reap();
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                p = slots.acquire() => drop(p),
+                _ = shutdown.changed() => {}
+                _ = lease.changed() => {}
+            }
+            continue;
+        }
+        let want = free.min(cfg.batch.max(1));
+        let claimed = match store::claim(&shared.core, &queue, want as i64, &worker_id).await {
+            Ok(rows) => {
+                backoff.reset();
+                rows
+            }
+            Err(e) => {
+                tracing::warn!(queue, error = %e, "claim failed; backing off");
+                backoff.wait(&mut shutdown).await;
+                continue;
+            }
+        };
+        let n = claimed.len();
+        counts.started(claimed.iter().filter(|j| !j.expired).count());
+        for job in claimed {
+            let claim = Claim { id: job.id.clone(), fence: job.fence };
+            if job.expired {
+                let _ = ack_tx.send(acker::expired(claim));
+                continue;
+            }
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Cannot happen (only this loop takes slots and it asked for `free`);
+                // if it did, the job goes back rather than overfilling the pool.
+                let _ = ack_tx.send(acker::release(claim));
+                continue;
+            };
+            attempts.start(&claim);
+            let ctx = JobContext {
+                id: JobId::from_db(job.id),
+                queue: queue.clone(),
+                attempt: job.attempts,
+                max_attempts: job.max_attempts,
+                org_id: job.org_id.map(OrgId),
+                workspace_id: job.workspace_id.map(WorkspaceId),
+                payload: job.job.into(),
+                db: shared.db.clone(),
+                interrupt: attempts.signal(),
+            };
+            let handler = spec.handler.clone();
+            let retry = spec.retry;
+            let runs_once = spec.runs_once;
+            let ack_tx = ack_tx.clone();
+            let unacked = attempts.unacked.clone();
+            let ended = attempts.ended.clone();
+            let (attempt, max_attempts) = (job.attempts, job.max_attempts);
+            let counts = counts.clone();
+            attempts.tasks.spawn(async move {
+                let began = std::time::Instant::now();
+                let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
+                let ack = match outcome {
+                    Ok(Ok(result)) => acker::succeeded(claim, result),
+                    Ok(Err(JobError::Interrupted)) => {
+                        ended.count(runs_once);
+                        if runs_once { acker::interrupted(claim) } else { acker::release(claim) }
+                    }
+                    Ok(Err(e)) => {
+                        // The detail goes here, and to operators; tenants read the code.
+                        tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed");
+                        acker::failed(claim, &e, attempt, max_attempts, &retry)
+                    }
+                    Err(_) => {
+                        tracing::error!(job_id = %claim.id, attempt, "handler panicked");
+                        acker::failed(claim, &JobError::retryable("handler_panicked", "handler panicked"), attempt, max_attempts, &retry)
+                    }
+                };
+                counts.duration(&ack, began.elapsed().as_secs_f64());
+                // Out of the in-flight set before the ack leaves: whatever is still in it
+                // after an abort never produced one.
+                lock(&unacked).remove(&(ack.id.clone(), ack.fence));
+                let _ = ack_tx.send(ack);
+                drop(permit);
+            });
+        }
+        if n < want {
+            let wait = match store::next_due_ms(&shared.core, &queue).await {
+                Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
+                // Due now but skipped (another worker holds the row lock): look again soon.
+                Ok(Some(_)) => Duration::from_millis(10).min(cfg.poll_interval),
+                Ok(None) | Err(_) => cfg.poll_interval,
+            };
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+                _ = lease.changed() => {}
+            }
+        }
+    }
+
+    // Shutdown: no more claims. Running jobs get the grace period to finish; meanwhile
+    // the heartbeat goes on, so their leases hold and nobody else runs them.
+    if !attempts.tasks.is_empty() {
+        tracing::info!(queue, in_flight = attempts.tasks.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
+    }
+    let finished = tokio::select! {
+        r = tokio::time::timeout(cfg.grace, drain(&mut attempts.tasks)) => r.is_ok(),
+        // Unless the lease goes first: then they stop now, as below.
+        _ = lease.wait_for(|held| !*held) => false,
+    };
+    if !finished {
+        tracing::warn!(queue, still_running = attempts.tasks.len(), runs_once = spec.runs_once, "grace period over; interrupting");
+        // Kinds that must not run twice get a moment to stop what they started (exec kills
+        // its command and completes its audit row); the others go back to the queue now.
+        let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
+        attempts.stop(wait, &ack_tx).await;
+    }
     drop(ack_tx);
     let acks_written = acker.await;
     if acks_written.is_err() {
         tracing::warn!(queue, "acker ended abnormally");
     }
     let report = PoolReport {
-        released: ended.iter().map(|e| e.released.load(Ordering::Relaxed)).sum(),
-        interrupted: ended.iter().map(|e| e.interrupted.load(Ordering::Relaxed)).sum(),
+        released: attempts.ended.released.load(Ordering::Relaxed),
+        interrupted: attempts.ended.interrupted.load(Ordering::Relaxed),
     };
     tracing::info!(queue, released = report.released, interrupted = report.interrupted, "pool stopped");
     report
-}
-
-/// The pool's concurrency split between its claim loops: at most `claimers` loops, each
-/// with at least one slot.
-fn claimer_shares(concurrency: usize, claimers: usize) -> Vec<usize> {
-    let concurrency = concurrency.max(1);
-    let k = claimers.clamp(1, concurrency);
-    (0..k).map(|i| concurrency / k + usize::from(i < concurrency % k)).collect()
-}
-
-/// What a pool's claim loops share. Each loop claims into slots of its own, so two claims
-/// of one pool can be in flight at once (while one statement runs, the other's jobs are
-/// handed out), and never take the same slots.
-struct Claimer<'a> {
-    shared: &'a Arc<Shared>,
-    spec: &'a PoolSpec,
-    worker_id: &'a str,
-    notify: &'a Arc<Notify>,
-    counts: &'a crate::metrics::QueueMetrics,
-    ack_tx: &'a mpsc::UnboundedSender<store::Ack>,
-}
-
-impl Claimer<'_> {
-    /// One claim loop with `concurrency` slots: claim, run, hand outcomes to the acker,
-    /// until shutdown; then its part of the shutdown. Returns what the shutdown ended early.
-    async fn run(&self, concurrency: usize, mut lease: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) -> Arc<Ended> {
-        let (shared, spec, ack_tx) = (self.shared, self.spec, self.ack_tx);
-        let cfg = &shared.cfg;
-        let queue = &spec.queue;
-        let slots = Arc::new(Semaphore::new(concurrency));
-        let mut attempts = Attempts::new(spec.runs_once);
-        let mut backoff = ErrorBackoff::new();
-
-        while !*shutdown.borrow() {
-            if !*lease.borrow() {
-                // Half a lease without a written heartbeat: others will soon take our jobs.
-                let wait = if spec.runs_once { cfg.interrupt_wait.min(cfg.lease / 4) } else { Duration::ZERO };
-                attempts.stop(wait, ack_tx).await;
-                tokio::select! {
-                    r = lease.wait_for(|held| *held) => { if r.is_err() { break; } }
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            attempts.reap();
-            let free = slots.available_permits();
-            if free == 0 {
-                tokio::select! {
-                    p = slots.acquire() => drop(p),
-                    _ = shutdown.changed() => {}
-                    _ = lease.changed() => {}
-                }
-                continue;
-            }
-            let want = free.min(cfg.batch.max(1));
-            let claimed = match store::claim(&shared.core, queue, want as i64, self.worker_id).await {
-                Ok(rows) => {
-                    backoff.reset();
-                    rows
-                }
-                Err(e) => {
-                    tracing::warn!(queue, error = %e, "claim failed; backing off");
-                    backoff.wait(&mut shutdown).await;
-                    continue;
-                }
-            };
-            let n = claimed.len();
-            if n == want {
-                // A full claim: more may be waiting. Wake a sibling loop idling on the
-                // queue's waker (or, with none idle, cost this loop one extra look).
-                self.notify.notify_one();
-            }
-            self.counts.started(claimed.iter().filter(|j| !j.expired).count());
-            for job in claimed {
-                self.start(job, &slots, &mut attempts);
-            }
-            if n < want {
-                let wait = match store::next_due_ms(&shared.core, queue).await {
-                    Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
-                    // Due now but skipped (another worker holds the row lock): look again soon.
-                    Ok(Some(_)) => Duration::from_millis(10).min(cfg.poll_interval),
-                    Ok(None) | Err(_) => cfg.poll_interval,
-                };
-                tokio::select! {
-                    _ = self.notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                    _ = lease.changed() => {}
-                }
-            }
-        }
-
-        // Shutdown: no more claims. Running jobs get the grace period to finish; meanwhile
-        // the heartbeat goes on, so their leases hold and nobody else runs them.
-        if !attempts.tasks.is_empty() {
-            tracing::info!(queue, in_flight = attempts.tasks.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
-        }
-        let finished = tokio::select! {
-            r = tokio::time::timeout(cfg.grace, drain(&mut attempts.tasks)) => r.is_ok(),
-            // Unless the lease goes first: then they stop now, as below.
-            _ = lease.wait_for(|held| !*held) => false,
-        };
-        if !finished {
-            tracing::warn!(queue, still_running = attempts.tasks.len(), runs_once = spec.runs_once, "grace period over; interrupting");
-            // Kinds that must not run twice get a moment to stop what they started (exec kills
-            // its command and completes its audit row); the others go back to the queue now.
-            let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
-            attempts.stop(wait, ack_tx).await;
-        }
-        attempts.ended
-    }
-
-    /// Runs one claimed job on a task of its own, in one of this loop's slots.
-    fn start(&self, job: store::Claimed, slots: &Arc<Semaphore>, attempts: &mut Attempts) {
-        let spec = self.spec;
-        let claim = Claim { id: job.id.clone(), fence: job.fence };
-        if job.expired {
-            let _ = self.ack_tx.send(acker::expired(claim));
-            return;
-        }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            // Cannot happen (only this loop takes its slots and it asked for `free`);
-            // if it did, the job goes back rather than overfilling the pool.
-            let _ = self.ack_tx.send(acker::release(claim));
-            return;
-        };
-        attempts.start(&claim);
-        let ctx = JobContext {
-            id: JobId::from_db(job.id),
-            queue: spec.queue.clone(),
-            attempt: job.attempts,
-            max_attempts: job.max_attempts,
-            org_id: job.org_id.map(OrgId),
-            workspace_id: job.workspace_id.map(WorkspaceId),
-            payload: job.job.into(),
-            db: self.shared.db.clone(),
-            interrupt: attempts.signal(),
-        };
-        let handler = spec.handler.clone();
-        let retry = spec.retry;
-        let runs_once = spec.runs_once;
-        let ack_tx = self.ack_tx.clone();
-        let unacked = attempts.unacked.clone();
-        let ended = attempts.ended.clone();
-        let (attempt, max_attempts) = (job.attempts, job.max_attempts);
-        let counts = self.counts.clone();
-        attempts.tasks.spawn(async move {
-            let began = std::time::Instant::now();
-            let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
-            let ack = match outcome {
-                Ok(Ok(result)) => acker::succeeded(claim, result),
-                Ok(Err(JobError::Interrupted)) => {
-                    ended.count(runs_once);
-                    if runs_once { acker::interrupted(claim) } else { acker::release(claim) }
-                }
-                Ok(Err(e)) => {
-                    // The detail goes here, and to operators; tenants read the code.
-                    tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed");
-                    acker::failed(claim, &e, attempt, max_attempts, &retry)
-                }
-                Err(_) => {
-                    tracing::error!(job_id = %claim.id, attempt, "handler panicked");
-                    acker::failed(claim, &JobError::retryable("handler_panicked", "handler panicked"), attempt, max_attempts, &retry)
-                }
-            };
-            counts.duration(&ack, began.elapsed().as_secs_f64());
-            // Out of the in-flight set before the ack leaves: whatever is still in it
-            // after an abort never produced one.
-            lock(&unacked).remove(&(ack.id.clone(), ack.fence));
-            let _ = ack_tx.send(ack);
-            drop(permit);
-        });
-    }
 }
 
 /// The attempts a pool is running, and how to end them early.
@@ -312,20 +265,5 @@ impl Ended {
     fn count(&self, runs_once: bool) {
         let c = if runs_once { &self.interrupted } else { &self.released };
         c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::claimer_shares;
-
-    #[test]
-    fn shares_cover_the_concurrency_with_at_least_one_slot_each() {
-        assert_eq!(claimer_shares(5, 2), vec![3, 2]);
-        assert_eq!(claimer_shares(1000, 2), vec![500, 500]);
-        assert_eq!(claimer_shares(1, 2), vec![1], "never a loop without a slot");
-        assert_eq!(claimer_shares(4, 0), vec![4], "at least one loop");
-        assert_eq!(claimer_shares(0, 2), vec![1]);
-        assert_eq!(claimer_shares(7, 3).iter().sum::<usize>(), 7);
     }
 }
