@@ -16,7 +16,9 @@
 //! busy meanwhile, as under real load). The exec target is marked online in the database,
 //! the one shortcut (no agent could come up without a backend).
 //!
-//! Options: --clients C (64) --secs S (10) --molecule PATH. DATABASE_URL unset: a private
+//! Options: --clients C (64) --secs S (10) --molecule PATH --compare-notify (the api
+//! phases once more with a NOTIFY in every enqueuing transaction, as before wake-ups
+//! moved after the commit). DATABASE_URL unset: a private
 //! PostgreSQL in a temporary directory, removed at the end.
 
 use serde_json::{json, Value};
@@ -31,13 +33,28 @@ struct Opts {
     clients: usize,
     secs: u64,
     molecule: PathBuf,
+    /// Also run the api phases with the insert trigger notifying in every transaction.
+    compare_notify: bool,
 }
+
+/// The insert trigger as it was before migrations/…_announce_after_commit.sql: a NOTIFY
+/// in every enqueuing transaction, whatever the statement asked.
+const LOUD_TRIGGER: &str = r#"
+CREATE OR REPLACE FUNCTION apalis.molecule_notify_inserted() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('apalis::job::insert', json_build_object('job_type', q.job_type)::text)
+    FROM (SELECT DISTINCT job_type FROM inserted) q;
+    RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+"#;
 
 fn opts() -> Fallible<Opts> {
     let mut o = Opts {
         clients: 64,
         secs: 10,
         molecule: std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("molecule"),
+        compare_notify: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -46,7 +63,8 @@ fn opts() -> Fallible<Opts> {
             "--clients" => o.clients = value()?.parse().map_err(|e| format!("--clients: {e}"))?,
             "--secs" => o.secs = value()?.parse().map_err(|e| format!("--secs: {e}"))?,
             "--molecule" => o.molecule = value()?.into(),
-            other => return Err(format!("unknown option {other} (options: --clients C, --secs S, --molecule PATH)")),
+            "--compare-notify" => o.compare_notify = true,
+            other => return Err(format!("unknown option {other} (options: --clients C, --secs S, --molecule PATH, --compare-notify)")),
         }
     }
     if o.clients == 0 || o.secs == 0 {
@@ -57,7 +75,7 @@ fn opts() -> Fallible<Opts> {
 
 /// Requests (or inserts) done in a phase and their latencies.
 struct Phase {
-    name: &'static str,
+    name: String,
     ok: usize,
     failed: usize,
     secs: f64,
@@ -78,7 +96,7 @@ impl Phase {
 }
 
 /// Runs `op` from `clients` tasks for `secs`; each call's latency is kept.
-async fn load<F, Fut>(name: &'static str, clients: usize, secs: u64, op: F) -> Phase
+async fn load<F, Fut>(name: String, clients: usize, secs: u64, op: F) -> Phase
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -170,7 +188,7 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
         .map_err(|e| e.to_string())?;
     let org = uuid::Uuid::new_v4();
     let db = raw_db.clone();
-    let raw = load("raw single-row INSERT", o.clients, o.secs, move |n| {
+    let raw = load("raw single-row INSERT".into(), o.clients, o.secs, move |n| {
         let db = db.clone();
         async move {
             sqlx::query("INSERT INTO bench_rows (org, name) VALUES ($1, $2)").bind(org).bind(format!("w-{n}")).execute(&db).await.is_ok()
@@ -181,12 +199,27 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
 
     // `serve` first (its pools drain what the load enqueues, on the same cores), then
     // `api` alone (the request path only; its jobs stay queued).
-    let served = server_phases(o, url, "serve").await?;
-    let api = server_phases(o, url, "api").await?;
+    let served = server_phases(o, url, "serve", "serve").await?;
+    let api = server_phases(o, url, "api", "api alone").await?;
+    // The same again with the insert trigger's NOTIFY in every enqueuing transaction (the
+    // trigger as it was before wake-ups moved after the commit), for the difference.
+    let loud = match o.compare_notify {
+        true => {
+            let db = sqlx::PgPool::connect(url).await.map_err(|e| e.to_string())?;
+            sqlx::raw_sql(LOUD_TRIGGER).execute(&db).await.map_err(|e| format!("loud trigger: {e}"))?;
+            db.close().await;
+            Some(server_phases(o, url, "api", "api alone, NOTIFY in the transaction").await?)
+        }
+        false => None,
+    };
 
     println!("| phase | ok | failed | per second | p50 ms | p99 ms | vs raw INSERT |");
     println!("|---|---|---|---|---|---|---|");
-    for p in [&raw, &served.create, &served.exec, &api.create, &api.exec] {
+    let mut phases = vec![&raw, &served.create, &served.exec, &api.create, &api.exec];
+    if let Some(l) = &loud {
+        phases.extend([&l.create, &l.exec]);
+    }
+    for p in phases {
         println!(
             "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
             p.name,
@@ -198,7 +231,7 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
             p.rate() / raw.rate()
         );
     }
-    for m in [&served, &api] {
+    for m in [Some(&served), Some(&api), loud.as_ref()].into_iter().flatten() {
         println!(
             "{} RSS: idle {:.1} MiB, peak under POST /workspaces {:.1} MiB, under exec {:.1} MiB",
             m.command, m.idle_rss, m.create_rss, m.exec_rss
@@ -229,7 +262,7 @@ async fn run(o: &Opts, url: &str) -> Fallible<()> {
 
 /// The two request phases against one `molecule <command>` process, and its memory.
 struct ServerPhases {
-    command: &'static str,
+    command: String,
     create: Phase,
     exec: Phase,
     idle_rss: f64,
@@ -237,11 +270,8 @@ struct ServerPhases {
     exec_rss: f64,
 }
 
-async fn server_phases(o: &Opts, url: &str, command: &'static str) -> Fallible<ServerPhases> {
-    let names = match command {
-        "serve" => ("POST /workspaces (serve)", "POST /workspaces/{id}/exec (serve)"),
-        _ => ("POST /workspaces (api alone)", "POST /workspaces/{id}/exec (api alone)"),
-    };
+async fn server_phases(o: &Opts, url: &str, command: &'static str, label: &str) -> Fallible<ServerPhases> {
+    let names = (format!("POST /workspaces ({label})"), format!("POST /workspaces/{{id}}/exec ({label})"));
     // `api` does not migrate; `serve` (run first) has.
     // One serve on the same database.
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
@@ -333,7 +363,7 @@ async fn server_phases(o: &Opts, url: &str, command: &'static str) -> Fallible<S
     .await;
     db.close().await;
     drop(serve);
-    Ok(ServerPhases { command, create, exec, idle_rss, create_rss, exec_rss })
+    Ok(ServerPhases { command: label.to_string(), create, exec, idle_rss, create_rss, exec_rss })
 
 }
 
