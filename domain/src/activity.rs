@@ -108,7 +108,14 @@ pub async fn mark_active(conn: &mut PgConnection, workspaces: &[WorkspaceId]) ->
 /// and process; the statement's own predicate still keeps processes from writing more.
 #[derive(Clone, Default)]
 pub struct RecentMarks {
-    marked: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
+    marked: std::sync::Arc<std::sync::Mutex<Marked>>,
+}
+
+#[derive(Default)]
+struct Marked {
+    at: std::collections::HashMap<Uuid, std::time::Instant>,
+    /// When stale entries were last forgotten: at most once a [`RecentMarks::FOR`].
+    swept: Option<std::time::Instant>,
 }
 
 impl RecentMarks {
@@ -118,12 +125,18 @@ impl RecentMarks {
     const KEEP: usize = 4096;
 
     /// Those of `workspaces` not marked by this process within the last second, noted as
-    /// marked at `now` (a mark whose transaction then rolls back is only a second lost).
+    /// marked at `now`. Noted before the marking transaction commits: if it rolls back,
+    /// the workspace's requests of the next second (committed or not) leave no mark — a
+    /// second of activity unrecorded, far below any hibernation idle time.
     pub fn due(&self, workspaces: &[WorkspaceId], now: std::time::Instant) -> Vec<WorkspaceId> {
-        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
-        if marked.len() > Self::KEEP {
-            marked.retain(|_, at| now.saturating_duration_since(*at) < Self::FOR);
+        let mut guard = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        let marked = &mut *guard;
+        let sweep_due = marked.swept.is_none_or(|s| now.saturating_duration_since(s) >= Self::FOR);
+        if marked.at.len() > Self::KEEP && sweep_due {
+            marked.at.retain(|_, at| now.saturating_duration_since(*at) < Self::FOR);
+            marked.swept = Some(now);
         }
+        let marked = &mut marked.at;
         let mut due = Vec::new();
         for ws in workspaces {
             match marked.get(&ws.0) {
@@ -250,7 +263,7 @@ mod tests {
         let fresh = WorkspaceId(Uuid::new_v4());
         marks.due(&[fresh], later);
         assert!(marks.due(&[fresh], later).is_empty());
-        assert!(marks.marked.lock().unwrap().len() <= RecentMarks::KEEP + 3);
+        assert!(marks.marked.lock().unwrap().at.len() <= RecentMarks::KEEP + 3);
     }
 
     /// Once a second at most: a busy workspace's requests do not queue on its row.

@@ -1,8 +1,8 @@
 //! Wake-ups sent after the enqueuing transaction committed.
 //!
-//! A NOTIFY inside a transaction makes its commit take a database-wide lock until the
-//! commit is flushed, so enqueuing transactions that notify commit one at a time, each
-//! waiting for its own WAL flush (migrations/…_announce_after_commit.sql has the figures).
+//! A NOTIFY inside a transaction makes its commit take a server-wide lock until the
+//! commit is flushed, so transactions that notify commit one at a time, each waiting for
+//! its own WAL flush (migrations/…_announce_after_commit.sql has the figures).
 //! A caller on a busy path enqueues with [`NewJob::announce_after_commit`] instead and,
 //! once its transaction committed, calls [`Announcer::announce`]. One task per
 //! [`Announcer`] sends one autocommit `pg_notify` per queue for every queue announced
@@ -41,9 +41,14 @@ impl Announcer {
     /// inside a tokio runtime. The task ends when the last clone is dropped.
     pub fn start(options: PgConnectOptions) -> Announcer {
         let inner = Arc::new(Inner { pending: Mutex::new(BTreeSet::new()), wake: Notify::new() });
+        // One connection kept open and not pinged before each use: an announce after a
+        // quiet spell must not pay a login (or a round trip) before its NOTIFY.
         let db = PgPoolOptions::new()
             .max_connections(1)
             .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         tokio::spawn(run(Arc::downgrade(&inner), db));

@@ -83,8 +83,8 @@ async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
     let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: "announce-test".into(), ..Default::default() };
     let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("announced", 2, RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 }, handler)]);
     let announcer = Announcer::start(db.connect_options().as_ref().clone());
-    // The pool's first claim (at start) found nothing; wait until it sleeps on the queue:
-    // its worker row exists and a first enqueue, announced, is taken.
+    // Round 0 may be taken by the pool's first claim (or its wake-up after LISTEN);
+    // rounds 1 and 2 find it asleep on the queue, with only the announce to wake it.
     for round in 0..3 {
         let mut tx = db.begin().await.unwrap();
         let id = enqueue(&mut tx, &job("announced").announce_after_commit()).await.unwrap();
@@ -97,4 +97,37 @@ async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
         assert_eq!(got, id.to_string());
     }
     rt.shutdown().await;
+}
+
+/// The routes that enqueue without a NOTIFY in their transaction announce after their
+/// commit: each job's queue is notified. (A quiet enqueue nobody announced would leave
+/// the queue silent, and its pool asleep until its next poll.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_exec_and_delete_announce_their_jobs() {
+    use molecule_jobs::JobKind;
+    use molecule_tests::{http, open_auth, start_api};
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let mut c = db.acquire().await.unwrap();
+    let (_, token) = molecule_domain::tokens::create_org(&mut c, "acme").await.unwrap();
+    drop(c);
+    let mut listener = PgListener::connect_with(&db).await.unwrap();
+    listener.listen(INSERT_CHANNEL).await.unwrap();
+
+    let body = json!({ "name": "w", "runtime": "echo", "tier": 3 }).to_string();
+    let r = http(&addr, "POST", "/workspaces", Some(&token), Some(&body), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(next_queue(&mut listener).await, JobKind::Provision.queue());
+    let ws = r.json()["workspace"]["id"].as_str().unwrap().to_string();
+
+    // No backend here: the workspace is put online by hand so exec accepts it.
+    sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1::uuid").bind(&ws).execute(&db).await.unwrap();
+    let body = json!({ "argv": ["true"] }).to_string();
+    let r = http(&addr, "POST", &format!("/workspaces/{ws}/exec"), Some(&token), Some(&body), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(next_queue(&mut listener).await, JobKind::Exec.queue());
+
+    let r = http(&addr, "DELETE", &format!("/workspaces/{ws}"), Some(&token), None, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(next_queue(&mut listener).await, JobKind::Stop.queue());
 }

@@ -42,7 +42,8 @@ use crate::kinds::{JobKind, RetryPolicy};
 use crate::store::workers::WorkerRow;
 
 /// Inserts into `apalis.jobs` publish `{"job_type": …}` here, once per queue per statement
-/// (migrations/…_statement_notify.sql; apalis' own channel name is kept).
+/// (migrations/…_statement_notify.sql; apalis' own channel name is kept), or, for
+/// enqueues announced after their commit, the [`crate::announce::Announcer`] does.
 pub const INSERT_CHANNEL: &str = "apalis::job::insert";
 
 #[derive(Clone, Debug)]
