@@ -10,7 +10,9 @@
 //!     the way. Rounds alternate; medians are reported.
 //! (b) pickup: single jobs enqueued one at a time into an idle pool, timed two ways:
 //!     from the enqueue's commit to the handler's start (`pickup_*`), and from before the
-//!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures).
+//!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures); then again
+//!     with each job enqueued quietly and announced after its commit (`jobs::announce`,
+//!     the API's busy paths), on a line of its own.
 //! (c) `--processes N`: the drain by N worker processes (this binary, re-run as a
 //!     worker) on the one PostgreSQL, with PostgreSQL's CPU time over the drain.
 //!
@@ -24,7 +26,7 @@
 //! cluster in a temporary directory.
 
 use molecule_domain::embedded_pg::EmbeddedPostgres;
-use molecule_jobs::{enqueue, enqueue_many, handler_fn, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_jobs::{enqueue, enqueue_many, Announcer, handler_fn, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -216,7 +218,9 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
 
 /// Latency of single jobs into an idle pool, in ms, sorted: (from the enqueue's commit,
 /// from before the enqueue call) to the handler's start.
-async fn pickup(db: &PgPool, o: &Opts) -> (Vec<f64>, Vec<f64>) {
+/// With `announcer`, each job is enqueued quietly and announced after its commit (the
+/// API's busy paths), else the insert trigger's NOTIFY wakes the pool.
+async fn pickup(db: &PgPool, o: &Opts, announcer: Option<&Announcer>) -> (Vec<f64>, Vec<f64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let handler = handler_fn(move |_ctx| {
         let tx = tx.clone();
@@ -236,7 +240,16 @@ async fn pickup(db: &PgPool, o: &Opts) -> (Vec<f64>, Vec<f64>) {
     let mut e2e = Vec::with_capacity(o.samples);
     for _ in 0..o.samples {
         let called = Instant::now();
-        enqueue(&mut conn, &NewJob::to_queue("bench_pickup", &serde_json::json!({}))).await.expect("enqueue");
+        let job = NewJob::to_queue("bench_pickup", &serde_json::json!({}));
+        match announcer {
+            Some(a) => {
+                enqueue(&mut conn, &job.announce_after_commit()).await.expect("enqueue");
+                a.announce("bench_pickup");
+            }
+            None => {
+                enqueue(&mut conn, &job).await.expect("enqueue");
+            }
+        }
         let committed = Instant::now();
         let started = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("pickup within 10 s").expect("handler");
         lat.push(started.saturating_duration_since(committed).as_secs_f64() * 1000.0);
@@ -343,7 +356,17 @@ async fn in_process(db: &PgPool, o: &Opts) {
         enq.push(e);
     }
     println!("bulk_enqueue_jobs_s={:.0}", median(enq));
-    let (lat, e2e) = pickup(db, o).await;
+    let (lat, e2e) = pickup(db, o, None).await;
+    let announcer = Announcer::start(db.connect_options().as_ref().clone());
+    let (_, announced) = pickup(db, o, Some(&announcer)).await;
+    println!(
+        "pickup announced after the commit, {} samples, from before the enqueue call: p50 {:.2} ms, p99 {:.2} ms (trigger's NOTIFY: p50 {:.2} ms, p99 {:.2} ms)",
+        announced.len(),
+        pct(&announced, 0.5),
+        pct(&announced, 0.99),
+        pct(&e2e, 0.5),
+        pct(&e2e, 0.99)
+    );
     let (d, r, b) = (median(ours), median(raw), median(best));
     println!(
         "pickup over {} samples, from the commit: min {:.2} ms, max {:.2} ms; from before the enqueue call: min {:.2} ms, max {:.2} ms",
@@ -382,21 +405,34 @@ async fn in_process(db: &PgPool, o: &Opts) {
 
 /// CPU seconds of every `postgres` process so far, the exited backends included (the
 /// postmaster's children's times), from /proc.
-fn postgres_cpu_s() -> f64 {
+/// CPU seconds of one cluster: its postmaster (with the backends it reaped) and the
+/// processes it runs now. Counting every `postgres` process instead went negative when
+/// another cluster's processes ended between two samples.
+fn postgres_cpu_s(postmaster: u32) -> f64 {
     let mut ticks = 0u64;
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
+            let pid: Option<u32> = e.file_name().to_str().and_then(|n| n.parse().ok());
             let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-            let Some((comm, rest)) = stat.split_once(") ") else { continue };
-            if !comm.ends_with("(postgres") {
+            let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+            // After "pid (comm) ": state, ppid, …; utime, stime, cutime, cstime are fields 14–17.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid: Option<u32> = f.get(1).and_then(|v| v.parse().ok());
+            if pid != Some(postmaster) && ppid != Some(postmaster) {
                 continue;
             }
-            // After "pid (comm) ": state is field 3; utime, stime, cutime, cstime are 14–17.
-            let f: Vec<&str> = rest.split_whitespace().collect();
             ticks += f.get(11..15).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
         }
     }
     ticks as f64 / 100.0
+}
+
+/// The postmaster of the cluster `db` is on: the parent of our backend (a local cluster).
+async fn postmaster_of(db: &PgPool) -> u32 {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(db).await.expect("backend pid");
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).expect("the cluster runs on this machine");
+    let (_, rest) = stat.rsplit_once(") ").expect("stat");
+    rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("ppid")
 }
 
 /// CPU seconds of this process's exited children (the worker processes).
@@ -411,12 +447,13 @@ fn children_cpu_s() -> f64 {
 /// workers used over the drain (in cores: CPU seconds per second).
 async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
     let exe = std::env::current_exe().expect("this binary");
+    let postmaster = postmaster_of(db).await;
     let mut results = Vec::new();
     for round in 0..o.rounds {
         let queue = format!("bench_scale_{}_{round}", o.processes);
         fill(db, &queue, o.jobs).await;
         sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
-        let (pg0, kids0) = (postgres_cpu_s(), children_cpu_s());
+        let (pg0, kids0) = (postgres_cpu_s(postmaster), children_cpu_s());
         let t0 = Instant::now();
         let children: Vec<_> = (0..o.processes)
             .map(|_| {
@@ -431,7 +468,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
             assert!(st.success(), "a worker process failed: {st}");
         }
         let secs = t0.elapsed().as_secs_f64();
-        let (pg, kids) = ((postgres_cpu_s() - pg0) / secs, (children_cpu_s() - kids0) / secs);
+        let (pg, kids) = ((postgres_cpu_s(postmaster) - pg0) / secs, (children_cpu_s() - kids0) / secs);
         assert_all_succeeded(db, &queue, o.jobs).await;
         let rate = o.jobs as f64 / secs;
         println!("round {round}: {} processes: {rate:.0} jobs/s, PostgreSQL {pg:.2} cores, workers {kids:.2} cores", o.processes);
