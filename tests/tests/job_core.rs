@@ -396,3 +396,20 @@ async fn an_enqueue_racing_another_on_one_key_gets_the_winner() {
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(&db).await.unwrap();
     assert_eq!(n, 1);
 }
+
+/// The job table's vacuum settings (migrations/…_job_table_autovacuum.sql and
+/// …_job_table_vacuum_throttled.sql): vacuum after 2 % dead rows, at the default
+/// (throttled) pace — unthrottled, a vacuum during a 1M-job drain took a core from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_tables_vacuum_starts_early_and_stays_throttled() {
+    let (db, _) = fresh_db().await;
+    let options: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(reloptions) FROM pg_class WHERE oid = 'apalis.jobs'::regclass",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(options.contains(&"autovacuum_vacuum_scale_factor=0.02".to_string()), "{options:?}");
+    assert!(options.contains(&"autovacuum_vacuum_threshold=10000".to_string()), "{options:?}");
+    assert!(!options.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "vacuum unthrottled again: {options:?}");
+}
