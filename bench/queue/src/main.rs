@@ -403,8 +403,6 @@ async fn in_process(db: &PgPool, o: &Opts) {
     );
 }
 
-/// CPU seconds of every `postgres` process so far, the exited backends included (the
-/// postmaster's children's times), from /proc.
 /// CPU seconds of one cluster: its postmaster (with the backends it reaped) and the
 /// processes it runs now. Counting every `postgres` process instead went negative when
 /// another cluster's processes ended between two samples.
