@@ -301,6 +301,8 @@ async fn connect_url(url: &str, max: u32) -> Result<PgPool, StartError> {
 /// stop claiming and finish, interrupt or hand back their jobs.
 async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Kept here so that, in a process that also runs pools, it can wake them directly.
+    let mut announcer = None;
 
     let api_task = match roles.api {
         Some((db, a)) => {
@@ -320,8 +322,9 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
                 tracing::error!("MOLECULE_ORG_ID is set but empty: every tenant route answers 503 platform_misconfigured");
             }
             let streams = molecule_api::streams::Streams::start(&db, a.streams_per_org as usize);
-            let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
-            let state = molecule_api::AppState { db, auth, streams, announcer, activity: Default::default() };
+            let api_announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
+            announcer = Some(api_announcer.clone());
+            let state = molecule_api::AppState { db, auth, streams, announcer: api_announcer, activity: Default::default() };
             Some(tokio::spawn(molecule_api::serve_with(
                 listener,
                 state,
@@ -369,7 +372,11 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
                 agents: molecule_workers::a2a::AgentClient::new(common.allow_loopback_agents()).map_err(StartError::AgentClient)?,
             };
             let specs = molecule_workers::handlers::pool_specs(&deps, &w.concurrency());
-            Some(molecule_jobs::Runtime::start(db, w.runtime_config(), specs))
+            let runtime = molecule_jobs::Runtime::start(db, w.runtime_config(), specs);
+            if let Some(a) = &announcer {
+                a.wake_locally(runtime.local_wakers());
+            }
+            Some(runtime)
         }
         None => None,
     };

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-use crate::runtime::INSERT_CHANNEL;
+use crate::runtime::{LocalWakers, INSERT_CHANNEL};
 
 /// Announces queues with committed new jobs. Cheap to clone; every clone feeds one task.
 #[derive(Clone)]
@@ -34,13 +34,15 @@ struct Inner {
     /// many jobs).
     pending: Mutex<BTreeSet<String>>,
     wake: Notify,
+    /// This process's pools (`serve`): woken at once, without the NOTIFY's round trip.
+    local: std::sync::OnceLock<LocalWakers>,
 }
 
 impl Announcer {
     /// Starts the announcing task on a connection of its own made from `options`. Call
     /// inside a tokio runtime. The task ends when the last clone is dropped.
     pub fn start(options: PgConnectOptions) -> Announcer {
-        let inner = Arc::new(Inner { pending: Mutex::new(BTreeSet::new()), wake: Notify::new() });
+        let inner = Arc::new(Inner { pending: Mutex::new(BTreeSet::new()), wake: Notify::new(), local: Default::default() });
         // One connection kept open and not pinged before each use: an announce after a
         // quiet spell must not pay a login (or a round trip) before its NOTIFY.
         let db = PgPoolOptions::new()
@@ -55,9 +57,18 @@ impl Announcer {
         Announcer { inner }
     }
 
+    /// Also wakes these pools of this process directly on each announce (the NOTIFY still
+    /// goes out, for other processes). Set once; later calls change nothing.
+    pub fn wake_locally(&self, wakers: LocalWakers) {
+        let _ = self.inner.local.set(wakers);
+    }
+
     /// Wakes the pools of `queue`: call after the transaction that enqueued to it
     /// committed (before, a woken pool could find nothing and go back to sleep).
     pub fn announce(&self, queue: &str) {
+        if let Some(local) = self.inner.local.get() {
+            local.wake(queue);
+        }
         let mut pending = lock(&self.inner.pending);
         if !pending.contains(queue) {
             pending.insert(queue.to_string());
@@ -92,4 +103,26 @@ async fn run(inner: std::sync::Weak<Inner>, db: PgPool) {
         }
     }
     db.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Local pools are woken by the announce itself, before (and without) any NOTIFY:
+    /// this announcer's connection leads nowhere.
+    #[tokio::test]
+    async fn an_announce_wakes_the_local_pool_of_its_queue_only() {
+        let (mine, other) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let map = [("mine".to_string(), mine.clone()), ("other".to_string(), other.clone())].into_iter().collect();
+        let nowhere = PgConnectOptions::new().host("127.0.0.1").port(1);
+        let announcer = Announcer::start(nowhere);
+        announcer.wake_locally(LocalWakers(Arc::new(map)));
+        announcer.announce("mine");
+        tokio::time::timeout(Duration::from_secs(5), mine.notified()).await.expect("the local pool of the queue is woken");
+        // `other` holds no stored wake-up: a fresh notified() would wait.
+        let woken = tokio::time::timeout(Duration::from_millis(1), other.notified()).await;
+        assert!(woken.is_err(), "another queue's pool was woken");
+        announcer.announce("no such queue"); // no local pool: nothing to wake, no panic
+    }
 }

@@ -42,6 +42,6 @@ pub use announce::Announcer;
 pub use enqueue::{enqueue, enqueue_many, Announce, NewJob};
 pub use handler::{handler_fn, typed_handler, Handler, Interrupt, JobContext, JobError};
 pub use kinds::{JobKind, RetryPolicy};
-pub use runtime::{PoolSpec, Runtime, RuntimeConfig, ShutdownReport};
+pub use runtime::{LocalWakers, PoolSpec, Runtime, RuntimeConfig, ShutdownReport};
 pub use state::{JobState, Outcome};
 pub use status::JobStatus;

@@ -25,6 +25,16 @@ async fn next_queue(listener: &mut PgListener) -> String {
     v["job_type"].as_str().expect("job_type in the payload").to_string()
 }
 
+/// Waits until `id`'s outcome is written: the pool's claim after that job (it starts as
+/// the job ends, beside the ack) has then all but surely found the queue empty, and the
+/// pool sleeps until a wake-up or its poll.
+async fn idle_after(db: &PgPool, id: &molecule_domain::JobId) {
+    molecule_tests::eventually(Duration::from_secs(10), "the job's outcome", || async {
+        molecule_jobs::status::get(db, id).await.unwrap().filter(|v| v.status == molecule_jobs::JobStatus::Succeeded)
+    })
+    .await;
+}
+
 async fn loud(db: &PgPool, queue: &str) {
     let mut conn = db.acquire().await.unwrap();
     enqueue(&mut conn, &job(queue)).await.unwrap();
@@ -84,7 +94,8 @@ async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
     let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("announced", 2, RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 }, handler)]);
     let announcer = Announcer::start(db.connect_options().as_ref().clone());
     // Round 0 may be taken by the pool's first claim (or its wake-up after LISTEN);
-    // rounds 1 and 2 find it asleep on the queue, with only the announce to wake it.
+    // rounds 1 and 2 come once the previous job's outcome is written, when the pool has
+    // (all but surely) made its claim after that job and gone to sleep on the queue.
     for round in 0..3 {
         let mut tx = db.begin().await.unwrap();
         let id = enqueue(&mut tx, &job("announced").announce_after_commit()).await.unwrap();
@@ -95,6 +106,7 @@ async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
             .unwrap_or_else(|_| panic!("round {round}: the announced job did not start within 10 s"))
             .unwrap();
         assert_eq!(got, id.to_string());
+        idle_after(&db, &id).await;
     }
     rt.shutdown().await;
 }
@@ -130,4 +142,40 @@ async fn create_exec_and_delete_announce_their_jobs() {
     let r = http(&addr, "DELETE", &format!("/workspaces/{ws}"), Some(&token), None, None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(next_queue(&mut listener).await, JobKind::Stop.queue());
+}
+
+/// In a process that runs the queue's pool too (`serve`), an announce wakes it directly:
+/// here the announcer's own connection cannot even reach PostgreSQL (so it sends no
+/// NOTIFY), and the pool's poll is a minute away. (jobs/src/announce.rs tests the local
+/// wake-up alone, without the race this test's rounds 1–2 leave open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announce_wakes_this_processs_pool_without_the_notify() {
+    let (db, _) = fresh_db().await;
+    let (tx_started, mut started) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let handler = handler_fn(move |ctx| {
+        let tx_started = tx_started.clone();
+        async move {
+            let _ = tx_started.send(ctx.id.to_string());
+            Ok(json!(null))
+        }
+    });
+    let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: "local-wake".into(), ..Default::default() };
+    let retry = RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 };
+    let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("local", 1, retry, handler)]);
+    let nowhere = db.connect_options().as_ref().clone().port(molecule_tests::free_port());
+    let announcer = Announcer::start(nowhere);
+    announcer.wake_locally(rt.local_wakers());
+    for round in 0..3 {
+        let mut tx = db.begin().await.unwrap();
+        let id = enqueue(&mut tx, &job("local").announce_after_commit()).await.unwrap();
+        tx.commit().await.unwrap();
+        announcer.announce("local");
+        let got = tokio::time::timeout(Duration::from_secs(10), started.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the job did not start within 10 s"))
+            .unwrap();
+        assert_eq!(got, id.to_string());
+        idle_after(&db, &id).await;
+    }
+    rt.shutdown().await;
 }

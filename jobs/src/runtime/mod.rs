@@ -142,6 +142,17 @@ struct Shared {
     stale_acks: AtomicU64,
 }
 
+/// The wakers of a runtime's pools, by queue: what a NOTIFY for the queue would wake.
+#[derive(Clone, Default)]
+pub struct LocalWakers(pub(crate) Arc<std::collections::HashMap<String, Arc<Notify>>>);
+
+impl LocalWakers {
+    /// Wakes this process's pool of `queue`, if it runs one; whether it does.
+    pub fn wake(&self, queue: &str) -> bool {
+        self.0.get(queue).map(|n| n.notify_one()).is_some()
+    }
+}
+
 pub struct Runtime {
     pools_stop: watch::Sender<bool>,
     services_stop: watch::Sender<bool>,
@@ -149,6 +160,7 @@ pub struct Runtime {
     services: Vec<tokio::task::JoinHandle<()>>,
     heartbeat: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
+    wakers: LocalWakers,
 }
 
 impl Runtime {
@@ -194,8 +206,9 @@ impl Runtime {
             rows,
         };
         let heartbeat = tokio::spawn(heartbeat::run(beat, lease_tx, services_rx.clone()));
+        let wakers = LocalWakers(Arc::new(wakers));
         let services = vec![
-            tokio::spawn(listener::run(options, Arc::new(wakers), services_rx.clone())),
+            tokio::spawn(listener::run(options, wakers.0.clone(), services_rx.clone())),
             tokio::spawn(run_rescuer(shared.clone(), pools_rx)),
         ];
         Runtime {
@@ -205,7 +218,14 @@ impl Runtime {
             services,
             heartbeat,
             shared,
+            wakers,
         }
+    }
+
+    /// Its pools' wakers, for an [`crate::Announcer`] in the same process
+    /// ([`crate::Announcer::wake_locally`]).
+    pub fn local_wakers(&self) -> LocalWakers {
+        self.wakers.clone()
     }
 
     /// Acks refused so far because a newer claim of their job exists.
