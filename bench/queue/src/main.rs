@@ -12,7 +12,8 @@
 //!     from the enqueue's commit to the handler's start (`pickup_*`), and from before the
 //!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures); then again
 //!     with each job enqueued quietly and announced after its commit (`jobs::announce`,
-//!     the API's busy paths), on a line of its own.
+//!     the API's busy paths), with the pool elsewhere and in the announcer's process, on a
+//!     line of its own.
 //! (c) `--processes N`: the drain by N worker processes (this binary, re-run as a
 //!     worker) on the one PostgreSQL, with PostgreSQL's CPU time over the drain.
 //!
@@ -218,9 +219,19 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
 
 /// Latency of single jobs into an idle pool, in ms, sorted: (from the enqueue's commit,
 /// from before the enqueue call) to the handler's start.
-/// With `announcer`, each job is enqueued quietly and announced after its commit (the
-/// API's busy paths), else the insert trigger's NOTIFY wakes the pool.
-async fn pickup(db: &PgPool, o: &Opts, announcer: Option<&Announcer>) -> (Vec<f64>, Vec<f64>) {
+/// How a pickup's job reaches the idle pool.
+#[derive(Clone, Copy, PartialEq)]
+enum Wake {
+    /// The insert trigger's NOTIFY at the enqueue's commit.
+    Trigger,
+    /// Enqueued quietly, announced after the commit by an announcer's NOTIFY (the API's
+    /// busy paths, with the pools in other processes).
+    Announced,
+    /// The same, with the pool in the announcer's process (`serve`): woken directly.
+    AnnouncedLocally,
+}
+
+async fn pickup(db: &PgPool, o: &Opts, wake: Wake) -> (Vec<f64>, Vec<f64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let handler = handler_fn(move |_ctx| {
         let tx = tx.clone();
@@ -234,6 +245,10 @@ async fn pickup(db: &PgPool, o: &Opts, announcer: Option<&Announcer>) -> (Vec<f6
         runtime_cfg(o.batch),
         vec![PoolSpec::new("bench_pickup", 4, RETRY, handler)],
     );
+    let announcer = (wake != Wake::Trigger).then(|| Announcer::start(db.connect_options().as_ref().clone()));
+    if let (Some(a), Wake::AnnouncedLocally) = (&announcer, wake) {
+        a.wake_locally(rt.local_wakers());
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut conn = db.acquire().await.expect("connection");
     let mut lat = Vec::with_capacity(o.samples);
@@ -241,7 +256,7 @@ async fn pickup(db: &PgPool, o: &Opts, announcer: Option<&Announcer>) -> (Vec<f6
     for _ in 0..o.samples {
         let called = Instant::now();
         let job = NewJob::to_queue("bench_pickup", &serde_json::json!({}));
-        match announcer {
+        match &announcer {
             Some(a) => {
                 enqueue(&mut conn, &job.announce_after_commit()).await.expect("enqueue");
                 a.announce("bench_pickup");
@@ -356,16 +371,18 @@ async fn in_process(db: &PgPool, o: &Opts) {
         enq.push(e);
     }
     println!("bulk_enqueue_jobs_s={:.0}", median(enq));
-    let (lat, e2e) = pickup(db, o, None).await;
-    let announcer = Announcer::start(db.connect_options().as_ref().clone());
-    let (_, announced) = pickup(db, o, Some(&announcer)).await;
+    let (lat, e2e) = pickup(db, o, Wake::Trigger).await;
+    let (_, announced) = pickup(db, o, Wake::Announced).await;
+    let (_, local) = pickup(db, o, Wake::AnnouncedLocally).await;
     println!(
-        "pickup announced after the commit, {} samples, from before the enqueue call: p50 {:.2} ms, p99 {:.2} ms (trigger's NOTIFY: p50 {:.2} ms, p99 {:.2} ms)",
-        announced.len(),
+        "pickup from before the enqueue call, p50/p99 ms over {} samples: trigger's NOTIFY {:.2}/{:.2}; announced after the commit {:.2}/{:.2}; announced, pool in the same process {:.2}/{:.2}",
+        e2e.len(),
+        pct(&e2e, 0.5),
+        pct(&e2e, 0.99),
         pct(&announced, 0.5),
         pct(&announced, 0.99),
-        pct(&e2e, 0.5),
-        pct(&e2e, 0.99)
+        pct(&local, 0.5),
+        pct(&local, 0.99)
     );
     let (d, r, b) = (median(ours), median(raw), median(best));
     println!(
