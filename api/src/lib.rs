@@ -54,7 +54,12 @@ impl AppState {
     /// State over `db` with the default stream cap. Starts the streams' listener: call
     /// inside a tokio runtime.
     pub fn new(db: PgPool, auth: AuthConfig) -> Self {
-        let streams = streams::Streams::start(&db, streams::DEFAULT_STREAMS_PER_ORG);
+        Self::with_streams_per_org(db, auth, streams::DEFAULT_STREAMS_PER_ORG)
+    }
+
+    /// [`Self::new`] with another cap on one org's NDJSON streams.
+    pub fn with_streams_per_org(db: PgPool, auth: AuthConfig, streams_per_org: usize) -> Self {
+        let streams = streams::Streams::start(&db, streams_per_org);
         let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
         AppState { db, auth, streams, announcer, activity: Default::default() }
     }

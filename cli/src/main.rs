@@ -321,10 +321,8 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
             if auth.org_pin == molecule_api::OrgPin::Misconfigured {
                 tracing::error!("MOLECULE_ORG_ID is set but empty: every tenant route answers 503 platform_misconfigured");
             }
-            let streams = molecule_api::streams::Streams::start(&db, a.streams_per_org as usize);
-            let api_announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
-            announcer = Some(api_announcer.clone());
-            let state = molecule_api::AppState { db, auth, streams, announcer: api_announcer, activity: Default::default() };
+            let state = molecule_api::AppState::with_streams_per_org(db, auth, a.streams_per_org as usize);
+            announcer = Some(state.announcer.clone());
             Some(tokio::spawn(molecule_api::serve_with(
                 listener,
                 state,

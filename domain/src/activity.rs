@@ -149,6 +149,16 @@ impl RecentMarks {
         }
         due
     }
+
+    /// [`mark_active`] for those of `workspaces` this process has not marked within the
+    /// last second (see [`Self::due`]); no statement when there are none.
+    pub async fn mark_active(&self, conn: &mut PgConnection, workspaces: &[WorkspaceId]) -> Result<(), sqlx::Error> {
+        let due = self.due(workspaces, std::time::Instant::now());
+        if due.is_empty() {
+            return Ok(());
+        }
+        mark_active(conn, &due).await
+    }
 }
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// Our own migrations (plain SQL under `migrations/`), applied after apalis-postgres'
-/// schema because they extend `apalis.jobs`.
+/// schema, which the job core's migrations build on.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]

@@ -78,10 +78,10 @@ async fn quiet_enqueues_send_no_notify_and_the_announcer_sends_one_per_queue() {
     assert_eq!(next_queue(&mut listener).await, "marker-3", "an announce sends one notification");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
-    let (db, _) = fresh_db().await;
-    let (tx_started, mut started) = tokio::sync::mpsc::unbounded_channel::<String>();
+/// A pool of `queue` whose poll is a minute away (only a wake-up starts a job within the
+/// tests' bounds), and the ids of the jobs it starts, as they start.
+fn sleepy_pool(db: &PgPool, queue: &str) -> (Runtime, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (tx_started, started) = tokio::sync::mpsc::unbounded_channel::<String>();
     let handler = handler_fn(move |ctx| {
         let tx_started = tx_started.clone();
         async move {
@@ -89,25 +89,36 @@ async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
             Ok(json!(null))
         }
     });
-    // Only a wake-up can start a job within the test's bounds: the poll is a minute away.
-    let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: "announce-test".into(), ..Default::default() };
-    let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("announced", 2, RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 }, handler)]);
-    let announcer = Announcer::start(db.connect_options().as_ref().clone());
-    // Round 0 may be taken by the pool's first claim (or its wake-up after LISTEN);
-    // rounds 1 and 2 come once the previous job's outcome is written, when the pool has
-    // (all but surely) made its claim after that job and gone to sleep on the queue.
+    let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: format!("announce-{queue}"), ..Default::default() };
+    let retry = RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 };
+    (Runtime::start(db.clone(), cfg, vec![PoolSpec::new(queue, 1, retry, handler)]), started)
+}
+
+/// Three rounds of: a quiet enqueue, committed, then announced; the job must start within
+/// 10 s. Round 0 may be taken by the pool's first claim (or its wake-up after LISTEN);
+/// rounds 1 and 2 come once the previous job's outcome is written, when the pool has (all
+/// but surely) made its claim after that job and gone to sleep on the queue.
+async fn announced_rounds(db: &PgPool, queue: &str, announcer: &Announcer, started: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
     for round in 0..3 {
         let mut tx = db.begin().await.unwrap();
-        let id = enqueue(&mut tx, &job("announced").announce_after_commit()).await.unwrap();
+        let id = enqueue(&mut tx, &job(queue).announce_after_commit()).await.unwrap();
         tx.commit().await.unwrap();
-        announcer.announce("announced");
+        announcer.announce(queue);
         let got = tokio::time::timeout(Duration::from_secs(10), started.recv())
             .await
             .unwrap_or_else(|_| panic!("round {round}: the announced job did not start within 10 s"))
             .unwrap();
         assert_eq!(got, id.to_string());
-        idle_after(&db, &id).await;
+        idle_after(db, &id).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_job_wakes_an_idle_pool_long_before_its_poll() {
+    let (db, _) = fresh_db().await;
+    let (rt, mut started) = sleepy_pool(&db, "announced");
+    let announcer = Announcer::start(db.connect_options().as_ref().clone());
+    announced_rounds(&db, "announced", &announcer, &mut started).await;
     rt.shutdown().await;
 }
 
@@ -151,31 +162,10 @@ async fn create_exec_and_delete_announce_their_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announce_wakes_this_processs_pool_without_the_notify() {
     let (db, _) = fresh_db().await;
-    let (tx_started, mut started) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let handler = handler_fn(move |ctx| {
-        let tx_started = tx_started.clone();
-        async move {
-            let _ = tx_started.send(ctx.id.to_string());
-            Ok(json!(null))
-        }
-    });
-    let cfg = RuntimeConfig { poll_interval: Duration::from_secs(60), node: "local-wake".into(), ..Default::default() };
-    let retry = RetryPolicy { base: Duration::from_millis(100), cap: Duration::from_secs(1), max_attempts: 3 };
-    let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("local", 1, retry, handler)]);
+    let (rt, mut started) = sleepy_pool(&db, "local");
     let nowhere = db.connect_options().as_ref().clone().port(molecule_tests::free_port());
     let announcer = Announcer::start(nowhere);
     announcer.wake_locally(rt.local_wakers());
-    for round in 0..3 {
-        let mut tx = db.begin().await.unwrap();
-        let id = enqueue(&mut tx, &job("local").announce_after_commit()).await.unwrap();
-        tx.commit().await.unwrap();
-        announcer.announce("local");
-        let got = tokio::time::timeout(Duration::from_secs(10), started.recv())
-            .await
-            .unwrap_or_else(|_| panic!("round {round}: the job did not start within 10 s"))
-            .unwrap();
-        assert_eq!(got, id.to_string());
-        idle_after(&db, &id).await;
-    }
+    announced_rounds(&db, "local", &announcer, &mut started).await;
     rt.shutdown().await;
 }

@@ -218,10 +218,7 @@ pub async fn send(
     let t = t.ok_or(ApiError::NotFound("workspace"))?;
     // Sender and target are in use (S5 hibernates only idle workspaces).
     let active: Vec<WorkspaceId> = std::iter::once(target).chain(caller).collect();
-    let active = st.activity.due(&active, std::time::Instant::now());
-    if !active.is_empty() {
-        activity::mark_active(&mut tx, &active).await?;
-    }
+    st.activity.mark_active(&mut tx, &active).await?;
 
     if t.delivery_mode == DeliveryMode::Poll {
         // The inbox holds the request as the agent will read it: in its generation.

@@ -131,9 +131,7 @@ pub async fn exec(
         .expires_at(Utc::now() + chrono::Duration::minutes(5))
         .announce_after_commit();
     let job_id = enqueue(&mut tx, &job).await?;
-    if !st.activity.due(&[id], std::time::Instant::now()).is_empty() {
-        molecule_domain::activity::mark_active(&mut tx, &[id]).await?;
-    }
+    st.activity.mark_active(&mut tx, &[id]).await?;
     // Subscribed before the job can run, so no announcement is missed.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
     tx.commit().await?;
