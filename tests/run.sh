@@ -82,6 +82,7 @@ fi
 export MOLECULE_SWEEP_ORPHANS=off
 
 bench/queue/run.sh --smoke
+bench/queue/run.sh --smoke --designs 1
 bench/exec/run.sh --smoke
 bench/redact/run.sh --smoke
 bench/e2e/run.sh --smoke

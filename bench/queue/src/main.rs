@@ -7,7 +7,11 @@
 //!     The raw side runs its default (claim 50, 4 clients: `raw_jobs_s`) and every
 //!     claim size of 50 and 500 with 1, 2, 4 and 8 clients; the best of those is
 //!     `raw_best_jobs_s`, the strongest figure this PostgreSQL gives with no library in
-//!     the way. Rounds alternate; medians are reported.
+//!     the way. Rounds alternate; medians are reported. With the cluster on this machine,
+//!     each drain's CPU is read from /proc (the cluster's processes, and this process:
+//!     our runtime, or the raw clients): the `cpu_us_per_job` line splits
+//!     `drain_vs_raw_best` into PostgreSQL's work per job and how busy each side keeps
+//!     the machine.
 //! (b) pickup: single jobs enqueued one at a time into an idle pool, timed two ways:
 //!     from the enqueue's commit to the handler's start (`pickup_*`), and from before the
 //!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures); then again
@@ -16,6 +20,9 @@
 //!     line of its own.
 //! (c) `--processes N`: the drain by N worker processes (this binary, re-run as a
 //!     worker) on the one PostgreSQL, with PostgreSQL's CPU time over the drain.
+//! (d) `--designs 1`: PostgreSQL's time per job to claim and complete in batches of B,
+//!     inside PostgreSQL (no client in the loop), for our tables and statements, two
+//!     alternative table designs and the raw table (designs.sql says what each is).
 //!
 //! The last line is exactly:
 //! `drain_jobs_s=<n> raw_jobs_s=<n> drain_ratio=<x> pickup_p50_ms=<x> pickup_p95_ms=<x> pickup_p99_ms=<x>
@@ -23,7 +30,7 @@
 //!
 //! Flags: --jobs N (20000) --rounds R (3) --samples S (300) --concurrency C (1000)
 //! --batch B (1000) --raw-clients K (4) --raw-batch M (50) --pools P (1) --processes N (0:
-//! in this process) --raw-matrix 0|1 (1). DATABASE_URL unset → a private embedded
+//! in this process) --raw-matrix 0|1 (1) --designs 0|1 (0). DATABASE_URL unset → a private embedded
 //! cluster in a temporary directory.
 
 use molecule_domain::embedded_pg::EmbeddedPostgres;
@@ -45,6 +52,7 @@ struct Opts {
     pools: usize,
     processes: usize,
     raw_matrix: bool,
+    designs: bool,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -59,6 +67,7 @@ fn opts() -> Result<Opts, String> {
         pools: 1,
         processes: 0,
         raw_matrix: true,
+        designs: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -76,6 +85,7 @@ fn opts() -> Result<Opts, String> {
             "--pools" => o.pools = n.max(1),
             "--processes" => o.processes = n,
             "--raw-matrix" => o.raw_matrix = n != 0,
+            "--designs" => o.designs = n != 0,
             other => return Err(format!("unknown flag {other}")),
         }
         i += 2;
@@ -110,7 +120,7 @@ async fn fill(db: &PgPool, queue: &str, n: usize) -> f64 {
 }
 
 /// Drains `n` queued no-op jobs through our runtime; jobs/s until every outcome is written.
-async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
+async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f64, f64, CpuUse) {
     let queue = format!("bench_drain_{round}");
     let enqueue_rate = fill(db, &queue, o.jobs).await;
     sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
@@ -128,6 +138,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
             Ok(serde_json::Value::Null)
         }
     });
+    let cpu = Cpu::now(pm);
     let t0 = Instant::now();
     let specs = (0..o.pools)
         .map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone()))
@@ -137,12 +148,13 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize) -> (f64, f64) {
     let ran = t0.elapsed();
     rt.shutdown().await; // flushes the last acks
     let secs = t0.elapsed().as_secs_f64();
+    let used = cpu.used(o.jobs);
     if std::env::var_os("BENCH_PHASES").is_some() {
         let first = first.get().map(|f| f.duration_since(t0).as_secs_f64() * 1000.0).unwrap_or(0.0);
         eprintln!("  phases: first handler {first:.0} ms, last handler {:.0} ms, shut down {:.0} ms", ran.as_secs_f64() * 1000.0, secs * 1000.0);
     }
     assert_all_succeeded(db, &queue, o.jobs).await;
-    (o.jobs as f64 / secs, enqueue_rate)
+    (o.jobs as f64 / secs, enqueue_rate, used)
 }
 
 /// A drain counts only if every job of it ended succeeded.
@@ -168,14 +180,14 @@ CREATE INDEX IF NOT EXISTS bench_raw_claim ON bench_raw (queue, run_at, id) WHER
 
 const RAW_CLAIM: &str = r#"
 UPDATE bench_raw SET status = 'running'
-WHERE id IN (SELECT id FROM bench_raw WHERE queue = $1 AND status = 'available' AND run_at <= now()
-             ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+WHERE id = ANY(ARRAY(SELECT id FROM bench_raw WHERE queue = $1 AND status = 'available' AND run_at <= now()
+                     ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED))
 RETURNING id, payload
 "#;
 
 /// The physical baseline: `clients` clients, each claiming `batch` with SKIP LOCKED and
 /// completing it.
-async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i64) -> f64 {
+async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i64, pm: Option<u32>) -> (f64, CpuUse) {
     let queue = queue.to_string();
     sqlx::query("INSERT INTO bench_raw (queue, payload) SELECT $1, '\\x7b7d' FROM generate_series(1, $2)")
         .bind(&queue)
@@ -184,6 +196,7 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
         .await
         .expect("fill raw");
     sqlx::query("ANALYZE bench_raw").execute(db).await.ok();
+    let cpu = Cpu::now(pm);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -208,13 +221,14 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
         t.await.expect("raw client");
     }
     let secs = t0.elapsed().as_secs_f64();
+    let used = cpu.used(o.jobs);
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_raw WHERE queue = $1 AND status = 'done'")
         .bind(&queue)
         .fetch_one(db)
         .await
         .expect("count");
     assert_eq!(done as usize, o.jobs);
-    o.jobs as f64 / secs
+    (o.jobs as f64 / secs, used)
 }
 
 /// Latency of single jobs into an idle pool, in ms, sorted: (from the enqueue's commit,
@@ -325,7 +339,9 @@ async fn main() {
     molecule_domain::db::migrate(&db).await.expect("migrate");
     sqlx::raw_sql(RAW_SCHEMA).execute(&db).await.expect("raw schema");
 
-    if o.processes > 0 {
+    if o.designs {
+        designs(&db, &o).await;
+    } else if o.processes > 0 {
         scale_out(&db, &o, &format!("{base}/{name}")).await;
     } else {
         in_process(&db, &o).await;
@@ -342,35 +358,60 @@ async fn main() {
 
 /// (a) and (b): the drain rounds beside the raw baselines, then pickup; the last line.
 async fn in_process(db: &PgPool, o: &Opts) {
+    let pm = local_postmaster(db).await;
     let mut ours = Vec::new();
     let mut raw = Vec::new();
     let mut best = Vec::new();
     let mut enq = Vec::new();
+    let (mut ours_cpu, mut best_cpu) = (Vec::new(), Vec::new());
     for round in 0..o.rounds {
-        let r = drain_raw(db, o, &format!("raw_{round}"), o.raw_clients, o.raw_batch).await;
-        let mut round_best = r;
+        let (r, r_cpu) = drain_raw(db, o, &format!("raw_{round}"), o.raw_clients, o.raw_batch, pm).await;
+        let mut round_best = (r, r_cpu);
         if o.raw_matrix {
             for batch in [50, 500] {
                 let mut line = format!("round {round}: raw claim {batch:>3}:");
                 for clients in [1, 2, 4, 8] {
-                    let rate = drain_raw(db, o, &format!("raw_{round}_{batch}_{clients}"), clients, batch).await;
+                    let (rate, cpu) = drain_raw(db, o, &format!("raw_{round}_{batch}_{clients}"), clients, batch, pm).await;
                     line.push_str(&format!(" {clients} clients {rate:.0}"));
-                    round_best = round_best.max(rate);
+                    if rate > round_best.0 {
+                        round_best = (rate, cpu);
+                    }
                 }
                 println!("{line} jobs/s");
             }
         }
-        let (d, e) = drain_ours(db, o, round).await;
+        let (d, e, d_cpu) = drain_ours(db, o, round, pm).await;
         println!(
-            "round {round}: ours {d:.0} jobs/s, raw {r:.0} jobs/s (claim {}, {} clients), raw best {round_best:.0} jobs/s, bulk enqueue {e:.0} jobs/s ({} jobs)",
-            o.raw_batch, o.raw_clients, o.jobs
+            "round {round}: ours {d:.0} jobs/s, raw {r:.0} jobs/s (claim {}, {} clients), raw best {:.0} jobs/s, bulk enqueue {e:.0} jobs/s ({} jobs)",
+            o.raw_batch, o.raw_clients, round_best.0, o.jobs
         );
+        if pm.is_some() {
+            println!("round {round}: CPU per job: ours {d_cpu}; raw best {}", round_best.1);
+        }
         ours.push(d);
         raw.push(r);
-        best.push(round_best);
+        best.push(round_best.0);
         enq.push(e);
+        ours_cpu.push(d_cpu);
+        best_cpu.push(round_best.1);
     }
     println!("bulk_enqueue_jobs_s={:.0}", median(enq));
+    if pm.is_some() {
+        // Where drain_vs_raw_best goes: the PostgreSQL work per job (the schema's and the
+        // statements' share), and how much of the machine each side keeps busy.
+        let (op, oc, rp, rc) = (
+            median(ours_cpu.iter().map(|c| c.pg_us).collect()),
+            median(ours_cpu.iter().map(|c| c.own_us).collect()),
+            median(best_cpu.iter().map(|c| c.pg_us).collect()),
+            median(best_cpu.iter().map(|c| c.own_us).collect()),
+        );
+        println!(
+            "cpu_us_per_job: ours postgres={op:.1} runtime={oc:.1} cores={:.2}; raw_best postgres={rp:.1} clients={rc:.1} cores={:.2}; postgres_work_vs_raw_best={:.2}",
+            median(ours_cpu.iter().map(|c| c.cores).collect()),
+            median(best_cpu.iter().map(|c| c.cores).collect()),
+            rp / op
+        );
+    }
     let (lat, e2e) = pickup(db, o, Wake::Trigger).await;
     let (_, announced) = pickup(db, o, Wake::Announced).await;
     let (_, local) = pickup(db, o, Wake::AnnouncedLocally).await;
@@ -420,6 +461,87 @@ async fn in_process(db: &PgPool, o: &Opts) {
     );
 }
 
+const DESIGNS: [&str; 4] = ["current", "hot_ready", "hot_live", "raw"];
+
+/// (d): µs per job of each table design, in rounds (the order rotating), medians last.
+async fn designs(db: &PgPool, o: &Opts) {
+    sqlx::raw_sql(include_str!("../designs.sql")).execute(db).await.expect("designs.sql");
+    let mut conn = db.acquire().await.expect("connection");
+    let mut us: Vec<Vec<f64>> = vec![Vec::new(); DESIGNS.len()];
+    for round in 0..o.rounds {
+        let q = format!("d{round}");
+        sqlx::query("CALL bench_designs.fill($1, $2)").bind(&q).bind(o.jobs as i32).execute(&mut *conn).await.expect("fill");
+        sqlx::raw_sql("VACUUM ANALYZE bench_designs.current_jobs, bench_designs.hot_jobs, bench_designs.ready, bench_designs.live, bench_designs.raw")
+            .execute(&mut *conn)
+            .await
+            .expect("vacuum");
+        let mut line = format!("round {round}: µs per job (claim {} + complete):", o.batch);
+        for k in 0..DESIGNS.len() {
+            let d = (k + round) % DESIGNS.len();
+            let call = format!("CALL bench_designs.drain_{}($1, $2, 0)", DESIGNS[d]);
+            let t0 = Instant::now();
+            let n: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(call)).bind(&q).bind(o.batch as i32).fetch_one(&mut *conn).await.expect("drain");
+            assert_eq!(n as usize, o.jobs, "{} drained every job", DESIGNS[d]);
+            let v = t0.elapsed().as_secs_f64() * 1e6 / o.jobs as f64;
+            line.push_str(&format!(" {} {v:.1}", DESIGNS[d]));
+            us[d].push(v);
+        }
+        println!("{line}");
+    }
+    drop(conn);
+    sqlx::raw_sql("DROP SCHEMA bench_designs CASCADE").execute(db).await.ok();
+    let m: Vec<f64> = us.into_iter().map(median).collect();
+    println!(
+        "designs_us_per_job: current={:.1} hot_ready={:.1} hot_live={:.1} raw={:.1}; raw_vs: current={:.2} hot_ready={:.2} hot_live={:.2}",
+        m[0], m[1], m[2], m[3], m[3] / m[0], m[3] / m[1], m[3] / m[2]
+    );
+}
+
+/// CPU time of the local cluster and of this process at one instant.
+struct Cpu {
+    postmaster: Option<u32>,
+    pg: Option<f64>,
+    own: f64,
+    at: Instant,
+}
+
+/// CPU per job over a drain, in µs: PostgreSQL's, and this process's (our runtime, or
+/// the raw clients); `cores`: both together per second of the drain (2.0 = the machine).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuUse {
+    pg_us: f64,
+    own_us: f64,
+    cores: f64,
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgreSQL {:.1} µs + this process {:.1} µs ({:.2} cores busy)", self.pg_us, self.own_us, self.cores)
+    }
+}
+
+impl Cpu {
+    fn now(postmaster: Option<u32>) -> Self {
+        Cpu { postmaster, pg: postmaster.map(postgres_cpu_s), own: own_cpu_s(), at: Instant::now() }
+    }
+
+    fn used(&self, jobs: usize) -> CpuUse {
+        let (secs, after) = (self.at.elapsed().as_secs_f64(), Cpu::now(self.postmaster));
+        let pg = after.pg.zip(self.pg).map(|(a, b)| a - b).unwrap_or(0.0);
+        let own = after.own - self.own;
+        let per = 1e6 / jobs.max(1) as f64;
+        CpuUse { pg_us: pg * per, own_us: own * per, cores: (pg + own) / secs }
+    }
+}
+
+/// CPU seconds of this process (all its threads).
+fn own_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11..13).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
+}
+
 /// CPU seconds of one cluster: its postmaster (with the backends it reaped) and the
 /// processes it runs now. Counting every `postgres` process instead went negative when
 /// another cluster's processes ended between two samples.
@@ -442,12 +564,13 @@ fn postgres_cpu_s(postmaster: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// The postmaster of the cluster `db` is on: the parent of our backend (a local cluster).
-async fn postmaster_of(db: &PgPool) -> u32 {
+/// The postmaster of the cluster `db` is on: the parent of our backend; None when the
+/// cluster runs elsewhere (its CPU cannot be read here).
+async fn local_postmaster(db: &PgPool) -> Option<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(db).await.expect("backend pid");
-    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).expect("the cluster runs on this machine");
-    let (_, rest) = stat.rsplit_once(") ").expect("stat");
-    rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("ppid")
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())
 }
 
 /// CPU seconds of this process's exited children (the worker processes).
@@ -462,7 +585,7 @@ fn children_cpu_s() -> f64 {
 /// workers used over the drain (in cores: CPU seconds per second).
 async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
     let exe = std::env::current_exe().expect("this binary");
-    let postmaster = postmaster_of(db).await;
+    let postmaster = local_postmaster(db).await.expect("--processes counts PostgreSQL's CPU: the cluster must run on this machine");
     let mut results = Vec::new();
     for round in 0..o.rounds {
         let queue = format!("bench_scale_{}_{round}", o.processes);

@@ -1,0 +1,177 @@
+-- `molecule-bench-queue --designs`: what one job costs PostgreSQL to claim and complete,
+-- per table design, measured inside PostgreSQL (a procedure per design, one transaction
+-- per statement, no client in the loop), so the schema's share of drain_vs_raw_best can be
+-- told from the runtime's. Batches of `b`, claims with FOR UPDATE SKIP LOCKED in queue
+-- order, as the runtime and the raw baseline do.
+--
+--   current    our claim and plain-success ack (jobs/src/store/claim.rs, ack.rs: the same
+--              statements) on a copy of apalis.jobs with all its indexes;
+--   hot_ready  the job row without any index on a column a claim or ack changes (so both
+--              updates can be HOT; fillfactor 50), waiting jobs in a narrow table the
+--              claim deletes from. It leaves out what the lease rescuer and the pruner
+--              read (running jobs by worker, finished jobs by age): a lower bound;
+--   hot_live   the same, the narrow row (keyed by job id) kept, marked with its worker,
+--              until the ack deletes it: the rescuer's access path kept;
+--   raw        bench/queue's raw baseline table (bigint key, five columns, one index).
+
+DROP SCHEMA IF EXISTS bench_designs CASCADE;
+CREATE SCHEMA bench_designs;
+
+CREATE TABLE bench_designs.current_jobs (LIKE apalis.jobs INCLUDING ALL);
+
+CREATE TABLE bench_designs.hot_jobs (LIKE apalis.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (fillfactor = 50);
+ALTER TABLE bench_designs.hot_jobs ADD PRIMARY KEY (id);
+CREATE UNIQUE INDEX ON bench_designs.hot_jobs (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX ON bench_designs.hot_jobs (org_id, id DESC) WHERE org_id IS NOT NULL;
+CREATE INDEX ON bench_designs.hot_jobs (workspace_id, job_type, id DESC) WHERE workspace_id IS NOT NULL;
+CREATE TABLE bench_designs.ready (job_type text NOT NULL, priority int NOT NULL, run_at timestamptz NOT NULL, id text NOT NULL);
+CREATE INDEX ON bench_designs.ready (job_type, priority DESC, run_at, id);
+CREATE TABLE bench_designs.live (job_type text NOT NULL, priority int NOT NULL, run_at timestamptz NOT NULL, id text PRIMARY KEY, lock_by text);
+CREATE INDEX ON bench_designs.live (job_type, priority DESC, run_at, id) WHERE lock_by IS NULL;
+CREATE INDEX ON bench_designs.live (lock_by) WHERE lock_by IS NOT NULL;
+
+CREATE TABLE bench_designs.raw (
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    status text NOT NULL DEFAULT 'available',
+    run_at timestamptz NOT NULL DEFAULT now(),
+    payload bytea
+);
+CREATE INDEX ON bench_designs.raw (queue, run_at, id) WHERE status = 'available';
+
+-- Each round starts from vacuumed tables (the bench runs VACUUM ANALYZE after filling):
+-- no vacuum of one design's table in the middle of another's drain.
+ALTER TABLE bench_designs.current_jobs SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.hot_jobs SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.ready SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.live SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.raw SET (autovacuum_enabled = false);
+
+-- `n` queued jobs of queue `q` in each design's tables.
+CREATE PROCEDURE bench_designs.fill(q text, n int) LANGUAGE sql AS $$
+    INSERT INTO bench_designs.current_jobs (id, job_type, job)
+        SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.hot_jobs (id, job_type, job)
+        SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.hot_jobs (id, job_type, job)
+        SELECT q || 'L-' || lpad(i::text, 20, '0'), q || 'L', '\x7b7d' FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.ready
+        SELECT q, 0, now(), q || '-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.live
+        SELECT q || 'L', 0, now(), q || 'L-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.raw (queue, payload) SELECT q, '\x7b7d' FROM generate_series(1, n);
+$$;
+
+CREATE PROCEDURE bench_designs.drain_current(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[]; fences int8[];
+BEGIN
+  LOOP
+    WITH c AS (
+      UPDATE bench_designs.current_jobs AS j
+      SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
+          attempts = j.attempts + 1, fence = j.fence + 1
+      WHERE j.id = ANY(ARRAY(
+          SELECT id FROM bench_designs.current_jobs
+          WHERE job_type = q AND status IN ('Pending', 'Failed') AND run_at <= now()
+          ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
+                (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence)
+    SELECT array_agg(id), array_agg(fence) INTO ids, fences FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    WITH hit AS MATERIALIZED (
+      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
+      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.current_jobs s WHERE s.id = r.id OFFSET 0) AS cur
+      WHERE cur.fence = r.fence AND cur.status = 'Running')
+    UPDATE bench_designs.current_jobs AS j
+    SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
+    FROM hit
+    WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
+    COMMIT;
+  END LOOP;
+END $$;
+
+CREATE PROCEDURE bench_designs.drain_hot_ready(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[]; fences int8[];
+BEGIN
+  LOOP
+    WITH r AS (
+      DELETE FROM bench_designs.ready WHERE ctid = ANY(ARRAY(
+          SELECT ctid FROM bench_designs.ready WHERE job_type = q AND run_at <= now()
+          ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING id),
+    c AS (
+      UPDATE bench_designs.hot_jobs AS j
+      SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
+          attempts = j.attempts + 1, fence = j.fence + 1
+      WHERE j.id = ANY(ARRAY(SELECT id FROM r))
+      RETURNING j.id, j.job, j.fence)
+    SELECT array_agg(id), array_agg(fence) INTO ids, fences FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    WITH hit AS MATERIALIZED (
+      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
+      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.hot_jobs s WHERE s.id = r.id OFFSET 0) AS cur
+      WHERE cur.fence = r.fence AND cur.status = 'Running')
+    UPDATE bench_designs.hot_jobs AS j
+    SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
+    FROM hit
+    WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
+    COMMIT;
+  END LOOP;
+END $$;
+
+-- Its jobs are queue q || 'L' (rows of their own in hot_jobs).
+CREATE PROCEDURE bench_designs.drain_hot_live(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[]; fences int8[];
+BEGIN
+  LOOP
+    WITH r AS (
+      UPDATE bench_designs.live SET lock_by = 'w' WHERE ctid = ANY(ARRAY(
+          SELECT ctid FROM bench_designs.live WHERE job_type = q || 'L' AND lock_by IS NULL AND run_at <= now()
+          ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING id),
+    c AS (
+      UPDATE bench_designs.hot_jobs AS j
+      SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
+          attempts = j.attempts + 1, fence = j.fence + 1
+      WHERE j.id = ANY(ARRAY(SELECT id FROM r))
+      RETURNING j.id, j.job, j.fence)
+    SELECT array_agg(id), array_agg(fence) INTO ids, fences FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    WITH hit AS MATERIALIZED (
+      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
+      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.hot_jobs s WHERE s.id = r.id OFFSET 0) AS cur
+      WHERE cur.fence = r.fence AND cur.status = 'Running'),
+    u AS (
+      UPDATE bench_designs.hot_jobs AS j
+      SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
+      FROM hit
+      WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE
+      RETURNING j.id)
+    DELETE FROM bench_designs.live WHERE id = ANY(ARRAY(SELECT id FROM u));
+    COMMIT;
+  END LOOP;
+END $$;
+
+CREATE PROCEDURE bench_designs.drain_raw(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids int8[];
+BEGIN
+  LOOP
+    WITH c AS (
+      UPDATE bench_designs.raw SET status = 'running'
+      WHERE id = ANY(ARRAY(SELECT id FROM bench_designs.raw WHERE queue = q AND status = 'available' AND run_at <= now()
+                           ORDER BY run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING id, payload)
+    SELECT array_agg(id) INTO ids FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    UPDATE bench_designs.raw SET status = 'done' WHERE id = ANY(ids);
+    COMMIT;
+  END LOOP;
+END $$;
