@@ -413,3 +413,37 @@ async fn the_job_tables_vacuum_starts_early_and_stays_throttled() {
     assert!(options.contains(&"autovacuum_vacuum_threshold=10000".to_string()), "{options:?}");
     assert!(!options.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "vacuum unthrottled again: {options:?}");
 }
+
+/// While a backlog drains, claims start at the pool's cursor (jobs/src/store/claim.rs);
+/// a job that sorts before it (a higher priority) must not wait for the whole backlog:
+/// the pool claims from the head of the queue again within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_pool_soon_takes_a_job_that_sorts_before_its_cursor() {
+    let (db, _) = fresh_db().await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    // About 400 jobs a second (4 at a time, 10 ms of work each): 2,000 take five seconds.
+    let handler = handler_fn(move |_ctx| {
+        let d = d.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            d.fetch_add(1, Ordering::Relaxed);
+            Ok(json!(null))
+        }
+    });
+    let backlog: Vec<NewJob> = (0..2000).map(|_| NewJob::to_queue("backlog", &json!({}))).collect();
+    molecule_jobs::enqueue_many(&mut *db.acquire().await.unwrap(), &backlog).await.unwrap();
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("backlog", 4, policy(100), handler)]);
+    eventually(Duration::from_secs(10), "the drain to be under way", || async { (done.load(Ordering::Relaxed) >= 40).then_some(()) }).await;
+    let urgent = push(&db, NewJob::to_queue("backlog", &json!({})).priority(10)).await;
+    let enqueued = Utc::now();
+    let v = wait_status(&db, &urgent, JobStatus::Succeeded, Duration::from_secs(20)).await;
+    let waited = (v.started_at.unwrap() - enqueued).num_milliseconds();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'backlog' AND status = 'Pending'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    rt.shutdown().await;
+    assert!(waited < 2500, "the urgent job waited {waited} ms behind the backlog");
+    assert!(left > 500, "it ran ahead of the backlog ({left} jobs still waiting when it was done)");
+}

@@ -3,9 +3,12 @@
 //! Per pool ([`pool`]): a fetcher claims up to `min(free slots, batch)` jobs in one
 //! statement (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own
 //! task, and an acker ([`acker`]) writes outcomes back in batches, each under the fence of
-//! its claim. When the queue runs dry the fetcher sleeps until the first of: a NOTIFY for
-//! its queue (the insert trigger), the next job's `run_at` (retries, future-dated jobs), or
-//! the polling interval (missed NOTIFYs).
+//! its claim. While a backlog drains, each claim starts where the last one ended (the
+//! entries of claimed jobs stay in the index until a vacuum: from the head, a claim late in
+//! a 1M-job drain cost twice one at its start), and once a second from the head again, so
+//! a job that sorts earlier waits at most that long. When the queue runs dry the fetcher
+//! sleeps until the first of: a NOTIFY for its queue (the insert trigger), the next job's
+//! `run_at` (retries, future-dated jobs), or the polling interval (missed NOTIFYs).
 //!
 //! Per process: one LISTEN connection ([`listener`]) and one heartbeat connection
 //! ([`heartbeat`]), both dedicated, outside every pool; claims and acks on a small pool of

@@ -45,6 +45,12 @@ pub(super) async fn run(
     let acker = tokio::spawn(acker::run(shared.clone(), counts.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
     let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
+    // While a backlog drains (the last claim got all it asked for), claims start where the
+    // previous one ended, and from the head of the queue once a second (jobs that came in
+    // before the cursor: a higher priority, an earlier run_at).
+    let mut cursor: Option<store::ClaimCursor> = None;
+    let mut backlog = false;
+    let mut from_head_at = std::time::Instant::now();
 
     while !*shutdown.borrow() {
         if !*lease.borrow() {
@@ -68,9 +74,22 @@ pub(super) async fn run(
             continue;
         }
         let want = free.min(cfg.batch.max(1));
-        let claimed = match store::claim(&shared.core, &queue, want as i64, &worker_id).await {
+        let after = cursor.as_ref().filter(|_| backlog && from_head_at.elapsed() < FROM_HEAD_EVERY);
+        let claim = match after {
+            Some(c) => store::claim_after(&shared.core, &queue, want as i64, &worker_id, c).await,
+            None => {
+                from_head_at = std::time::Instant::now();
+                store::claim(&shared.core, &queue, want as i64, &worker_id).await
+            }
+        };
+        let from_cursor = after.is_some();
+        let claimed = match claim {
             Ok(rows) => {
                 backoff.reset();
+                backlog = rows.len() == want;
+                if let Some(c) = store::ClaimCursor::after(&rows) {
+                    cursor = Some(c);
+                }
                 rows
             }
             Err(e) => {
@@ -140,7 +159,8 @@ pub(super) async fn run(
                 drop(permit);
             });
         }
-        if n < want {
+        // A short claim from the cursor is followed at once by one from the head.
+        if n < want && !from_cursor {
             let wait = match store::next_due_ms(&shared.core, &queue).await {
                 Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
                 // Due now but skipped (another worker holds the row lock): look again soon.
@@ -245,6 +265,10 @@ impl Attempts {
         self.interrupt = watch::channel(false).0;
     }
 }
+
+/// How long a draining pool claims from its cursor before it claims from the head of the
+/// queue again: the longest a job that sorts before the cursor waits behind a backlog.
+const FROM_HEAD_EVERY: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

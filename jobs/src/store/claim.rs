@@ -1,7 +1,9 @@
 //! Claims: one statement takes up to N due jobs of a queue, bumps their fence and counts
 //! the attempt.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use std::cmp::Reverse;
 use uuid::Uuid;
 
 /// A job as a claim hands it to its worker.
@@ -17,28 +19,81 @@ pub struct Claimed {
     pub expired: bool,
     /// This claim's fencing token: every write about this attempt must present it.
     pub fence: i64,
+    /// Its place in claim order (for [`ClaimCursor`]).
+    pub priority: Option<i32>,
+    pub run_at: DateTime<Utc>,
+}
+
+/// Where a claim ended in claim order (priority descending, then run_at, then id): the
+/// next claim of a backlog may start after it ([`claim_after`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimCursor {
+    priority: i32,
+    run_at: DateTime<Utc>,
+    id: String,
+}
+
+impl ClaimCursor {
+    /// The last of `claimed` in claim order; None when empty, or when a job has no
+    /// priority (NULL sorts first and cannot be a cursor's equality bound).
+    pub fn after(claimed: &[Claimed]) -> Option<Self> {
+        let keyed: Option<Vec<_>> = claimed.iter().map(|c| c.priority.map(|p| (Reverse(p), c.run_at, c.id.as_str()))).collect();
+        let (Reverse(priority), run_at, id) = keyed?.into_iter().max()?;
+        Some(ClaimCursor { priority, run_at, id: id.to_string() })
+    }
 }
 
 /// `id = ANY(ARRAY(…))` keeps the update on the primary key; a join against the CTE let
 /// the planner hash-join a sequential scan of the whole table (slower with every row kept).
-const CLAIM: &str = r#"
-UPDATE apalis.jobs AS j
+macro_rules! claim_sql {
+    ($after:literal) => {
+        concat!(
+            "UPDATE apalis.jobs AS j
 SET status = 'Running', lock_by = $3, lock_at = now(), started_at = now(),
     attempts = j.attempts + 1, fence = j.fence + 1
 WHERE j.id = ANY(ARRAY(
     SELECT id FROM apalis.jobs
-    WHERE job_type = $1 AND status IN ('Pending', 'Failed') AND run_at <= now()
+    WHERE job_type = $1 AND status IN ('Pending', 'Failed') AND run_at <= now()",
+            $after,
+            "
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
-          (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence
-"#;
+          (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence,
+          j.priority, j.run_at"
+        )
+    };
+}
+
+const CLAIM: &str = claim_sql!("");
+
+/// Claimed jobs leave the claim index only when a vacuum reaches it: until then every
+/// claim from the head of a queue steps over the entries of all the jobs claimed before
+/// (a 1M-job drain: 10 µs per claimed job at the start, 18 at the end, the ack flat).
+/// Starting at the cursor skips them (flat 9–10 µs). Same priority only: that is where
+/// the index range is contiguous.
+const CLAIM_AFTER: &str = claim_sql!("\n      AND priority = $4 AND (run_at, id) > ($5, $6)");
 
 /// Claims up to `limit` due jobs of `queue` for `worker`.
 pub async fn claim(db: &PgPool, queue: &str, limit: i64, worker: &str) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(CLAIM).bind(queue).bind(limit).bind(worker).fetch_all(db).await
+}
+
+/// [`claim`], of the jobs after `cursor` in claim order only. Jobs before it (a higher
+/// priority, an earlier run_at) are left to the next [`claim`]: callers use this only
+/// while a backlog drains, and claim from the head again at least once a second.
+pub async fn claim_after(db: &PgPool, queue: &str, limit: i64, worker: &str, cursor: &ClaimCursor) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(CLAIM_AFTER)
+        .bind(queue)
+        .bind(limit)
+        .bind(worker)
+        .bind(cursor.priority)
+        .bind(cursor.run_at)
+        .bind(&cursor.id)
+        .fetch_all(db)
+        .await
 }
 
 /// Milliseconds until the queue's next job is due (negative: due now), NULL when empty.
@@ -50,4 +105,109 @@ WHERE job_type = $1 AND status IN ('Pending', 'Failed')
 
 pub async fn next_due_ms(db: &PgPool, queue: &str) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar(NEXT_DUE).bind(queue).fetch_one(db).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enqueue::{enqueue, enqueue_many, NewJob};
+    use molecule_domain::testing::fresh_db;
+    use serde_json::{json, Value};
+
+    fn job(id: &str, priority: Option<i32>, run_at_s: i64) -> Claimed {
+        Claimed {
+            id: id.into(),
+            job: vec![],
+            attempts: 1,
+            max_attempts: 1,
+            org_id: None,
+            workspace_id: None,
+            expired: false,
+            fence: 1,
+            priority,
+            run_at: DateTime::from_timestamp(run_at_s, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_cursor_is_the_last_job_in_claim_order() {
+        // Priority descending, then run_at, then id: the last is the lowest priority's latest.
+        let claimed = [job("a", Some(5), 30), job("c", Some(0), 10), job("b", Some(0), 20), job("d", Some(0), 20)];
+        assert_eq!(ClaimCursor::after(&claimed), Some(ClaimCursor { priority: 0, run_at: claimed[3].run_at, id: "d".into() }));
+        assert_eq!(ClaimCursor::after(&[]), None);
+        assert_eq!(ClaimCursor::after(&[job("a", Some(0), 1), job("b", None, 2)]), None, "no cursor across a NULL priority");
+    }
+
+    async fn push(db: &PgPool, job: NewJob) -> String {
+        let mut conn = db.acquire().await.unwrap();
+        enqueue(&mut conn, &job).await.unwrap().as_str().to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_from_a_cursor_leaves_the_jobs_before_it_to_a_claim_from_the_head() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let backlog: Vec<NewJob> = (0..6).map(|_| NewJob::to_queue("q", &json!({}))).collect();
+        enqueue_many(&mut conn, &backlog).await.unwrap();
+        let first = claim(&db, "q", 2, "w").await.unwrap();
+        let cursor = ClaimCursor::after(&first).unwrap();
+        // Two jobs that sort before the cursor: a higher priority, and an earlier run_at.
+        let urgent = push(&db, NewJob::to_queue("q", &json!({})).priority(5)).await;
+        let overdue = push(&db, NewJob::to_queue("q", &json!({})).run_at(Utc::now() - chrono::Duration::hours(1))).await;
+
+        let mut after: Vec<String> = claim_after(&db, "q", 10, "w", &cursor).await.unwrap().into_iter().map(|c| c.id).collect();
+        after.sort();
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE status = 'Pending' AND id <> ALL($1) ORDER BY id")
+            .bind([urgent.as_str(), overdue.as_str()])
+            .fetch_all(&db)
+            .await
+            .unwrap();
+        assert!(ids.is_empty(), "the claim from the cursor took the rest of the backlog");
+        assert_eq!(after.len(), 4, "the four jobs after the cursor: {after:?}");
+        assert!(!after.contains(&urgent) && !after.contains(&overdue));
+        let head: Vec<String> = claim(&db, "q", 10, "w").await.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(head, vec![urgent, overdue], "from the head, in claim order");
+    }
+
+    /// Shared buffers the plan's scan of the claim index touched.
+    fn claim_index_buffers(plan: &Value) -> u64 {
+        let own = if plan.get("Index Name").and_then(Value::as_str) == Some("jobs_claim_idx") {
+            ["Shared Hit Blocks", "Shared Read Blocks"].iter().filter_map(|k| plan.get(*k).and_then(Value::as_u64)).sum()
+        } else {
+            0
+        };
+        own + plan.get("Plans").and_then(Value::as_array).into_iter().flatten().map(claim_index_buffers).sum::<u64>()
+    }
+
+    /// What the cursor is for: the entries of jobs claimed before stay in the claim index
+    /// until a vacuum, and a claim from the head steps over every one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_the_cursor_a_claim_steps_over_none_of_the_jobs_claimed_before() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let jobs: Vec<NewJob> = (0..20_000).map(|_| NewJob::to_queue("q", &json!({}))).collect();
+        enqueue_many(&mut conn, &jobs).await.unwrap();
+        sqlx::query("VACUUM ANALYZE apalis.jobs").execute(&db).await.unwrap();
+        let mut cursor = None;
+        for _ in 0..38 {
+            cursor = ClaimCursor::after(&claim(&db, "q", 500, "w").await.unwrap());
+        }
+        let c = cursor.unwrap();
+        let mut touched = Vec::new();
+        for (sql, types, args) in [
+            (CLAIM, "text, int8, text", "'q', 50, 'w'".to_string()),
+            (CLAIM_AFTER, "text, int8, text, int4, timestamptz, text", format!("'q', 50, 'w', {}, '{}', '{}'", c.priority, c.run_at.to_rfc3339(), c.id)),
+        ] {
+            let mut tx = db.begin().await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE claim_plan ({types}) AS {sql}"))).execute(&mut *tx).await.unwrap();
+            let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim_plan ({args})"));
+            let plan: Value = sqlx::query_scalar(explain).fetch_one(&mut *tx).await.unwrap();
+            sqlx::raw_sql("DEALLOCATE claim_plan").execute(&mut *tx).await.unwrap();
+            tx.rollback().await.unwrap();
+            assert_eq!(plan[0]["Plan"]["Actual Rows"].as_u64(), Some(50), "both claim 50: {plan:#}");
+            touched.push(claim_index_buffers(&plan[0]["Plan"]));
+        }
+        let (head, after) = (touched[0], touched[1]);
+        assert!(after > 0 && head >= 5 * after, "claim index buffers: from the head {head}, from the cursor {after}");
+    }
 }
