@@ -4,14 +4,18 @@
 -- told from the runtime's. Batches of `b`, claims with FOR UPDATE SKIP LOCKED in queue
 -- order, as the runtime and the raw baseline do.
 --
---   current    our claim and plain-success ack (jobs/src/store/claim.rs, ack.rs: the same
---              statements) on a copy of apalis.jobs with all its indexes;
+--   current    our claim from the head of the queue (jobs/src/store/claim.rs: CLAIM, what
+--              an idle pool runs; a draining pool starts at its cursor instead, which at
+--              20k jobs saves little) and plain-success ack (ack.rs), on a copy of
+--              apalis.jobs with all its indexes;
 --   hot_ready  the job row without any index on a column a claim or ack changes (so both
 --              updates can be HOT; fillfactor 50), waiting jobs in a narrow table the
 --              claim deletes from. It leaves out what the lease rescuer and the pruner
 --              read (running jobs by worker, finished jobs by age): a lower bound;
 --   hot_live   the same, the narrow row (keyed by job id) kept, marked with its worker,
---              until the ack deletes it: the rescuer's access path kept;
+--              until the ack deletes it: the rescuer's access path kept (its job rows
+--              share hot_jobs with hot_ready's: whichever runs second in a round finds
+--              the table no longer freshly vacuumed);
 --   raw        bench/queue's raw baseline table (bigint key, five columns, one index).
 
 DROP SCHEMA IF EXISTS bench_designs CASCADE;

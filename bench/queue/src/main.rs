@@ -11,7 +11,9 @@
 //!     each drain's CPU is read from /proc (the cluster's processes, and this process:
 //!     our runtime, or the raw clients): the `cpu_us_per_job` line splits
 //!     `drain_vs_raw_best` into PostgreSQL's work per job and how busy each side keeps
-//!     the machine.
+//!     the machine (medians over rounds, each taken on its own). PostgreSQL's share
+//!     includes its background processes meanwhile (an autovacuum that starts during a
+//!     drain is charged to it).
 //! (b) pickup: single jobs enqueued one at a time into an idle pool, timed two ways:
 //!     from the enqueue's commit to the handler's start (`pickup_*`), and from before the
 //!     enqueue call (`pickup_e2e_*`: what the Node peers' harness measures); then again
@@ -399,6 +401,7 @@ async fn in_process(db: &PgPool, o: &Opts) {
     if pm.is_some() {
         // Where drain_vs_raw_best goes: the PostgreSQL work per job (the schema's and the
         // statements' share), and how much of the machine each side keeps busy.
+        // postgres_work_vs_raw_best < 1: a job of ours costs PostgreSQL more.
         let (op, oc, rp, rc) = (
             median(ours_cpu.iter().map(|c| c.pg_us).collect()),
             median(ours_cpu.iter().map(|c| c.own_us).collect()),
@@ -570,7 +573,10 @@ async fn local_postmaster(db: &PgPool) -> Option<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(db).await.expect("backend pid");
     let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())
+    let ppid: u32 = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())?;
+    // A remote cluster's backend pid may be some unrelated local process.
+    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
+    matches!(comm.trim(), "postgres" | "postmaster").then_some(ppid)
 }
 
 /// CPU seconds of this process's exited children (the worker processes).

@@ -6,9 +6,10 @@
 //! its claim. While a backlog drains, each claim starts where the last one ended (the
 //! entries of claimed jobs stay in the index until a vacuum: from the head, a claim late in
 //! a 1M-job drain cost twice one at its start), and once a second from the head again, so
-//! a job that sorts earlier waits at most that long. When the queue runs dry the fetcher
-//! sleeps until the first of: a NOTIFY for its queue (the insert trigger), the next job's
-//! `run_at` (retries, future-dated jobs), or the polling interval (missed NOTIFYs).
+//! a job that sorts earlier waits about that long at most. When the queue runs dry the
+//! fetcher sleeps until the first of: a NOTIFY for its queue (the insert trigger), the
+//! next job's `run_at` (retries, future-dated jobs), or the polling interval (missed
+//! NOTIFYs).
 //!
 //! Per process: one LISTEN connection ([`listener`]) and one heartbeat connection
 //! ([`heartbeat`]), both dedicated, outside every pool; claims and acks on a small pool of

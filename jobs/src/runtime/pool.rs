@@ -87,9 +87,7 @@ pub(super) async fn run(
             Ok(rows) => {
                 backoff.reset();
                 backlog = rows.len() == want;
-                if let Some(c) = store::ClaimCursor::after(&rows) {
-                    cursor = Some(c);
-                }
+                cursor = store::ClaimCursor::after(&rows);
                 rows
             }
             Err(e) => {
@@ -267,7 +265,8 @@ impl Attempts {
 }
 
 /// How long a draining pool claims from its cursor before it claims from the head of the
-/// queue again: the longest a job that sorts before the cursor waits behind a backlog.
+/// queue again: about the longest a job that sorts before the cursor waits behind a
+/// backlog (plus, in a full pool, until a slot frees).
 const FROM_HEAD_EVERY: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
