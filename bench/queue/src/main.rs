@@ -247,7 +247,7 @@ enum Wake {
     AnnouncedLocally,
 }
 
-async fn pickup(db: &PgPool, o: &Opts, wake: Wake) -> (Vec<f64>, Vec<f64>) {
+async fn pickup(db: &PgPool, o: &Opts, wake: Wake, queue: &str) -> (Vec<f64>, Vec<f64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
     let handler = handler_fn(move |_ctx| {
         let tx = tx.clone();
@@ -259,7 +259,7 @@ async fn pickup(db: &PgPool, o: &Opts, wake: Wake) -> (Vec<f64>, Vec<f64>) {
     let rt = Runtime::start(
         db.clone(),
         runtime_cfg(o.batch),
-        vec![PoolSpec::new("bench_pickup", 4, RETRY, handler)],
+        vec![PoolSpec::new(queue, 4, RETRY, handler)],
     );
     let announcer = (wake != Wake::Trigger).then(|| Announcer::start(db.connect_options().as_ref().clone()));
     if let (Some(a), Wake::AnnouncedLocally) = (&announcer, wake) {
@@ -271,11 +271,11 @@ async fn pickup(db: &PgPool, o: &Opts, wake: Wake) -> (Vec<f64>, Vec<f64>) {
     let mut e2e = Vec::with_capacity(o.samples);
     for _ in 0..o.samples {
         let called = Instant::now();
-        let job = NewJob::to_queue("bench_pickup", &serde_json::json!({}));
+        let job = NewJob::to_queue(queue, &serde_json::json!({}));
         match &announcer {
             Some(a) => {
                 enqueue(&mut conn, &job.announce_after_commit()).await.expect("enqueue");
-                a.announce("bench_pickup");
+                a.announce(queue);
             }
             None => {
                 enqueue(&mut conn, &job).await.expect("enqueue");
@@ -415,9 +415,20 @@ async fn in_process(db: &PgPool, o: &Opts) {
             rp / op
         );
     }
-    let (lat, e2e) = pickup(db, o, Wake::Trigger).await;
-    let (_, announced) = pickup(db, o, Wake::Announced).await;
-    let (_, local) = pickup(db, o, Wake::AnnouncedLocally).await;
+    // First, while its claimed jobs' index entries are still there (no vacuum yet): pickup
+    // on the queue the last round drained, by a pool started on it.
+    let drained = format!("bench_drain_{}", o.rounds - 1);
+    let (_, after_drain) = pickup(db, o, Wake::Trigger, &drained).await;
+    println!(
+        "pickup on the queue just drained ({} jobs), from before the enqueue call: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        o.jobs,
+        pct(&after_drain, 0.5),
+        pct(&after_drain, 0.99),
+        after_drain[after_drain.len() - 1]
+    );
+    let (lat, e2e) = pickup(db, o, Wake::Trigger, "bench_pickup").await;
+    let (_, announced) = pickup(db, o, Wake::Announced, "bench_pickup").await;
+    let (_, local) = pickup(db, o, Wake::AnnouncedLocally, "bench_pickup").await;
     println!(
         "pickup from before the enqueue call, p50/p99 ms over {} samples: trigger's NOTIFY {:.2}/{:.2}; announced after the commit {:.2}/{:.2}; announced, pool in the same process {:.2}/{:.2}",
         e2e.len(),

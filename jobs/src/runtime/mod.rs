@@ -3,10 +3,9 @@
 //! Per pool ([`pool`]): a fetcher claims up to `min(free slots, batch)` jobs in one
 //! statement (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own
 //! task, and an acker ([`acker`]) writes outcomes back in batches, each under the fence of
-//! its claim. While a backlog drains, each claim starts where the last one ended (the
-//! entries of claimed jobs stay in the index until a vacuum: from the head, a claim late in
-//! a 1M-job drain cost twice one at its start), and once a second from the head again, so
-//! a job that sorts earlier waits about that long at most. When the queue runs dry the
+//! its claim. A claim starts where the last one ended, and from the head of the queue
+//! about once a second ([`claim_start`]: claimed jobs' entries stay in the index until a
+//! vacuum, and from the head a claim steps over all of them). When the queue runs dry the
 //! fetcher sleeps until the first of: a NOTIFY for its queue (the insert trigger), the
 //! next job's `run_at` (retries, future-dated jobs), or the polling interval (missed
 //! NOTIFYs).
@@ -30,6 +29,7 @@
 //! beats are written again.
 
 mod acker;
+mod claim_start;
 mod heartbeat;
 mod listener;
 mod pool;

@@ -6,11 +6,12 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use super::acker::{self, Claim};
+use super::claim_start::ClaimStart;
 use super::{ErrorBackoff, PoolSpec, Shared};
 use crate::handler::{Interrupt, JobContext, JobError};
 use crate::store;
@@ -45,12 +46,7 @@ pub(super) async fn run(
     let acker = tokio::spawn(acker::run(shared.clone(), counts.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
     let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
-    // While a backlog drains (the last claim got all it asked for), claims start where the
-    // previous one ended, and from the head of the queue once a second (jobs that came in
-    // before the cursor: a higher priority, an earlier run_at).
-    let mut cursor: Option<store::ClaimCursor> = None;
-    let mut backlog = false;
-    let mut from_head_at = std::time::Instant::now();
+    let mut start = ClaimStart::new(Instant::now());
 
     while !*shutdown.borrow() {
         if !*lease.borrow() {
@@ -74,20 +70,15 @@ pub(super) async fn run(
             continue;
         }
         let want = free.min(cfg.batch.max(1));
-        let after = cursor.as_ref().filter(|_| backlog && from_head_at.elapsed() < FROM_HEAD_EVERY);
-        let claim = match after {
+        let from_cursor = start.next(Instant::now());
+        let claim = match &from_cursor {
             Some(c) => store::claim_after(&shared.core, &queue, want as i64, &worker_id, c).await,
-            None => {
-                from_head_at = std::time::Instant::now();
-                store::claim(&shared.core, &queue, want as i64, &worker_id).await
-            }
+            None => store::claim(&shared.core, &queue, want as i64, &worker_id).await,
         };
-        let from_cursor = after.is_some();
         let claimed = match claim {
             Ok(rows) => {
                 backoff.reset();
-                backlog = rows.len() == want;
-                cursor = store::ClaimCursor::after(&rows);
+                start.claimed(from_cursor.is_some(), &rows, want, Instant::now());
                 rows
             }
             Err(e) => {
@@ -157,9 +148,15 @@ pub(super) async fn run(
                 drop(permit);
             });
         }
-        // A short claim from the cursor is followed at once by one from the head.
-        if n < want && !from_cursor {
-            let wait = match store::next_due_ms(&shared.core, &queue).await {
+        if n < want && !start.head_next() {
+            // After the cursor, only its priority's next due job is looked for (a range scan;
+            // over the whole queue, `min(run_at)` reads the entries of every job claimed
+            // since the last vacuum); the others are found by the next claim from the head.
+            let next = match start.cursor() {
+                Some(c) => store::next_due_after_ms(&shared.core, &queue, c).await,
+                None => store::next_due_ms(&shared.core, &queue).await,
+            };
+            let wait = match next {
                 Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
                 // Due now but skipped (another worker holds the row lock): look again soon.
                 Ok(Some(_)) => Duration::from_millis(10).min(cfg.poll_interval),
@@ -263,11 +260,6 @@ impl Attempts {
         self.interrupt = watch::channel(false).0;
     }
 }
-
-/// How long a draining pool claims from its cursor before it claims from the head of the
-/// queue again: about the longest a job that sorts before the cursor waits behind a
-/// backlog (plus, in a full pool, until a slot frees).
-const FROM_HEAD_EVERY: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

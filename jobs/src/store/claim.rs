@@ -110,6 +110,17 @@ pub async fn next_due_ms(db: &PgPool, queue: &str) -> Result<Option<f64>, sqlx::
     sqlx::query_scalar(NEXT_DUE).bind(queue).fetch_one(db).await
 }
 
+/// [`NEXT_DUE`] of the jobs after `cursor` in claim order (of its priority).
+const NEXT_DUE_AFTER: &str = r#"
+SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
+FROM apalis.jobs
+WHERE job_type = $1 AND status IN ('Pending', 'Failed') AND priority = $2 AND (run_at, id) > ($3, $4)
+"#;
+
+pub async fn next_due_after_ms(db: &PgPool, queue: &str, cursor: &ClaimCursor) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(NEXT_DUE_AFTER).bind(queue).bind(cursor.priority).bind(cursor.run_at).bind(&cursor.id).fetch_one(db).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,4 +9,4 @@ pub mod stats;
 pub mod workers;
 
 pub use ack::{write_acks, Ack, AckWrite};
-pub use claim::{claim, claim_after, next_due_ms, ClaimCursor, Claimed};
+pub use claim::{claim, claim_after, next_due_after_ms, next_due_ms, ClaimCursor, Claimed};
