@@ -447,3 +447,31 @@ async fn a_draining_pool_soon_takes_a_job_that_sorts_before_its_cursor() {
     assert!(waited < 2500, "the urgent job waited {waited} ms behind the backlog");
     assert!(left > 500, "it ran ahead of the backlog ({left} jobs still waiting when it was done)");
 }
+
+/// An idle pool claims from its cursor; a job it cannot see there — enqueued in a
+/// transaction that began before the job the cursor stands on and committed after it —
+/// is taken by the claim from the head that follows at once, not at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_takes_a_job_committed_late_behind_its_cursor_at_once() {
+    let (db, _) = fresh_db().await;
+    let handler = handler_fn(|_ctx| async { Ok(json!(null)) });
+    let mut c = cfg();
+    c.poll_interval = Duration::from_secs(30); // only a wake-up can start it in time
+    let rt = Runtime::start(db.clone(), c, vec![PoolSpec::new("late", 4, policy(100), handler)]);
+    let first = push(&db, NewJob::to_queue("late", &json!({}))).await;
+    wait_status(&db, &first, JobStatus::Succeeded, Duration::from_secs(5)).await;
+
+    // Its run_at is its transaction's start: before the next job's.
+    let mut tx = db.begin().await.unwrap();
+    let late = enqueue(&mut tx, &NewJob::to_queue("late", &json!({}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await; // the other job's run_at is later
+    let cursor_job = push(&db, NewJob::to_queue("late", &json!({}))).await;
+    wait_status(&db, &cursor_job, JobStatus::Succeeded, Duration::from_secs(5)).await;
+    tx.commit().await.unwrap();
+    let committed = Utc::now();
+
+    let v = wait_status(&db, &late, JobStatus::Succeeded, Duration::from_secs(40)).await;
+    rt.shutdown().await;
+    let waited = (v.started_at.unwrap() - committed).num_milliseconds();
+    assert!(waited < 1000, "the late job started {waited} ms after its commit");
+}

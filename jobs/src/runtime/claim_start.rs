@@ -3,20 +3,23 @@
 //!
 //! Claimed jobs' entries stay in the claim index until a vacuum reaches it, and a claim
 //! from the head steps over every one of them: a claim late in a 1M-job drain cost twice
-//! one at its start, and after the drain a pickup on that queue took 90 ms (p50; its claim
-//! read 8,268 index pages). From the cursor the scan starts after them (p50 1.7 ms). Jobs that sort before the cursor (a higher priority,
-//! an earlier run_at, rows another worker had locked) are left to a claim from the head,
-//! made at least once a second while claims are made, and at once after a short claim from
-//! the cursor when a backlog just ran out (the next priority's jobs) or the last one from
-//! the head is a second old (an idle pool's pickup finds its job from the cursor, then
-//! looks at the head behind it).
+//! one at its start, and after the drain a pickup on that queue took 90 ms (p50; its
+//! claim read 8,268 index pages). From the cursor the scan starts after them.
+//!
+//! Jobs the cursor cannot see are left to a claim from the head: those that sort before
+//! it (a higher priority; an earlier run_at, as a job enqueued in a transaction that
+//! began before the cursor's job and committed after it has) and those of a lower
+//! priority. So a claim from the cursor that comes back short is followed at once by one
+//! from the head (an idle pool's pickup takes its job from the cursor, then looks at the
+//! head behind it), and while a backlog drains, claims go to the head once a second.
 
 use std::time::{Duration, Instant};
 
 use crate::store::{ClaimCursor, Claimed};
 
-/// How long a pool claims from its cursor before it claims from the head again: about the
-/// longest a job that sorts before the cursor waits (plus, in a full pool, for a slot).
+/// While a backlog drains, how long a pool claims from its cursor before it claims from
+/// the head again: about the longest a job the cursor cannot see waits behind a backlog
+/// (plus, in a full pool, for a slot).
 pub(super) const FROM_HEAD_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
@@ -34,11 +37,10 @@ impl ClaimStart {
         ClaimStart { cursor: None, backlog: false, head_next: false, from_head_at: now }
     }
 
-    /// The cursor to claim after, or None: claim from the head (noted as made now). While
-    /// a backlog drains, from the head once a second; an idle pool's pickup comes from the
-    /// cursor, and [`Self::claimed`] sends it to the head after.
+    /// The cursor to claim after, or None: claim from the head (noted as made now).
     pub(super) fn next(&mut self, now: Instant) -> Option<ClaimCursor> {
-        let head = std::mem::take(&mut self.head_next) || (self.backlog && now.duration_since(self.from_head_at) >= FROM_HEAD_EVERY);
+        let due = self.backlog && now.duration_since(self.from_head_at) >= FROM_HEAD_EVERY;
+        let head = std::mem::take(&mut self.head_next) || due;
         match &self.cursor {
             Some(c) if !head => Some(c.clone()),
             _ => {
@@ -48,12 +50,12 @@ impl ClaimStart {
         }
     }
 
-    /// What a claim (from `from`, asking for `want`) got.
-    pub(super) fn claimed(&mut self, from_cursor: bool, rows: &[Claimed], want: usize, now: Instant) {
+    /// What a claim (from the cursor or not, asking for `want`) got.
+    pub(super) fn claimed(&mut self, from_cursor: bool, rows: &[Claimed], want: usize) {
         let full = rows.len() == want;
-        self.head_next = from_cursor && !full && (self.backlog || now.duration_since(self.from_head_at) >= FROM_HEAD_EVERY);
+        self.head_next = from_cursor && !full;
         self.backlog = full;
-        // An empty claim keeps the cursor: the jobs to come sort after it.
+        // An empty claim keeps the cursor (where the next jobs of its priority will be).
         if !rows.is_empty() {
             self.cursor = ClaimCursor::after(rows);
         }
@@ -64,8 +66,8 @@ impl ClaimStart {
         self.head_next
     }
 
-    /// Where the last claim ended (what the next due job is looked for after, when a claim
-    /// comes back short: from the head, `min(run_at)` reads every entry of the queue).
+    /// Where the last claim ended: after a short claim the next due job is looked for
+    /// after it (over the whole queue, `min(run_at)` reads every entry of the queue).
     pub(super) fn cursor(&self) -> Option<&ClaimCursor> {
         self.cursor.as_ref()
     }
@@ -91,8 +93,9 @@ mod tests {
         }
     }
 
-    fn jobs(n: usize) -> Vec<Claimed> {
-        (0..n).map(|i| job(&format!("j{i:04}"))).collect()
+    /// `n` jobs, ids from `from` on (same priority and run_at: claim order is id order).
+    fn jobs(from: usize, n: usize) -> Vec<Claimed> {
+        (from..from + n).map(|i| job(&format!("j{i:04}"))).collect()
     }
 
     const MS: Duration = Duration::from_millis(1);
@@ -102,55 +105,37 @@ mod tests {
         let t0 = Instant::now();
         let mut s = ClaimStart::new(t0);
         assert_eq!(s.next(t0), None, "no cursor yet: from the head");
-        s.claimed(false, &jobs(100), 100, t0);
-        let c = s.next(t0 + 10 * MS).expect("a full claim: from its cursor next");
-        assert_eq!(c, ClaimCursor::after(&jobs(100)).unwrap());
-        s.claimed(true, &jobs(100), 100, t0 + 10 * MS);
-        assert!(!s.head_next());
-        assert!(s.next(t0 + 999 * MS).is_some());
-        s.claimed(true, &jobs(100), 100, t0 + 999 * MS);
+        s.claimed(false, &jobs(0, 100), 100);
+        assert_eq!(s.next(t0 + 10 * MS), ClaimCursor::after(&jobs(0, 100)), "a full claim: from its cursor next");
+        s.claimed(true, &jobs(100, 100), 100);
+        assert_eq!(s.next(t0 + 999 * MS), ClaimCursor::after(&jobs(100, 100)), "the cursor moves with each claim");
+        s.claimed(true, &jobs(200, 100), 100);
         assert_eq!(s.next(t0 + 1000 * MS), None, "a second on: from the head");
-        s.claimed(false, &jobs(100), 100, t0 + 1000 * MS);
+        s.claimed(false, &jobs(300, 100), 100);
         assert!(s.next(t0 + 1001 * MS).is_some(), "then from the cursor again");
     }
 
     #[test]
-    fn when_a_backlog_runs_out_from_the_cursor_the_head_is_claimed_at_once() {
+    fn a_short_claim_from_the_cursor_is_followed_at_once_by_one_from_the_head() {
         let t0 = Instant::now();
         let mut s = ClaimStart::new(t0);
         s.next(t0);
-        s.claimed(false, &jobs(100), 100, t0);
+        s.claimed(false, &jobs(0, 100), 100);
         s.next(t0 + MS).unwrap();
-        s.claimed(true, &jobs(30), 100, t0 + MS);
-        assert!(s.head_next(), "short after a backlog: the next priority's jobs may be waiting");
+        s.claimed(true, &jobs(100, 30), 100);
+        assert!(s.head_next(), "the backlog ran out: the next priority's jobs may be waiting");
         assert_eq!(s.next(t0 + 2 * MS), None);
+        s.claimed(false, &[], 100);
         assert!(!s.head_next(), "once");
-    }
-
-    #[test]
-    fn an_idle_pool_picks_up_from_the_cursor_and_looks_at_the_head_at_most_once_a_second() {
-        let t0 = Instant::now();
-        let mut s = ClaimStart::new(t0);
-        s.next(t0);
-        s.claimed(false, &jobs(5), 100, t0);
-        // An empty claim keeps the cursor.
-        s.next(t0 + MS).unwrap();
-        s.claimed(true, &[], 100, t0 + MS);
-        assert!(!s.head_next(), "the head was looked at a millisecond ago");
-        // A pickup within the second: from the cursor, and nothing more.
-        let c = s.next(t0 + 500 * MS).expect("from the cursor");
-        assert_eq!(c, ClaimCursor::after(&jobs(5)).unwrap());
-        s.claimed(true, &[job("k0001")], 100, t0 + 500 * MS);
-        assert!(!s.head_next());
-        // A pickup two seconds later: from the cursor too (its job is not kept waiting
-        // behind a scan of the head), and then, the second being up, from the head at once.
-        assert!(s.next(t0 + 2500 * MS).is_some());
-        s.claimed(true, &[job("k0002")], 100, t0 + 2500 * MS);
+        // An idle pool's pickup: its job from the cursor (kept over the empty claim), then
+        // the head at once — a job committed late, sorting before the cursor, is not left
+        // waiting for a second.
+        assert_eq!(s.next(t0 + 3 * MS), ClaimCursor::after(&jobs(100, 30)));
+        s.claimed(true, &jobs(500, 1), 4);
         assert!(s.head_next());
-        assert_eq!(s.next(t0 + 2501 * MS), None);
-        s.claimed(false, &[], 100, t0 + 2501 * MS);
-        assert!(!s.head_next());
-        assert!(s.next(t0 + 2600 * MS).is_some(), "then from the cursor again");
+        assert_eq!(s.next(t0 + 4 * MS), None);
+        s.claimed(false, &[], 4);
+        assert_eq!(s.next(t0 + 5 * MS), ClaimCursor::after(&jobs(500, 1)));
     }
 
     #[test]
@@ -158,11 +143,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = ClaimStart::new(t0);
         s.next(t0);
-        s.claimed(false, &jobs(100), 100, t0);
+        s.claimed(false, &jobs(0, 100), 100);
         let mut null = job("n");
         null.priority = None;
-        s.claimed(true, &[null], 100, t0 + MS);
-        s.head_next = false;
+        s.claimed(false, &[null], 100);
         assert_eq!(s.next(t0 + 2 * MS), None, "no cursor to claim after");
     }
 }

@@ -7,8 +7,8 @@
 //! about once a second ([`claim_start`]: claimed jobs' entries stay in the index until a
 //! vacuum, and from the head a claim steps over all of them). When the queue runs dry the
 //! fetcher sleeps until the first of: a NOTIFY for its queue (the insert trigger), the
-//! next job's `run_at` (retries, future-dated jobs), or the polling interval (missed
-//! NOTIFYs).
+//! next job's `run_at` after its cursor (retries, future-dated jobs of the cursor's
+//! priority), or the polling interval (missed NOTIFYs, other priorities' future jobs).
 //!
 //! Per process: one LISTEN connection ([`listener`]) and one heartbeat connection
 //! ([`heartbeat`]), both dedicated, outside every pool; claims and acks on a small pool of

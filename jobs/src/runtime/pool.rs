@@ -78,7 +78,7 @@ pub(super) async fn run(
         let claimed = match claim {
             Ok(rows) => {
                 backoff.reset();
-                start.claimed(from_cursor.is_some(), &rows, want, Instant::now());
+                start.claimed(from_cursor.is_some(), &rows, want);
                 rows
             }
             Err(e) => {

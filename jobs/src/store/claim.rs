@@ -27,7 +27,7 @@ pub struct Claimed {
 }
 
 /// Where a claim ended in claim order (priority descending, then run_at, then id): the
-/// next claim of a backlog may start after it ([`claim_after`]).
+/// next claim may start after it ([`claim_after`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClaimCursor {
     priority: i32,
@@ -84,9 +84,8 @@ pub async fn claim(db: &PgPool, queue: &str, limit: i64, worker: &str) -> Result
     sqlx::query_as(CLAIM).bind(queue).bind(limit).bind(worker).fetch_all(db).await
 }
 
-/// [`claim`], of the jobs after `cursor` in claim order only. Jobs before it (a higher
-/// priority, an earlier run_at) are left to the next [`claim`]: callers use this only
-/// while a backlog drains, and claim from the head again at least once a second.
+/// [`claim`], of the jobs after `cursor` in claim order (of its priority) only. The others
+/// are left to a [`claim`] from the head: runtime/claim_start.rs says when one follows.
 pub async fn claim_after(db: &PgPool, queue: &str, limit: i64, worker: &str, cursor: &ClaimCursor) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(CLAIM_AFTER)
         .bind(queue)
