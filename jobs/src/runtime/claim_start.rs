@@ -76,21 +76,9 @@ impl ClaimStart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::DateTime;
 
     fn job(id: &str) -> Claimed {
-        Claimed {
-            id: id.into(),
-            job: vec![],
-            attempts: 1,
-            max_attempts: 1,
-            org_id: None,
-            workspace_id: None,
-            expired: false,
-            fence: 1,
-            priority: Some(0),
-            run_at: DateTime::from_timestamp(1, 0).unwrap(),
-        }
+        Claimed::for_test(id, Some(0), 1)
     }
 
     /// `n` jobs, ids from `from` on (same priority and run_at: claim order is id order).

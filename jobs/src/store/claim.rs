@@ -26,6 +26,25 @@ pub struct Claimed {
     pub run_at: DateTime<Utc>,
 }
 
+#[cfg(test)]
+impl Claimed {
+    /// A claimed job as the claim order sees it (for tests of the order and the cursor).
+    pub(crate) fn for_test(id: &str, priority: Option<i32>, run_at_s: i64) -> Self {
+        Claimed {
+            id: id.into(),
+            job: vec![],
+            attempts: 1,
+            max_attempts: 1,
+            org_id: None,
+            workspace_id: None,
+            expired: false,
+            fence: 1,
+            priority,
+            run_at: DateTime::from_timestamp(run_at_s, 0).expect("a valid timestamp"),
+        }
+    }
+}
+
 /// Where a claim ended in claim order (priority descending, then run_at, then id): the
 /// next claim may start after it ([`claim_after`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -128,18 +147,7 @@ mod tests {
     use serde_json::{json, Value};
 
     fn job(id: &str, priority: Option<i32>, run_at_s: i64) -> Claimed {
-        Claimed {
-            id: id.into(),
-            job: vec![],
-            attempts: 1,
-            max_attempts: 1,
-            org_id: None,
-            workspace_id: None,
-            expired: false,
-            fence: 1,
-            priority,
-            run_at: DateTime::from_timestamp(run_at_s, 0).unwrap(),
-        }
+        Claimed::for_test(id, priority, run_at_s)
     }
 
     #[test]
