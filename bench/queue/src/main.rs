@@ -548,34 +548,52 @@ impl Cpu {
     }
 }
 
+/// The fields of a `/proc/<pid>/stat` line after "pid (comm) ": [`PPID`], and the CPU
+/// ticks in [`UTIME`]..=[`CSTIME`] (utime, stime, then the reaped children's).
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default()
+}
+const PPID: usize = 1;
+const UTIME: usize = 11;
+const CUTIME: usize = 13;
+const CSTIME: usize = 14;
+
+/// Seconds of the ticks in `fields[range]` (USER_HZ is 100 on Linux).
+fn ticks_s(fields: &[&str], range: std::ops::Range<usize>) -> f64 {
+    fields.get(range).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
+}
+
+fn self_stat() -> String {
+    std::fs::read_to_string("/proc/self/stat").unwrap_or_default()
+}
+
 /// CPU seconds of this process (all its threads).
 fn own_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11..13).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
+    ticks_s(&stat_fields(&self_stat()), UTIME..CUTIME)
+}
+
+/// CPU seconds of this process's exited children (the worker processes).
+fn children_cpu_s() -> f64 {
+    ticks_s(&stat_fields(&self_stat()), CUTIME..CSTIME + 1)
 }
 
 /// CPU seconds of one cluster: its postmaster (with the backends it reaped) and the
 /// processes it runs now. Counting every `postgres` process instead went negative when
 /// another cluster's processes ended between two samples.
 fn postgres_cpu_s(postmaster: u32) -> f64 {
-    let mut ticks = 0u64;
+    let mut secs = 0.0;
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let pid: Option<u32> = e.file_name().to_str().and_then(|n| n.parse().ok());
             let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-            let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
-            // After "pid (comm) ": state, ppid, …; utime, stime, cutime, cstime are fields 14–17.
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ppid: Option<u32> = f.get(1).and_then(|v| v.parse().ok());
-            if pid != Some(postmaster) && ppid != Some(postmaster) {
-                continue;
+            let f = stat_fields(&stat);
+            let ppid: Option<u32> = f.get(PPID).and_then(|v| v.parse().ok());
+            if pid == Some(postmaster) || ppid == Some(postmaster) {
+                secs += ticks_s(&f, UTIME..CSTIME + 1);
             }
-            ticks += f.get(11..15).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
         }
     }
-    ticks as f64 / 100.0
+    secs
 }
 
 /// The postmaster of the cluster `db` is on: the parent of our backend; None when the
@@ -583,19 +601,10 @@ fn postgres_cpu_s(postmaster: u32) -> f64 {
 async fn local_postmaster(db: &PgPool) -> Option<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(db).await.expect("backend pid");
     let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let ppid: u32 = rest.split_whitespace().nth(1).and_then(|v| v.parse().ok())?;
+    let ppid: u32 = stat_fields(&stat).get(PPID).and_then(|v| v.parse().ok())?;
     // A remote cluster's backend pid may be some unrelated local process.
     let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
     matches!(comm.trim(), "postgres" | "postmaster").then_some(ppid)
-}
-
-/// CPU seconds of this process's exited children (the worker processes).
-fn children_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(13..15).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
 }
 
 /// (c): N worker processes drain one queue; jobs/s, and the CPU PostgreSQL and the
