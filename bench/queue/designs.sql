@@ -16,6 +16,15 @@
 --              until the ack deletes it: the rescuer's access path kept (its job rows
 --              share hot_jobs with hot_ready's: whichever runs second in a round finds
 --              the table no longer freshly vacuumed);
+--   our_indexes  a copy of apalis.jobs with all its indexes, driven by raw's statements
+--              (the claim sets status only; the ack is `status = 'Done' WHERE id =
+--              ANY(…)`, no fence): current minus this is what our statements cost;
+--   apalis_row apalis' row (24 columns, the 26-character text key) with raw's indexes
+--              (the key and one claim index) and raw's statements: our_indexes minus
+--              this is what our other indexes cost (every non-HOT update adds an entry to
+--              each index whose predicate the new version meets: the running jobs' at the
+--              claim, the finished jobs' at the ack), this minus raw what the row and key
+--              cost;
 --   raw        bench/queue's raw baseline table (bigint key, five columns, one index).
 
 DROP SCHEMA IF EXISTS bench_designs CASCADE;
@@ -34,6 +43,11 @@ CREATE TABLE bench_designs.live (job_type text NOT NULL, priority int NOT NULL, 
 CREATE INDEX ON bench_designs.live (job_type, priority DESC, run_at, id) WHERE lock_by IS NULL;
 CREATE INDEX ON bench_designs.live (lock_by) WHERE lock_by IS NOT NULL;
 
+CREATE TABLE bench_designs.our_indexes (LIKE apalis.jobs INCLUDING ALL);
+CREATE TABLE bench_designs.apalis_row (LIKE apalis.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE bench_designs.apalis_row ADD PRIMARY KEY (id);
+CREATE INDEX ON bench_designs.apalis_row (job_type, run_at, id) WHERE status = 'Pending';
+
 CREATE TABLE bench_designs.raw (
     id bigserial PRIMARY KEY,
     queue text NOT NULL,
@@ -49,6 +63,8 @@ ALTER TABLE bench_designs.current_jobs SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.hot_jobs SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.ready SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.live SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.our_indexes SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.apalis_row SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.raw SET (autovacuum_enabled = false);
 
 -- `n` queued jobs of queue `q` in each design's tables.
@@ -63,6 +79,10 @@ CREATE PROCEDURE bench_designs.fill(q text, n int) LANGUAGE sql AS $$
         SELECT q, 0, now(), q || '-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
     INSERT INTO bench_designs.live
         SELECT q || 'L', 0, now(), q || 'L-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.our_indexes (id, job_type, job)
+        SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
+    INSERT INTO bench_designs.apalis_row (id, job_type, job)
+        SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
     INSERT INTO bench_designs.raw (queue, payload) SELECT q, '\x7b7d' FROM generate_series(1, n);
 $$;
 
@@ -158,6 +178,45 @@ BEGIN
       WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE
       RETURNING j.id)
     DELETE FROM bench_designs.live WHERE id = ANY(ARRAY(SELECT id FROM u));
+    COMMIT;
+  END LOOP;
+END $$;
+
+-- raw's statements on a copy of apalis.jobs.
+CREATE PROCEDURE bench_designs.drain_our_indexes(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[];
+BEGIN
+  LOOP
+    WITH c AS (
+      UPDATE bench_designs.our_indexes SET status = 'Running'
+      WHERE id = ANY(ARRAY(SELECT id FROM bench_designs.our_indexes
+                           WHERE job_type = q AND status IN ('Pending', 'Failed') AND run_at <= now()
+                           ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING id, job)
+    SELECT array_agg(id) INTO ids FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    UPDATE bench_designs.our_indexes SET status = 'Done' WHERE id = ANY(ids);
+    COMMIT;
+  END LOOP;
+END $$;
+
+-- raw's statements and indexes on apalis' row.
+CREATE PROCEDURE bench_designs.drain_apalis_row(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[];
+BEGIN
+  LOOP
+    WITH c AS (
+      UPDATE bench_designs.apalis_row SET status = 'Running'
+      WHERE id = ANY(ARRAY(SELECT id FROM bench_designs.apalis_row WHERE job_type = q AND status = 'Pending' AND run_at <= now()
+                           ORDER BY run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING id, job)
+    SELECT array_agg(id) INTO ids FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    UPDATE bench_designs.apalis_row SET status = 'Done' WHERE id = ANY(ids);
     COMMIT;
   END LOOP;
 END $$;

@@ -475,7 +475,8 @@ async fn in_process(db: &PgPool, o: &Opts) {
     );
 }
 
-const DESIGNS: [&str; 4] = ["current", "hot_ready", "hot_live", "raw"];
+/// `raw` last: the others are printed against it.
+const DESIGNS: [&str; 6] = ["current", "hot_ready", "hot_live", "our_indexes", "apalis_row", "raw"];
 
 /// (d): µs per job of each table design, in rounds (the order rotating), medians last.
 async fn designs(db: &PgPool, o: &Opts) {
@@ -485,7 +486,10 @@ async fn designs(db: &PgPool, o: &Opts) {
     for round in 0..o.rounds {
         let q = format!("d{round}");
         sqlx::query("CALL bench_designs.fill($1, $2)").bind(&q).bind(o.jobs as i32).execute(&mut *conn).await.expect("fill");
-        sqlx::raw_sql("VACUUM ANALYZE bench_designs.current_jobs, bench_designs.hot_jobs, bench_designs.ready, bench_designs.live, bench_designs.raw")
+        sqlx::raw_sql(
+            "VACUUM ANALYZE bench_designs.current_jobs, bench_designs.hot_jobs, bench_designs.ready, bench_designs.live, \
+             bench_designs.our_indexes, bench_designs.apalis_row, bench_designs.raw",
+        )
             .execute(&mut *conn)
             .await
             .expect("vacuum");
@@ -505,10 +509,11 @@ async fn designs(db: &PgPool, o: &Opts) {
     drop(conn);
     sqlx::raw_sql("DROP SCHEMA bench_designs CASCADE").execute(db).await.ok();
     let m: Vec<f64> = us.into_iter().map(median).collect();
-    println!(
-        "designs_us_per_job: current={:.1} hot_ready={:.1} hot_live={:.1} raw={:.1}; raw_vs: current={:.2} hot_ready={:.2} hot_live={:.2}",
-        m[0], m[1], m[2], m[3], m[3] / m[0], m[3] / m[1], m[3] / m[2]
-    );
+    let raw = m[DESIGNS.len() - 1];
+    let each = |f: &dyn Fn(f64) -> String| DESIGNS.iter().zip(&m).map(|(d, v)| format!("{d}={}", f(*v))).collect::<Vec<_>>();
+    let per_job = each(&|v| format!("{v:.1}"));
+    let vs = each(&|v| format!("{:.2}", raw / v));
+    println!("designs_us_per_job: {}; raw_vs: {}", per_job.join(" "), vs[..DESIGNS.len() - 1].join(" "));
 }
 
 /// CPU time of the local cluster and of this process at one instant.
