@@ -83,10 +83,13 @@ mod tests {
         let mut conn = db.acquire().await.unwrap();
         let jobs: Vec<NewJob> = (0..25).map(|i| NewJob::to_queue("q", &serde_json::json!({ "i": i }))).collect();
         let mut ids: Vec<String> = enqueue_many(&mut conn, &jobs).await.unwrap().iter().map(|i| i.as_str().to_string()).collect();
-        // The first 20 were created 8 days ago (ids are what the pruner's walk reads).
+        // The first 20 were created 8 days ago (ids are what the pruner's walk reads), a
+        // millisecond apart in this order: 10..20 (which stay) first, so the first windows
+        // delete nothing and the walk must go on past them.
         let week_ago = std::time::SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
-        for id in &mut ids[..20] {
-            let old = ulid::Ulid::from_datetime(week_ago).to_string();
+        for (i, id) in ids[..20].iter_mut().enumerate() {
+            let ms = Duration::from_millis(((i + 10) % 20) as u64);
+            let old = ulid::Ulid::from_datetime(week_ago + ms).to_string();
             sqlx::query("UPDATE apalis.jobs SET id = $2 WHERE id = $1").bind(&*id).bind(&old).execute(&db).await.unwrap();
             *id = old;
         }
