@@ -123,6 +123,7 @@ impl Awa {
         let counter = DrainCounter::new(n);
         let client = self.client(&queue, self.o.max_workers, Some(counter.clone()), None);
         let t0 = Instant::now();
+        let cpu = probe::cpu_sample();
         client.start().await.expect("awa: start");
         counter.wait_all("awa", Duration::from_secs(120)).await;
         // Shutdown waits for in-flight jobs, which release only after their completion
@@ -130,7 +131,7 @@ impl Awa {
         client.shutdown(Duration::from_secs(30)).await;
         let took = probe::settle("awa", t0, async || self.verify(&queue, n).await).await;
         counter.print_phases("awa", t0, took);
-        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64() }
+        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu: cpu.used(n) }
     }
 
     /// Every job terminal, none left ready or running (`queue_counts`, awa's rollup-safe

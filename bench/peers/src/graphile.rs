@@ -140,6 +140,7 @@ impl Graphile {
         let probe = Probe { counter: Some(counter.clone()), started: None };
         let worker = Arc::new(self.options(self.o.concurrency, true, probe).init().await.expect("graphile: init"));
         let t0 = Instant::now();
+        let cpu = probe::cpu_sample();
         let run = Self::spawn(&worker);
         counter.wait_all("graphile", Duration::from_secs(120)).await;
         // run() returns after the completion batcher flushed (Worker::await_batchers).
@@ -147,7 +148,7 @@ impl Graphile {
         run.await.expect("graphile: worker task");
         let took = probe::settle("graphile", t0, async || self.verify().await).await;
         counter.print_phases("graphile", t0, took);
-        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64() }
+        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu: cpu.used(n) }
     }
 
     /// Graphile Worker deletes a job when it succeeds; a failed one stays (to retry or

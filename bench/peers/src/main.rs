@@ -9,6 +9,10 @@
 //! (3) pickup: single jobs into an idle worker of 4, latency from BEFORE the enqueue call
 //!     to the handler's start, p50/p95/p99 over S samples, 20 ms idle between samples.
 //!
+//! Each drain starts once no autovacuum worker runs on the cluster, and reports the CPU per
+//! job it cost, for the cluster and for this process (the draining system's worker), when
+//! the cluster runs on this machine; their medians come in a line before the last.
+//!
 //! The last line is
 //! `ours_drain=<n> awa_drain=<n> graphile_drain=<n> drain_vs_awa=<x> drain_vs_graphile=<x>
 //!  ours_pickup_p99_ms=<x> awa_pickup_p99_ms=<x> graphile_pickup_p99_ms=<x> …` (one line;
@@ -157,6 +161,8 @@ impl System {
 struct Figures {
     enqueue: Vec<f64>,
     drain: Vec<f64>,
+    pg_us: Vec<f64>,
+    worker_us: Vec<f64>,
     p50: Vec<f64>,
     p95: Vec<f64>,
     p99: Vec<f64>,
@@ -235,6 +241,10 @@ async fn main() {
     let admin = molecule_domain::db::connect(&server.admin_url, 2).await.expect("connect");
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&admin).await.expect("server version");
     println!("PostgreSQL {version}; {} jobs, {} rounds, {} pickup samples, {} connections per system", o.jobs, o.rounds, o.samples, o.pool);
+    // CPU per drained job, when the cluster runs here: work per job is steadier than jobs/s
+    // on a machine shared with other work.
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&admin).await.expect("backend pid");
+    probe::watch_cluster(molecule_bench_cpu::postmaster_of(backend as u32));
 
     // A database of its own per system, so no system reads another's tables or leftovers.
     let mut systems = Vec::new();
@@ -248,7 +258,7 @@ async fn main() {
         dbs.push(db);
     }
 
-    let figures = run_rounds(&o, &systems).await;
+    let figures = run_rounds(&o, &systems, &admin).await;
     report(&systems, &figures);
 
     for s in systems {
@@ -262,24 +272,35 @@ async fn main() {
 }
 
 /// Rounds interleaved across systems: drain, then pickup, for each system in turn.
-async fn run_rounds(o: &Opts, systems: &[System]) -> Vec<Figures> {
+async fn run_rounds(o: &Opts, systems: &[System], admin: &sqlx::PgPool) -> Vec<Figures> {
     let mut figures: Vec<Figures> = systems.iter().map(|_| Figures::default()).collect();
     for round in 0..o.rounds {
         for (s, f) in systems.iter().zip(figures.iter_mut()) {
+            let waited = probe::until_autovacuum_idle(admin, Duration::from_secs(60)).await;
+            if std::env::var_os("PEERS_PHASES").is_some() && waited > Duration::from_millis(100) {
+                eprintln!("  waited {} ms for autovacuum before {}'s drain", waited.as_millis(), s.name());
+            }
             let d = s.drain(o.jobs, round).await;
             let lat = s.pickup(o.samples, round).await;
             println!(
-                "round {round}: {:<9} enqueue {:>7.0} jobs/s, drain {:>7.0} jobs/s, pickup p50 {:>6.2} ms p95 {:>6.2} ms p99 {:>6.2} ms (max {:.2})",
+                "round {round}: {:<9} enqueue {:>7.0} jobs/s, drain {:>7.0} jobs/s, pickup p50 {:>6.2} ms p95 {:>6.2} ms p99 {:>6.2} ms (max {:.2}){}",
                 s.name(),
                 d.enqueue_jobs_s,
                 d.drain_jobs_s,
                 pct(&lat, 0.50),
                 pct(&lat, 0.95),
                 pct(&lat, 0.99),
-                lat[lat.len() - 1]
+                lat[lat.len() - 1],
+                if probe::cluster_watched() {
+                    format!("; drain CPU per job: PostgreSQL {:.1} µs, worker {:.1} µs", d.cpu.pg_us, d.cpu.own_us)
+                } else {
+                    String::new()
+                }
             );
             f.enqueue.push(d.enqueue_jobs_s);
             f.drain.push(d.drain_jobs_s);
+            f.pg_us.push(d.cpu.pg_us);
+            f.worker_us.push(d.cpu.own_us);
             f.p50.push(pct(&lat, 0.50));
             f.p95.push(pct(&lat, 0.95));
             f.p99.push(pct(&lat, 0.99));
@@ -326,6 +347,14 @@ fn report(systems: &[System], figures: &[Figures]) {
             );
             last.push(format!("drain_vs_{}={:.2}", s.name(), median(&o.drain) / median(&f.drain)));
         }
+    }
+    if probe::cluster_watched() {
+        let cpu: Vec<String> = systems
+            .iter()
+            .zip(figures)
+            .map(|(s, f)| format!("{} postgres={:.1} worker={:.1}", s.name(), median(&f.pg_us), median(&f.worker_us)))
+            .collect();
+        println!("drain cpu_us_per_job (medians): {}", cpu.join("; "));
     }
     for (s, f) in systems.iter().zip(figures) {
         last.push(format!("{}_pickup_p99_ms={:.2}", s.name(), median(&f.p99)));

@@ -74,6 +74,7 @@ impl Ours {
             }
         });
         let t0 = Instant::now();
+        let cpu = probe::cpu_sample();
         let rt = Runtime::start(
             self.db.clone(),
             runtime_cfg(self.batch),
@@ -83,7 +84,7 @@ impl Ours {
         rt.shutdown().await; // flushes the last acks
         let took = probe::settle("ours", t0, async || self.verify(&queue, n).await).await;
         counter.print_phases("ours", t0, took);
-        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64() }
+        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu: cpu.used(n) }
     }
 
     async fn verify(&self, queue: &str, n: usize) -> Result<(), String> {

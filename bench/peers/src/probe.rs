@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
+pub use molecule_bench_cpu::{Cpu, CpuUse};
 
 /// Counts handler runs of a drain and wakes the harness when the last one ran.
 #[derive(Clone, Debug)]
@@ -131,4 +132,41 @@ pub fn rate(n: usize, since: Instant) -> f64 {
 pub struct Drain {
     pub enqueue_jobs_s: f64,
     pub drain_jobs_s: f64,
+    /// CPU per job over the drain: the cluster's, and this process's (the system's worker).
+    pub cpu: CpuUse,
+}
+
+static POSTMASTER: OnceLock<Option<u32>> = OnceLock::new();
+
+/// The cluster whose CPU drains count (None: not on this machine; they count 0).
+pub fn watch_cluster(postmaster: Option<u32>) {
+    let _ = POSTMASTER.set(postmaster);
+}
+
+pub fn cluster_watched() -> bool {
+    POSTMASTER.get().copied().flatten().is_some()
+}
+
+/// Until no autovacuum worker runs on the cluster (at most `limit`): each drain starts on a
+/// quiet cluster, not beside the vacuum of the previous system's tables, whose CPU would
+/// otherwise be counted and felt by whichever system drains next. A vacuum of the
+/// draining system's own table during its drain still counts: that is its cost.
+pub async fn until_autovacuum_idle(admin: &sqlx::PgPool, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let busy: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+            .fetch_one(admin)
+            .await
+            .unwrap_or(0);
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t0.elapsed()
+}
+
+/// Taken when a drain's clock starts; [`Cpu::used`] when it stops.
+pub fn cpu_sample() -> Cpu {
+    Cpu::now(POSTMASTER.get().copied().flatten())
 }

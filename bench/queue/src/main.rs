@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
+use molecule_bench_cpu::{children_cpu_s, cluster_cpu_s, Cpu, CpuUse};
 
 struct Opts {
     jobs: usize,
@@ -516,100 +517,10 @@ async fn designs(db: &PgPool, o: &Opts) {
     println!("designs_us_per_job: {}; raw_vs: {}", per_job.join(" "), vs[..DESIGNS.len() - 1].join(" "));
 }
 
-/// CPU time of the local cluster and of this process at one instant.
-struct Cpu {
-    postmaster: Option<u32>,
-    pg: Option<f64>,
-    own: f64,
-    at: Instant,
-}
-
-/// CPU per job over a drain, in µs: PostgreSQL's, and this process's (our runtime, or
-/// the raw clients); `cores`: both together per second of the drain (2.0 = the machine).
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuUse {
-    pg_us: f64,
-    own_us: f64,
-    cores: f64,
-}
-
-impl std::fmt::Display for CpuUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PostgreSQL {:.1} µs + this process {:.1} µs ({:.2} cores busy)", self.pg_us, self.own_us, self.cores)
-    }
-}
-
-impl Cpu {
-    fn now(postmaster: Option<u32>) -> Self {
-        Cpu { postmaster, pg: postmaster.map(postgres_cpu_s), own: own_cpu_s(), at: Instant::now() }
-    }
-
-    fn used(&self, jobs: usize) -> CpuUse {
-        let (secs, after) = (self.at.elapsed().as_secs_f64(), Cpu::now(self.postmaster));
-        let pg = after.pg.zip(self.pg).map(|(a, b)| a - b).unwrap_or(0.0);
-        let own = after.own - self.own;
-        let per = 1e6 / jobs.max(1) as f64;
-        CpuUse { pg_us: pg * per, own_us: own * per, cores: (pg + own) / secs }
-    }
-}
-
-/// The fields of a `/proc/<pid>/stat` line after "pid (comm) ": [`PPID`], and the CPU
-/// ticks in [`UTIME`]..=[`CSTIME`] (utime, stime, then the reaped children's).
-fn stat_fields(stat: &str) -> Vec<&str> {
-    stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default()
-}
-const PPID: usize = 1;
-const UTIME: usize = 11;
-const CUTIME: usize = 13;
-const CSTIME: usize = 14;
-
-/// Seconds of the ticks in `fields[range]` (USER_HZ is 100 on Linux).
-fn ticks_s(fields: &[&str], range: std::ops::Range<usize>) -> f64 {
-    fields.get(range).map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum::<u64>()).unwrap_or(0) as f64 / 100.0
-}
-
-fn self_stat() -> String {
-    std::fs::read_to_string("/proc/self/stat").unwrap_or_default()
-}
-
-/// CPU seconds of this process (all its threads).
-fn own_cpu_s() -> f64 {
-    ticks_s(&stat_fields(&self_stat()), UTIME..CUTIME)
-}
-
-/// CPU seconds of this process's exited children (the worker processes).
-fn children_cpu_s() -> f64 {
-    ticks_s(&stat_fields(&self_stat()), CUTIME..CSTIME + 1)
-}
-
-/// CPU seconds of one cluster: its postmaster (with the backends it reaped) and the
-/// processes it runs now. Counting every `postgres` process instead went negative when
-/// another cluster's processes ended between two samples.
-fn postgres_cpu_s(postmaster: u32) -> f64 {
-    let mut secs = 0.0;
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let pid: Option<u32> = e.file_name().to_str().and_then(|n| n.parse().ok());
-            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-            let f = stat_fields(&stat);
-            let ppid: Option<u32> = f.get(PPID).and_then(|v| v.parse().ok());
-            if pid == Some(postmaster) || ppid == Some(postmaster) {
-                secs += ticks_s(&f, UTIME..CSTIME + 1);
-            }
-        }
-    }
-    secs
-}
-
-/// The postmaster of the cluster `db` is on: the parent of our backend; None when the
-/// cluster runs elsewhere (its CPU cannot be read here).
+/// The postmaster of the cluster `db` is on (None when it runs elsewhere).
 async fn local_postmaster(db: &PgPool) -> Option<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(db).await.expect("backend pid");
-    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).ok()?;
-    let ppid: u32 = stat_fields(&stat).get(PPID).and_then(|v| v.parse().ok())?;
-    // A remote cluster's backend pid may be some unrelated local process.
-    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
-    matches!(comm.trim(), "postgres" | "postmaster").then_some(ppid)
+    molecule_bench_cpu::postmaster_of(backend as u32)
 }
 
 /// (c): N worker processes drain one queue; jobs/s, and the CPU PostgreSQL and the
@@ -622,7 +533,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
         let queue = format!("bench_scale_{}_{round}", o.processes);
         fill(db, &queue, o.jobs).await;
         sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
-        let (pg0, kids0) = (postgres_cpu_s(postmaster), children_cpu_s());
+        let (pg0, kids0) = (cluster_cpu_s(postmaster), children_cpu_s());
         let t0 = Instant::now();
         let children: Vec<_> = (0..o.processes)
             .map(|_| {
@@ -637,7 +548,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
             assert!(st.success(), "a worker process failed: {st}");
         }
         let secs = t0.elapsed().as_secs_f64();
-        let (pg, kids) = ((postgres_cpu_s(postmaster) - pg0) / secs, (children_cpu_s() - kids0) / secs);
+        let (pg, kids) = ((cluster_cpu_s(postmaster) - pg0) / secs, (children_cpu_s() - kids0) / secs);
         assert_all_succeeded(db, &queue, o.jobs).await;
         let rate = o.jobs as f64 / secs;
         println!("round {round}: {} processes: {rate:.0} jobs/s, PostgreSQL {pg:.2} cores, workers {kids:.2} cores", o.processes);
