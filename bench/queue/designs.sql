@@ -86,6 +86,10 @@ CREATE PROCEDURE bench_designs.fill(q text, n int) LANGUAGE sql AS $$
     INSERT INTO bench_designs.raw (queue, payload) SELECT q, '\x7b7d' FROM generate_series(1, n);
 $$;
 
+-- One procedure per design with its statements written out, near-copies on purpose: static
+-- SQL in PL/pgSQL is planned once per session and reused, as the runtime's prepared
+-- statements are; one generic procedure would need EXECUTE format(…), planned on every
+-- call, and that planning would be counted in every design's figure.
 CREATE PROCEDURE bench_designs.drain_current(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
 DECLARE ids text[]; fences int8[];
 BEGIN
