@@ -129,9 +129,11 @@ impl Awa {
         // Shutdown waits for in-flight jobs, which release only after their completion
         // was acknowledged by the completion batcher (client.rs).
         client.shutdown(Duration::from_secs(30)).await;
+        // Sampled before the check: its query is the harness's, not the system's work.
+        let cpu = cpu.used(n);
         let took = probe::settle("awa", t0, async || self.verify(&queue, n).await).await;
         counter.print_phases("awa", t0, took);
-        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu: cpu.used(n) }
+        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu }
     }
 
     /// Every job terminal, none left ready or running (`queue_counts`, awa's rollup-safe

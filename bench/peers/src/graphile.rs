@@ -146,9 +146,11 @@ impl Graphile {
         // run() returns after the completion batcher flushed (Worker::await_batchers).
         worker.request_shutdown();
         run.await.expect("graphile: worker task");
+        // Sampled before the check: its query is the harness's, not the system's work.
+        let cpu = cpu.used(n);
         let took = probe::settle("graphile", t0, async || self.verify().await).await;
         counter.print_phases("graphile", t0, took);
-        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu: cpu.used(n) }
+        Drain { enqueue_jobs_s, drain_jobs_s: n as f64 / took.as_secs_f64(), cpu }
     }
 
     /// Graphile Worker deletes a job when it succeeds; a failed one stays (to retry or
