@@ -184,13 +184,6 @@ impl Runtime {
             .max_connections((2 * specs.len() + 1).max(2) as u32)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options.clone());
-        // The first claim needs this connection and the first beat (its own connection):
-        // open both at once rather than one after the other (~6 ms of every start here).
-        // A failure is left to the first claim, which retries and reports it.
-        tokio::spawn({
-            let core = core.clone();
-            async move { drop(core.acquire().await) }
-        });
         let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });
         let (pools_stop, pools_rx) = watch::channel(false);
         let (services_stop, services_rx) = watch::channel(false);
