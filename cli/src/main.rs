@@ -212,7 +212,8 @@ enum OrgError {
 
 async fn org_command(common: &Common, command: OrgCommand) -> Result<(), StartError> {
     // Without DATABASE_URL, use the embedded cluster of MOLECULE_DATA_DIR (the one `serve`
-    // runs): started for this command and stopped after, or left running if serve has it.
+    // runs): started for this command if need be, and stopped after unless another process
+    // of ours (`serve`) still uses it (embedded_pg.rs: users.lock).
     let mut embedded = None;
     let db = match &common.database_url {
         Some(u) => connect_url(u, 2).await?,
@@ -229,11 +230,7 @@ async fn org_command(common: &Common, command: OrgCommand) -> Result<(), StartEr
     let res = org_command_on(&db, command).await;
     db.close().await;
     if let Some(pg) = embedded {
-        if pg.adopted() {
-            pg.detach();
-        } else {
-            tokio::task::spawn_blocking(move || drop(pg)).await.ok();
-        }
+        tokio::task::spawn_blocking(move || drop(pg)).await.ok();
     }
     res
 }

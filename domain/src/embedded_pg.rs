@@ -4,7 +4,13 @@
 //! user (initdb refuses root).
 //!
 //! Layout under the data directory: `pg/` (the cluster), `pg.log`, `pg.password`
-//! (the superuser's password, 0600; the cluster only accepts password auth on 127.0.0.1).
+//! (the superuser's password, 0600; the cluster only accepts password auth on 127.0.0.1),
+//! and two lock files. Several processes of ours may use one cluster (`serve`, then
+//! `molecule org create` in another shell): `start.lock` (exclusive) is held while one of
+//! them creates, starts, adopts or stops it, and every process using it holds a shared
+//! lock on `users.lock`, so a stop stops the cluster only when no other process of ours
+//! still uses it. Without them, a `serve` and an `org create` started together both ran
+//! initdb and pg_ctl, and the one that finished first stopped the cluster under the other.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -39,6 +45,8 @@ pub struct EmbeddedPostgres {
     run_as: Option<(u32, u32)>,
     stopped: bool,
     adopted: bool,
+    /// This process's shared lock on `users.lock` while it uses the cluster.
+    users: Option<std::fs::File>,
 }
 
 impl EmbeddedPostgres {
@@ -83,8 +91,10 @@ impl EmbeddedPostgres {
             run_as,
             stopped: false,
             adopted: false,
+            users: None,
         };
 
+        let _starting = me.exclusive_start()?;
         if !me.data_dir.join("PG_VERSION").exists() {
             me.init(&root, &pw_file)?;
         }
@@ -101,18 +111,43 @@ impl EmbeddedPostgres {
             tracing::info!(data_dir = %me.data_dir.display(), port, "embedded PostgreSQL already running; adopting it");
             me.port = port;
             me.adopted = true;
-            return Ok(me);
+        } else {
+            me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
+            me.launch()?;
         }
-        me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
-        me.launch()?;
+        me.users = Some(me.use_shared()?);
         Ok(me)
     }
 
     /// Starts a stopped cluster again on the same port (tests use it to bounce the database).
     pub fn start_again(&mut self) -> Result<(), EmbeddedPgError> {
+        let _starting = self.exclusive_start()?;
         self.launch()?;
+        self.users = Some(self.use_shared()?);
         self.stopped = false;
         Ok(())
+    }
+
+    /// `name` beside the cluster, opened (close-on-exec, as std opens every file: the
+    /// server pg_ctl starts never holds it) and locked, waiting for the lock.
+    fn locked(&self, name: &str, shared: bool) -> Result<std::fs::File, EmbeddedPgError> {
+        let path = self.data_dir.with_file_name(name);
+        let io = |source| EmbeddedPgError::Io { path: path.display().to_string(), source };
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+        let taken = if shared { f.lock_shared() } else { f.lock() };
+        taken.map_err(io)?;
+        Ok(f)
+    }
+
+    /// Held (until dropped) while this process creates, starts, adopts or stops the cluster.
+    fn exclusive_start(&self) -> Result<std::fs::File, EmbeddedPgError> {
+        self.locked("start.lock", false)
+    }
+
+    /// Marks this process as one using the cluster: a shared lock, released when the file
+    /// is closed — also when the process dies.
+    fn use_shared(&self) -> Result<std::fs::File, EmbeddedPgError> {
+        self.locked("users.lock", true)
     }
 
     fn launch(&self) -> Result<(), EmbeddedPgError> {
@@ -226,21 +261,27 @@ impl EmbeddedPostgres {
         self.adopted
     }
 
-    /// Leaves the cluster running when this handle is dropped.
-    pub fn detach(mut self) {
-        self.stopped = true;
-    }
-
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
-    /// Stops the cluster (fast shutdown: sessions are disconnected, data is flushed).
+    /// Stops the cluster (fast shutdown: sessions are disconnected, data is flushed),
+    /// unless another process of ours still uses it: then it is left to that process.
     pub fn stop(&mut self) {
         if self.stopped {
             return;
         }
         self.stopped = true;
+        // No process can start using the cluster while this one decides (starting takes
+        // the same lock), so "nobody else holds users.lock" stays true until the stop.
+        let _stopping = self.exclusive_start().map_err(|e| tracing::warn!(error = %e, "embedded PostgreSQL: no start lock; stopping anyway")).ok();
+        if let Some(users) = self.users.take() {
+            let _ = users.unlock();
+            if let Err(std::fs::TryLockError::WouldBlock) = users.try_lock() {
+                tracing::info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL left running: another process of ours uses it");
+                return;
+            }
+        }
         let res = self
             .pg_command("pg_ctl")
             .arg("-D")

@@ -319,3 +319,39 @@ async fn sigterm_during_startup_still_stops_cleanly() {
     assert_eq!(st.code(), Some(0), "a graceful exit, not death by signal: {st:?}");
     assert!(!dir.join(".molecule/pg/postmaster.pid").exists(), "and it stopped its PostgreSQL");
 }
+
+/// `serve` and `molecule org create` started together on one data directory (README: the
+/// second runs "in another shell in the same directory") get one cluster, and it runs
+/// until the last of them stops. Before start.lock/users.lock both ran initdb and pg_ctl,
+/// and the first to finish stopped the cluster under the other (`serve` then exited with
+/// "cannot connect to PostgreSQL"). Two threads stand in for the two processes: the
+/// locks are per open file, as between processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_starting_one_embedded_cluster_together_share_it_until_the_last_stops() {
+    let dir = temp_dir("shared-cluster");
+    let (a, b) = tokio::task::spawn_blocking({
+        let (d1, d2) = (dir.clone(), dir.clone());
+        move || {
+            let t1 = std::thread::spawn(move || EmbeddedPostgres::start(&d1));
+            let t2 = std::thread::spawn(move || EmbeddedPostgres::start(&d2));
+            (t1.join().unwrap(), t2.join().unwrap())
+        }
+    })
+    .await
+    .unwrap();
+    let (a, b) = (a.expect("the first start"), b.expect("the second start"));
+    assert_eq!(a.port(), b.port(), "one cluster");
+    assert_eq!(u8::from(a.adopted()) + u8::from(b.adopted()), 1, "one started it, the other adopted it");
+    let (mut starter, mut adopter) = if a.adopted() { (b, a) } else { (a, b) };
+    let (url, port) = (adopter.database_url(), adopter.port());
+
+    tokio::task::spawn_blocking(move || starter.stop()).await.unwrap();
+    let db = molecule_domain::db::connect(&url, 1).await.expect("the cluster outlives its starter while another user remains");
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await.unwrap();
+    assert_eq!(one, 1);
+    db.close().await;
+
+    tokio::task::spawn_blocking(move || adopter.stop()).await.unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the last user's stop stops the cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+}
