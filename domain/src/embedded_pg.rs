@@ -89,7 +89,9 @@ impl EmbeddedPostgres {
             port: 0,
             password: String::new(),
             run_as,
-            stopped: false,
+            // Nothing to stop until this handle launches the cluster or registers as a user
+            // of a running one: a start that fails before must not stop another's cluster.
+            stopped: true,
             adopted: false,
             users: None,
         };
@@ -113,9 +115,12 @@ impl EmbeddedPostgres {
             me.adopted = true;
         } else {
             me.port = free_port().map_err(EmbeddedPgError::NoPort)?;
+            // From here a failure stops what this start launched (if no one else uses it).
+            me.stopped = false;
             me.launch()?;
         }
         me.users = Some(me.use_shared()?);
+        me.stopped = false;
         Ok(me)
     }
 
@@ -128,15 +133,39 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    /// `name` beside the cluster, opened (close-on-exec, as std opens every file: the
-    /// server pg_ctl starts never holds it) and locked, waiting for the lock.
-    fn locked(&self, name: &str, shared: bool) -> Result<std::fs::File, EmbeddedPgError> {
+    /// `name` beside the cluster, opened close-on-exec (as std opens every file: the server
+    /// pg_ctl starts never holds it); read-only when it exists and cannot be written,
+    /// which is enough for a lock.
+    fn lock_file(&self, name: &str) -> std::io::Result<std::fs::File> {
         let path = self.data_dir.with_file_name(name);
-        let io = |source| EmbeddedPgError::Io { path: path.display().to_string(), source };
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
-        let taken = if shared { f.lock_shared() } else { f.lock() };
-        taken.map_err(io)?;
-        Ok(f)
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))
+    }
+
+    /// `name`'s lock, waited for up to [`LOCK_WAIT`]: a process stopped or hung while it
+    /// holds one (an `org create` suspended during initdb) must not hang the others.
+    fn locked(&self, name: &str, shared: bool) -> Result<std::fs::File, EmbeddedPgError> {
+        let io = |source| EmbeddedPgError::Io { path: self.data_dir.with_file_name(name).display().to_string(), source };
+        let f = self.lock_file(name).map_err(io)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let taken = if shared { f.try_lock_shared() } else { f.try_lock() };
+            match taken {
+                Ok(()) => return Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let why = format!("another molecule process has held this lock for {} s", LOCK_WAIT.as_secs());
+                    return Err(io(std::io::Error::new(std::io::ErrorKind::TimedOut, why)));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
     }
 
     /// Held (until dropped) while this process creates, starts, adopts or stops the cluster.
@@ -274,9 +303,14 @@ impl EmbeddedPostgres {
         self.stopped = true;
         // No process can start using the cluster while this one decides (starting takes
         // the same lock), so "nobody else holds users.lock" stays true until the stop.
-        let _stopping = self.exclusive_start().map_err(|e| tracing::warn!(error = %e, "embedded PostgreSQL: no start lock; stopping anyway")).ok();
-        if let Some(users) = self.users.take() {
-            let _ = users.unlock();
+        let _stopping = self.exclusive_start().map_err(|e| tracing::warn!(error = %e, "embedded PostgreSQL: no start lock; deciding without it")).ok();
+        // This handle's own shared lock goes first; a handle that never took one (a start
+        // that failed after launching) asks on a file of its own.
+        let users = match self.users.take() {
+            Some(own) => own.unlock().map(|()| own),
+            None => self.lock_file("users.lock"),
+        };
+        if let Ok(users) = users {
             if let Err(std::fs::TryLockError::WouldBlock) = users.try_lock() {
                 tracing::info!(data_dir = %self.data_dir.display(), "embedded PostgreSQL left running: another process of ours uses it");
                 return;
@@ -365,6 +399,10 @@ fn first_unsearchable(dir: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
         (!searchable).then(|| a.to_path_buf())
     })
 }
+
+/// How long a start or stop waits for another process's lock on the cluster (initdb and
+/// pg_ctl's own 60 s wait fit in it).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Where relocated data directories live: a place the `postgres` user can always reach.
 pub const RELOCATED_BASE: &str = "/var/lib/molecule";

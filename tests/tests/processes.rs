@@ -355,3 +355,36 @@ async fn two_users_starting_one_embedded_cluster_together_share_it_until_the_las
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the last user's stop stops the cluster");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A start that fails on a cluster another process runs (here: its password file cannot
+/// be read) leaves that cluster alone; before, dropping the failed handle stopped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_does_not_stop_a_cluster_another_process_uses() {
+    let dir = temp_dir("failed-start");
+    let mut running = tokio::task::spawn_blocking({
+        let d = dir.clone();
+        move || EmbeddedPostgres::start(&d)
+    })
+    .await
+    .unwrap()
+    .expect("the first start");
+    let pw = running.data_dir().with_file_name("pg.password");
+    let kept = pw.with_file_name("pg.password.kept");
+    std::fs::rename(&pw, &kept).unwrap();
+    std::fs::create_dir(&pw).unwrap();
+    let second = tokio::task::spawn_blocking({
+        let d = dir.clone();
+        move || EmbeddedPostgres::start(&d).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(second.is_err(), "a password file that is a directory cannot be read");
+    let db = molecule_domain::db::connect(&running.database_url(), 1).await.expect("the running cluster is untouched");
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await.unwrap();
+    assert_eq!(one, 1);
+    db.close().await;
+    std::fs::remove_dir(&pw).unwrap();
+    std::fs::rename(&kept, &pw).unwrap();
+    tokio::task::spawn_blocking(move || running.stop()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
