@@ -388,3 +388,29 @@ async fn a_failed_start_does_not_stop_a_cluster_another_process_uses() {
     tokio::task::spawn_blocking(move || running.stop()).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A second `serve` started in the same directory (its port taken by the first) exits
+/// with an error and leaves the first one's PostgreSQL running: it had adopted the
+/// cluster, and before users.lock every serve stopped its cluster on exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_in_the_same_directory_fails_without_stopping_the_first_ones_postgres() {
+    let dir = temp_dir("second-serve");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut first = serve(&dir, port);
+    ready_within(&addr, Duration::from_secs(30)).await;
+
+    let mut second = serve(&dir, port);
+    let st = second.wait_exit(Duration::from_secs(60)).expect("the second serve exits: its port is taken");
+    assert_ne!(st.code(), Some(0), "{st:?}");
+
+    let db = molecule_domain::db::connect(&embedded_url(&dir), 2).await.expect("the first serve's PostgreSQL still runs");
+    sqlx::query("INSERT INTO organizations (name) VALUES ('after-the-second-serve')").execute(&db).await.unwrap();
+    db.close().await;
+    assert_eq!(http_get(&addr, "/readyz").await.unwrap().0, 200, "and the first serve is still ready");
+
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
+    assert!(!dir.join(".molecule/pg/postmaster.pid").exists(), "the last user stopped it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
