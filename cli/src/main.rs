@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 enum StartError {
-    #[error("DATABASE_URL is not set: `{0}` needs it (only `serve` starts an embedded PostgreSQL)")]
+    #[error("DATABASE_URL is not set: `{0}` needs it (only `serve` and the `org` commands use the embedded PostgreSQL)")]
     NoDatabaseUrl(&'static str),
     #[error("embedded PostgreSQL: {0}")]
     Embedded(#[from] molecule_domain::embedded_pg::EmbeddedPgError),
