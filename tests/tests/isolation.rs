@@ -70,9 +70,12 @@ async fn a_workspace_is_hardened_and_a_fork_bomb_stays_inside_it() {
     assert_eq!(id["result"]["stdout"], "65532\n");
 
     // A fork bomb: the container's process limit holds it; the server and the neighbour
-    // keep answering.
-    let bomb = exec(&p, &a, json!(["sh", "-c", "b(){ b | b & }; b; sleep 30"]), 8).await;
+    // keep answering. The command's own shell forks its sleep before the bomb and then only
+    // waits: forking after it, it met the limit itself now and then and exited 2 ("can't
+    // fork") before the timeout.
+    let bomb = exec(&p, &a, json!(["sh", "-c", "sleep 30 & b(){ b | b & }; b; wait"]), 8).await;
     assert_eq!(bomb["result"]["outcome"], "timeout", "{bomb}");
+    assert!(bomb["result"]["stderr"].as_str().unwrap_or_default().contains("can't fork"), "the bomb met the process limit: {bomb}");
     let t0 = Instant::now();
     let health = http(&p.addr, "GET", "/healthz", None, None, None).await;
     assert_eq!(health.status, 200);
