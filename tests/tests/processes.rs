@@ -147,7 +147,7 @@ async fn sigterm_past_the_grace_period_hands_unfinished_jobs_back() {
 async fn pools_recover_by_themselves_when_postgres_stops_for_ten_seconds() {
     // Its own cluster: this test stops it.
     let dir = temp_dir("bounce");
-    let mut pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir)).await.unwrap().unwrap();
+    let mut pg = start_embedded(&dir).await.unwrap();
     let (db, url) = fresh_db_on(&pg.database_url()).await;
     sqlx::query(TEST_RUNS_TABLE).execute(&db).await.unwrap();
     let mut w = testworker(&url, &[("TW_CONCURRENCY", "4"), ("TW_POLL_MS", "200")]);
@@ -346,10 +346,7 @@ async fn two_users_starting_one_embedded_cluster_together_share_it_until_the_las
     let (url, port) = (adopter.database_url(), adopter.port());
 
     tokio::task::spawn_blocking(move || starter.stop()).await.unwrap();
-    let db = molecule_domain::db::connect(&url, 1).await.expect("the cluster outlives its starter while another user remains");
-    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await.unwrap();
-    assert_eq!(one, 1);
-    db.close().await;
+    assert_answers(&url, "the cluster outlives its starter while another user remains").await;
 
     tokio::task::spawn_blocking(move || adopter.stop()).await.unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the last user's stop stops the cluster");
@@ -361,28 +358,14 @@ async fn two_users_starting_one_embedded_cluster_together_share_it_until_the_las
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_start_does_not_stop_a_cluster_another_process_uses() {
     let dir = temp_dir("failed-start");
-    let mut running = tokio::task::spawn_blocking({
-        let d = dir.clone();
-        move || EmbeddedPostgres::start(&d)
-    })
-    .await
-    .unwrap()
-    .expect("the first start");
+    let mut running = start_embedded(&dir).await.expect("the first start");
     let pw = running.data_dir().with_file_name("pg.password");
     let kept = pw.with_file_name("pg.password.kept");
     std::fs::rename(&pw, &kept).unwrap();
     std::fs::create_dir(&pw).unwrap();
-    let second = tokio::task::spawn_blocking({
-        let d = dir.clone();
-        move || EmbeddedPostgres::start(&d).map(|_| ())
-    })
-    .await
-    .unwrap();
+    let second = start_embedded(&dir).await.map(|_| ());
     assert!(second.is_err(), "a password file that is a directory cannot be read");
-    let db = molecule_domain::db::connect(&running.database_url(), 1).await.expect("the running cluster is untouched");
-    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await.unwrap();
-    assert_eq!(one, 1);
-    db.close().await;
+    assert_answers(&running.database_url(), "the running cluster is untouched").await;
     std::fs::remove_dir(&pw).unwrap();
     std::fs::rename(&kept, &pw).unwrap();
     tokio::task::spawn_blocking(move || running.stop()).await.unwrap();
@@ -413,4 +396,18 @@ async fn a_second_serve_in_the_same_directory_fails_without_stopping_the_first_o
     assert_eq!(first.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
     assert!(!dir.join(".molecule/pg/postmaster.pid").exists(), "the last user stopped it");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// [`EmbeddedPostgres::start`] off the async threads (it waits for initdb and pg_ctl).
+async fn start_embedded(dir: &std::path::Path) -> Result<EmbeddedPostgres, molecule_domain::embedded_pg::EmbeddedPgError> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir)).await.unwrap()
+}
+
+/// The cluster at `url` takes a connection and answers a query.
+async fn assert_answers(url: &str, what: &str) {
+    let db = molecule_domain::db::connect(url, 1).await.expect(what);
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&db).await.unwrap();
+    assert_eq!(one, 1, "{what}");
+    db.close().await;
 }

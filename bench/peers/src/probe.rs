@@ -143,8 +143,12 @@ pub fn watch_cluster(postmaster: Option<u32>) {
     let _ = POSTMASTER.set(postmaster);
 }
 
+fn postmaster() -> Option<u32> {
+    POSTMASTER.get().copied().flatten()
+}
+
 pub fn cluster_watched() -> bool {
-    POSTMASTER.get().copied().flatten().is_some()
+    postmaster().is_some()
 }
 
 /// Until no autovacuum worker runs on the cluster (at most `limit`): each drain starts on a
@@ -168,5 +172,5 @@ pub async fn until_autovacuum_idle(admin: &sqlx::PgPool, limit: Duration) -> Dur
 
 /// Taken when a drain's clock starts; [`Cpu::used`] when it stops.
 pub fn cpu_sample() -> Cpu {
-    Cpu::now(POSTMASTER.get().copied().flatten())
+    Cpu::now(postmaster())
 }
