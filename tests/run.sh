@@ -32,6 +32,9 @@ if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
 fi
 if ! docker info >/dev/null 2>&1; then
     mkdir -p /var/log
+    # A pid file left by an engine from before a reboot: dockerd waits for "its" containerd
+    # when another process has that pid now, and gives up ("timeout waiting for containerd").
+    pgrep -x dockerd >/dev/null || pgrep -x containerd >/dev/null || rm -f /var/run/docker/containerd/containerd.pid
     nohup dockerd --bridge=none --iptables=false --ip-masq=false >/var/log/molecule-dockerd.log 2>&1 &
     for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
     docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/molecule-dockerd.log" >&2; exit 1; }

@@ -6,8 +6,14 @@
 --
 --   current    our claim from the head of the queue (jobs/src/store/claim.rs: CLAIM, what
 --              an idle pool runs; a draining pool starts at its cursor instead, which at
---              20k jobs saves little) and plain-success ack (ack.rs), on a copy of
---              apalis.jobs with all its indexes;
+--              20k jobs saves little) with its `claims` row, and plain-success ack (ack.rs)
+--              with the batch row's delete, on a copy of apalis.jobs with all its indexes
+--              and its fillfactor (the claim index's predicate on lock_at, no running
+--              index: migrations/20261201000001_claims.sql). Each claimed batch is acked
+--              by one statement here, as the runtime's acker does when a batch's acks
+--              arrive together (it deletes a row with the write of the batch's last ack);
+--   before     the table and statements of f66f40c (2026-11-30): the claim index's
+--              predicate on status, the running index, fillfactor 100, no claims row;
 --   hot_ready  the job row without any index on a column a claim or ack changes (so both
 --              updates can be HOT; fillfactor 50), waiting jobs in a narrow table the
 --              claim deletes from. It leaves out what the lease rescuer and the pruner
@@ -18,34 +24,36 @@
 --              `ready`, each design in its own key range: a design that runs after
 --              another in a round finds the shared table no longer freshly vacuumed);
 --   our_indexes  a copy of apalis.jobs with all its indexes, driven by raw's statements
---              (the claim sets status only; the ack is `status = 'Done' WHERE id =
---              ANY(…)`, no fence): current minus this is what our statements cost;
+--              (the claim sets status and lock_at only; the ack is `status = 'Done' WHERE
+--              id = ANY(…)`, no fence, no claims row): current minus this is what our
+--              statements cost;
 --   apalis_row apalis' row (24 columns, the 26-character text key) with raw's indexes
 --              (the key and one claim index) and raw's statements: our_indexes minus
 --              this is what our other indexes cost (every non-HOT update adds an entry to
 --              each index whose predicate the new version meets: the running jobs' at the
 --              claim, the finished jobs' at the ack), this minus raw what the row and key
 --              cost;
---   hot_ack    apalis' row and our indexes, but the claim index's predicate on lock_at (set
---              by the claim, left by the ack) instead of status, and no running index: a
---              claim records its batch's ids in one `claims` row (the rescuer's access
---              path: a dead worker's claim rows name its jobs), the batch's ack deletes
---              it. A success ack then changes no indexed column and can be HOT (fillfactor
---              50 leaves it the room). current's statements otherwise;
---   ready_claims  hot_ready with the same `claims` rows: hot_ready's rescuer path.
---              Both ack a whole claimed batch in one statement, so each claims row goes
---              with one DELETE: the runtime would have to track when a batch's last ack
---              is written (its acks are grouped by time, not by claim) to pay no more.
---              Measured (3 runs of --designs 1 --rounds 7 --batch 500, 2026-11-30): current
---              27.8–31.7 µs/job, hot_ack 23.4–26.9, ready_claims 16.8–22.5, raw 14.6–15.9.
---              HOT share, read by hand from pg_stat_user_tables after one drain of 20k
---              each: 72 % of hot_ack's acks, 83 % of ready_claims' job-row updates;
+--   ready_claims  hot_ready with current's `claims` rows: hot_ready's rescuer path.
+--              Measured (3 runs of --designs 1 --rounds 7 --batch 500, 2026-11-30, when
+--              today's `current` was the design `hot_ack` and `before` was `current`):
+--              before 27.8–31.7 µs/job, hot_ack 23.4–26.9, ready_claims 16.8–22.5, raw
+--              14.6–15.9. HOT share, read by hand from pg_stat_user_tables after one drain
+--              of 20k each: 72 % of hot_ack's acks, 83 % of ready_claims' job-row updates;
 --   raw        bench/queue's raw baseline table (bigint key, five columns, one index).
 
 DROP SCHEMA IF EXISTS bench_designs CASCADE;
 CREATE SCHEMA bench_designs;
 
-CREATE TABLE bench_designs.current_jobs (LIKE apalis.jobs INCLUDING ALL);
+-- LIKE copies the indexes, not the storage parameters: apalis.jobs' fillfactor by hand.
+CREATE TABLE bench_designs.current_jobs (LIKE apalis.jobs INCLUDING ALL) WITH (fillfactor = 50);
+
+CREATE TABLE bench_designs.before_jobs (LIKE apalis.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE bench_designs.before_jobs ADD PRIMARY KEY (id);
+CREATE UNIQUE INDEX ON bench_designs.before_jobs (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX ON bench_designs.before_jobs (job_type, priority DESC, run_at, id) WHERE status IN ('Pending', 'Failed');
+CREATE INDEX ON bench_designs.before_jobs (lock_by) WHERE status IN ('Queued', 'Running');
+CREATE INDEX ON bench_designs.before_jobs (org_id, id DESC) WHERE org_id IS NOT NULL;
+CREATE INDEX ON bench_designs.before_jobs (workspace_id, job_type, id DESC) WHERE workspace_id IS NOT NULL;
 
 CREATE TABLE bench_designs.hot_jobs (LIKE apalis.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (fillfactor = 50);
 ALTER TABLE bench_designs.hot_jobs ADD PRIMARY KEY (id);
@@ -57,13 +65,6 @@ CREATE INDEX ON bench_designs.ready (job_type, priority DESC, run_at, id);
 CREATE TABLE bench_designs.live (job_type text NOT NULL, priority int NOT NULL, run_at timestamptz NOT NULL, id text PRIMARY KEY, lock_by text);
 CREATE INDEX ON bench_designs.live (job_type, priority DESC, run_at, id) WHERE lock_by IS NULL;
 CREATE INDEX ON bench_designs.live (lock_by) WHERE lock_by IS NOT NULL;
-
-CREATE TABLE bench_designs.hot_ack (LIKE apalis.jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS) WITH (fillfactor = 50);
-ALTER TABLE bench_designs.hot_ack ADD PRIMARY KEY (id);
-CREATE UNIQUE INDEX ON bench_designs.hot_ack (job_type, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX ON bench_designs.hot_ack (job_type, priority DESC, run_at, id) WHERE lock_at IS NULL;
-CREATE INDEX ON bench_designs.hot_ack (org_id, id DESC) WHERE org_id IS NOT NULL;
-CREATE INDEX ON bench_designs.hot_ack (workspace_id, job_type, id DESC) WHERE workspace_id IS NOT NULL;
 
 -- One row per claimed batch, until its ack: what a rescuer reads for a dead worker.
 CREATE TABLE bench_designs.claims (batch bigserial PRIMARY KEY, worker text NOT NULL, ids text[] NOT NULL);
@@ -89,7 +90,7 @@ ALTER TABLE bench_designs.current_jobs SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.hot_jobs SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.ready SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.live SET (autovacuum_enabled = false);
-ALTER TABLE bench_designs.hot_ack SET (autovacuum_enabled = false);
+ALTER TABLE bench_designs.before_jobs SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.claims SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.our_indexes SET (autovacuum_enabled = false);
 ALTER TABLE bench_designs.apalis_row SET (autovacuum_enabled = false);
@@ -111,7 +112,7 @@ CREATE PROCEDURE bench_designs.fill(q text, n int) LANGUAGE sql AS $$
         SELECT q || 'C', 0, now(), q || 'C-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
     INSERT INTO bench_designs.live
         SELECT q || 'L', 0, now(), q || 'L-' || lpad(i::text, 20, '0') FROM generate_series(1, n) i;
-    INSERT INTO bench_designs.hot_ack (id, job_type, job)
+    INSERT INTO bench_designs.before_jobs (id, job_type, job)
         SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
     INSERT INTO bench_designs.our_indexes (id, job_type, job)
         SELECT q || '-' || lpad(i::text, 20, '0'), q, '\x7b7d' FROM generate_series(1, n) i;
@@ -125,7 +126,7 @@ $$;
 -- statements are; one generic procedure would need EXECUTE format(…), planned on every
 -- call, and that planning would be counted in every design's figure.
 CREATE PROCEDURE bench_designs.drain_current(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
-DECLARE ids text[]; fences int8[];
+DECLARE ids text[]; fences int8[]; bid int8;
 BEGIN
   LOOP
     WITH c AS (
@@ -134,37 +135,6 @@ BEGIN
           attempts = j.attempts + 1, fence = j.fence + 1
       WHERE j.id = ANY(ARRAY(
           SELECT id FROM bench_designs.current_jobs
-          WHERE job_type = q AND status IN ('Pending', 'Failed') AND run_at <= now()
-          ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
-      RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
-                (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence)
-    SELECT array_agg(id), array_agg(fence) INTO ids, fences FROM c;
-    COMMIT;
-    EXIT WHEN ids IS NULL;
-    n := n + cardinality(ids);
-    WITH hit AS MATERIALIZED (
-      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
-      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.current_jobs s WHERE s.id = r.id OFFSET 0) AS cur
-      WHERE cur.fence = r.fence AND cur.status = 'Running')
-    UPDATE bench_designs.current_jobs AS j
-    SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
-    FROM hit
-    WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
-    COMMIT;
-  END LOOP;
-END $$;
-
--- current's statements; the claim reads the lock_at index.
-CREATE PROCEDURE bench_designs.drain_hot_ack(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
-DECLARE ids text[]; fences int8[]; bid int8;
-BEGIN
-  LOOP
-    WITH c AS (
-      UPDATE bench_designs.hot_ack AS j
-      SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
-          attempts = j.attempts + 1, fence = j.fence + 1
-      WHERE j.id = ANY(ARRAY(
-          SELECT id FROM bench_designs.hot_ack
           WHERE job_type = q AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()
           ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
       RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
@@ -176,15 +146,46 @@ BEGIN
     COMMIT;
     EXIT WHEN ids IS NULL;
     n := n + cardinality(ids);
-    WITH hit AS MATERIALIZED (
+    WITH ended AS (DELETE FROM bench_designs.claims WHERE batch = bid),
+    hit AS MATERIALIZED (
       SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
-      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.hot_ack s WHERE s.id = r.id OFFSET 0) AS cur
+      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.current_jobs s WHERE s.id = r.id OFFSET 0) AS cur
       WHERE cur.fence = r.fence AND cur.status = 'Running')
-    UPDATE bench_designs.hot_ack AS j
+    UPDATE bench_designs.current_jobs AS j
     SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
     FROM hit
     WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
-    DELETE FROM bench_designs.claims WHERE batch = bid;
+    COMMIT;
+  END LOOP;
+END $$;
+
+-- f66f40c's statements.
+CREATE PROCEDURE bench_designs.drain_before(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
+DECLARE ids text[]; fences int8[];
+BEGIN
+  LOOP
+    WITH c AS (
+      UPDATE bench_designs.before_jobs AS j
+      SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
+          attempts = j.attempts + 1, fence = j.fence + 1
+      WHERE j.id = ANY(ARRAY(
+          SELECT id FROM bench_designs.before_jobs
+          WHERE job_type = q AND status IN ('Pending', 'Failed') AND run_at <= now()
+          ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+      RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
+                (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence)
+    SELECT array_agg(id), array_agg(fence) INTO ids, fences FROM c;
+    COMMIT;
+    EXIT WHEN ids IS NULL;
+    n := n + cardinality(ids);
+    WITH hit AS MATERIALIZED (
+      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
+      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.before_jobs s WHERE s.id = r.id OFFSET 0) AS cur
+      WHERE cur.fence = r.fence AND cur.status = 'Running')
+    UPDATE bench_designs.before_jobs AS j
+    SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
+    FROM hit
+    WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
     COMMIT;
   END LOOP;
 END $$;
@@ -297,9 +298,9 @@ DECLARE ids text[];
 BEGIN
   LOOP
     WITH c AS (
-      UPDATE bench_designs.our_indexes SET status = 'Running'
+      UPDATE bench_designs.our_indexes SET status = 'Running', lock_at = now()
       WHERE id = ANY(ARRAY(SELECT id FROM bench_designs.our_indexes
-                           WHERE job_type = q AND status IN ('Pending', 'Failed') AND run_at <= now()
+                           WHERE job_type = q AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()
                            ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
       RETURNING id, job)
     SELECT array_agg(id) INTO ids FROM c;

@@ -296,9 +296,11 @@ pub enum Transition {
     Conflict(JobStatus),
 }
 
+/// lock_at set: out of the claim index (whose predicate is `lock_at IS NULL`).
 const CANCEL: &str = r#"
 UPDATE apalis.jobs
-SET status = 'Killed', outcome = 'cancelled', done_at = now(), last_error = 'cancelled'
+SET status = 'Killed', outcome = 'cancelled', done_at = now(), last_error = 'cancelled',
+    lock_at = COALESCE(lock_at, now())
 WHERE id = $1 AND status IN ('Pending', 'Failed')
 "#;
 

@@ -119,8 +119,9 @@ async fn ack(db: &PgPool, c: &store::Claimed, state: JobState, outcome: Option<O
         error: error.clone(),
         error_detail: error,
         result: None,
+        batch: c.batch,
     };
-    let w = store::write_acks(db, &[a]).await.unwrap();
+    let w = store::write_acks(db, &[a], &[]).await.unwrap();
     assert_eq!(w.applied, vec![(c.id.clone(), c.fence)], "ack applied");
 }
 

@@ -166,9 +166,10 @@ async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<
                 error: None,
                 error_detail: None,
                 result: Some(json!({ "exit_code": 0, "stdout": big, "stderr": "" })),
+                batch: c.batch,
             })
             .collect();
-        assert_eq!(store::write_acks(db, &acks).await.unwrap().applied.len(), batch.len());
+        assert_eq!(store::write_acks(db, &acks, &[]).await.unwrap().applied.len(), batch.len());
     }
     ids
 }

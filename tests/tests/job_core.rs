@@ -475,3 +475,76 @@ async fn an_idle_pool_takes_a_job_committed_late_behind_its_cursor_at_once() {
     let waited = (v.started_at.unwrap() - committed).num_milliseconds();
     assert!(waited < 1000, "the late job started {waited} ms after its commit");
 }
+
+/// Each claim records its batch in `apalis.claims` (the lease rescuer's only record of a
+/// worker's running jobs since the running index went, migrations/…_claims.sql), and the
+/// runtime deletes that row with the write of the batch's last ack, whatever the acks are:
+/// successes, retries, permanent failures, expiries, a result the database refuses
+/// (written one by one), a hand-back at shutdown. A batch with a job still running keeps
+/// its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_batch_keeps_its_row_until_its_last_ack_whatever_the_outcomes() {
+    let (db, _) = fresh_db().await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let handler = handler_fn(move |ctx| {
+        let r = r.clone();
+        async move {
+            let kind = ctx.decode::<serde_json::Value>()?["kind"].as_str().unwrap_or_default().to_string();
+            match kind.as_str() {
+                "retry" if ctx.attempt == 1 => Err(JobError::retryable("test", "once more")),
+                "fail" => Err(JobError::permanent("test", "no")),
+                "nul" => Ok(json!({"out": "a\u{0}b"})),
+                "slow" => {
+                    r.notified().await;
+                    Ok(json!("slow"))
+                }
+                "hang" => std::future::pending().await,
+                _ => Ok(json!("ok")),
+            }
+        }
+    });
+    let mut c = cfg();
+    c.grace = Duration::from_millis(300);
+    let rt = Runtime::start(db.clone(), c, vec![PoolSpec::new("batches", 8, policy(20), handler)]);
+    let kinds = ["ok", "retry", "fail", "nul", "ok", "slow", "ok", "retry", "fail", "ok", "ok", "ok", "ok", "ok", "ok"];
+    let mut jobs: Vec<NewJob> = kinds.iter().map(|k| NewJob::to_queue("batches", &json!({ "kind": k })).max_attempts(2)).collect();
+    jobs.push(NewJob::to_queue("batches", &json!({ "kind": "ok" })).expires_at(Utc::now() - chrono::Duration::seconds(1)));
+    let ids = molecule_jobs::enqueue_many(&mut *db.acquire().await.unwrap(), &jobs).await.unwrap();
+    let slow = ids[5].as_str().to_string();
+    let rows = |db: PgPool| async move {
+        sqlx::query_as::<_, (String, Vec<String>)>("SELECT worker_id, ids FROM apalis.claims").fetch_all(&db).await.unwrap()
+    };
+    // Every job but the slow one ends.
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 5) {
+        let v = eventually(Duration::from_secs(15), &format!("job {i} to end"), || async {
+            status::get(&db, id).await.unwrap().filter(|v| matches!(v.status, JobStatus::Succeeded | JobStatus::Dead | JobStatus::Expired))
+        })
+        .await;
+        let want = match kinds.get(i) {
+            None => JobStatus::Expired,
+            Some(&"fail") | Some(&"nul") => JobStatus::Dead,
+            Some(_) => JobStatus::Succeeded,
+        };
+        assert_eq!(v.status, want, "job {i} ({:?})", kinds.get(i));
+    }
+    // Only the slow job's batch is open: one row, naming it, under this pool's worker.
+    let open = eventually(Duration::from_secs(5), "only the slow job's batch to stay", || async {
+        let r = rows(db.clone()).await;
+        (r.len() == 1).then_some(r)
+    })
+    .await;
+    assert!(open[0].1.contains(&slow) && open[0].0.starts_with("batches@test#"), "{open:?}");
+    release.notify_one();
+    wait_status(&db, &ids[5], JobStatus::Succeeded, Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(5), "the slow job's batch row to go", || async { rows(db.clone()).await.is_empty().then_some(()) }).await;
+
+    // A job still running at the end of the grace period is handed back: its row goes too.
+    let hang = push(&db, NewJob::to_queue("batches", &json!({ "kind": "hang" }))).await;
+    wait_status(&db, &hang, JobStatus::Running, Duration::from_secs(10)).await;
+    assert_eq!(rows(db.clone()).await.len(), 1);
+    let report = rt.shutdown().await;
+    assert_eq!(report.released, 1);
+    assert_eq!(status::get(&db, &hang).await.unwrap().unwrap().status, JobStatus::Pending);
+    assert!(rows(db.clone()).await.is_empty(), "a hand-back ends its batch");
+}

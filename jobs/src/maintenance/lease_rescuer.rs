@@ -5,19 +5,35 @@
 //! `dead` when that was its last attempt, or `interrupted` when its kind must not run
 //! twice. A live worker's jobs are never touched; a late ack from a worker that was
 //! merely slow is refused by its fence (see `store::ack`).
+//!
+//! Where it looks ([`Scope`]): every third of a lease, the claimed batches of silent
+//! workers (`apalis.claims`: a small table, the only record of running jobs by worker —
+//! an index on running jobs would make every ack a non-HOT update, migrations/…_claims.sql).
+//! Now and then, the whole job table: for jobs that have no batch row (claimed by a
+//! version from before the claims table during a rolling upgrade, or by apalis' own
+//! fetcher) and for whatever the batch bookkeeping might miss.
 
 use sqlx::PgPool;
 use std::time::Duration;
 
-const RESCUE: &str = r#"
-WITH stale AS (
-    SELECT j.id
-    FROM apalis.jobs j
-    LEFT JOIN apalis.workers w ON w.id = j.lock_by
-    WHERE j.status IN ('Queued', 'Running')
-      AND (w.id IS NULL OR w.last_seen < now() - $1 * interval '1 millisecond')
-    FOR UPDATE OF j SKIP LOCKED
-), verdict AS (
+/// Which jobs a rescue looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Those named by the claimed batches of silent or vanished workers; the batches' rows
+    /// go in the same statement (one rescuer takes each: the others skip the rows it
+    /// holds). Reads `apalis.claims` and the jobs by key.
+    ClaimedBatches,
+    /// Every running job of the table whose worker is silent or gone: a sequential scan.
+    WholeTable,
+}
+
+/// `$stale`: a CTE named `stale` (preceded by any it needs), the ids of the jobs to take.
+macro_rules! rescue_sql {
+    ($stale:literal) => {
+        concat!(
+            "WITH ",
+            $stale,
+            ", verdict AS (
     SELECT j.id,
            CASE WHEN j.job_type = ANY($2) THEN 'interrupted'
                 WHEN j.attempts >= j.max_attempts THEN 'dead' END AS outcome
@@ -29,7 +45,8 @@ SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
     done_at = CASE WHEN v.outcome IS NULL THEN NULL ELSE now() END,
     run_at = now(),
     lock_by = NULL,
-    lock_at = NULL,
+    -- Claimable again (the claim index holds rows without lock_at) only when it runs again.
+    lock_at = CASE WHEN v.outcome IS NULL THEN NULL ELSE COALESCE(j.lock_at, now()) END,
     last_error = CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END,
     -- Which worker it was is for operators only (it names a host and a pid).
     last_error_detail = 'worker lost: no heartbeat within the lease from ' || COALESCE(j.lock_by, 'an unknown worker'),
@@ -39,15 +56,60 @@ SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
         'error', CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END))
 FROM verdict v
 WHERE j.id = v.id
-RETURNING j.job_type, v.outcome
-"#;
+RETURNING j.job_type, v.outcome"
+        )
+    };
+}
 
-/// Hands back the jobs of workers silent for longer than `lease`. `run_once` names the
-/// queues whose jobs must not run twice (they end `interrupted`). Safe on many processes
-/// at once (SKIP LOCKED). Returns how many jobs it took.
-pub async fn rescue_expired_leases(db: &PgPool, lease: Duration, run_once: &[&str]) -> Result<u64, sqlx::Error> {
-    let rows: Vec<(String, Option<String>)> =
-        sqlx::query_as(RESCUE).bind(lease.as_millis() as i64).bind(run_once).bind(crate::failures::public("worker_lost")).bind(crate::failures::public("interrupted")).fetch_all(db).await?;
+/// Batch rows another rescuer holds are skipped (it takes their jobs; two rescuers waiting
+/// for each other's rows would deadlock). The jobs are locked without SKIP LOCKED: their
+/// batch rows go with this statement, so a job skipped here would be left to the
+/// whole-table scan. A job row it waits for (a late ack's) is re-checked once it has it.
+const RESCUE_CLAIMED: &str = rescue_sql!(
+    "ended AS (
+    DELETE FROM apalis.claims c
+    WHERE c.id = ANY(ARRAY(
+        SELECT b.id FROM apalis.claims b
+        WHERE NOT EXISTS (SELECT 1 FROM apalis.workers w
+                          WHERE w.id = b.worker_id AND w.last_seen >= now() - $1 * interval '1 millisecond')
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING c.worker_id, c.ids
+), stale AS (
+    SELECT j.id
+    FROM ended e CROSS JOIN LATERAL unnest(e.ids) AS u(id)
+    JOIN apalis.jobs j ON j.id = u.id AND j.lock_by = e.worker_id
+    WHERE j.status IN ('Queued', 'Running')
+    FOR UPDATE OF j
+)"
+);
+
+const RESCUE_WHOLE_TABLE: &str = rescue_sql!(
+    "stale AS (
+    SELECT j.id
+    FROM apalis.jobs j
+    LEFT JOIN apalis.workers w ON w.id = j.lock_by
+    WHERE j.status IN ('Queued', 'Running')
+      AND (w.id IS NULL OR w.last_seen < now() - $1 * interval '1 millisecond')
+    FOR UPDATE OF j SKIP LOCKED
+)"
+);
+
+/// Hands back the jobs of workers silent for longer than `lease`, among those `scope`
+/// names. `run_once` names the queues whose jobs must not run twice (they end
+/// `interrupted`). Safe on many processes at once. Returns how many jobs it took.
+pub async fn rescue_expired_leases(db: &PgPool, lease: Duration, run_once: &[&str], scope: Scope) -> Result<u64, sqlx::Error> {
+    let sql = match scope {
+        Scope::ClaimedBatches => RESCUE_CLAIMED,
+        Scope::WholeTable => RESCUE_WHOLE_TABLE,
+    };
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(sql)
+        .bind(lease.as_millis() as i64)
+        .bind(run_once)
+        .bind(crate::failures::public("worker_lost"))
+        .bind(crate::failures::public("interrupted"))
+        .fetch_all(db)
+        .await?;
     for (queue, outcome) in &rows {
         crate::metrics::rescued(queue, outcome.as_deref());
     }
@@ -106,8 +168,10 @@ mod tests {
         age_worker(&db, "q@silent", 60).await;
         age_worker(&db, "once@silent", 60).await;
 
-        let n = rescue_expired_leases(&db, Duration::from_secs(30), &["once"]).await.unwrap();
+        let n = rescue_expired_leases(&db, Duration::from_secs(30), &["once"], Scope::ClaimedBatches).await.unwrap();
         assert_eq!(n, 2);
+        let batches: Vec<String> = sqlx::query_scalar("SELECT worker_id FROM apalis.claims").fetch_all(&db).await.unwrap();
+        assert_eq!(batches, vec!["q@alive".to_string()], "the silent workers' batch rows went with the rescue");
         let ids: Vec<(String, Option<String>)> =
             sqlx::query_as("SELECT id, lock_by FROM apalis.jobs ORDER BY id").fetch_all(&db).await.unwrap();
         let by = |w: &str| ids.iter().find(|r| r.1.as_deref() == Some(w)).map(|r| r.0.clone());
@@ -126,8 +190,40 @@ mod tests {
         // A pruned row of a live worker heals at its next heartbeat before any rescue.
         sqlx::query("DELETE FROM apalis.workers WHERE id = 'q@alive'").execute(&db).await.unwrap();
         heartbeat(&mut conn, &[alive]).await.unwrap();
-        assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &["once"]).await.unwrap(), 0);
+        assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &["once"], Scope::ClaimedBatches).await.unwrap(), 0);
         let (_, _, lock, attempts) = state(&db, &by("q@alive").unwrap()).await;
         assert_eq!((lock.as_deref(), attempts), (Some("q@alive"), 1));
+    }
+
+    /// A job running with no batch row (claimed by a version from before apalis.claims, or
+    /// by apalis' own fetcher, which sets `Queued`) is invisible to the batch scope; the
+    /// whole-table scope takes it once its worker is silent, and only then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_claimed_without_a_batch_row_is_rescued_by_the_whole_table_scan() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let old = WorkerRow { id: "q@old-version".into(), queue: "q".into(), concurrency: 1 };
+        heartbeat(&mut conn, std::slice::from_ref(&old)).await.unwrap();
+        let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        // The claim of the version before (jobs/src/store/claim.rs at f66f40c), no batch row.
+        sqlx::query(
+            "UPDATE apalis.jobs SET status = 'Running', lock_by = $2, lock_at = now(), started_at = now(), \
+             attempts = attempts + 1, fence = fence + 1 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(&old.id)
+        .execute(&db)
+        .await
+        .unwrap();
+        let lease = Duration::from_secs(30);
+        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 0, "its worker is alive");
+        age_worker(&db, &old.id, 60).await;
+        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::ClaimedBatches).await.unwrap(), 0, "no batch names it");
+        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 1);
+        let (status, outcome, lock, _) = state(&db, id.as_str()).await;
+        assert_eq!((status.as_str(), outcome, lock), ("Failed", None, None));
+        // Claimable again: back in the claim index (lock_at cleared), taken by the next claim.
+        let again = store::claim(&db, "q", 1, "q@new").await.unwrap();
+        assert_eq!(again.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
     }
 }

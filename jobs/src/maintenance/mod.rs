@@ -8,5 +8,5 @@
 pub mod lease_rescuer;
 pub mod pruner;
 
-pub use lease_rescuer::rescue_expired_leases;
+pub use lease_rescuer::{rescue_expired_leases, Scope};
 pub use pruner::{prune_finished, Pruned};

@@ -34,11 +34,12 @@ WITH win AS MATERIALIZED (
 SELECT (SELECT count(*) FROM win), (SELECT count(*) FROM gone), (SELECT max(id) FROM win)
 "#;
 
-/// Worker rows silent for a day that hold no running job.
+/// Worker rows silent for a day with no claimed batch left (the lease rescuer deletes a
+/// silent worker's batches as it takes their jobs back).
 const PRUNE_WORKERS: &str = r#"
 DELETE FROM apalis.workers w
 WHERE w.last_seen < now() - interval '1 day'
-  AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running'))
+  AND NOT EXISTS (SELECT 1 FROM apalis.claims c WHERE c.worker_id = w.id)
 "#;
 
 pub async fn prune_finished(db: &PgPool, retention: Duration, batch: i64) -> Result<Pruned, sqlx::Error> {

@@ -5,8 +5,9 @@
 
 use serde_json::Value;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
@@ -23,10 +24,58 @@ use crate::store::{self, Ack};
 pub(super) struct Claim {
     pub id: String,
     pub fence: i64,
+    /// Its claimed batch's row in `apalis.claims`.
+    pub batch: i64,
 }
 
 fn ack(c: Claim, state: JobState, outcome: Option<Outcome>) -> Ack {
-    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None }
+    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None, batch: c.batch }
+}
+
+/// A pool's claimed batches that still have jobs without a written ack, and how many.
+/// Every claimed job gets exactly one ack (a result, a failure, a hand-back, an
+/// interruption), so a batch is over when that many acks of it are written; its
+/// `apalis.claims` row goes with the write of the last one. An ack refused as stale
+/// counts too: its job is no longer this worker's.
+#[derive(Clone, Default)]
+pub(super) struct OpenBatches(Arc<Mutex<HashMap<i64, usize>>>);
+
+impl OpenBatches {
+    /// A claim took `jobs` jobs as `batch`. Called before any of their acks is sent.
+    pub(super) fn opened(&self, batch: i64, jobs: usize) {
+        lock(&self.0).insert(batch, jobs);
+    }
+
+    /// The batches whose remaining jobs all have their ack in `acks`.
+    fn ending(&self, acks: &[Ack]) -> Vec<i64> {
+        let open = lock(&self.0);
+        per_batch(acks).into_iter().filter(|(b, n)| open.get(b) == Some(n)).map(|(b, _)| b).collect()
+    }
+
+    /// `acks` are written.
+    fn written(&self, acks: &[Ack]) {
+        let mut open = lock(&self.0);
+        for (b, n) in per_batch(acks) {
+            if let Some(left) = open.get_mut(&b) {
+                *left = left.saturating_sub(n);
+                if *left == 0 {
+                    open.remove(&b);
+                }
+            }
+        }
+    }
+}
+
+fn per_batch(acks: &[Ack]) -> HashMap<i64, usize> {
+    let mut n = HashMap::new();
+    for a in acks {
+        *n.entry(a.batch).or_insert(0) += 1;
+    }
+    n
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) fn succeeded(c: Claim, result: Value) -> Ack {
@@ -71,6 +120,7 @@ pub(super) async fn run(
     counts: QueueMetrics,
     worker_id: String,
     notify_finished: bool,
+    batches: OpenBatches,
     mut rx: mpsc::UnboundedReceiver<Ack>,
     wake: Arc<Notify>,
 ) {
@@ -94,21 +144,23 @@ pub(super) async fn run(
                 }
             }
         }
+        let ending = batches.ending(&buf);
         let mut delay = Duration::from_millis(50);
         let give_up_at = tokio::time::Instant::now() + shared.cfg.grace;
         loop {
-            let res = match store::write_acks(db, &buf).await {
+            let res = match store::write_acks(db, &buf, &ending).await {
                 // The database refused the batch itself (not a connection fault): one ack
                 // must be bad (say, a result jsonb cannot hold). Isolate it instead of
                 // retrying the whole batch forever.
                 Err(sqlx::Error::Database(e)) => {
                     tracing::warn!(worker_id, error = %e, "batch ack refused; writing acks one by one");
-                    write_one_by_one(db, &mut buf).await
+                    write_one_by_one(db, &mut buf, &ending).await
                 }
                 other => other.map(|w| w.applied),
             };
             match res {
                 Ok(applied) => {
+                    batches.written(&buf);
                     let applied = which_applied(&buf, &applied);
                     report_stale(&shared, &counts, &worker_id, &buf, &applied);
                     counts.applied(buf.iter().zip(&applied).filter(|(_, ok)| **ok).map(|(a, _)| a));
@@ -173,11 +225,14 @@ fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &
 }
 
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
-/// ("result could not be stored"), so it is never lost and never blocks the others.
-async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<(String, i64)>, sqlx::Error> {
+/// ("result could not be stored"), so it is never lost and never blocks the others. The
+/// `ending` batches' rows go with the last one.
+async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let mut applied = Vec::new();
-    for a in buf.iter_mut() {
-        match store::write_acks(db, std::slice::from_ref(a)).await {
+    let last = buf.len().saturating_sub(1);
+    for (i, a) in buf.iter_mut().enumerate() {
+        let ending = if i == last { ending } else { &[] };
+        match store::write_acks(db, std::slice::from_ref(a), ending).await {
             Ok(w) => applied.extend(w.applied),
             Err(sqlx::Error::Database(e)) => {
                 a.state = JobState::Killed;
@@ -186,7 +241,7 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack]) -> Result<Vec<(String, i
                 a.delay_ms = 0;
                 a.error = Some(crate::failures::public("result_not_stored"));
                 a.error_detail = Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300)));
-                applied.extend(store::write_acks(db, std::slice::from_ref(a)).await?.applied);
+                applied.extend(store::write_acks(db, std::slice::from_ref(a), ending).await?.applied);
             }
             Err(e) => return Err(e),
         }

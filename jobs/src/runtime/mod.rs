@@ -3,7 +3,9 @@
 //! Per pool ([`pool`]): a fetcher claims up to `min(free slots, batch)` jobs in one
 //! statement (`FOR UPDATE SKIP LOCKED` over the partial claim index), runs each on its own
 //! task, and an acker ([`acker`]) writes outcomes back in batches, each under the fence of
-//! its claim. A claim starts where the last one ended, and from the head of the queue
+//! its claim. The claim statement records its batch (worker, job ids) in `apalis.claims`,
+//! what the lease rescuer reads for a dead worker; the acker deletes that row with the
+//! write of the batch's last ack. A claim starts where the last one ended, and from the head of the queue
 //! about once a second ([`claim_start`]: claimed jobs' entries stay in the index until a
 //! vacuum, and from the head a claim steps over all of them). When the queue runs dry the
 //! fetcher sleeps until the first of: a NOTIFY for its queue (the insert trigger), the
@@ -259,21 +261,36 @@ impl Runtime {
     }
 }
 
+/// How often the lease rescuer reads the whole job table (and once at start), besides the
+/// claimed batches every third of a lease (maintenance/lease_rescuer.rs: jobs claimed
+/// without a batch row, by a version from before it, wait up to this long after their lease).
+const WHOLE_TABLE_RESCUE_EVERY: Duration = Duration::from_secs(300);
+
 /// The lease rescuer, every third of a lease, until the pools stop.
 async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    use crate::maintenance::Scope;
     let period = (shared.cfg.lease / 3).max(Duration::from_millis(200));
     let run_once: Vec<&str> = shared.cfg.run_once_queues.iter().map(String::as_str).collect();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut whole_table_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        match crate::maintenance::rescue_expired_leases(&shared.core, shared.cfg.lease, &run_once).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(rescued = n, "took back jobs of workers past their lease"),
-            Err(e) => tracing::warn!(error = %e, "lease rescue failed"),
+        let whole = whole_table_at.is_none_or(|t| t.elapsed() >= WHOLE_TABLE_RESCUE_EVERY);
+        let mut scopes = vec![Scope::ClaimedBatches];
+        if whole {
+            whole_table_at = Some(tokio::time::Instant::now());
+            scopes.push(Scope::WholeTable);
+        }
+        for scope in scopes {
+            match crate::maintenance::rescue_expired_leases(&shared.core, shared.cfg.lease, &run_once, scope).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(rescued = n, ?scope, "took back jobs of workers past their lease"),
+                Err(e) => tracing::warn!(error = %e, ?scope, "lease rescue failed"),
+            }
         }
     }
 }

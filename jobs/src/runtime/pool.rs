@@ -2,7 +2,7 @@
 
 use futures_util::FutureExt;
 use molecule_domain::{JobId, OrgId, WorkspaceId};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use super::acker::{self, Claim};
+use super::acker::{self, Claim, OpenBatches};
 use super::claim_start::ClaimStart;
 use super::{ErrorBackoff, PoolSpec, Shared};
 use crate::handler::{Interrupt, JobContext, JobError};
@@ -43,7 +43,16 @@ pub(super) async fn run(
     let counts = crate::metrics::QueueMetrics::new(&queue);
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
-    let acker = tokio::spawn(acker::run(shared.clone(), counts.clone(), worker_id.clone(), spec.notify_finished, ack_rx, notify.clone()));
+    let batches = OpenBatches::default();
+    let acker = tokio::spawn(acker::run(
+        shared.clone(),
+        counts.clone(),
+        worker_id.clone(),
+        spec.notify_finished,
+        batches.clone(),
+        ack_rx,
+        notify.clone(),
+    ));
     let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
     let mut start = ClaimStart::new(Instant::now());
@@ -88,9 +97,12 @@ pub(super) async fn run(
             }
         };
         let n = claimed.len();
+        if let Some(first) = claimed.first() {
+            batches.opened(first.batch, n);
+        }
         counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
-            let claim = Claim { id: job.id.clone(), fence: job.fence };
+            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch };
             if job.expired {
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;
@@ -204,9 +216,9 @@ pub(super) async fn run(
 /// The attempts a pool is running, and how to end them early.
 struct Attempts {
     tasks: JoinSet<()>,
-    /// Claims whose attempt has not produced an ack yet, by (job id, fence): whatever is
-    /// still here after an abort never produced one.
-    unacked: Arc<Mutex<HashSet<(String, i64)>>>,
+    /// Claims whose attempt has not produced an ack yet, by (job id, fence), with their
+    /// batch: whatever is still here after an abort never produced one.
+    unacked: Arc<Mutex<HashMap<(String, i64), i64>>>,
     /// Tells running attempts to stop ([`Interrupt`]); replaced after each use.
     interrupt: watch::Sender<bool>,
     ended: Arc<Ended>,
@@ -225,7 +237,7 @@ impl Attempts {
     }
 
     fn start(&self, claim: &Claim) {
-        lock(&self.unacked).insert((claim.id.clone(), claim.fence));
+        lock(&self.unacked).insert((claim.id.clone(), claim.fence), claim.batch);
     }
 
     fn signal(&self) -> Interrupt {
@@ -249,9 +261,9 @@ impl Attempts {
             self.tasks.abort_all();
             drain(&mut self.tasks).await;
         }
-        let left: Vec<(String, i64)> = lock(&self.unacked).drain().collect();
-        for (id, fence) in left {
-            let claim = Claim { id, fence };
+        let left: Vec<((String, i64), i64)> = lock(&self.unacked).drain().collect();
+        for ((id, fence), batch) in left {
+            let claim = Claim { id, fence, batch };
             let ack = if self.runs_once { acker::interrupted(claim) } else { acker::release(claim) };
             let _ = ack_tx.send(ack);
             self.ended.count(self.runs_once);

@@ -24,6 +24,9 @@ pub struct Ack {
     /// The failure's detail, for operators only (`last_error_detail`).
     pub error_detail: Option<String>,
     pub result: Option<Value>,
+    /// The claimed batch it belongs to (`apalis.claims`; [`write_acks`] deletes the rows
+    /// it is told every job of has been acked).
+    pub batch: i64,
 }
 
 impl Ack {
@@ -49,8 +52,13 @@ pub struct AckWrite {
 /// against `unnest(…)` let the planner — trusting statistics taken while no job was
 /// Running — put the table on the outside of a nested loop over the acks: 5,000² row
 /// comparisons per batch, and a 20k drain whose last acks took 10 s by the fourth round.
+///
+/// It changes no indexed column (migrations/…_claims.sql): a HOT update where the page has
+/// room. `$3`: claimed batches whose last ack this write carries; their rows go with it.
 const ACK_DONE: &str = r#"
-WITH hit AS MATERIALIZED (
+WITH ended AS (
+    DELETE FROM apalis.claims WHERE id = ANY($3::int8[])
+), hit AS MATERIALIZED (
     SELECT r.id, r.fence
     FROM unnest($1::text[], $2::int8[]) AS r(id, fence)
     CROSS JOIN LATERAL (SELECT s.fence, s.status FROM apalis.jobs s WHERE s.id = r.id OFFSET 0) AS cur
@@ -63,9 +71,12 @@ WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running')
 RETURNING j.id, j.fence
 "#;
 
-/// Every other outcome, the same way as [`ACK_DONE`].
+/// Every other outcome, the same way as [`ACK_DONE`]. A retry or a hand-back clears
+/// lock_at (the job is claimable again: back in the claim index); an end keeps it.
 const ACK: &str = r#"
-WITH r AS MATERIALIZED (
+WITH ended AS (
+    DELETE FROM apalis.claims WHERE id = ANY($9::int8[])
+), r AS MATERIALIZED (
     SELECT a.*
     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::jsonb[], $8::text[])
          AS a(id, fence, status, outcome, delay_ms, error, result, detail)
@@ -96,14 +107,18 @@ WHERE j.id = r.id AND (j.fence = r.fence) IS TRUE AND (j.status = 'Running') IS 
 RETURNING j.id, j.fence
 "#;
 
-/// Writes a batch of acks (two statements at most): the ids it applied.
-pub async fn write_acks(db: &PgPool, acks: &[Ack]) -> Result<AckWrite, sqlx::Error> {
+/// Writes a batch of acks (two statements at most): the ids it applied. The rows of
+/// `ended_batches` (claimed batches every job of which is acked by now or by this write)
+/// are deleted by the write's last statement, so they go only once its acks are written.
+pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Result<AckWrite, sqlx::Error> {
     let (done, rest): (Vec<&Ack>, Vec<&Ack>) = acks.iter().partition(|a| a.is_plain_success());
     let mut out = AckWrite::default();
+    let none: &[i64] = &[];
     if !done.is_empty() {
         let ids: Vec<(String, i64)> = sqlx::query_as(ACK_DONE)
             .bind(done.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
             .bind(done.iter().map(|a| a.fence).collect::<Vec<_>>())
+            .bind(if rest.is_empty() { ended_batches } else { none })
             .fetch_all(db)
             .await?;
         out.applied.extend(ids);
@@ -118,6 +133,7 @@ pub async fn write_acks(db: &PgPool, acks: &[Ack]) -> Result<AckWrite, sqlx::Err
             .bind(rest.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.result.clone().unwrap_or(Value::Null)).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.error_detail.as_deref()).collect::<Vec<_>>())
+            .bind(ended_batches)
             .fetch_all(db)
             .await?;
         out.applied.extend(ids);
@@ -140,7 +156,7 @@ pub async fn notify_finished(db: &PgPool, ids: &[String]) -> Result<(), sqlx::Er
 mod tests {
     use super::*;
     use crate::enqueue::{enqueue, NewJob};
-    use crate::maintenance::rescue_expired_leases;
+    use crate::maintenance::{rescue_expired_leases, Scope};
     use crate::store::claim;
     use crate::store::workers::{heartbeat, WorkerRow};
     use molecule_domain::testing::fresh_db;
@@ -164,7 +180,7 @@ mod tests {
     }
 
     fn done(id: &str, fence: i64, result: Value) -> Ack {
-        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result) }
+        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result), batch: 0 }
     }
 
     /// The bug this fences off: a worker's heartbeat lapses, the rescuer hands its job
@@ -181,7 +197,7 @@ mod tests {
         assert_eq!(first.fence, 1);
 
         sqlx::query("UPDATE apalis.workers SET last_seen = now() - interval '1 minute'").execute(&db).await.unwrap();
-        assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &[]).await.unwrap(), 1);
+        assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &[], Scope::ClaimedBatches).await.unwrap(), 1);
         assert_eq!(row(&db, id.as_str()).await.lock_by, None, "the rescue clears the lock");
         heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
         let second = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
@@ -189,24 +205,24 @@ mod tests {
         let before = row(&db, id.as_str()).await;
 
         // Attempt 1's ack arrives late, from the same worker: refused.
-        let w1 = write_acks(&db, &[done(id.as_str(), first.fence, serde_json::json!("from attempt 1"))]).await.unwrap();
+        let w1 = write_acks(&db, &[done(id.as_str(), first.fence, serde_json::json!("from attempt 1"))], &[]).await.unwrap();
         assert!(w1.applied.is_empty());
         assert_eq!(row(&db, id.as_str()).await, before, "the newer attempt's row is untouched");
         // A stale failure or hand-back is refused the same way.
         let stale_release = Ack { state: JobState::Pending, outcome: None, result: None, ..done(id.as_str(), first.fence, Value::Null) };
-        assert!(write_acks(&db, &[stale_release]).await.unwrap().applied.is_empty());
+        assert!(write_acks(&db, &[stale_release], &[]).await.unwrap().applied.is_empty());
         assert_eq!(row(&db, id.as_str()).await, before);
 
         // Attempt 2's own ack lands — in one batch with attempt 1's late one, which does not,
         // and the answer says which of the two applied (the fence tells them apart).
         let both = [done(id.as_str(), first.fence, serde_json::json!("from attempt 1")), done(id.as_str(), second.fence, serde_json::json!("from attempt 2"))];
-        let w2 = write_acks(&db, &both).await.unwrap();
+        let w2 = write_acks(&db, &both, &[]).await.unwrap();
         assert_eq!(w2.applied, vec![(id.as_str().to_string(), second.fence)]);
         let after = row(&db, id.as_str()).await;
         assert_eq!(after.status, "Done");
         assert_eq!(after.last_result, Some(serde_json::json!({ "Ok": "from attempt 2" })));
         // And a repeat of it (a retried batch) changes nothing more.
-        assert!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)]).await.unwrap().applied.is_empty());
+        assert!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)], &[]).await.unwrap().applied.is_empty());
     }
 
     /// Most rows a join filter of the plan threw away, anywhere in it.
@@ -253,7 +269,7 @@ mod tests {
             let mut tx = db.begin().await.unwrap();
             sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL plan_cache_mode = {mode}"))).execute(&mut *tx).await.unwrap();
             // PREPARE + EXPLAIN EXECUTE: the plan a prepared statement really runs on.
-            let types = if extra { "text[], int8[], text[], text[], int8[], text[], jsonb[], text[]" } else { "text[], int8[]" };
+            let types = if extra { "text[], int8[], text[], text[], int8[], text[], jsonb[], text[], int8[]" } else { "text[], int8[], int8[]" };
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE ack_plan ({types}) AS {sql}"))).execute(&mut *tx).await.unwrap();
             // Literal arrays: EXECUTE inside EXPLAIN takes no bound parameters (ids are ULIDs).
             let mut args = format!("'{{{}}}'::text[], '{{{}}}'::int8[]", ids.join(","), fences.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
@@ -263,6 +279,7 @@ mod tests {
                      array_fill(NULL::text, ARRAY[{n}]), array_fill('null'::jsonb, ARRAY[{n}]), array_fill(NULL::text, ARRAY[{n}])"
                 ));
             }
+            args.push_str(", '{}'::int8[]");
             let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE ack_plan ({args})"));
             let q = sqlx::query_scalar::<_, Value>(explain);
             let plan = q.fetch_one(&mut *tx).await.unwrap();
@@ -279,6 +296,50 @@ mod tests {
         }
         // And the acks do apply (the EXPLAINs were rolled back).
         let acks: Vec<Ack> = claimed.iter().map(|c| done(&c.id, c.fence, Value::Null)).collect();
-        assert_eq!(write_acks(&db, &acks).await.unwrap().applied.len(), n);
+        assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().applied.len(), n);
+    }
+
+    /// What the claim index's predicate on lock_at and the batch rows are for (migrations/
+    /// …_claims.sql): a success ack changes no indexed column, so PostgreSQL can write it
+    /// as a HOT update (no index entries) wherever the page has room. With `status` in an
+    /// index's predicate, as before, not one ack was HOT. The batch's row goes with the
+    /// write of its last ack.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn success_acks_are_hot_updates_and_end_their_batch() {
+        let (db, _) = fresh_db().await;
+        // One connection: its statistics are flushed on request (pg_stat_force_next_flush).
+        let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(db.connect_options().as_ref().clone()).await.unwrap();
+        let mut conn = one.acquire().await.unwrap();
+        let jobs: Vec<crate::enqueue::NewJob> = (0..2000).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
+        crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
+        drop(conn);
+        let w = WorkerRow { id: "q@hot".into(), queue: "q".into(), concurrency: 2000 };
+        heartbeat(&mut *one.acquire().await.unwrap(), std::slice::from_ref(&w)).await.unwrap();
+        let mut acked = 0;
+        for _ in 0..4 {
+            let claimed = claim(&one, "q", 500, &w.id).await.unwrap();
+            let batch = claimed[0].batch;
+            let rows: Vec<Vec<String>> = sqlx::query_scalar("SELECT ids FROM apalis.claims WHERE id = $1").bind(batch).fetch_all(&one).await.unwrap();
+            assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![500], "the claim recorded its batch");
+            let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, ..done(&c.id, c.fence, Value::Null) }).collect();
+            // Not its last ack: the row stays.
+            assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().applied.len(), 100);
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
+            assert_eq!(left, 1);
+            assert_eq!(write_acks(&one, &acks[100..], &[batch]).await.unwrap().applied.len(), 400);
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
+            assert_eq!(left, 0, "the batch's last ack took its row");
+            acked += claimed.len();
+        }
+        sqlx::query("SELECT pg_stat_force_next_flush()").execute(&one).await.unwrap();
+        let (updates, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'apalis.jobs'::regclass",
+        )
+        .fetch_one(&one)
+        .await
+        .unwrap();
+        // Claims are never HOT (they set lock_at); so at most `acked` of them are.
+        assert_eq!(updates, 2 * acked as i64, "one update per claim and per ack");
+        assert!(hot * 2 >= acked as i64, "{hot} of {acked} acks were HOT updates");
     }
 }

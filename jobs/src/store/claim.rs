@@ -1,5 +1,7 @@
-//! Claims: one statement takes up to N due jobs of a queue, bumps their fence and counts
-//! the attempt.
+//! Claims: one statement takes up to N due jobs of a queue, bumps their fence, counts
+//! the attempt, and records the batch (worker and job ids) in `apalis.claims`: that row,
+//! not an index on running jobs, is how a dead worker's jobs are found (maintenance/
+//! lease_rescuer.rs). The runtime deletes it with the ack of the batch's last job.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -24,6 +26,8 @@ pub struct Claimed {
     pub priority: Option<i32>,
     /// When it was due.
     pub run_at: DateTime<Utc>,
+    /// The claimed batch's row in `apalis.claims` (the same for every job of a claim).
+    pub batch: i64,
 }
 
 #[cfg(test)]
@@ -41,6 +45,7 @@ impl Claimed {
             fence: 1,
             priority,
             run_at: DateTime::from_timestamp(run_at_s, 0).expect("a valid timestamp"),
+            batch: 1,
         }
     }
 }
@@ -67,15 +72,19 @@ impl ClaimCursor {
 
 /// `id = ANY(ARRAY(…))` keeps the update on the primary key; a join against the CTE let
 /// the planner hash-join a sequential scan of the whole table (slower with every row kept).
+/// `lock_at IS NULL` is the claim index's predicate (migrations/…_claims.sql says why not
+/// `status`); the status test stays, so a row some path ended without setting lock_at is
+/// stepped over, never claimed.
 macro_rules! claim_sql {
     ($after:literal) => {
         concat!(
-            "UPDATE apalis.jobs AS j
+            "WITH taken AS (
+UPDATE apalis.jobs AS j
 SET status = 'Running', lock_by = $3, lock_at = now(), started_at = now(),
     attempts = j.attempts + 1, fence = j.fence + 1
 WHERE j.id = ANY(ARRAY(
     SELECT id FROM apalis.jobs
-    WHERE job_type = $1 AND status IN ('Pending', 'Failed') AND run_at <= now()",
+    WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()",
             $after,
             "
     ORDER BY priority DESC, run_at, id
@@ -84,7 +93,13 @@ WHERE j.id = ANY(ARRAY(
 ))
 RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
           (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence,
-          j.priority, j.run_at"
+          j.priority, j.run_at
+), batch AS (
+    INSERT INTO apalis.claims (worker_id, ids)
+    SELECT $3, array_agg(id) FROM taken HAVING count(*) > 0
+    RETURNING id
+)
+SELECT taken.*, (SELECT id FROM batch) AS batch FROM taken"
         )
     };
 }
@@ -121,7 +136,7 @@ pub async fn claim_after(db: &PgPool, queue: &str, limit: i64, worker: &str, cur
 const NEXT_DUE: &str = r#"
 SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
 FROM apalis.jobs
-WHERE job_type = $1 AND status IN ('Pending', 'Failed')
+WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed')
 "#;
 
 pub async fn next_due_ms(db: &PgPool, queue: &str) -> Result<Option<f64>, sqlx::Error> {
@@ -132,7 +147,7 @@ pub async fn next_due_ms(db: &PgPool, queue: &str) -> Result<Option<f64>, sqlx::
 const NEXT_DUE_AFTER: &str = r#"
 SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
 FROM apalis.jobs
-WHERE job_type = $1 AND status IN ('Pending', 'Failed') AND priority = $2 AND (run_at, id) > ($3, $4)
+WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND priority = $2 AND (run_at, id) > ($3, $4)
 "#;
 
 pub async fn next_due_after_ms(db: &PgPool, queue: &str, cursor: &ClaimCursor) -> Result<Option<f64>, sqlx::Error> {
@@ -197,7 +212,7 @@ mod tests {
 
     /// The scan of the claim index in a plan: its Index Cond and the shared buffers it touched.
     fn claim_index_scan(plan: &Value) -> Option<(String, u64)> {
-        if plan.get("Index Name").and_then(Value::as_str) == Some("jobs_claim_idx") {
+        if plan.get("Index Name").and_then(Value::as_str) == Some("jobs_claimable_idx") {
             let cond = plan.get("Index Cond").and_then(Value::as_str).unwrap_or_default().to_string();
             let buffers = ["Shared Hit Blocks", "Shared Read Blocks"].iter().filter_map(|k| plan.get(*k).and_then(Value::as_u64)).sum();
             return Some((cond, buffers));

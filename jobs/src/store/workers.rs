@@ -49,12 +49,15 @@ pub struct LiveWorker {
     pub last_seen: chrono::DateTime<chrono::Utc>,
 }
 
-/// Workers seen within a minute, by queue then id, with the jobs each holds.
+/// Workers seen within a minute, by queue then id, with the jobs each holds: those of its
+/// claimed batches (`apalis.claims`) still running under it, looked up by key.
 pub async fn alive(db: &sqlx::PgPool) -> Result<Vec<LiveWorker>, sqlx::Error> {
     sqlx::query_as(
         "SELECT w.id, w.worker_type AS queue, \
                 COALESCE(NULLIF(substring(w.layers FROM 'concurrency=([0-9]+)'), '')::bigint, 0) AS concurrency, \
-                (SELECT count(*) FROM apalis.jobs j WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running')) AS running, \
+                (SELECT count(*) FROM apalis.jobs j \
+                 WHERE j.id = ANY(ARRAY(SELECT unnest(c.ids) FROM apalis.claims c WHERE c.worker_id = w.id)) \
+                   AND j.lock_by = w.id AND j.status IN ('Queued', 'Running')) AS running, \
                 w.started_at, w.last_seen \
          FROM apalis.workers w WHERE w.last_seen > now() - interval '1 minute' ORDER BY w.worker_type, w.id",
     )
