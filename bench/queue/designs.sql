@@ -6,8 +6,8 @@
 --
 --   current    our claim from the head of the queue (jobs/src/store/claim.rs: CLAIM, what
 --              an idle pool runs; a draining pool starts at its cursor instead, which at
---              20k jobs saves little) with its `claims` row, and plain-success ack (ack.rs)
---              with the batch row's delete, on a copy of apalis.jobs with all its indexes
+--              20k jobs saves little) with its `claims` row, and plain-success ack (ack.rs:
+--              ACK_DONE_AT, to the version the claim left) with the batch row's delete, on a copy of apalis.jobs with all its indexes
 --              and its fillfactor (the claim index's predicate on lock_at, no running
 --              index: migrations/20261201000001_claims.sql). Each claimed batch is acked
 --              by one statement here, as the runtime's acker does when a batch's acks
@@ -126,35 +126,36 @@ $$;
 -- statements are; one generic procedure would need EXECUTE format(…), planned on every
 -- call, and that planning would be counted in every design's figure.
 CREATE PROCEDURE bench_designs.drain_current(q text, b int, INOUT n int) LANGUAGE plpgsql AS $$
-DECLARE ids text[]; fences int8[]; bid int8;
+DECLARE ids text[]; fences int8[]; tids tid[]; bid int8;
 BEGIN
   LOOP
     WITH c AS (
       UPDATE bench_designs.current_jobs AS j
       SET status = 'Running', lock_by = 'w', lock_at = now(), started_at = now(),
           attempts = j.attempts + 1, fence = j.fence + 1
-      WHERE j.id = ANY(ARRAY(
-          SELECT id FROM bench_designs.current_jobs
+      WHERE j.ctid = ANY(ARRAY(
+          SELECT ctid FROM bench_designs.current_jobs
           WHERE job_type = q AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()
           ORDER BY priority DESC, run_at, id LIMIT b FOR UPDATE SKIP LOCKED))
+        AND j.lock_at IS NULL AND j.status IN ('Pending', 'Failed')
       RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
-                (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence),
+                (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence, j.ctid),
     rec AS (
       INSERT INTO bench_designs.claims (worker, ids) SELECT 'w', array_agg(id) FROM c HAVING count(*) > 0
       RETURNING batch)
-    SELECT array_agg(c.id), array_agg(c.fence), (SELECT batch FROM rec) INTO ids, fences, bid FROM c;
+    SELECT array_agg(c.id), array_agg(c.fence), array_agg(c.ctid), (SELECT batch FROM rec) INTO ids, fences, tids, bid FROM c;
     COMMIT;
     EXIT WHEN ids IS NULL;
     n := n + cardinality(ids);
     WITH ended AS (DELETE FROM bench_designs.claims WHERE batch = bid),
     hit AS MATERIALIZED (
-      SELECT r.id, r.fence FROM unnest(ids, fences) AS r(id, fence)
-      CROSS JOIN LATERAL (SELECT s.fence, s.status FROM bench_designs.current_jobs s WHERE s.id = r.id OFFSET 0) AS cur
-      WHERE cur.fence = r.fence AND cur.status = 'Running')
+      SELECT cur.tid FROM unnest(ids, fences, tids) AS r(id, fence, tid)
+      CROSS JOIN LATERAL (
+          SELECT s.ctid AS tid FROM bench_designs.current_jobs s
+          WHERE s.ctid = r.tid AND s.id = r.id AND s.fence = r.fence AND s.status = 'Running' OFFSET 0) AS cur)
     UPDATE bench_designs.current_jobs AS j
     SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
-    FROM hit
-    WHERE j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
+    WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit)) AND (j.status = 'Running') IS TRUE;
     COMMIT;
   END LOOP;
 END $$;

@@ -120,6 +120,7 @@ async fn ack(db: &PgPool, c: &store::Claimed, state: JobState, outcome: Option<O
         error_detail: error,
         result: None,
         batch: c.batch,
+        tid: Some(c.tid.clone()),
     };
     let w = store::write_acks(db, &[a], &[]).await.unwrap();
     assert_eq!(w.applied, vec![(c.id.clone(), c.fence)], "ack applied");

@@ -167,6 +167,7 @@ async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<
                 error_detail: None,
                 result: Some(json!({ "exit_code": 0, "stdout": big, "stderr": "" })),
                 batch: c.batch,
+                tid: Some(c.tid.clone()),
             })
             .collect();
         assert_eq!(store::write_acks(db, &acks, &[]).await.unwrap().applied.len(), batch.len());

@@ -26,10 +26,12 @@ pub(super) struct Claim {
     pub fence: i64,
     /// Its claimed batch's row in `apalis.claims`.
     pub batch: i64,
+    /// Where the claim left its row version.
+    pub tid: String,
 }
 
 fn ack(c: Claim, state: JobState, outcome: Option<Outcome>) -> Ack {
-    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None, batch: c.batch }
+    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None, batch: c.batch, tid: Some(c.tid) }
 }
 
 /// A pool's claimed batches that still have jobs without a written ack, and how many.

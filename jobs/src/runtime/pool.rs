@@ -102,7 +102,7 @@ pub(super) async fn run(
         }
         counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
-            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch };
+            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch, tid: job.tid.clone() };
             if job.expired {
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;
@@ -216,9 +216,9 @@ pub(super) async fn run(
 /// The attempts a pool is running, and how to end them early.
 struct Attempts {
     tasks: JoinSet<()>,
-    /// Claims whose attempt has not produced an ack yet, by (job id, fence), with their
-    /// batch: whatever is still here after an abort never produced one.
-    unacked: Arc<Mutex<HashMap<(String, i64), i64>>>,
+    /// Claims whose attempt has not produced an ack yet, by (job id, fence): whatever is
+    /// still here after an abort never produced one.
+    unacked: Arc<Mutex<HashMap<(String, i64), Claim>>>,
     /// Tells running attempts to stop ([`Interrupt`]); replaced after each use.
     interrupt: watch::Sender<bool>,
     ended: Arc<Ended>,
@@ -237,7 +237,7 @@ impl Attempts {
     }
 
     fn start(&self, claim: &Claim) {
-        lock(&self.unacked).insert((claim.id.clone(), claim.fence), claim.batch);
+        lock(&self.unacked).insert((claim.id.clone(), claim.fence), claim.clone());
     }
 
     fn signal(&self) -> Interrupt {
@@ -261,9 +261,8 @@ impl Attempts {
             self.tasks.abort_all();
             drain(&mut self.tasks).await;
         }
-        let left: Vec<((String, i64), i64)> = lock(&self.unacked).drain().collect();
-        for ((id, fence), batch) in left {
-            let claim = Claim { id, fence, batch };
+        let left: Vec<Claim> = lock(&self.unacked).drain().map(|(_, c)| c).collect();
+        for claim in left {
             let ack = if self.runs_once { acker::interrupted(claim) } else { acker::release(claim) };
             let _ = ack_tx.send(ack);
             self.ended.count(self.runs_once);

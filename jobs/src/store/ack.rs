@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 use sqlx::PgPool;
+use std::collections::HashSet;
 
 use crate::state::{JobState, Outcome};
 
@@ -27,6 +28,10 @@ pub struct Ack {
     /// The claimed batch it belongs to (`apalis.claims`; [`write_acks`] deletes the rows
     /// it is told every job of has been acked).
     pub batch: i64,
+    /// Where the claim left the job's row version (its ctid, as text): a plain success is
+    /// written straight there, no index lookup. None, or a version no longer there, is
+    /// looked up by id.
+    pub tid: Option<String>,
 }
 
 impl Ack {
@@ -107,22 +112,43 @@ WHERE j.id = r.id AND (j.fence = r.fence) IS TRUE AND (j.status = 'Running') IS 
 RETURNING j.id, j.fence
 "#;
 
-/// Writes a batch of acks (two statements at most): the ids it applied. The rows of
+/// [`ACK_DONE`] without an index lookup: each ack goes to the row version its claim
+/// left. The claimed version stays where it is until the job's next update, and every
+/// update but this ack (a rescue, a later claim) is one this ack must lose to: a version
+/// updated since, or one a table rewrite (VACUUM FULL) moved, is not matched here, and
+/// [`write_acks`] tries those by id. `hit` fetches each ack's version by ctid (LATERAL,
+/// kept a subquery by `OFFSET 0`: a joined table let the planner hash it after a
+/// sequential scan) and checks id, fence and status; the update takes exactly those
+/// versions (`ctid = ANY`: re-checked on the newest version if another transaction
+/// updated the row meanwhile, whose ctid is another, so a newer attempt is never hit).
+const ACK_DONE_AT: &str = r#"
+WITH ended AS (
+    DELETE FROM apalis.claims WHERE id = ANY($4::int8[])
+), hit AS MATERIALIZED (
+    SELECT cur.tid
+    FROM unnest($1::text[], $2::int8[], $3::text[]::tid[]) AS r(id, fence, tid)
+    CROSS JOIN LATERAL (
+        SELECT s.ctid AS tid FROM apalis.jobs s
+        WHERE s.ctid = r.tid AND s.id = r.id AND s.fence = r.fence AND s.status = 'Running' OFFSET 0
+    ) AS cur
+)
+UPDATE apalis.jobs AS j
+SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
+WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit)) AND (j.status = 'Running') IS TRUE
+RETURNING j.id, j.fence
+"#;
+
+/// Writes a batch of acks: the ids it applied. Other outcomes first ([`ACK`]), then plain
+/// successes at their claimed version ([`ACK_DONE_AT`]), then by id ([`ACK_DONE`]) those
+/// it did not find there (normally none: stale acks, a rewritten table). The rows of
 /// `ended_batches` (claimed batches every job of which is acked by now or by this write)
-/// are deleted by the write's last statement, so they go only once its acks are written.
+/// go with the last of the first two statements, so only once its acks are written (a
+/// success written by id after it, rarely, is still safe: the whole-table rescue finds
+/// its job if this process dies before writing it).
 pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Result<AckWrite, sqlx::Error> {
     let (done, rest): (Vec<&Ack>, Vec<&Ack>) = acks.iter().partition(|a| a.is_plain_success());
     let mut out = AckWrite::default();
     let none: &[i64] = &[];
-    if !done.is_empty() {
-        let ids: Vec<(String, i64)> = sqlx::query_as(ACK_DONE)
-            .bind(done.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
-            .bind(done.iter().map(|a| a.fence).collect::<Vec<_>>())
-            .bind(if rest.is_empty() { ended_batches } else { none })
-            .fetch_all(db)
-            .await?;
-        out.applied.extend(ids);
-    }
     if !rest.is_empty() {
         let ids: Vec<(String, i64)> = sqlx::query_as(ACK)
             .bind(rest.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
@@ -133,7 +159,36 @@ pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Res
             .bind(rest.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.result.clone().unwrap_or(Value::Null)).collect::<Vec<_>>())
             .bind(rest.iter().map(|a| a.error_detail.as_deref()).collect::<Vec<_>>())
-            .bind(ended_batches)
+            .bind(if done.is_empty() { ended_batches } else { none })
+            .fetch_all(db)
+            .await?;
+        out.applied.extend(ids);
+    }
+    if done.is_empty() {
+        return Ok(out);
+    }
+    let (at, mut by_id): (Vec<&Ack>, Vec<&Ack>) = done.iter().partition(|a| a.tid.is_some());
+    let mut ended_left = ended_batches;
+    if !at.is_empty() {
+        let hit: Vec<(String, i64)> = sqlx::query_as(ACK_DONE_AT)
+            .bind(at.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
+            .bind(at.iter().map(|a| a.fence).collect::<Vec<_>>())
+            .bind(at.iter().map(|a| a.tid.as_deref()).collect::<Vec<_>>())
+            .bind(ended_left)
+            .fetch_all(db)
+            .await?;
+        ended_left = none;
+        if hit.len() < at.len() {
+            let found: HashSet<(&str, i64)> = hit.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+            by_id.extend(at.iter().filter(|a| !found.contains(&(a.id.as_str(), a.fence))));
+        }
+        out.applied.extend(hit);
+    }
+    if !by_id.is_empty() {
+        let ids: Vec<(String, i64)> = sqlx::query_as(ACK_DONE)
+            .bind(by_id.iter().map(|a| a.id.as_str()).collect::<Vec<_>>())
+            .bind(by_id.iter().map(|a| a.fence).collect::<Vec<_>>())
+            .bind(ended_left)
             .fetch_all(db)
             .await?;
         out.applied.extend(ids);
@@ -155,9 +210,10 @@ pub async fn notify_finished(db: &PgPool, ids: &[String]) -> Result<(), sqlx::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::table_reads;
     use crate::enqueue::{enqueue, NewJob};
     use crate::maintenance::{rescue_expired_leases, Scope};
-    use crate::store::claim;
+    use crate::store::{claim, Claimed};
     use crate::store::workers::{heartbeat, WorkerRow};
     use molecule_domain::testing::fresh_db;
     use std::time::Duration;
@@ -180,7 +236,7 @@ mod tests {
     }
 
     fn done(id: &str, fence: i64, result: Value) -> Ack {
-        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result), batch: 0 }
+        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result), batch: 0, tid: None }
     }
 
     /// The bug this fences off: a worker's heartbeat lapses, the rescuer hands its job
@@ -209,6 +265,11 @@ mod tests {
         assert!(w1.applied.is_empty());
         assert_eq!(row(&db, id.as_str()).await, before, "the newer attempt's row is untouched");
         // A stale failure or hand-back is refused the same way.
+        // A plain success of attempt 1, sent straight to the row version its claim left
+        // (since updated by the rescue and the second claim): refused too.
+        let at_first = Ack { tid: Some(first.tid.clone()), ..done(id.as_str(), first.fence, Value::Null) };
+        assert!(write_acks(&db, &[at_first], &[]).await.unwrap().applied.is_empty());
+        assert_eq!(row(&db, id.as_str()).await, before);
         let stale_release = Ack { state: JobState::Pending, outcome: None, result: None, ..done(id.as_str(), first.fence, Value::Null) };
         assert!(write_acks(&db, &[stale_release], &[]).await.unwrap().applied.is_empty());
         assert_eq!(row(&db, id.as_str()).await, before);
@@ -223,6 +284,8 @@ mod tests {
         assert_eq!(after.last_result, Some(serde_json::json!({ "Ok": "from attempt 2" })));
         // And a repeat of it (a retried batch) changes nothing more.
         assert!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)], &[]).await.unwrap().applied.is_empty());
+        let at_second = Ack { tid: Some(second.tid.clone()), ..done(id.as_str(), second.fence, Value::Null) };
+        assert!(write_acks(&db, &[at_second], &[]).await.unwrap().applied.is_empty());
     }
 
     /// Most rows a join filter of the plan threw away, anywhere in it.
@@ -230,16 +293,6 @@ mod tests {
         let own = plan.get("Rows Removed by Join Filter").and_then(Value::as_u64).unwrap_or(0);
         let kids = plan.get("Plans").and_then(Value::as_array).map(|p| p.iter().map(max_join_filter_removed).max().unwrap_or(0));
         own.max(kids.unwrap_or(0))
-    }
-
-    /// How each read of the job table in a plan is done (node type, index), the update itself aside.
-    fn table_reads(plan: &Value, out: &mut Vec<String>) {
-        if plan.get("Relation Name").and_then(Value::as_str) == Some("jobs") && plan["Node Type"] != "ModifyTable" {
-            out.push(format!("{} {}", plan["Node Type"].as_str().unwrap_or("?"), plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")));
-        }
-        for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
-            table_reads(p, out);
-        }
     }
 
     /// The regression: statistics taken while no job ran made the planner drive the ack
@@ -264,22 +317,28 @@ mod tests {
         let n = ids.len();
         // A prepared statement runs on a generic plan after five executions (the runtime's
         // acks do): both kinds of plan are checked.
-        let cases = [("done", ACK_DONE, false), ("general", ACK, true)];
-        for ((name, sql, extra), mode) in cases.iter().flat_map(|c| ["force_custom_plan", "force_generic_plan"].map(|m| (*c, m))) {
+        let tids: Vec<&str> = claimed.iter().map(|c| c.tid.as_str()).collect();
+        let list = |v: Vec<String>| v.join(",");
+        // Literal arrays: EXECUTE inside EXPLAIN takes no bound parameters (ids are ULIDs;
+        // a tid's text has a comma, so it is quoted).
+        let ids_fences = format!("'{{{}}}'::text[], '{{{}}}'::int8[]", ids.join(","), list(fences.iter().map(i64::to_string).collect()));
+        let general = format!(
+            ", array_fill('Done'::text, ARRAY[{n}]), array_fill('succeeded'::text, ARRAY[{n}]), array_fill(0::int8, ARRAY[{n}]), \
+             array_fill(NULL::text, ARRAY[{n}]), array_fill('null'::jsonb, ARRAY[{n}]), array_fill(NULL::text, ARRAY[{n}])"
+        );
+        let at = format!(", '{{{}}}'::text[]", list(tids.iter().map(|t| format!("\"{t}\"")).collect()));
+        // (name, statement, its parameter types, its arguments, how it must read the table)
+        let cases = [
+            ("done", ACK_DONE, "text[], int8[], int8[]", String::new(), "Index Scan jobs_pkey"),
+            ("general", ACK, "text[], int8[], text[], text[], int8[], text[], jsonb[], text[], int8[]", general, "Index Scan jobs_pkey"),
+            ("done at", ACK_DONE_AT, "text[], int8[], text[], int8[]", at, "Tid Scan -"),
+        ];
+        for ((name, sql, types, extra, read), mode) in cases.iter().flat_map(|c| ["force_custom_plan", "force_generic_plan"].map(|m| (c, m))) {
             let mut tx = db.begin().await.unwrap();
             sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL plan_cache_mode = {mode}"))).execute(&mut *tx).await.unwrap();
             // PREPARE + EXPLAIN EXECUTE: the plan a prepared statement really runs on.
-            let types = if extra { "text[], int8[], text[], text[], int8[], text[], jsonb[], text[], int8[]" } else { "text[], int8[], int8[]" };
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE ack_plan ({types}) AS {sql}"))).execute(&mut *tx).await.unwrap();
-            // Literal arrays: EXECUTE inside EXPLAIN takes no bound parameters (ids are ULIDs).
-            let mut args = format!("'{{{}}}'::text[], '{{{}}}'::int8[]", ids.join(","), fences.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-            if extra {
-                args.push_str(&format!(
-                    ", array_fill('Done'::text, ARRAY[{n}]), array_fill('succeeded'::text, ARRAY[{n}]), array_fill(0::int8, ARRAY[{n}]), \
-                     array_fill(NULL::text, ARRAY[{n}]), array_fill('null'::jsonb, ARRAY[{n}]), array_fill(NULL::text, ARRAY[{n}])"
-                ));
-            }
-            args.push_str(", '{}'::int8[]");
+            let args = format!("{ids_fences}{extra}, '{{}}'::int8[]");
             let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE ack_plan ({args})"));
             let q = sqlx::query_scalar::<_, Value>(explain);
             let plan = q.fetch_one(&mut *tx).await.unwrap();
@@ -290,7 +349,7 @@ mod tests {
             assert_eq!(top["Actual Rows"].as_u64(), Some(n as u64), "{name} ({mode}): every ack applies");
             let mut reads = Vec::new();
             table_reads(top, &mut reads);
-            assert!(!reads.is_empty() && reads.iter().all(|r| r == "Index Scan jobs_pkey"), "{name} ({mode}): the table is read by primary key only: {reads:?}\n{plan:#}");
+            assert!(!reads.is_empty() && reads.iter().all(|r| r == read), "{name} ({mode}): the table is read by {read} only: {reads:?}\n{plan:#}");
             let removed = max_join_filter_removed(top);
             assert!(removed <= n as u64, "{name} ({mode}): a join threw {removed} rows away for {n} acks: the table drives the join\n{plan:#}");
         }
@@ -321,7 +380,7 @@ mod tests {
             let batch = claimed[0].batch;
             let rows: Vec<Vec<String>> = sqlx::query_scalar("SELECT ids FROM apalis.claims WHERE id = $1").bind(batch).fetch_all(&one).await.unwrap();
             assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![500], "the claim recorded its batch");
-            let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, ..done(&c.id, c.fence, Value::Null) }).collect();
+            let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, tid: Some(c.tid.clone()), ..done(&c.id, c.fence, Value::Null) }).collect();
             // Not its last ack: the row stays.
             assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().applied.len(), 100);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
@@ -341,5 +400,37 @@ mod tests {
         // Claims are never HOT (they set lock_at); so at most `acked` of them are.
         assert_eq!(updates, 2 * acked as i64, "one update per claim and per ack");
         assert!(hot * 2 >= acked as i64, "{hot} of {acked} acks were HOT updates");
+    }
+
+    /// An ack whose row version is not where its claim left it (a table rewrite — VACUUM
+    /// FULL, pg_repack — moves every version; an update leaves a new one elsewhere) is
+    /// written by id instead: never lost. And the version found there may be another
+    /// job's (a rewrite packs rows anew): never applied to that job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_that_misses_its_row_version_is_written_by_id_and_never_to_another_job() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let jobs: Vec<crate::enqueue::NewJob> = (0..4).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
+        crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
+        let w = WorkerRow { id: "q@moved".into(), queue: "q".into(), concurrency: 4 };
+        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let c = claim(&db, "q", 4, &w.id).await.unwrap();
+        assert!(c.iter().all(|j| j.fence == 1), "one fence for all: only the id tells their versions apart");
+        // a's version moves (what a rewrite does to all of them).
+        sqlx::query("UPDATE apalis.jobs SET attempt_log = attempt_log WHERE id = $1").bind(&c[0].id).execute(&db).await.unwrap();
+        let at = |j: &Claimed, tid: &str| Ack { tid: Some(tid.into()), ..done(&j.id, j.fence, Value::Null) };
+        let acks = [
+            at(&c[0], &c[0].tid),   // its old version: gone
+            at(&c[1], &c[2].tid),   // c's version is there
+            at(&c[3], "(999999,1)"), // nothing is there
+        ];
+        let mut applied: Vec<String> = write_acks(&db, &acks, &[]).await.unwrap().applied.into_iter().map(|(id, _)| id).collect();
+        applied.sort();
+        let mut want = vec![c[0].id.clone(), c[1].id.clone(), c[3].id.clone()];
+        want.sort();
+        assert_eq!(applied, want, "every ack applied, by id");
+        for (j, status) in [(&c[0], "Done"), (&c[1], "Done"), (&c[2], "Running"), (&c[3], "Done")] {
+            assert_eq!(row(&db, &j.id).await.status, status, "job {}", j.id);
+        }
     }
 }

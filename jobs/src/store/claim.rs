@@ -28,6 +28,8 @@ pub struct Claimed {
     pub run_at: DateTime<Utc>,
     /// The claimed batch's row in `apalis.claims` (the same for every job of a claim).
     pub batch: i64,
+    /// Where the claim left the row version (its ctid as text): the ack's way straight to it.
+    pub tid: String,
 }
 
 #[cfg(test)]
@@ -46,6 +48,7 @@ impl Claimed {
             priority,
             run_at: DateTime::from_timestamp(run_at_s, 0).expect("a valid timestamp"),
             batch: 1,
+            tid: "(0,1)".into(),
         }
     }
 }
@@ -70,8 +73,12 @@ impl ClaimCursor {
     }
 }
 
-/// `id = ANY(ARRAY(…))` keeps the update on the primary key; a join against the CTE let
-/// the planner hash-join a sequential scan of the whole table (slower with every row kept).
+/// `ctid = ANY(ARRAY(…))` takes exactly the row versions the subquery locked, with no
+/// index lookup (by `id`, the primary key's, it cost a descent per job); a join against
+/// the CTE let the planner hash-join a sequential scan of the whole table (slower with
+/// every row kept). A version the subquery found updated by a transaction that committed
+/// after this statement's snapshot is not matched (the update re-checks `ctid` on the
+/// newest version): that job is left to the next claim, never taken twice.
 /// `lock_at IS NULL` is the claim index's predicate (migrations/…_claims.sql says why not
 /// `status`); the status test stays, so a row some path ended without setting lock_at is
 /// stepped over, never claimed.
@@ -82,18 +89,18 @@ macro_rules! claim_sql {
 UPDATE apalis.jobs AS j
 SET status = 'Running', lock_by = $3, lock_at = now(), started_at = now(),
     attempts = j.attempts + 1, fence = j.fence + 1
-WHERE j.id = ANY(ARRAY(
-    SELECT id FROM apalis.jobs
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM apalis.jobs
     WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()",
             $after,
             "
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-))
+)) AND j.lock_at IS NULL AND j.status IN ('Pending', 'Failed')
 RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
           (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence,
-          j.priority, j.run_at
+          j.priority, j.run_at, j.ctid::text AS tid
 ), batch AS (
     INSERT INTO apalis.claims (worker_id, ids)
     SELECT $3, array_agg(id) FROM taken HAVING count(*) > 0
@@ -157,6 +164,7 @@ pub async fn next_due_after_ms(db: &PgPool, queue: &str, cursor: &ClaimCursor) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::table_reads;
     use crate::enqueue::{enqueue, enqueue_many, NewJob};
     use molecule_domain::testing::fresh_db;
     use serde_json::{json, Value};
@@ -253,6 +261,11 @@ mod tests {
                 tx.rollback().await.unwrap();
                 assert_eq!(plan[0]["Plan"]["Actual Rows"].as_u64(), Some(50), "{mode}: both claim 50: {plan:#}");
                 let (cond, buffers) = claim_index_scan(&plan[0]["Plan"]).unwrap_or_else(|| panic!("{mode}: no scan of the claim index: {plan:#}"));
+                // The update takes the versions the scan locked by ctid: no primary key lookup.
+                let mut reads = Vec::new();
+                table_reads(&plan[0]["Plan"], &mut reads);
+                reads.sort();
+                assert_eq!(reads, ["Index Scan jobs_claimable_idx", "Tid Scan -"], "{mode}: {plan:#}");
                 if sql == CLAIM_AFTER {
                     assert!(cond.contains("ROW(run_at, id) >"), "{mode}: the scan does not start at the cursor: {cond}");
                 }

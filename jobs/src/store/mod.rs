@@ -10,3 +10,16 @@ pub mod workers;
 
 pub use ack::{write_acks, Ack, AckWrite};
 pub use claim::{claim, claim_after, next_due_after_ms, next_due_ms, ClaimCursor, Claimed};
+
+/// How each read of the job table in an EXPLAIN (FORMAT JSON) plan is done ("<node type>
+/// <index or ->"), the update itself aside: the plan tests of claims and acks.
+#[cfg(test)]
+pub(crate) fn table_reads(plan: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if plan.get("Relation Name").and_then(Value::as_str) == Some("jobs") && plan["Node Type"] != "ModifyTable" {
+        out.push(format!("{} {}", plan["Node Type"].as_str().unwrap_or("?"), plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")));
+    }
+    for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        table_reads(p, out);
+    }
+}
