@@ -147,15 +147,22 @@ BEGIN
     COMMIT;
     EXIT WHEN ids IS NULL;
     n := n + cardinality(ids);
-    WITH ended AS (DELETE FROM bench_designs.claims WHERE batch = bid),
+    WITH ended AS (DELETE FROM bench_designs.claims WHERE batch = bid RETURNING batch),
     hit AS MATERIALIZED (
-      SELECT cur.tid FROM unnest(ids, fences, tids) AS r(id, fence, tid)
+      SELECT cur.tid, r.id, r.fence FROM unnest(ids, fences, tids) AS r(id, fence, tid)
       CROSS JOIN LATERAL (
-          SELECT s.ctid AS tid FROM bench_designs.current_jobs s
-          WHERE s.ctid = r.tid AND s.id = r.id AND s.fence = r.fence AND s.status = 'Running' OFFSET 0) AS cur)
+          (SELECT s.ctid AS tid FROM bench_designs.current_jobs s
+           WHERE s.ctid = r.tid AND s.id = r.id AND s.fence = r.fence AND s.status = 'Running')
+          UNION ALL
+          (SELECT s.ctid FROM bench_designs.current_jobs s
+           WHERE s.id = r.id AND s.fence = r.fence AND s.status = 'Running')
+          LIMIT 1) AS cur
+      WHERE (SELECT count(*) FROM ended) >= 0)
     UPDATE bench_designs.current_jobs AS j
     SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
-    WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit)) AND (j.status = 'Running') IS TRUE;
+    FROM hit
+    WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit)) AND j.ctid = hit.tid
+      AND j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
     COMMIT;
   END LOOP;
 END $$;

@@ -54,14 +54,39 @@ fn redact_url_error(e: &sqlx::Error) -> String {
     e.to_string().lines().next().unwrap_or("unparsable").to_string()
 }
 
-/// Applies apalis-postgres' schema, then ours. Both migrators take an advisory lock,
-/// so concurrent starts of several processes are safe; re-running is a no-op.
+/// The advisory lock our processes take, one at a time, around the migrators.
+pub const MIGRATE_LOCK: i64 = 0x6d6f_6c65_6375_6c65; // "molecule"
+
+/// Applies apalis-postgres' schema, then ours; re-running is a no-op. Concurrent starts
+/// of several processes queue on [`MIGRATE_LOCK`] by polling `pg_try_advisory_lock`: the
+/// migrators' own advisory locks are taken by a statement that waits, and a waiting
+/// statement is a transaction that `CREATE`/`DROP INDEX CONCURRENTLY` (some of our
+/// migrations) must wait for, while it waits for the session building the index — a
+/// deadlock PostgreSQL ends by cancelling one of them, perhaps the index build (which
+/// leaves an INVALID index behind). A poll holds no transaction open between tries.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    apalis_postgres::PostgresStorage::setup(pool)
+    let mut conn = pool.acquire().await.map_err(DbError::Connect)?;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(MIGRATE_LOCK)
+        .fetch_one(&mut *conn)
         .await
-        .map_err(|e| DbError::ApalisMigrate(e.to_string()))?;
-    MIGRATOR.run(pool).await?;
-    Ok(())
+        .map_err(DbError::Connect)?
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let res = async {
+        apalis_postgres::PostgresStorage::setup(pool)
+            .await
+            .map_err(|e| DbError::ApalisMigrate(e.to_string()))?;
+        MIGRATOR.run(pool).await?;
+        Ok(())
+    }
+    .await;
+    // Released with the session if this fails (the connection is then closed).
+    if sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await.is_err() {
+        conn.close_on_drop();
+    }
+    res
 }
 
 /// Ready = the database answers and every migration we ship is applied.

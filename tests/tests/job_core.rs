@@ -548,3 +548,60 @@ async fn a_claimed_batch_keeps_its_row_until_its_last_ack_whatever_the_outcomes(
     assert_eq!(status::get(&db, &hang).await.unwrap().unwrap().status, JobStatus::Pending);
     assert!(rows(db.clone()).await.is_empty(), "a hand-back ends its batch");
 }
+
+/// Processes starting together queue for the migrations by polling an advisory lock, so
+/// no statement of theirs waits on a lock while a migration builds an index CONCURRENTLY
+/// (which waits for every open transaction: a waiting statement would deadlock with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_waiting_for_another_holds_no_statement_open() {
+    let (db, _) = fresh_db().await;
+    let mut holder = db.acquire().await.unwrap();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(molecule_domain::db::MIGRATE_LOCK)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert!(got);
+    let db2 = db.clone();
+    let migrating = tokio::spawn(async move { molecule_domain::db::migrate(&db2).await });
+    // It tries, again and again, and no backend waits on a lock meanwhile.
+    eventually(Duration::from_secs(10), "the migration to poll for the lock", || async {
+        let polls: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_try_advisory_lock%' AND pid <> pg_backend_pid()")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        (polls > 0).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetch_one(&db).await.unwrap();
+        assert_eq!(waiting, 0, "a statement waits on a lock");
+        assert!(!migrating.is_finished(), "migrated while another process held the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(molecule_domain::db::MIGRATE_LOCK).execute(&mut *holder).await.unwrap();
+    migrating.await.unwrap().expect("migrates once the lock is free");
+}
+
+/// A CREATE INDEX CONCURRENTLY that failed leaves an INVALID index, which IF NOT EXISTS
+/// takes for built: the migration after it rebuilds it before the old claim index goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_claim_index_left_by_a_failed_build_is_rebuilt() {
+    let (db, _) = fresh_db().await;
+    let valid = || async {
+        sqlx::query_scalar::<_, bool>("SELECT indisvalid FROM pg_index WHERE indexrelid = 'apalis.jobs_claimable_idx'::regclass")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    assert!(valid().await);
+    // What a cancelled build leaves (the test cluster's user is a superuser), and the
+    // migrations after the build not applied yet.
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'apalis.jobs_claimable_idx'::regclass").execute(&db).await.unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version >= 20261201000003").execute(&db).await.unwrap();
+    assert!(!valid().await);
+    molecule_domain::db::migrate(&db).await.unwrap();
+    assert!(valid().await, "the claim index is valid again");
+    let old: Option<String> = sqlx::query_scalar("SELECT to_regclass('apalis.jobs_claim_idx')::text").fetch_one(&db).await.unwrap();
+    assert_eq!(old, None, "and the old claim index is gone");
+}

@@ -215,15 +215,23 @@ mod tests {
         .execute(&db)
         .await
         .unwrap();
+        // The same worker's other job, claimed with a batch row.
+        let batched = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({}))).await.unwrap();
+        assert_eq!(store::claim(&db, "q", 1, &old.id).await.unwrap()[0].id, batched.as_str());
         let lease = Duration::from_secs(30);
         assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 0, "its worker is alive");
         age_worker(&db, &old.id, 60).await;
-        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::ClaimedBatches).await.unwrap(), 0, "no batch names it");
+        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::ClaimedBatches).await.unwrap(), 1, "the batched job only");
+        assert_eq!(state(&db, batched.as_str()).await.0, "Failed");
+        assert_eq!(state(&db, id.as_str()).await.0, "Running", "no batch names it");
         assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 1);
         let (status, outcome, lock, _) = state(&db, id.as_str()).await;
         assert_eq!((status.as_str(), outcome, lock), ("Failed", None, None));
-        // Claimable again: back in the claim index (lock_at cleared), taken by the next claim.
-        let again = store::claim(&db, "q", 1, "q@new").await.unwrap();
-        assert_eq!(again.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+        // Claimable again: back in the claim index (lock_at cleared), taken by the next claims.
+        let mut again: Vec<String> = store::claim(&db, "q", 5, "q@new").await.unwrap().into_iter().map(|c| c.id).collect();
+        again.sort();
+        let mut want = vec![id.as_str().to_string(), batched.as_str().to_string()];
+        want.sort();
+        assert_eq!(again, want);
     }
 }

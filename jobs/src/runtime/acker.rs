@@ -154,7 +154,7 @@ pub(super) async fn run(
                 // The database refused the batch itself (not a connection fault): one ack
                 // must be bad (say, a result jsonb cannot hold). Isolate it instead of
                 // retrying the whole batch forever.
-                Err(sqlx::Error::Database(e)) => {
+                Err(sqlx::Error::Database(e)) if !transient(e.as_ref()) => {
                     tracing::warn!(worker_id, error = %e, "batch ack refused; writing acks one by one");
                     write_one_by_one(db, &mut buf, &ending).await
                 }
@@ -226,6 +226,12 @@ fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &
     }
 }
 
+/// A deadlock or serialization failure: the statement is retried like a connection fault,
+/// never taken for an ack the database cannot store.
+fn transient(e: &dyn sqlx::error::DatabaseError) -> bool {
+    matches!(e.code().as_deref(), Some("40P01" | "40001"))
+}
+
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
 /// ("result could not be stored"), so it is never lost and never blocks the others. The
 /// `ending` batches' rows go with the last one.
@@ -236,7 +242,7 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Resul
         let ending = if i == last { ending } else { &[] };
         match store::write_acks(db, std::slice::from_ref(a), ending).await {
             Ok(w) => applied.extend(w.applied),
-            Err(sqlx::Error::Database(e)) => {
+            Err(sqlx::Error::Database(e)) if !transient(e.as_ref()) => {
                 a.state = JobState::Killed;
                 a.outcome = Some(Outcome::Dead);
                 a.result = None;

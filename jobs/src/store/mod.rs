@@ -23,3 +23,22 @@ pub(crate) fn table_reads(plan: &serde_json::Value, out: &mut Vec<String>) {
         table_reads(p, out);
     }
 }
+
+/// [`table_reads`] of the plan nodes that ran (EXPLAIN ANALYZE: `Actual Loops` > 0).
+#[cfg(test)]
+pub(crate) fn executed_reads(plan: &serde_json::Value) -> Vec<String> {
+    fn walk(plan: &serde_json::Value, out: &mut Vec<String>) {
+        if plan.get("Actual Loops").and_then(serde_json::Value::as_u64) == Some(0) {
+            return;
+        }
+        let mut own = Vec::new();
+        table_reads(&serde_json::json!({ "Relation Name": plan.get("Relation Name"), "Node Type": plan.get("Node Type"), "Index Name": plan.get("Index Name") }), &mut own);
+        out.extend(own);
+        for p in plan.get("Plans").and_then(serde_json::Value::as_array).into_iter().flatten() {
+            walk(p, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(plan, &mut out);
+    out
+}
