@@ -160,9 +160,8 @@ BEGIN
       WHERE (SELECT count(*) FROM ended) >= 0)
     UPDATE bench_designs.current_jobs AS j
     SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
-    FROM hit
-    WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit)) AND j.ctid = hit.tid
-      AND j.id = hit.id AND (j.fence = hit.fence) IS TRUE AND (j.status = 'Running') IS TRUE;
+    WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit))
+      AND ((j.id, j.fence) IN (SELECT id, fence FROM hit)) IS TRUE AND (j.status = 'Running') IS TRUE;
     COMMIT;
   END LOOP;
 END $$;
