@@ -77,3 +77,28 @@ pub async fn fresh_db_on(admin: &str) -> (PgPool, String) {
     crate::db::migrate(&pool).await.expect("migrate");
     (pool, url)
 }
+
+/// Waits (up to 10 s, then panics) until a statement of this database whose text is LIKE
+/// `query_like` waits on a lock: a test's way to know a concurrent statement is blocked
+/// on a row it holds before it lets go.
+pub async fn until_a_statement_waits_on_a_lock(db: &PgPool, query_like: &str) {
+    let waiting = async {
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
+            )
+            .bind(query_like)
+            .fetch_one(db)
+            .await
+            .expect("pg_stat_activity");
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("no statement LIKE {query_like:?} waited on a lock within 10 s"));
+}

@@ -86,22 +86,8 @@ mod tests {
             let store = store.clone();
             async move { store.pin_host_key("i-race", "ssh-ed25519 SECOND").await }
         });
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&db)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the second pin waits on the first");
+        // The second pin waits on the first's row lock.
+        molecule_domain::testing::until_a_statement_waits_on_a_lock(&db, "%").await;
         tx.commit().await.unwrap();
         assert_eq!(second.await.unwrap().unwrap(), "ssh-ed25519 FIRST");
     }

@@ -256,3 +256,23 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Resul
     }
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use molecule_domain::testing::fresh_db;
+
+    /// What PostgreSQL reports for each kind of failure, classified: a deadlock or a
+    /// serialization failure is retried; an ack the database cannot store is isolated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadlocks_and_serialization_failures_are_transient_a_bad_value_is_not() {
+        let (db, _) = fresh_db().await;
+        for (code, want) in [("40P01", true), ("40001", true), ("22P05", false), ("23505", false)] {
+            let raise = format!("DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$");
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(raise)).execute(&db).await {
+                Err(sqlx::Error::Database(e)) => assert_eq!(transient(e.as_ref()), want, "{code}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+    }
+}

@@ -102,7 +102,7 @@ pub(super) async fn run(
         }
         counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
-            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch, tid: job.tid.clone() };
+            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch, tid: job.tid };
             if job.expired {
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;

@@ -328,8 +328,7 @@ mod tests {
             tx.rollback().await.unwrap();
             let top = &plan[0]["Plan"];
             assert_eq!(top["Actual Rows"].as_u64(), Some(n as u64), "{name} ({mode}): every ack applies");
-            let mut reads = Vec::new();
-            table_reads(top, &mut reads);
+            let reads = table_reads(top);
             assert!(!reads.is_empty() && reads.iter().all(|r| read.contains(&r.as_str())), "{name} ({mode}): the table is read by {read:?} only: {reads:?}\n{plan:#}");
             let mut filters = Vec::new();
             plan_filters(top, &mut filters);
@@ -451,20 +450,7 @@ mod tests {
         let (db2, late2) = (db.clone(), late.clone());
         let ack = tokio::spawn(async move { write_acks(&db2, &[late2], &[]).await });
         // The ack's statement is waiting for the row lock.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%WITH ended AS%'",
-            )
-            .fetch_one(&db)
-            .await
-            .unwrap();
-            if waiting == 1 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the ack never waited for the row lock");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        molecule_domain::testing::until_a_statement_waits_on_a_lock(&db, "%WITH ended AS%").await;
         other.commit().await.unwrap();
         let w1 = ack.await.unwrap().unwrap();
         assert!(w1.applied.is_empty(), "the late ack of attempt 1 was refused");

@@ -262,8 +262,7 @@ mod tests {
                 assert_eq!(plan[0]["Plan"]["Actual Rows"].as_u64(), Some(50), "{mode}: both claim 50: {plan:#}");
                 let (cond, buffers) = claim_index_scan(&plan[0]["Plan"]).unwrap_or_else(|| panic!("{mode}: no scan of the claim index: {plan:#}"));
                 // The update takes the versions the scan locked by ctid: no primary key lookup.
-                let mut reads = Vec::new();
-                table_reads(&plan[0]["Plan"], &mut reads);
+                let mut reads = table_reads(&plan[0]["Plan"]);
                 reads.sort();
                 assert_eq!(reads, ["Index Scan jobs_claimable_idx", "Tid Scan -"], "{mode}: {plan:#}");
                 if sql == CLAIM_AFTER {

@@ -14,31 +14,30 @@ pub use claim::{claim, claim_after, next_due_after_ms, next_due_ms, ClaimCursor,
 /// How each read of the job table in an EXPLAIN (FORMAT JSON) plan is done ("<node type>
 /// <index or ->"), the update itself aside: the plan tests of claims and acks.
 #[cfg(test)]
-pub(crate) fn table_reads(plan: &serde_json::Value, out: &mut Vec<String>) {
-    use serde_json::Value;
-    if plan.get("Relation Name").and_then(Value::as_str) == Some("jobs") && plan["Node Type"] != "ModifyTable" {
-        out.push(format!("{} {}", plan["Node Type"].as_str().unwrap_or("?"), plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")));
-    }
-    for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
-        table_reads(p, out);
-    }
+pub(crate) fn table_reads(plan: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    reads(plan, false, &mut out);
+    out
 }
 
 /// [`table_reads`] of the plan nodes that ran (EXPLAIN ANALYZE: `Actual Loops` > 0).
 #[cfg(test)]
 pub(crate) fn executed_reads(plan: &serde_json::Value) -> Vec<String> {
-    fn walk(plan: &serde_json::Value, out: &mut Vec<String>) {
-        if plan.get("Actual Loops").and_then(serde_json::Value::as_u64) == Some(0) {
-            return;
-        }
-        let mut own = Vec::new();
-        table_reads(&serde_json::json!({ "Relation Name": plan.get("Relation Name"), "Node Type": plan.get("Node Type"), "Index Name": plan.get("Index Name") }), &mut own);
-        out.extend(own);
-        for p in plan.get("Plans").and_then(serde_json::Value::as_array).into_iter().flatten() {
-            walk(p, out);
-        }
-    }
     let mut out = Vec::new();
-    walk(plan, &mut out);
+    reads(plan, true, &mut out);
     out
+}
+
+#[cfg(test)]
+fn reads(plan: &serde_json::Value, executed_only: bool, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if executed_only && plan.get("Actual Loops").and_then(Value::as_u64) == Some(0) {
+        return;
+    }
+    if plan.get("Relation Name").and_then(Value::as_str) == Some("jobs") && plan["Node Type"] != "ModifyTable" {
+        out.push(format!("{} {}", plan["Node Type"].as_str().unwrap_or("?"), plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")));
+    }
+    for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
+        reads(p, executed_only, out);
+    }
 }
