@@ -226,10 +226,15 @@ fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &
     }
 }
 
-/// A deadlock or serialization failure: the statement is retried like a connection fault,
-/// never taken for an ack the database cannot store.
+/// A fault of the moment, not of the ack: the statement is retried like a connection
+/// fault, never taken for an ack the database cannot store. SQLSTATE classes 40
+/// (deadlock, serialization failure), 08 (connection exception), 53 (insufficient
+/// resources), 57 (operator intervention: the server shutting down under the statement, a
+/// cancelled statement) and 58 (system error). A statement in flight when PostgreSQL
+/// stops gets 57P01, not an I/O error: taken for a refused ack, it ended a healthy job
+/// `result_not_stored`.
 fn transient(e: &dyn sqlx::error::DatabaseError) -> bool {
-    matches!(e.code().as_deref(), Some("40P01" | "40001"))
+    e.code().is_some_and(|c| matches!(c.get(..2), Some("40" | "08" | "53" | "57" | "58")))
 }
 
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
@@ -265,9 +270,20 @@ mod tests {
     /// What PostgreSQL reports for each kind of failure, classified: a deadlock or a
     /// serialization failure is retried; an ack the database cannot store is isolated.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn deadlocks_and_serialization_failures_are_transient_a_bad_value_is_not() {
+    async fn faults_of_the_moment_are_transient_a_bad_value_is_not() {
         let (db, _) = fresh_db().await;
-        for (code, want) in [("40P01", true), ("40001", true), ("22P05", false), ("23505", false)] {
+        let cases = [
+            ("40P01", true),  // deadlock
+            ("40001", true),  // serialization failure
+            ("57P01", true),  // admin shutdown: PostgreSQL stopping under the statement
+            ("08006", true),  // connection failure
+            ("53300", true),  // too many connections
+            ("57014", true),  // statement cancelled (statement_timeout)
+            ("22P05", false), // a value PostgreSQL cannot store
+            ("23505", false),
+            ("42703", false),
+        ];
+        for (code, want) in cases {
             let raise = format!("DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '{code}'; END $$");
             match sqlx::raw_sql(sqlx::AssertSqlSafe(raise)).execute(&db).await {
                 Err(sqlx::Error::Database(e)) => assert_eq!(transient(e.as_ref()), want, "{code}"),
