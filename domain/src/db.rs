@@ -41,12 +41,37 @@ pub async fn delete_in_batches(db: &PgPool, sql: &'static str, older_than: Durat
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     // Parse first so the error names the URL problem without echoing the URL (it may hold a password).
     let opts = PgConnectOptions::from_str(url).map_err(|e| DbError::BadUrl(redact_url_error(&e)))?;
-    PgPoolOptions::new()
+    pool_options(PING_IF_IDLE_FOR)
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
         .connect_with(opts)
         .await
         .map_err(DbError::Connect)
+}
+
+/// How long a pooled connection may sit idle before it is pinged before its next use.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Options for our pools: a 5 s acquire timeout (an outage surfaces as an error, callers
+/// back off), and a ping before use only for a connection idle longer than `ping_if_idle_for`
+/// (HikariCP's bypass window). sqlx's default pings on every acquire: a round trip before
+/// every statement, or two of the ten a workspace create makes. A connection in steady use
+/// needs none; one that breaks anyway fails its statement, which callers treat as an outage
+/// (503, a claim's back-off, an ack retried: runtime/acker.rs `transient`), and sqlx drops
+/// it on release.
+pub fn pool_options(ping_if_idle_for: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                use sqlx::Connection;
+                // A failed ping drops the connection (as sqlx's own test does); the pool tries another.
+                if meta.idle_for > ping_if_idle_for {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 fn redact_url_error(e: &sqlx::Error) -> String {

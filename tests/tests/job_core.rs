@@ -549,6 +549,36 @@ async fn a_claimed_batch_keeps_its_row_until_its_last_ack_whatever_the_outcomes(
     assert!(rows(db.clone()).await.is_empty(), "a hand-back ends its batch");
 }
 
+/// Our pools (domain::db::pool_options, the job core's included) ping a connection only
+/// when it sat idle past a window: one in steady use goes straight to its statement, so a
+/// backend that died meanwhile fails that statement once and is dropped; one idle longer
+/// is pinged, and a dead one replaced before any statement sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_pinged_only_after_sitting_idle() {
+    let (db, url) = fresh_db().await;
+    async fn backend(pool: &PgPool) -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(pool).await
+    }
+    async fn kill(db: &PgPool, pid: i32) {
+        // With a timeout, pg_terminate_backend returns once the backend has exited.
+        let gone: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(pid).fetch_one(db).await.unwrap();
+        assert!(gone, "backend {pid} still there");
+    }
+
+    let busy = molecule_domain::db::pool_options(Duration::from_secs(3600)).max_connections(1).connect(&url).await.unwrap();
+    let first = backend(&busy).await.unwrap();
+    kill(&db, first).await;
+    assert!(backend(&busy).await.is_err(), "a connection used within the window is not pinged first");
+    let second = backend(&busy).await.expect("the broken connection was dropped; a new one serves");
+    assert_ne!(first, second);
+
+    let idle = molecule_domain::db::pool_options(Duration::ZERO).max_connections(1).connect(&url).await.unwrap();
+    let first = backend(&idle).await.unwrap();
+    kill(&db, first).await;
+    let second = backend(&idle).await.expect("pinged, refused and replaced before the statement");
+    assert_ne!(first, second);
+}
+
 /// Processes starting together queue for the migrations by polling an advisory lock, so
 /// no statement of theirs waits on a lock while a migration builds an index CONCURRENTLY
 /// (which waits for every open transaction: a waiting statement would deadlock with it).

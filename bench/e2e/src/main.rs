@@ -186,8 +186,9 @@ impl Drop for Serve {
 }
 
 async fn run(o: &Opts, url: &str) -> Fallible<()> {
-    // Raw INSERTs first, on a pool as wide as the clients.
-    let raw_db = sqlx::postgres::PgPoolOptions::new()
+    // Raw INSERTs first, on a pool as wide as the clients, configured as ours (no ping
+    // before a connection in steady use).
+    let raw_db = molecule_domain::db::pool_options(molecule_domain::db::PING_IF_IDLE_FOR)
         .max_connections(o.clients as u32)
         .connect(url)
         .await

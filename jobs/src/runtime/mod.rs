@@ -36,7 +36,6 @@ mod heartbeat;
 mod listener;
 mod pool;
 
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -182,9 +181,8 @@ impl Runtime {
         let options = db.connect_options().as_ref().clone();
         // A claimer and an acker per pool, plus the lease rescuer: none of them waits for a
         // connection a handler holds.
-        let core = PgPoolOptions::new()
+        let core = molecule_domain::db::pool_options(molecule_domain::db::PING_IF_IDLE_FOR)
             .max_connections((2 * specs.len() + 1).max(2) as u32)
-            .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options.clone());
         let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });
         let (pools_stop, pools_rx) = watch::channel(false);
