@@ -96,7 +96,7 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) => {
+            sqlx::Error::Database(db) if molecule_domain::db::is_outage(db.as_ref()) => {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }

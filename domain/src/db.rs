@@ -48,6 +48,16 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .map_err(DbError::Connect)
 }
 
+/// The database cannot serve this statement now, whatever the statement: it is shutting
+/// down or restarting under it (57P01–57P05: a statement in flight when PostgreSQL stops
+/// gets 57P01, not an I/O error), the connection failed (class 08), it is out of
+/// connections or disk (53300, 53100), or it hit an I/O error (class 58). Not an
+/// out-of-memory or a cancelled statement (53200, 57014): those may be the statement's
+/// own doing, and repeat with it.
+pub fn is_outage(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("58") || c == "53300" || c == "53100")
+}
+
 /// How long a pooled connection may sit idle before it is pinged before its next use.
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
@@ -55,9 +65,11 @@ pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// back off), and a ping before use only for a connection idle longer than `ping_if_idle_for`
 /// (HikariCP's bypass window). sqlx's default pings on every acquire: a round trip before
 /// every statement, or two of the ten a workspace create makes. A connection in steady use
-/// needs none; one that breaks anyway fails its statement, which callers treat as an outage
-/// (503, a claim's back-off, an ack retried: runtime/acker.rs `transient`), and sqlx drops
-/// it on release.
+/// needs none. One that breaks anyway (its backend gone less than a second after its last
+/// use; after a restart, connections idle through the downtime are pinged) fails its
+/// statement, as a statement in flight would: a 503, a claim's back-off, an ack retried
+/// ([`is_outage`]), or a handler's retryable error that uses up an attempt. sqlx drops it
+/// on release (where it still pings every connection, off the caller's path).
 pub fn pool_options(ping_if_idle_for: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(5))
@@ -65,7 +77,8 @@ pub fn pool_options(ping_if_idle_for: Duration) -> PgPoolOptions {
         .before_acquire(move |conn, meta| {
             Box::pin(async move {
                 use sqlx::Connection;
-                // A failed ping drops the connection (as sqlx's own test does); the pool tries another.
+                // A failed ping drops the connection (as sqlx's own test does, logged at WARN
+                // here); acquire then opens a new one.
                 if meta.idle_for > ping_if_idle_for {
                     conn.ping().await?;
                 }
@@ -122,7 +135,8 @@ pub async fn readiness(pool: &PgPool) -> Result<(), String> {
     .fetch_one(pool)
     .await
     .map_err(|e| match e {
-        sqlx::Error::Database(_) => "migrations have not been applied".to_string(),
+        // undefined_table: no _sqlx_migrations yet.
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01") => "migrations have not been applied".to_string(),
         _ => "database unreachable".to_string(),
     })?;
     let expected = MIGRATOR.iter().count() as i64;

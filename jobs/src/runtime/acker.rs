@@ -227,14 +227,13 @@ fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &
 }
 
 /// A fault of the moment, not of the ack: the statement is retried like a connection
-/// fault, never taken for an ack the database cannot store. SQLSTATE classes 40
-/// (deadlock, serialization failure), 08 (connection exception), 53 (insufficient
-/// resources), 57 (operator intervention: the server shutting down under the statement, a
-/// cancelled statement) and 58 (system error). A statement in flight when PostgreSQL
-/// stops gets 57P01, not an I/O error: taken for a refused ack, it ended a healthy job
-/// `result_not_stored`.
+/// fault, never taken for an ack the database cannot store. A deadlock or serialization
+/// failure (class 40), or an outage ([`molecule_domain::db::is_outage`]): a statement in
+/// flight when PostgreSQL stops gets 57P01, and taken for a refused ack it ended healthy
+/// jobs `result_not_stored`. A cancelled statement or an out-of-memory is not: one ack at
+/// a time is the way past those.
 fn transient(e: &dyn sqlx::error::DatabaseError) -> bool {
-    e.code().is_some_and(|c| matches!(c.get(..2), Some("40" | "08" | "53" | "57" | "58")))
+    e.code().is_some_and(|c| c.starts_with("40")) || molecule_domain::db::is_outage(e)
 }
 
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
@@ -267,8 +266,9 @@ mod tests {
     use super::*;
     use molecule_domain::testing::fresh_db;
 
-    /// What PostgreSQL reports for each kind of failure, classified: a deadlock or a
-    /// serialization failure is retried; an ack the database cannot store is isolated.
+    /// What PostgreSQL reports for each kind of failure, classified: a deadlock, a
+    /// serialization failure or an outage is retried; an ack the database cannot store, a
+    /// cancelled statement or an out-of-memory is isolated.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn faults_of_the_moment_are_transient_a_bad_value_is_not() {
         let (db, _) = fresh_db().await;
@@ -278,7 +278,9 @@ mod tests {
             ("57P01", true),  // admin shutdown: PostgreSQL stopping under the statement
             ("08006", true),  // connection failure
             ("53300", true),  // too many connections
-            ("57014", true),  // statement cancelled (statement_timeout)
+            ("58030", true),  // I/O error
+            ("57014", false), // statement cancelled (statement_timeout): it may repeat with the batch
+            ("53200", false), // out of memory: the same
             ("22P05", false), // a value PostgreSQL cannot store
             ("23505", false),
             ("42703", false),
