@@ -202,6 +202,13 @@ mod tests {
             .unwrap()
     }
 
+    /// A worker of queue "q" with its heartbeat written (a claim needs one).
+    async fn live_worker(conn: &mut sqlx::PgConnection, id: &str, concurrency: usize) -> WorkerRow {
+        let w = WorkerRow { id: id.into(), queue: "q".into(), concurrency };
+        heartbeat(conn, std::slice::from_ref(&w)).await.unwrap();
+        w
+    }
+
     fn done(id: &str, fence: i64, result: Value) -> Ack {
         Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result), batch: 0, tid: None }
     }
@@ -213,8 +220,7 @@ mod tests {
     async fn a_stale_ack_after_a_reclaim_changes_nothing() {
         let (db, _) = fresh_db().await;
         let mut conn = db.acquire().await.unwrap();
-        let w = WorkerRow { id: "q@slow".into(), queue: "q".into(), concurrency: 1 };
-        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let w = live_worker(&mut conn, "q@slow", 1).await;
         let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(5)).await.unwrap();
         let first = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
         assert_eq!(first.fence, 1);
@@ -287,8 +293,7 @@ mod tests {
         sqlx::query("UPDATE apalis.jobs SET status = 'Done', outcome = 'succeeded', done_at = now()").execute(&db).await.unwrap();
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
         sqlx::query("ANALYZE apalis.jobs").execute(&db).await.unwrap();
-        let w = WorkerRow { id: "q@plan".into(), queue: "q".into(), concurrency: 5000 };
-        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let w = live_worker(&mut conn, "q@plan", 5000).await;
         let claimed = claim(&db, "q", 5000, &w.id).await.unwrap();
         assert_eq!(claimed.len(), 5000);
         let ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
@@ -358,8 +363,7 @@ mod tests {
         let jobs: Vec<crate::enqueue::NewJob> = (0..2000).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
         drop(conn);
-        let w = WorkerRow { id: "q@hot".into(), queue: "q".into(), concurrency: 2000 };
-        heartbeat(&mut *one.acquire().await.unwrap(), std::slice::from_ref(&w)).await.unwrap();
+        let w = live_worker(&mut one.acquire().await.unwrap(), "q@hot", 2000).await;
         let mut acked = 0;
         for _ in 0..4 {
             let claimed = claim(&one, "q", 500, &w.id).await.unwrap();
@@ -398,8 +402,7 @@ mod tests {
         let mut conn = db.acquire().await.unwrap();
         let jobs: Vec<crate::enqueue::NewJob> = (0..4).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
-        let w = WorkerRow { id: "q@moved".into(), queue: "q".into(), concurrency: 4 };
-        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let w = live_worker(&mut conn, "q@moved", 4).await;
         let c = claim(&db, "q", 4, &w.id).await.unwrap();
         assert!(c.iter().all(|j| j.fence == 1), "one fence for all: only the id tells their versions apart");
         // a's version moves (what a rewrite does to all of them).
@@ -430,8 +433,7 @@ mod tests {
     async fn a_stale_ack_waiting_for_the_row_lock_does_not_finalize_the_newer_attempt() {
         let (db, _) = fresh_db().await;
         let mut conn = db.acquire().await.unwrap();
-        let w = WorkerRow { id: "q@lapsed".into(), queue: "q".into(), concurrency: 1 };
-        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let w = live_worker(&mut conn, "q@lapsed", 1).await;
         let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({}))).await.unwrap();
         let first = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
         // A rescue and a new claim, in one transaction left open: the row is locked.
