@@ -108,21 +108,26 @@ async fn run(inner: std::sync::Weak<Inner>, db: PgPool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::PoolWake;
+    use crate::store::Shard;
 
     /// Local pools are woken by the announce itself, before (and without) any NOTIFY:
     /// this announcer's connection leads nowhere.
     #[tokio::test]
     async fn an_announce_wakes_the_local_pool_of_its_queue_only() {
-        let (mine, other) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (mine, other) = (Arc::new(PoolWake::default()), Arc::new(PoolWake::default()));
         let map = [("mine".to_string(), mine.clone()), ("other".to_string(), other.clone())].into_iter().collect();
         let nowhere = PgConnectOptions::new().host("127.0.0.1").port(1);
         let announcer = Announcer::start(nowhere);
         announcer.wake_locally(LocalWakers(Arc::new(map)));
         announcer.announce("mine");
-        tokio::time::timeout(Duration::from_secs(5), mine.notified()).await.expect("the local pool of the queue is woken");
-        // `other` holds no stored wake-up: a fresh notified() would wait.
-        let woken = tokio::time::timeout(Duration::from_millis(1), other.notified()).await;
-        assert!(woken.is_err(), "another queue's pool was woken");
+        for shard in Shard::all() {
+            let woken = tokio::time::timeout(Duration::from_secs(5), mine.shard(shard).notified()).await;
+            woken.expect("each fetcher of the local pool of the queue is woken");
+            // `other` holds no stored wake-up: a fresh notified() would wait.
+            let woken = tokio::time::timeout(Duration::from_millis(1), other.shard(shard).notified()).await;
+            assert!(woken.is_err(), "another queue's pool was woken");
+        }
         announcer.announce("no such queue"); // no local pool: nothing to wake, no panic
     }
 }

@@ -102,7 +102,7 @@ fn job(kind: JobKind) -> NewJob {
 
 /// Claims `n` jobs of `kind` with the runtime's own claim (they are `Running` after it).
 async fn claim(db: &PgPool, kind: JobKind, n: i64) -> Vec<store::Claimed> {
-    let got = store::claim(db, kind.queue(), n, "deploy-test@localhost:1#t").await.unwrap();
+    let got = store::claim_each_shard(db, kind.queue(), n, "deploy-test@localhost:1#t").await.unwrap();
     assert_eq!(got.len() as i64, n, "claimed {kind} jobs");
     got
 }
@@ -210,7 +210,7 @@ async fn each_pools_keda_query_returns_its_own_depth() {
 
     // And that depth is exactly what the pool's claim takes right now.
     for p in &pools {
-        let took = store::claim(&db, &p.pool, 10_000, "deploy-test@localhost:1#check").await.unwrap();
+        let took = store::claim_each_shard(&db, &p.pool, 10_000, "deploy-test@localhost:1#check").await.unwrap();
         assert_eq!(took.len() as i64, depth[&p.pool], "pool {}: its claim took {} jobs, its KEDA depth said {}", p.pool,
             took.len(), depth[&p.pool]);
     }

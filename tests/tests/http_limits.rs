@@ -152,7 +152,7 @@ async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<
         (0..200).map(|i| NewJob::new(JobKind::Exec, &json!({ "i": i })).org(org).workspace(ws)).collect();
     let ids: Vec<String> = enqueue_many(&mut conn, &jobs).await.unwrap().iter().map(|i| i.as_str().to_string()).collect();
     drop(conn);
-    let claimed = store::claim(db, JobKind::Exec.queue(), 200, "test-worker").await.unwrap();
+    let claimed = store::claim_each_shard(db, JobKind::Exec.queue(), 200, "test-worker").await.unwrap();
     assert_eq!(claimed.len(), 200);
     for batch in claimed.chunks(20) {
         let acks: Vec<Ack> = batch

@@ -448,6 +448,45 @@ async fn a_draining_pool_soon_takes_a_job_that_sorts_before_its_cursor() {
     assert!(left > 500, "it ran ahead of the backlog ({left} jobs still waiting when it was done)");
 }
 
+/// A pool's two fetchers (one per claim shard, jobs/src/runtime/pool.rs) share its slots:
+/// together they never run more jobs at once than its concurrency — an odd one too, where
+/// each fetcher's share is rounded up — and both shards' jobs run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_fetchers_together_never_run_more_jobs_at_once_than_its_concurrency() {
+    let (db, _) = fresh_db().await;
+    let (running, most, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, m, d) = (running.clone(), most.clone(), done.clone());
+    let handler = handler_fn(move |_ctx| {
+        let (r, m, d) = (r.clone(), m.clone(), d.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    });
+    let jobs: Vec<NewJob> = (0..120).map(|_| NewJob::to_queue("slots", &json!({}))).collect();
+    let ids = molecule_jobs::enqueue_many(&mut *db.acquire().await.unwrap(), &jobs).await.unwrap();
+    let mut shards = std::collections::HashSet::new();
+    for id in &ids {
+        shards.insert(molecule_jobs::store::Shard::of(&db, id.as_str()).await.unwrap());
+    }
+    assert_eq!(shards.len(), molecule_jobs::store::CLAIM_SHARDS, "the backlog spans every shard");
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("slots", 3, policy(100), handler)]);
+    eventually(Duration::from_secs(20), "the backlog to be done", || async { (done.load(Ordering::SeqCst) == 120).then_some(()) }).await;
+    rt.shutdown().await;
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} jobs ran at once in a pool of 3");
+    assert!(most >= 2, "the slots were not used: at most {most} at once");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'slots' AND status <> 'Done'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
 /// An idle pool claims from its cursor; a job it cannot see there — enqueued in a
 /// transaction that began before the job the cursor stands on and committed after it —
 /// is taken by the claim from the head that follows at once, not at the next poll.
@@ -641,19 +680,22 @@ async fn a_migration_waiting_for_another_holds_no_statement_open() {
 async fn an_invalid_claim_index_left_by_a_failed_build_is_rebuilt() {
     let (db, _) = fresh_db().await;
     let valid = || async {
-        sqlx::query_scalar::<_, bool>("SELECT indisvalid FROM pg_index WHERE indexrelid = 'apalis.jobs_claimable_idx'::regclass")
+        sqlx::query_scalar::<_, bool>("SELECT indisvalid FROM pg_index WHERE indexrelid = 'apalis.jobs_claim_shard_idx'::regclass")
             .fetch_one(&db)
             .await
             .unwrap()
     };
     assert!(valid().await);
     // What a cancelled build leaves (the test cluster's user is a superuser), and the
-    // migrations after the build not applied yet.
-    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'apalis.jobs_claimable_idx'::regclass").execute(&db).await.unwrap();
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version >= 20261201000003").execute(&db).await.unwrap();
+    // migrations after the build not applied yet (the old claim index is back meanwhile).
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'apalis.jobs_claim_shard_idx'::regclass").execute(&db).await.unwrap();
+    sqlx::query("CREATE INDEX jobs_claimable_idx ON apalis.jobs (job_type, priority DESC, run_at, id) WHERE lock_at IS NULL").execute(&db).await.unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version >= 20261201000007").execute(&db).await.unwrap();
     assert!(!valid().await);
     molecule_domain::db::migrate(&db).await.unwrap();
     assert!(valid().await, "the claim index is valid again");
-    let old: Option<String> = sqlx::query_scalar("SELECT to_regclass('apalis.jobs_claim_idx')::text").fetch_one(&db).await.unwrap();
-    assert_eq!(old, None, "and the old claim index is gone");
+    for old in ["apalis.jobs_claim_idx", "apalis.jobs_claimable_idx"] {
+        let left: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text").bind(old).fetch_one(&db).await.unwrap();
+        assert_eq!(left, None, "and the old claim index {old} is gone");
+    }
 }

@@ -162,7 +162,7 @@ mod tests {
         heartbeat(&mut conn, &[alive.clone(), silent.clone(), once.clone()]).await.unwrap();
         for (queue, worker) in [("q", &alive), ("q", &silent), ("once", &once)] {
             enqueue(&mut conn, &NewJob::to_queue(queue, &serde_json::json!({}))).await.unwrap();
-            let c = store::claim(&db, queue, 1, &worker.id).await.unwrap();
+            let c = store::claim_each_shard(&db, queue, 1, &worker.id).await.unwrap();
             assert_eq!(c.len(), 1);
         }
         age_worker(&db, "q@silent", 60).await;
@@ -217,7 +217,7 @@ mod tests {
         .unwrap();
         // The same worker's other job, claimed with a batch row.
         let batched = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({}))).await.unwrap();
-        assert_eq!(store::claim(&db, "q", 1, &old.id).await.unwrap()[0].id, batched.as_str());
+        assert_eq!(store::claim_each_shard(&db, "q", 1, &old.id).await.unwrap()[0].id, batched.as_str());
         let lease = Duration::from_secs(30);
         assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 0, "its worker is alive");
         age_worker(&db, &old.id, 60).await;
@@ -228,7 +228,7 @@ mod tests {
         let (status, outcome, lock, _) = state(&db, id.as_str()).await;
         assert_eq!((status.as_str(), outcome, lock), ("Failed", None, None));
         // Claimable again: back in the claim index (lock_at cleared), taken by the next claims.
-        let mut again: Vec<String> = store::claim(&db, "q", 5, "q@new").await.unwrap().into_iter().map(|c| c.id).collect();
+        let mut again: Vec<String> = store::claim_each_shard(&db, "q", 5, "q@new").await.unwrap().into_iter().map(|c| c.id).collect();
         again.sort();
         let mut want = vec![id.as_str().to_string(), batched.as_str().to_string()];
         want.sort();

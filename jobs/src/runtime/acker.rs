@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+
+use super::pool::PoolWake;
 
 use super::Shared;
 use crate::backoff::retry_delay;
@@ -124,7 +126,7 @@ pub(super) async fn run(
     notify_finished: bool,
     batches: OpenBatches,
     mut rx: mpsc::UnboundedReceiver<Ack>,
-    wake: Arc<Notify>,
+    wake: Arc<PoolWake>,
 ) {
     let db = &shared.core;
     let mut buf: Vec<Ack> = Vec::new();
@@ -179,7 +181,7 @@ pub(super) async fn run(
                         }
                     }
                     if buf.iter().any(|a| matches!(a.state, JobState::Failed | JobState::Pending)) {
-                        wake.notify_one();
+                        wake.wake();
                     }
                     buf.clear();
                     break;

@@ -4,7 +4,9 @@
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
+
+use super::pool::PoolWake;
 
 use super::{ErrorBackoff, INSERT_CHANNEL};
 
@@ -14,8 +16,8 @@ struct InsertEvent<'a> {
     job_type: &'a str,
 }
 
-pub(super) async fn run(options: PgConnectOptions, wakers: Arc<HashMap<String, Arc<Notify>>>, mut stop: watch::Receiver<bool>) {
-    let wake_all = || wakers.values().for_each(|n| n.notify_one());
+pub(super) async fn run(options: PgConnectOptions, wakers: Arc<HashMap<String, Arc<PoolWake>>>, mut stop: watch::Receiver<bool>) {
+    let wake_all = || wakers.values().for_each(|n| n.wake());
     // A pool of exactly one connection, used only by the listener (PgListener takes its
     // connection from a pool and reconnects through it).
     let own = PgPoolOptions::new().max_connections(1).min_connections(0).connect_lazy_with(options);
@@ -41,7 +43,7 @@ pub(super) async fn run(options: PgConnectOptions, wakers: Arc<HashMap<String, A
                 r = listener.try_recv() => match r {
                     Ok(Some(n)) => {
                         if let Ok(ev) = serde_json::from_str::<InsertEvent>(n.payload()) {
-                            if let Some(w) = wakers.get(ev.job_type) { w.notify_one(); }
+                            if let Some(w) = wakers.get(ev.job_type) { w.wake(); }
                         }
                     }
                     // Connection lost; try_recv reconnects on the next call. Wake everyone

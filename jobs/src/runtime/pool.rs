@@ -1,4 +1,5 @@
-//! One pool: claim, run, hand outcomes to the acker; and its part of a shutdown.
+//! One pool: a fetcher per claim shard claims and runs jobs and hands their outcomes to
+//! the pool's acker; the fetchers share the pool's slots. And its part of a shutdown.
 
 use futures_util::FutureExt;
 use molecule_domain::{JobId, OrgId, WorkspaceId};
@@ -13,6 +14,7 @@ use tokio::task::JoinSet;
 use super::acker::{self, Claim, OpenBatches};
 use super::claim_start::ClaimStart;
 use super::{ErrorBackoff, PoolSpec, Shared};
+use crate::store::{Shard, CLAIM_SHARDS};
 use crate::handler::{Interrupt, JobContext, JobError};
 use crate::store;
 
@@ -26,11 +28,10 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     spec: PoolSpec,
     worker_id: String,
-    notify: Arc<Notify>,
+    wake: Arc<PoolWake>,
     mut lease: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> PoolReport {
-    let cfg = &shared.cfg;
     let queue = spec.queue.clone();
     // No claim before the heartbeat has written our worker row: a claimed job whose
     // worker row does not exist looks orphaned to every lease rescuer.
@@ -41,7 +42,6 @@ pub(super) async fn run(
     tracing::info!(queue, worker_id, concurrency = spec.concurrency, "pool started");
 
     let counts = crate::metrics::QueueMetrics::new(&queue);
-    let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<store::Ack>();
     let batches = OpenBatches::default();
     let acker = tokio::spawn(acker::run(
@@ -51,8 +51,80 @@ pub(super) async fn run(
         spec.notify_finished,
         batches.clone(),
         ack_rx,
-        notify.clone(),
+        wake.clone(),
     ));
+    let pool = Arc::new(Pool {
+        slots: Arc::new(Semaphore::new(spec.concurrency.max(1))),
+        // Each fetcher claims at most its share of the slots, so both keep a claim going.
+        share: spec.concurrency.max(1).div_ceil(CLAIM_SHARDS),
+        shared,
+        spec,
+        worker_id,
+        counts,
+        batches,
+        wake,
+    });
+    let fetchers: Vec<_> = Shard::all()
+        .map(|shard| tokio::spawn(fetch(pool.clone(), shard, ack_tx.clone(), lease.clone(), shutdown.clone())))
+        .collect();
+    // The acker ends when the last fetcher drops its sender (after its last ack).
+    drop(ack_tx);
+    let mut report = PoolReport::default();
+    for f in fetchers {
+        match f.await {
+            Ok(ended) => {
+                report.released += ended.released.load(Ordering::Relaxed);
+                report.interrupted += ended.interrupted.load(Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(queue, error = %e, "fetcher ended abnormally"),
+        }
+    }
+    if acker.await.is_err() {
+        tracing::warn!(queue, "acker ended abnormally");
+    }
+    tracing::info!(queue, released = report.released, interrupted = report.interrupted, "pool stopped");
+    report
+}
+
+/// Wakes a pool's fetchers, one per claim shard: an insert into its queue (the listener,
+/// or an announcement), or a retry written (the acker).
+#[derive(Default)]
+pub(crate) struct PoolWake([Notify; CLAIM_SHARDS]);
+
+impl PoolWake {
+    pub(crate) fn wake(&self) {
+        // notify_one keeps a permit for a fetcher that is not waiting yet: no wake-up lost.
+        self.0.iter().for_each(Notify::notify_one);
+    }
+
+    pub(crate) fn shard(&self, shard: Shard) -> &Notify {
+        &self.0[shard.index()]
+    }
+}
+
+/// What a pool's fetchers share.
+struct Pool {
+    shared: Arc<Shared>,
+    spec: PoolSpec,
+    worker_id: String,
+    counts: crate::metrics::QueueMetrics,
+    slots: Arc<Semaphore>,
+    share: usize,
+    batches: OpenBatches,
+    wake: Arc<PoolWake>,
+}
+
+/// One fetcher: claims the jobs of one shard of the pool's queue, runs them, and at
+/// shutdown or a lost lease ends the attempts it started.
+async fn fetch(
+    pool: Arc<Pool>,
+    shard: Shard,
+    ack_tx: mpsc::UnboundedSender<store::Ack>,
+    mut lease: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Arc<Ended> {
+    let Pool { shared, spec, worker_id, counts, slots, share, batches, wake } = &*pool;
+    let (cfg, queue, notify) = (&shared.cfg, spec.queue.as_str(), wake.shard(shard));
     let mut attempts = Attempts::new(spec.runs_once);
     let mut backoff = ErrorBackoff::new();
     let mut start = ClaimStart::new(Instant::now());
@@ -78,11 +150,15 @@ pub(super) async fn run(
             }
             continue;
         }
-        let want = free.min(cfg.batch.max(1));
+        let want = free.min(cfg.batch.max(1)).min(*share);
+        // The slots are taken before the claim: the other fetcher cannot fill them meanwhile.
+        let Ok(mut permits) = slots.clone().try_acquire_many_owned(want as u32) else {
+            continue; // the other fetcher took some first: count again
+        };
         let from_cursor = start.next(Instant::now());
         let claim = match &from_cursor {
-            Some(c) => store::claim_after(&shared.core, &queue, want as i64, &worker_id, c).await,
-            None => store::claim(&shared.core, &queue, want as i64, &worker_id).await,
+            Some(c) => store::claim_after(&shared.core, queue, shard, want as i64, worker_id, c).await,
+            None => store::claim(&shared.core, queue, shard, want as i64, worker_id).await,
         };
         let claimed = match claim {
             Ok(rows) => {
@@ -91,6 +167,7 @@ pub(super) async fn run(
                 rows
             }
             Err(e) => {
+                drop(permits);
                 tracing::warn!(queue, error = %e, "claim failed; backing off");
                 backoff.wait(&mut shutdown).await;
                 continue;
@@ -107,8 +184,8 @@ pub(super) async fn run(
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;
             }
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // Cannot happen (only this loop takes slots and it asked for `free`);
+            let Some(permit) = permits.split(1) else {
+                // Cannot happen (the claim asked for as many jobs as it holds slots);
                 // if it did, the job goes back rather than overfilling the pool.
                 let _ = ack_tx.send(acker::release(claim));
                 continue;
@@ -116,7 +193,7 @@ pub(super) async fn run(
             attempts.start(&claim);
             let ctx = JobContext {
                 id: JobId::from_db(job.id),
-                queue: queue.clone(),
+                queue: queue.to_string(),
                 attempt: job.attempts,
                 max_attempts: job.max_attempts,
                 org_id: job.org_id.map(OrgId),
@@ -160,13 +237,15 @@ pub(super) async fn run(
                 drop(permit);
             });
         }
+        // Slots the claim did not fill go back now.
+        drop(permits);
         if n < want && !start.head_next() {
             // After the cursor, only its priority's next due job is looked for (a range scan;
             // over the whole queue, `min(run_at)` reads the entries of every job claimed
             // since the last vacuum); the others are found by the next claim from the head.
             let next = match start.cursor() {
-                Some(c) => store::next_due_after_ms(&shared.core, &queue, c).await,
-                None => store::next_due_ms(&shared.core, &queue).await,
+                Some(c) => store::next_due_after_ms(&shared.core, queue, shard, c).await,
+                None => store::next_due_ms(&shared.core, queue, shard).await,
             };
             let wait = match next {
                 Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
@@ -200,17 +279,7 @@ pub(super) async fn run(
         let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
         attempts.stop(wait, &ack_tx).await;
     }
-    drop(ack_tx);
-    let acks_written = acker.await;
-    if acks_written.is_err() {
-        tracing::warn!(queue, "acker ended abnormally");
-    }
-    let report = PoolReport {
-        released: attempts.ended.released.load(Ordering::Relaxed),
-        interrupted: attempts.ended.interrupted.load(Ordering::Relaxed),
-    };
-    tracing::info!(queue, released = report.released, interrupted = report.interrupted, "pool stopped");
-    report
+    attempts.ended
 }
 
 /// The attempts a pool is running, and how to end them early.

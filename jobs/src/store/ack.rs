@@ -180,7 +180,7 @@ mod tests {
     use crate::store::{executed_reads, table_reads};
     use crate::enqueue::{enqueue, NewJob};
     use crate::maintenance::{rescue_expired_leases, Scope};
-    use crate::store::{claim, Claimed};
+    use crate::store::{claim, claim_each_shard, Claimed, Shard};
     use crate::store::workers::{heartbeat, WorkerRow};
     use molecule_domain::testing::fresh_db;
     use std::time::Duration;
@@ -222,14 +222,14 @@ mod tests {
         let mut conn = db.acquire().await.unwrap();
         let w = live_worker(&mut conn, "q@slow", 1).await;
         let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(5)).await.unwrap();
-        let first = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        let first = claim_each_shard(&db, "q", 1, &w.id).await.unwrap().remove(0);
         assert_eq!(first.fence, 1);
 
         sqlx::query("UPDATE apalis.workers SET last_seen = now() - interval '1 minute'").execute(&db).await.unwrap();
         assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &[], Scope::ClaimedBatches).await.unwrap(), 1);
         assert_eq!(row(&db, id.as_str()).await.lock_by, None, "the rescue clears the lock");
         heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
-        let second = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        let second = claim_each_shard(&db, "q", 1, &w.id).await.unwrap().remove(0);
         assert_eq!((second.fence, second.attempts), (2, 2));
         let before = row(&db, id.as_str()).await;
 
@@ -294,7 +294,7 @@ mod tests {
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
         sqlx::query("ANALYZE apalis.jobs").execute(&db).await.unwrap();
         let w = live_worker(&mut conn, "q@plan", 5000).await;
-        let claimed = claim(&db, "q", 5000, &w.id).await.unwrap();
+        let claimed = claim_each_shard(&db, "q", 5000, &w.id).await.unwrap();
         assert_eq!(claimed.len(), 5000);
         let ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
         let fences: Vec<i64> = claimed.iter().map(|c| c.fence).collect();
@@ -365,17 +365,18 @@ mod tests {
         drop(conn);
         let w = live_worker(&mut one.acquire().await.unwrap(), "q@hot", 2000).await;
         let mut acked = 0;
-        for _ in 0..4 {
-            let claimed = claim(&one, "q", 500, &w.id).await.unwrap();
+        // Two claims of 400 from each shard (about 1,000 jobs each).
+        for shard in Shard::all().flat_map(|s| [s, s]) {
+            let claimed = claim(&one, "q", shard, 400, &w.id).await.unwrap();
             let batch = claimed[0].batch;
             let rows: Vec<Vec<String>> = sqlx::query_scalar("SELECT ids FROM apalis.claims WHERE id = $1").bind(batch).fetch_all(&one).await.unwrap();
-            assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![500], "the claim recorded its batch");
+            assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![400], "the claim recorded its batch");
             let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, tid: Some(c.tid.clone()), ..done(&c.id, c.fence, Value::Null) }).collect();
             // Not its last ack: the row stays.
             assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().applied.len(), 100);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
             assert_eq!(left, 1);
-            assert_eq!(write_acks(&one, &acks[100..], &[batch]).await.unwrap().applied.len(), 400);
+            assert_eq!(write_acks(&one, &acks[100..], &[batch]).await.unwrap().applied.len(), 300);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
             assert_eq!(left, 0, "the batch's last ack took its row");
             acked += claimed.len();
@@ -403,7 +404,7 @@ mod tests {
         let jobs: Vec<crate::enqueue::NewJob> = (0..4).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
         let w = live_worker(&mut conn, "q@moved", 4).await;
-        let c = claim(&db, "q", 4, &w.id).await.unwrap();
+        let c = claim_each_shard(&db, "q", 4, &w.id).await.unwrap();
         assert!(c.iter().all(|j| j.fence == 1), "one fence for all: only the id tells their versions apart");
         // a's version moves (what a rewrite does to all of them).
         sqlx::query("UPDATE apalis.jobs SET attempt_log = attempt_log WHERE id = $1").bind(&c[0].id).execute(&db).await.unwrap();
@@ -435,7 +436,7 @@ mod tests {
         let mut conn = db.acquire().await.unwrap();
         let w = live_worker(&mut conn, "q@lapsed", 1).await;
         let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({}))).await.unwrap();
-        let first = claim(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        let first = claim_each_shard(&db, "q", 1, &w.id).await.unwrap().remove(0);
         // A rescue and a new claim, in one transaction left open: the row is locked.
         let mut other = db.begin().await.unwrap();
         sqlx::query("UPDATE apalis.jobs SET status = 'Failed', lock_by = NULL, lock_at = NULL WHERE id = $1")

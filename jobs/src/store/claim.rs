@@ -53,6 +53,40 @@ impl Claimed {
     }
 }
 
+/// How many claim shards a queue has. A job's shard is a hash of its id (the claim
+/// index's second column: migrations/…_claim_shards.sql), and a pool runs one fetcher
+/// per shard (runtime/pool.rs): two claims of one queue in flight, on disjoint index
+/// ranges, so neither steps over the rows the other is claiming.
+pub const CLAIM_SHARDS: usize = 2;
+
+/// One of a queue's [`CLAIM_SHARDS`] claim shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shard(i32);
+
+/// A job's shard, in SQL over its `id`: the claim index's expression
+/// (migrations/…_claim_shard_idx.sql), which every claim repeats to use it.
+macro_rules! shard_of_id {
+    () => {
+        "(hashtext(id) & 1)"
+    };
+}
+
+impl Shard {
+    pub fn all() -> impl Iterator<Item = Shard> {
+        (0..CLAIM_SHARDS as i32).map(Shard)
+    }
+
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The shard of the job `id`.
+    pub async fn of(db: &PgPool, id: &str) -> Result<Shard, sqlx::Error> {
+        let sql = concat!("SELECT ", shard_of_id!(), " FROM (SELECT $1::text AS id) AS j");
+        sqlx::query_scalar(sql).bind(id).fetch_one(db).await.map(Shard)
+    }
+}
+
 /// Where a claim ended in claim order (priority descending, then run_at, then id): the
 /// next claim may start after it ([`claim_after`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -91,7 +125,9 @@ SET status = 'Running', lock_by = $3, lock_at = now(), started_at = now(),
     attempts = j.attempts + 1, fence = j.fence + 1
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM apalis.jobs
-    WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()",
+    WHERE job_type = $1 AND ",
+            shard_of_id!(),
+            " = $4 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND run_at <= now()",
             $after,
             "
     ORDER BY priority DESC, run_at, id
@@ -118,20 +154,21 @@ const CLAIM: &str = claim_sql!("");
 /// (a 1M-job drain: 10 µs per claimed job at the start, 18 at the end, the ack flat).
 /// Starting at the cursor skips them (flat 9–10 µs). Same priority only: that is where
 /// the index range is contiguous.
-const CLAIM_AFTER: &str = claim_sql!("\n      AND priority = $4 AND (run_at, id) > ($5, $6)");
+const CLAIM_AFTER: &str = claim_sql!("\n      AND priority = $5 AND (run_at, id) > ($6, $7)");
 
-/// Claims up to `limit` due jobs of `queue` for `worker`.
-pub async fn claim(db: &PgPool, queue: &str, limit: i64, worker: &str) -> Result<Vec<Claimed>, sqlx::Error> {
-    sqlx::query_as(CLAIM).bind(queue).bind(limit).bind(worker).fetch_all(db).await
+/// Claims up to `limit` due jobs of `queue`'s `shard` for `worker`.
+pub async fn claim(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &str) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(CLAIM).bind(queue).bind(limit).bind(worker).bind(shard.0).fetch_all(db).await
 }
 
 /// [`claim`], of the jobs after `cursor` in claim order (of its priority) only. The others
 /// are left to a [`claim`] from the head: runtime/claim_start.rs says when one follows.
-pub async fn claim_after(db: &PgPool, queue: &str, limit: i64, worker: &str, cursor: &ClaimCursor) -> Result<Vec<Claimed>, sqlx::Error> {
+pub async fn claim_after(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &str, cursor: &ClaimCursor) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(CLAIM_AFTER)
         .bind(queue)
         .bind(limit)
         .bind(worker)
+        .bind(shard.0)
         .bind(cursor.priority)
         .bind(cursor.run_at)
         .bind(&cursor.id)
@@ -139,26 +176,45 @@ pub async fn claim_after(db: &PgPool, queue: &str, limit: i64, worker: &str, cur
         .await
 }
 
-/// Milliseconds until the queue's next job is due (negative: due now), NULL when empty.
-const NEXT_DUE: &str = r#"
-SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
-FROM apalis.jobs
-WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed')
-"#;
+/// Claims up to `limit` due jobs of `queue` for `worker`, from each shard in turn until
+/// `limit` are taken (one batch per shard): in claim order within a shard, in none across
+/// them. For tools and tests that act as a worker without a pool.
+pub async fn claim_each_shard(db: &PgPool, queue: &str, limit: i64, worker: &str) -> Result<Vec<Claimed>, sqlx::Error> {
+    let mut claimed = Vec::new();
+    for shard in Shard::all() {
+        let left = limit - claimed.len() as i64;
+        if left <= 0 {
+            break;
+        }
+        claimed.extend(claim(db, queue, shard, left, worker).await?);
+    }
+    Ok(claimed)
+}
 
-pub async fn next_due_ms(db: &PgPool, queue: &str) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar(NEXT_DUE).bind(queue).fetch_one(db).await
+/// Milliseconds until the queue's shard's next job is due (negative: due now), NULL when empty.
+const NEXT_DUE: &str = concat!(
+    "SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
+FROM apalis.jobs
+WHERE job_type = $1 AND ",
+    shard_of_id!(),
+    " = $2 AND lock_at IS NULL AND status IN ('Pending', 'Failed')"
+);
+
+pub async fn next_due_ms(db: &PgPool, queue: &str, shard: Shard) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(NEXT_DUE).bind(queue).bind(shard.0).fetch_one(db).await
 }
 
 /// [`NEXT_DUE`] of the jobs after `cursor` in claim order (of its priority).
-const NEXT_DUE_AFTER: &str = r#"
-SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
+const NEXT_DUE_AFTER: &str = concat!(
+    "SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
 FROM apalis.jobs
-WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND priority = $2 AND (run_at, id) > ($3, $4)
-"#;
+WHERE job_type = $1 AND ",
+    shard_of_id!(),
+    " = $5 AND lock_at IS NULL AND status IN ('Pending', 'Failed') AND priority = $2 AND (run_at, id) > ($3, $4)"
+);
 
-pub async fn next_due_after_ms(db: &PgPool, queue: &str, cursor: &ClaimCursor) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar(NEXT_DUE_AFTER).bind(queue).bind(cursor.priority).bind(cursor.run_at).bind(&cursor.id).fetch_one(db).await
+pub async fn next_due_after_ms(db: &PgPool, queue: &str, shard: Shard, cursor: &ClaimCursor) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(NEXT_DUE_AFTER).bind(queue).bind(cursor.priority).bind(cursor.run_at).bind(&cursor.id).bind(shard.0).fetch_one(db).await
 }
 
 #[cfg(test)]
@@ -190,19 +246,54 @@ mod tests {
         enqueue(&mut conn, &job).await.unwrap().as_str().to_string()
     }
 
+    /// Enqueues `job` until a copy of it lands in `shard` (a job's shard is a hash of its
+    /// id); the copies that did not are deleted.
+    async fn push_to(db: &PgPool, shard: Shard, job: NewJob) -> String {
+        loop {
+            let id = push(db, job.clone()).await;
+            if Shard::of(db, &id).await.unwrap() == shard {
+                return id;
+            }
+            sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(&id).execute(db).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_shard_is_claimed_on_its_own_and_every_job_is_in_one() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let backlog: Vec<NewJob> = (0..200).map(|_| NewJob::to_queue("q", &json!({}))).collect();
+        enqueue_many(&mut conn, &backlog).await.unwrap();
+        let mut taken = Vec::new();
+        for shard in Shard::all() {
+            let claimed = claim(&db, "q", shard, 1000, "w").await.unwrap();
+            // Both shards get a share (200 random ids: one empty has odds of 2^-199).
+            assert!(!claimed.is_empty(), "{shard:?} is empty");
+            for c in &claimed {
+                assert_eq!(Shard::of(&db, &c.id).await.unwrap(), shard, "{} claimed from another shard", c.id);
+            }
+            assert!(claim(&db, "q", shard, 1000, "w").await.unwrap().is_empty(), "{shard:?} drained");
+            taken.extend(claimed.into_iter().map(|c| c.id));
+        }
+        taken.sort();
+        taken.dedup();
+        assert_eq!(taken.len(), 200, "every job is in exactly one shard");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_from_a_cursor_leaves_the_jobs_before_it_to_a_claim_from_the_head() {
         let (db, _) = fresh_db().await;
-        let mut conn = db.acquire().await.unwrap();
-        let backlog: Vec<NewJob> = (0..6).map(|_| NewJob::to_queue("q", &json!({}))).collect();
-        enqueue_many(&mut conn, &backlog).await.unwrap();
-        let first = claim(&db, "q", 2, "w").await.unwrap();
+        let s = Shard::all().next().unwrap();
+        for _ in 0..6 {
+            push_to(&db, s, NewJob::to_queue("q", &json!({}))).await;
+        }
+        let first = claim(&db, "q", s, 2, "w").await.unwrap();
         let cursor = ClaimCursor::after(&first).unwrap();
         // Two jobs that sort before the cursor: a higher priority, and an earlier run_at.
-        let urgent = push(&db, NewJob::to_queue("q", &json!({})).priority(5)).await;
-        let overdue = push(&db, NewJob::to_queue("q", &json!({})).run_at(Utc::now() - chrono::Duration::hours(1))).await;
+        let urgent = push_to(&db, s, NewJob::to_queue("q", &json!({})).priority(5)).await;
+        let overdue = push_to(&db, s, NewJob::to_queue("q", &json!({})).run_at(Utc::now() - chrono::Duration::hours(1))).await;
 
-        let mut after: Vec<String> = claim_after(&db, "q", 10, "w", &cursor).await.unwrap().into_iter().map(|c| c.id).collect();
+        let mut after: Vec<String> = claim_after(&db, "q", s, 10, "w", &cursor).await.unwrap().into_iter().map(|c| c.id).collect();
         after.sort();
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE status = 'Pending' AND id <> ALL($1) ORDER BY id")
             .bind([urgent.as_str(), overdue.as_str()])
@@ -213,14 +304,14 @@ mod tests {
         assert_eq!(after.len(), 4, "the four jobs after the cursor: {after:?}");
         assert!(!after.contains(&urgent) && !after.contains(&overdue));
         // From the head, in claim order (one at a time: RETURNING's order is not the claim's).
-        assert_eq!(claim(&db, "q", 1, "w").await.unwrap()[0].id, urgent);
-        assert_eq!(claim(&db, "q", 1, "w").await.unwrap()[0].id, overdue);
-        assert!(claim(&db, "q", 1, "w").await.unwrap().is_empty());
+        assert_eq!(claim(&db, "q", s, 1, "w").await.unwrap()[0].id, urgent);
+        assert_eq!(claim(&db, "q", s, 1, "w").await.unwrap()[0].id, overdue);
+        assert!(claim_each_shard(&db, "q", 1, "w").await.unwrap().is_empty());
     }
 
     /// The scan of the claim index in a plan: its Index Cond and the shared buffers it touched.
     fn claim_index_scan(plan: &Value) -> Option<(String, u64)> {
-        if plan.get("Index Name").and_then(Value::as_str) == Some("jobs_claimable_idx") {
+        if plan.get("Index Name").and_then(Value::as_str) == Some("jobs_claim_shard_idx") {
             let cond = plan.get("Index Cond").and_then(Value::as_str).unwrap_or_default().to_string();
             let buffers = ["Shared Hit Blocks", "Shared Read Blocks"].iter().filter_map(|k| plan.get(*k).and_then(Value::as_u64)).sum();
             return Some((cond, buffers));
@@ -241,15 +332,16 @@ mod tests {
         let jobs: Vec<NewJob> = (0..20_000).map(|_| NewJob::to_queue("q", &json!({}))).collect();
         enqueue_many(&mut conn, &jobs).await.unwrap();
         sqlx::query("VACUUM ANALYZE apalis.jobs").execute(&db).await.unwrap();
-        let mut cursor = None;
-        for _ in 0..38 {
-            cursor = ClaimCursor::after(&claim(&db, "q", 500, "w").await.unwrap());
+        // 9,000 of the shard's 10,000 or so.
+        let (s, mut cursor) = (Shard::all().next().unwrap(), None);
+        for _ in 0..18 {
+            cursor = ClaimCursor::after(&claim(&db, "q", s, 500, "w").await.unwrap());
         }
         let c = cursor.unwrap();
         let mut touched = Vec::new();
         for (sql, types, args) in [
-            (CLAIM, "text, int8, text", "'q', 50, 'w'".to_string()),
-            (CLAIM_AFTER, "text, int8, text, int4, timestamptz, text", format!("'q', 50, 'w', {}, '{}', '{}'", c.priority, c.run_at.to_rfc3339(), c.id)),
+            (CLAIM, "text, int8, text, int4", format!("'q', 50, 'w', {}", s.0)),
+            (CLAIM_AFTER, "text, int8, text, int4, int4, timestamptz, text", format!("'q', 50, 'w', {}, {}, '{}', '{}'", s.0, c.priority, c.run_at.to_rfc3339(), c.id)),
         ] {
             for mode in ["force_custom_plan", "force_generic_plan"] {
                 let mut tx = db.begin().await.unwrap();
@@ -264,7 +356,9 @@ mod tests {
                 // The update takes the versions the scan locked by ctid: no primary key lookup.
                 let mut reads = table_reads(&plan[0]["Plan"]);
                 reads.sort();
-                assert_eq!(reads, ["Index Scan jobs_claimable_idx", "Tid Scan -"], "{mode}: {plan:#}");
+                assert_eq!(reads, ["Index Scan jobs_claim_shard_idx", "Tid Scan -"], "{mode}: {plan:#}");
+                // The shard bounds the index range (no filter over the other shard's entries).
+                assert!(cond.contains("hashtext(id) & 1"), "{mode}: the shard is not in the Index Cond: {cond}");
                 if sql == CLAIM_AFTER {
                     assert!(cond.contains("ROW(run_at, id) >"), "{mode}: the scan does not start at the cursor: {cond}");
                 }

@@ -9,7 +9,7 @@ pub mod stats;
 pub mod workers;
 
 pub use ack::{write_acks, Ack, AckWrite};
-pub use claim::{claim, claim_after, next_due_after_ms, next_due_ms, ClaimCursor, Claimed};
+pub use claim::{claim, claim_after, claim_each_shard, next_due_after_ms, next_due_ms, ClaimCursor, Claimed, Shard, CLAIM_SHARDS};
 
 /// How each read of the job table in an EXPLAIN (FORMAT JSON) plan is done ("<node type>
 /// <index or ->"), the update itself aside: the plan tests of claims and acks.
