@@ -487,6 +487,39 @@ async fn a_pools_fetchers_together_never_run_more_jobs_at_once_than_its_concurre
     assert_eq!(left, 0);
 }
 
+/// A pool of one with a slow job in each shard: one at a time, and when the first ends its
+/// slot goes to the other shard's fetcher, which claims. (A slot waited for and let go
+/// went straight to the other fetcher waiting, and back: runtime/pool.rs's unit test
+/// shows that on one thread; on two, as here, the race usually broke it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_runs_a_slow_job_of_each_shard_one_after_the_other() {
+    use molecule_jobs::store::Shard;
+    let (db, _) = fresh_db().await;
+    let mut in_shard = std::collections::HashMap::new();
+    while in_shard.len() < molecule_jobs::store::CLAIM_SHARDS {
+        let id = push(&db, NewJob::to_queue("one", &json!({}))).await;
+        let shard = Shard::of(&db, id.as_str()).await.unwrap();
+        if in_shard.contains_key(&shard) {
+            sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(id.as_str()).execute(&db).await.unwrap();
+        } else {
+            in_shard.insert(shard, id);
+        }
+    }
+    let handler = handler_fn(|_ctx| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(json!(null))
+    });
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("one", 1, policy(100), handler)]);
+    let mut runs = Vec::new();
+    for id in in_shard.values() {
+        let v = wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(10)).await;
+        runs.push((v.started_at.unwrap(), v.finished_at.unwrap()));
+    }
+    rt.shutdown().await;
+    runs.sort();
+    assert!(runs[1].0 >= runs[0].1, "two jobs ran at once in a pool of one: {runs:?}");
+}
+
 /// An idle pool claims from its cursor; a job it cannot see there — enqueued in a
 /// transaction that began before the job the cursor stands on and committed after it —
 /// is taken by the claim from the head that follows at once, not at the next poll.
@@ -500,11 +533,28 @@ async fn an_idle_pool_takes_a_job_committed_late_behind_its_cursor_at_once() {
     let first = push(&db, NewJob::to_queue("late", &json!({}))).await;
     wait_status(&db, &first, JobStatus::Succeeded, Duration::from_secs(5)).await;
 
-    // Its run_at is its transaction's start: before the next job's.
-    let mut tx = db.begin().await.unwrap();
-    let late = enqueue(&mut tx, &NewJob::to_queue("late", &json!({}))).await.unwrap();
+    // Its run_at is its transaction's start: before the next job's. Both in one claim
+    // shard (a hash of the id), so the late job is behind that shard's fetcher's cursor.
+    let shard_of = |id: JobId| {
+        let db = db.clone();
+        async move { molecule_jobs::store::Shard::of(&db, id.as_str()).await.unwrap() }
+    };
+    let (tx, late) = loop {
+        let mut tx = db.begin().await.unwrap();
+        let late = enqueue(&mut tx, &NewJob::to_queue("late", &json!({}))).await.unwrap();
+        if shard_of(late.clone()).await == molecule_jobs::store::Shard::all().next().unwrap() {
+            break (tx, late);
+        }
+        tx.rollback().await.unwrap();
+    };
     tokio::time::sleep(Duration::from_millis(20)).await; // the other job's run_at is later
-    let cursor_job = push(&db, NewJob::to_queue("late", &json!({}))).await;
+    let cursor_job = loop {
+        // The other shard's jobs run meanwhile, in the other fetcher.
+        let id = push(&db, NewJob::to_queue("late", &json!({}))).await;
+        if shard_of(id.clone()).await == shard_of(late.clone()).await {
+            break id;
+        }
+    };
     wait_status(&db, &cursor_job, JobStatus::Succeeded, Duration::from_secs(5)).await;
     tx.commit().await.unwrap();
     let committed = Utc::now();

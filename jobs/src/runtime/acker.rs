@@ -117,7 +117,7 @@ fn truncate(s: &str, max: usize) -> String {
     if head.len() == s.len() { s.to_string() } else { format!("{head}…") }
 }
 
-/// `wake` is the pool's own waker: after writing a retry (a new future run_at) the
+/// `wake` is the pool's own waker: after writing a retry (a new future run_at) each
 /// fetcher must re-read its next due time.
 pub(super) async fn run(
     shared: Arc<Shared>,

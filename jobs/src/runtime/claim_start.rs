@@ -1,5 +1,5 @@
-//! Where a pool's next claim starts: at its cursor (where its last claim ended in claim
-//! order) or at the head of the queue.
+//! Where a fetcher's next claim starts (one per claim shard of a pool): at its cursor
+//! (where its last claim ended in claim order) or at the head of its shard of the queue.
 //!
 //! Claimed jobs' entries stay in the claim index until a vacuum reaches it, and a claim
 //! from the head steps over every one of them: a claim late in a 1M-job drain cost twice

@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::acker::{self, Claim, OpenBatches};
@@ -141,20 +141,16 @@ async fn fetch(
             continue;
         }
         attempts.reap();
-        let free = slots.available_permits();
-        if free == 0 {
-            tokio::select! {
-                p = slots.acquire() => drop(p),
-                _ = shutdown.changed() => {}
-                _ = lease.changed() => {}
-            }
-            continue;
-        }
-        let want = free.min(cfg.batch.max(1)).min(*share);
         // The slots are taken before the claim: the other fetcher cannot fill them meanwhile.
-        let Ok(mut permits) = slots.clone().try_acquire_many_owned(want as u32) else {
-            continue; // the other fetcher took some first: count again
+        let mut permits = tokio::select! {
+            p = take_slots(slots, cfg.batch.max(1).min(*share)) => match p {
+                Some(p) => p,
+                None => break, // closed: never (the pool owns the semaphore)
+            },
+            _ = shutdown.changed() => continue,
+            _ = lease.changed() => continue,
         };
+        let want = permits.num_permits();
         let from_cursor = start.next(Instant::now());
         let claim = match &from_cursor {
             Some(c) => store::claim_after(&shared.core, queue, shard, want as i64, worker_id, c).await,
@@ -282,6 +278,21 @@ async fn fetch(
     attempts.ended
 }
 
+/// Up to `most` of the pool's slots (at least one): one, waited for if need be and kept,
+/// then as many more as are free. A slot waited for and let go (to count the free ones
+/// after) would go straight to the other fetcher waiting, which would let it go to the
+/// first, and so on: both spinning, the slot never used. None: the semaphore is closed.
+async fn take_slots(slots: &Arc<Semaphore>, most: usize) -> Option<OwnedSemaphorePermit> {
+    let mut permits = slots.clone().acquire_owned().await.ok()?;
+    let more = most.saturating_sub(1).min(slots.available_permits());
+    if more > 0 {
+        if let Ok(p) = slots.clone().try_acquire_many_owned(more as u32) {
+            permits.merge(p);
+        }
+    }
+    Some(permits)
+}
+
 /// The attempts a pool is running, and how to end them early.
 struct Attempts {
     tasks: JoinSet<()>,
@@ -360,5 +371,38 @@ impl Ended {
     fn count(&self, runs_once: bool) {
         let c = if runs_once { &self.interrupted } else { &self.released };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both fetchers wait for a slot of a full pool; one is freed: one of them takes it and
+    /// keeps it (on one thread, where a slot let go and waited for again went back and
+    /// forth between the two for ever).
+    #[tokio::test(flavor = "current_thread")]
+    async fn of_two_fetchers_waiting_for_a_slot_one_takes_the_freed_slot() {
+        let slots = Arc::new(Semaphore::new(3));
+        let held = slots.clone().try_acquire_many_owned(3).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for fetcher in 0..2 {
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let permits = take_slots(&slots, 2).await.unwrap();
+                let _ = tx.send((fetcher, permits.num_permits()));
+                std::future::pending::<()>().await; // keeps them
+            });
+        }
+        tokio::task::yield_now().await; // both are waiting now
+        let mut held = held;
+        drop(held.split(1));
+        let (_, got) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("the freed slot was taken").unwrap();
+        assert_eq!(got, 1, "one slot was free");
+        assert_eq!(slots.available_permits(), 0);
+        // The other two: the second fetcher takes both (its most).
+        drop(held);
+        let (_, got) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("the others were taken").unwrap();
+        assert_eq!(got, 2);
     }
 }

@@ -1,4 +1,4 @@
-//! Claims: one statement takes up to N due jobs of a queue, bumps their fence, counts
+//! Claims: one statement takes up to N due jobs of one shard of a queue, bumps their fence, counts
 //! the attempt, and records the batch (worker and job ids) in `apalis.claims`: that row,
 //! not an index on running jobs, is how a dead worker's jobs are found (maintenance/
 //! lease_rescuer.rs). The runtime deletes it with the ack of the batch's last job.
@@ -54,7 +54,7 @@ impl Claimed {
 }
 
 /// How many claim shards a queue has. A job's shard is a hash of its id (the claim
-/// index's second column: migrations/…_claim_shards.sql), and a pool runs one fetcher
+/// index's second column: migrations/…_claim_shard_idx.sql), and a pool runs one fetcher
 /// per shard (runtime/pool.rs): two claims of one queue in flight, on disjoint index
 /// ranges, so neither steps over the rows the other is claiming.
 pub const CLAIM_SHARDS: usize = 2;
@@ -365,7 +365,7 @@ mod tests {
                 touched.push(buffers);
             }
         }
-        // Custom plans: from the head, then from the cursor (measured 735 and 52 buffers).
+        // Custom plans: from the head, then from the cursor.
         let (head, after) = (touched[0], touched[2]);
         assert!(after > 0 && head >= 3 * after, "claim index buffers: from the head {head}, from the cursor {after}");
     }
