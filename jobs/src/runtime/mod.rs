@@ -269,9 +269,13 @@ impl Runtime {
     }
 }
 
-/// How often the lease rescuer reads the whole job table (and once at start), besides the
-/// claimed batches every third of a lease (maintenance/lease_rescuer.rs: jobs claimed
-/// without a batch row, by a version from before it, wait up to this long after their lease).
+/// How often the lease rescuer reads the whole job table, besides the claimed batches every
+/// third of a lease (maintenance/lease_rescuer.rs: jobs claimed without a batch row, by a
+/// version from before it, wait up to this long after their lease). The first read is one
+/// lease after the start, not at it: a rolling restart's new process starts while the
+/// old one's heartbeat is still fresh (at the start it finds nothing to take; a lease
+/// later, the old one's jobs), and a process started under load — a scaled-out worker,
+/// a benchmark's — does not read a large table at once.
 const WHOLE_TABLE_RESCUE_EVERY: Duration = Duration::from_secs(300);
 
 /// The lease rescuer, every third of a lease, until the pools stop.
@@ -281,16 +285,15 @@ async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let run_once: Vec<&str> = shared.cfg.run_once_queues.iter().map(String::as_str).collect();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut whole_table_at: Option<tokio::time::Instant> = None;
+    let mut whole_table_next = tokio::time::Instant::now() + shared.cfg.lease;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let whole = whole_table_at.is_none_or(|t| t.elapsed() >= WHOLE_TABLE_RESCUE_EVERY);
         let mut scopes = vec![Scope::ClaimedBatches];
-        if whole {
-            whole_table_at = Some(tokio::time::Instant::now());
+        if tokio::time::Instant::now() >= whole_table_next {
+            whole_table_next = tokio::time::Instant::now() + WHOLE_TABLE_RESCUE_EVERY;
             scopes.push(Scope::WholeTable);
         }
         for scope in scopes {
