@@ -285,14 +285,16 @@ async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let run_once: Vec<&str> = shared.cfg.run_once_queues.iter().map(String::as_str).collect();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut whole_table_next = tokio::time::Instant::now() + shared.cfg.lease;
+    let mut whole_table_next = tokio::time::Instant::now() + shared.cfg.lease.min(WHOLE_TABLE_RESCUE_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
         let mut scopes = vec![Scope::ClaimedBatches];
-        if tokio::time::Instant::now() >= whole_table_next {
+        // Within half a period of it: ticks count from the interval's start, a hair before
+        // `whole_table_next` was set, and would otherwise miss it by a tick.
+        if tokio::time::Instant::now() + period / 2 >= whole_table_next {
             whole_table_next = tokio::time::Instant::now() + WHOLE_TABLE_RESCUE_EVERY;
             scopes.push(Scope::WholeTable);
         }

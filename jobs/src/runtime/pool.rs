@@ -147,9 +147,15 @@ async fn fetch(
                 Some(p) => p,
                 None => break, // closed: never (the pool owns the semaphore)
             },
-            _ = shutdown.changed() => continue,
-            _ = lease.changed() => continue,
+            // A sender gone (the runtime dropped without a shutdown): stop, do not spin.
+            r = shutdown.changed() => if r.is_err() { break } else { continue },
+            r = lease.changed() => if r.is_err() { break } else { continue },
         };
+        if *shutdown.borrow() || !*lease.borrow() {
+            // Changed in the same instant the slots came: no claim after a shutdown was
+            // asked or the lease lapsed.
+            continue;
+        }
         let want = permits.num_permits();
         let from_cursor = start.next(Instant::now());
         let claim = match &from_cursor {
@@ -252,8 +258,8 @@ async fn fetch(
             tokio::select! {
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
-                _ = lease.changed() => {}
+                r = shutdown.changed() => if r.is_err() { break },
+                r = lease.changed() => if r.is_err() { break },
             }
         }
     }
@@ -284,13 +290,17 @@ async fn fetch(
 /// first, and so on: both spinning, the slot never used. None: the semaphore is closed.
 async fn take_slots(slots: &Arc<Semaphore>, most: usize) -> Option<OwnedSemaphorePermit> {
     let mut permits = slots.clone().acquire_owned().await.ok()?;
-    let more = most.saturating_sub(1).min(slots.available_permits());
-    if more > 0 {
+    loop {
+        // All or nothing: if the other fetcher took some meanwhile, ask for what is left.
+        let more = (most - permits.num_permits()).min(slots.available_permits());
+        if more == 0 {
+            return Some(permits);
+        }
         if let Ok(p) = slots.clone().try_acquire_many_owned(more as u32) {
             permits.merge(p);
+            return Some(permits);
         }
     }
-    Some(permits)
 }
 
 /// The attempts a pool is running, and how to end them early.
