@@ -71,6 +71,9 @@ macro_rules! shard_of_id {
     };
 }
 
+// The mask above and the index's expression make two shards; the constant must agree.
+const _: () = assert!(CLAIM_SHARDS == 2, "shard_of_id! and jobs_claim_shard_idx mask with & 1");
+
 impl Shard {
     pub fn all() -> impl Iterator<Item = Shard> {
         (0..CLAIM_SHARDS as i32).map(Shard)
