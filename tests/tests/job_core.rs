@@ -524,48 +524,6 @@ async fn a_pool_of_one_runs_a_slow_job_of_each_shard_one_after_the_other() {
     assert_eq!(most.load(Ordering::SeqCst), 1, "two jobs ran at once in a pool of one");
 }
 
-/// A job claimed without a batch row (by a version from before them) whose worker died
-/// just before this process started: at the start its lease still holds; the runtime's
-/// first whole-table rescue comes a lease after its start, and takes it then (read only at
-/// the start, it waited for the next read, five minutes on).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batchless_job_of_a_worker_that_died_just_before_the_start_is_rescued_a_lease_later() {
-    use molecule_jobs::store::workers::{heartbeat, WorkerRow};
-    let (db, _) = fresh_db().await;
-    let mut conn = db.acquire().await.unwrap();
-    let old = WorkerRow { id: "old@host:1#before".into(), queue: "upgrade".into(), concurrency: 1 };
-    heartbeat(&mut conn, std::slice::from_ref(&old)).await.unwrap();
-    let id = push(&db, NewJob::to_queue("upgrade", &json!({})).max_attempts(3)).await;
-    // The claim of a version from before the batch rows (jobs/src/store/claim.rs at f66f40c).
-    sqlx::query(
-        "UPDATE apalis.jobs SET status = 'Running', lock_by = $2, lock_at = now(), started_at = now(), \
-         attempts = attempts + 1, fence = fence + 1 WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .bind(&old.id)
-    .execute(&db)
-    .await
-    .unwrap();
-    drop(conn);
-    let ran = Arc::new(AtomicUsize::new(0));
-    let r = ran.clone();
-    let handler = handler_fn(move |_ctx| {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, Ordering::SeqCst);
-            Ok(json!(null))
-        }
-    });
-    let mut c = cfg();
-    c.lease = Duration::from_secs(2);
-    c.heartbeat = Duration::from_millis(300);
-    let rt = Runtime::start(db.clone(), c, vec![PoolSpec::new("upgrade", 2, policy(50), handler)]);
-    let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(15)).await;
-    rt.shutdown().await;
-    assert_eq!(v.attempts, 2, "rescued once, then run here");
-    assert_eq!(ran.load(Ordering::SeqCst), 1);
-}
-
 /// An idle pool claims from its cursor; a job it cannot see there — enqueued in a
 /// transaction that began before the job the cursor stands on and committed after it —
 /// is taken by the claim from the head that follows at once, not at the next poll.

@@ -127,6 +127,21 @@ pub async fn rescue_expired_leases(db: &PgPool, lease: Duration, run_once: &[&st
     Ok(rows.len() as u64)
 }
 
+/// The claim of a version from before the batch rows (jobs/src/store/claim.rs at
+/// f66f40c): `id` Running under `worker`, no batch row names it.
+#[cfg(test)]
+pub(crate) async fn claim_without_batch_row(db: &PgPool, id: &str, worker: &str) {
+    sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Running', lock_by = $2, lock_at = now(), started_at = now(), \
+         attempts = attempts + 1, fence = fence + 1 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(worker)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,16 +220,7 @@ mod tests {
         let old = WorkerRow { id: "q@old-version".into(), queue: "q".into(), concurrency: 1 };
         heartbeat(&mut conn, std::slice::from_ref(&old)).await.unwrap();
         let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(3)).await.unwrap();
-        // The claim of the version before (jobs/src/store/claim.rs at f66f40c), no batch row.
-        sqlx::query(
-            "UPDATE apalis.jobs SET status = 'Running', lock_by = $2, lock_at = now(), started_at = now(), \
-             attempts = attempts + 1, fence = fence + 1 WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .bind(&old.id)
-        .execute(&db)
-        .await
-        .unwrap();
+        claim_without_batch_row(&db, id.as_str(), &old.id).await;
         // The same worker's other job, claimed with a batch row.
         let batched = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({}))).await.unwrap();
         assert_eq!(store::claim_each_shard(&db, "q", 1, &old.id).await.unwrap()[0].id, batched.as_str());

@@ -326,3 +326,60 @@ impl ErrorBackoff {
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enqueue::{enqueue, NewJob};
+    use crate::maintenance::lease_rescuer::claim_without_batch_row;
+    use crate::store::workers::{heartbeat, WorkerRow};
+    use molecule_domain::testing::fresh_db;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A job claimed without a batch row (by a version from before them) whose worker died
+    /// just before this process started: at the start its lease still holds; the runtime's
+    /// first whole-table rescue comes a lease after its start, and takes it then (read only
+    /// at the start, it waited for the next read, five minutes on).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batchless_job_of_a_worker_that_died_just_before_the_start_is_rescued_a_lease_later() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let old = WorkerRow { id: "old@host:1#before".into(), queue: "upgrade".into(), concurrency: 1 };
+        heartbeat(&mut conn, std::slice::from_ref(&old)).await.unwrap();
+        let id = enqueue(&mut conn, &NewJob::to_queue("upgrade", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        claim_without_batch_row(&db, id.as_str(), &old.id).await;
+        drop(conn);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let handler = crate::handler_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(serde_json::Value::Null)
+            }
+        });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(500),
+            grace: Duration::from_secs(5),
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(30), max_attempts: 10 };
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("upgrade", 2, policy, handler)]);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
+        let (status, attempts) = loop {
+            let (status, attempts): (String, i32) =
+                sqlx::query_as("SELECT status, attempts FROM apalis.jobs WHERE id = $1").bind(id.as_str()).fetch_one(&db).await.unwrap();
+            if status == "Done" || tokio::time::Instant::now() >= give_up {
+                break (status, attempts);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        rt.shutdown().await;
+        assert_eq!(status, "Done", "not rescued and run within 15 s of the start");
+        assert_eq!(attempts, 2, "rescued once, then run here");
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+}
