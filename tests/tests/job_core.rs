@@ -753,3 +753,56 @@ async fn an_invalid_claim_index_left_by_a_failed_build_is_rebuilt() {
         assert_eq!(left, None, "and the old claim index {old} is gone");
     }
 }
+
+/// An ack whose job was claimed again while it ran (here: its fence bumped under it, what
+/// a rescue and a new claim do) is refused, counted, and leaves the row to the newer
+/// attempt; the acks written beside it in the same batches apply; and the claimed batches
+/// still end (a refused ack counts as that job's). The ack statements return only the
+/// refused acks: this is the path that reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_ack_is_refused_and_counted_while_the_others_apply() {
+    let (db, _) = fresh_db().await;
+    let together = Arc::new(tokio::sync::Barrier::new(8));
+    let t = together.clone();
+    let handler = handler_fn(move |ctx| {
+        let t = t.clone();
+        async move {
+            let kind = ctx.decode::<serde_json::Value>()?["kind"].as_str().unwrap_or_default().to_string();
+            if kind.starts_with("stolen") {
+                sqlx::query("UPDATE apalis.jobs SET fence = fence + 1 WHERE id = $1")
+                    .bind(ctx.id.as_str())
+                    .execute(&ctx.db)
+                    .await
+                    .map_err(|e| JobError::retryable("test", e.to_string()))?;
+            }
+            // All eight end at once: their acks reach the acker together.
+            t.wait().await;
+            match kind.as_str() {
+                "stolen_retry" => Err(JobError::retryable("test", "again")),
+                _ => Ok(json!("ok")),
+            }
+        }
+    });
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("stale", 8, policy(50), handler)]);
+    // Three refused, five applied: counts that cannot be mistaken for each other.
+    let kinds = ["ok", "stolen", "ok", "ok", "ok", "stolen_retry", "ok", "stolen"];
+    let jobs: Vec<NewJob> = kinds.iter().map(|k| NewJob::to_queue("stale", &json!({ "kind": k }))).collect();
+    let ids = molecule_jobs::enqueue_many(&mut *db.acquire().await.unwrap(), &jobs).await.unwrap();
+    eventually(Duration::from_secs(15), "three stale acks", || async { (rt.stale_acks() == 3).then_some(()) }).await;
+    for (id, kind) in ids.iter().zip(kinds) {
+        if kind == "ok" {
+            wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(10)).await;
+        } else {
+            let (status, fence): (String, i64) =
+                sqlx::query_as("SELECT status, fence FROM apalis.jobs WHERE id = $1").bind(id.as_str()).fetch_one(&db).await.unwrap();
+            assert_eq!((status.as_str(), fence), ("Running", 2), "{kind}: the newer attempt's row is untouched");
+        }
+    }
+    eventually(Duration::from_secs(5), "the batches to end", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&db).await.unwrap();
+        (n == 0).then_some(())
+    })
+    .await;
+    let report = rt.shutdown().await;
+    assert_eq!(report.stale_acks, 3, "and no more");
+}

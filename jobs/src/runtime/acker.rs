@@ -160,12 +160,12 @@ pub(super) async fn run(
                     tracing::warn!(worker_id, error = %e, "batch ack refused; writing acks one by one");
                     write_one_by_one(db, &mut buf, &ending).await
                 }
-                other => other.map(|w| w.applied),
+                other => other.map(|w| w.stale),
             };
             match res {
-                Ok(applied) => {
+                Ok(stale) => {
                     batches.written(&buf);
-                    let applied = which_applied(&buf, &applied);
+                    let applied = which_applied(&buf, &stale);
                     report_stale(&shared, &counts, &worker_id, &buf, &applied);
                     counts.applied(buf.iter().zip(&applied).filter(|(_, ok)| **ok).map(|(a, _)| a));
                     if notify_finished && applied.contains(&true) {
@@ -202,12 +202,15 @@ pub(super) async fn run(
     }
 }
 
-/// For each sent ack, whether the database applied it — matched on (id, fence): two acks
-/// of one job in a batch (a slow attempt's and its successor's) are two different acks.
-/// A set, not a scan per ack (5,000 a batch).
-fn which_applied(sent: &[Ack], applied: &[(String, i64)]) -> Vec<bool> {
-    let set: std::collections::HashSet<(&str, i64)> = applied.iter().map(|(id, f)| (id.as_str(), *f)).collect();
-    sent.iter().map(|a| set.contains(&(a.id.as_str(), a.fence))).collect()
+/// For each sent ack, whether the database applied it (it is not among the `stale` ones)
+/// — matched on (id, fence): two acks of one job in a batch (a slow attempt's and its
+/// successor's) are two different acks. A set, not a scan per ack (5,000 a batch).
+fn which_applied(sent: &[Ack], stale: &[(String, i64)]) -> Vec<bool> {
+    if stale.is_empty() {
+        return vec![true; sent.len()];
+    }
+    let set: std::collections::HashSet<(&str, i64)> = stale.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+    sent.iter().map(|a| !set.contains(&(a.id.as_str(), a.fence))).collect()
 }
 
 fn report_stale(shared: &Shared, counts: &QueueMetrics, worker_id: &str, sent: &[Ack], applied: &[bool]) {
@@ -240,14 +243,14 @@ fn transient(e: &dyn sqlx::error::DatabaseError) -> bool {
 
 /// Writes acks singly; an ack the database refuses becomes a failure of its job
 /// ("result could not be stored"), so it is never lost and never blocks the others. The
-/// `ending` batches' rows go with the last one.
+/// `ending` batches' rows go with the last one. Returns the stale ones.
 async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let mut applied = Vec::new();
+    let mut stale = Vec::new();
     let last = buf.len().saturating_sub(1);
     for (i, a) in buf.iter_mut().enumerate() {
         let ending = if i == last { ending } else { &[] };
         match store::write_acks(db, std::slice::from_ref(a), ending).await {
-            Ok(w) => applied.extend(w.applied),
+            Ok(w) => stale.extend(w.stale),
             Err(sqlx::Error::Database(e)) if !transient(e.as_ref()) => {
                 a.state = JobState::Killed;
                 a.outcome = Some(Outcome::Dead);
@@ -255,12 +258,12 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Resul
                 a.delay_ms = 0;
                 a.error = Some(crate::failures::public("result_not_stored"));
                 a.error_detail = Some(format!("the job's outcome could not be stored: {}", truncate(e.message(), 300)));
-                applied.extend(store::write_acks(db, std::slice::from_ref(a), ending).await?.applied);
+                stale.extend(store::write_acks(db, std::slice::from_ref(a), ending).await?.stale);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(applied)
+    Ok(stale)
 }
 
 #[cfg(test)]

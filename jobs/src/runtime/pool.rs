@@ -192,9 +192,10 @@ async fn fetch(
                 let _ = ack_tx.send(acker::release(claim));
                 continue;
             };
-            attempts.start(&claim);
+            let (key, id) = (attempts.next_key(), claim.id.clone());
+            attempts.start(key, claim);
             let ctx = JobContext {
-                id: JobId::from_db(job.id),
+                id: JobId::from_db(id),
                 queue: queue.to_string(),
                 attempt: job.attempts,
                 max_attempts: job.max_attempts,
@@ -215,6 +216,10 @@ async fn fetch(
             attempts.tasks.spawn(async move {
                 let began = std::time::Instant::now();
                 let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
+                // Out of the in-flight set before the ack leaves (no await between the two):
+                // whatever is still in it after an abort never produced one. Gone already:
+                // a shutdown's stop() acked it.
+                let Some(claim) = lock(&unacked).remove(&key) else { return };
                 let ack = match outcome {
                     Ok(Ok(result)) => acker::succeeded(claim, result),
                     Ok(Err(JobError::Interrupted)) => {
@@ -232,9 +237,6 @@ async fn fetch(
                     }
                 };
                 counts.duration(&ack, began.elapsed().as_secs_f64());
-                // Out of the in-flight set before the ack leaves: whatever is still in it
-                // after an abort never produced one.
-                lock(&unacked).remove(&(ack.id.clone(), ack.fence));
                 let _ = ack_tx.send(ack);
                 drop(permit);
             });
@@ -306,9 +308,12 @@ async fn take_slots(slots: &Arc<Semaphore>, most: usize) -> Option<OwnedSemaphor
 /// The attempts a pool is running, and how to end them early.
 struct Attempts {
     tasks: JoinSet<()>,
-    /// Claims whose attempt has not produced an ack yet, by (job id, fence): whatever is
-    /// still here after an abort never produced one.
-    unacked: Arc<Mutex<HashMap<(String, i64), Claim>>>,
+    /// Claims whose attempt has not produced an ack yet, by a key of the attempt's own:
+    /// whatever is still here after an abort never produced one. The attempt takes its
+    /// claim back from here to ack it.
+    unacked: Arc<Mutex<HashMap<u64, Claim>>>,
+    /// The next attempt's key in `unacked`.
+    next: u64,
     /// Tells running attempts to stop ([`Interrupt`]); replaced after each use.
     interrupt: watch::Sender<bool>,
     ended: Arc<Ended>,
@@ -320,14 +325,20 @@ impl Attempts {
         Attempts {
             tasks: JoinSet::new(),
             unacked: Arc::default(),
+            next: 0,
             interrupt: watch::channel(false).0,
             ended: Arc::default(),
             runs_once,
         }
     }
 
-    fn start(&self, claim: &Claim) {
-        lock(&self.unacked).insert((claim.id.clone(), claim.fence), claim.clone());
+    fn next_key(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    fn start(&self, key: u64, claim: Claim) {
+        lock(&self.unacked).insert(key, claim);
     }
 
     fn signal(&self) -> Interrupt {

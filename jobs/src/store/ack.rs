@@ -40,11 +40,25 @@ impl Ack {
     }
 }
 
-/// What a batch write did: the acks (id, fence) whose rows it changed. The others were
-/// stale. The fence tells apart two acks of one job in one batch.
+/// What a batch write did: the acks (id, fence) it did not apply, because they were
+/// stale (their job was claimed again since, or ended). The fence tells apart two acks of
+/// one job in one batch. Only these come back: nearly always none, where returning the
+/// applied ones cost a row a job to send and decode.
 #[derive(Debug, Default)]
 pub struct AckWrite {
-    pub applied: Vec<(String, i64)>,
+    pub stale: Vec<(String, i64)>,
+}
+
+/// The end of both ack statements: of the acks sent (`$1` ids, `$2` fences), those the
+/// `applied` update did not change — looked for only when it changed fewer rows than
+/// acks were sent (a one-time filter), so a batch without a stale ack sends nothing back.
+/// `IN (…) IS TRUE`: a hashed subplan, as in [`ACK_DONE`].
+macro_rules! stale_of {
+    () => {
+        "SELECT s.id, s.fence FROM unnest($1::text[], $2::int8[]) AS s(id, fence)
+WHERE (SELECT count(*) FROM applied) < cardinality($1::text[])
+  AND NOT (((s.id, s.fence) IN (SELECT id, fence FROM applied)) IS TRUE)"
+    };
 }
 
 /// Acks are driven by the list of acks, never by the table. `hit` finds each ack's row
@@ -68,7 +82,8 @@ pub struct AckWrite {
 /// room. `$4`: claimed batches whose last ack this write carries; their rows go first
 /// (`hit` waits for `ended`), the order the lease rescuer locks in too (batch row, then
 /// jobs), so the two never deadlock over a lapsed worker's batch.
-const ACK_DONE: &str = r#"
+const ACK_DONE: &str = concat!(
+    r#"
 WITH ended AS (
     DELETE FROM apalis.claims WHERE id = ANY($4::int8[]) RETURNING id
 ), hit AS MATERIALIZED (
@@ -83,18 +98,22 @@ WITH ended AS (
         LIMIT 1
     ) AS cur
     WHERE (SELECT count(*) FROM ended) >= 0
-)
+), applied AS (
 UPDATE apalis.jobs AS j
 SET status = 'Done', outcome = 'succeeded', done_at = now(), last_result = '{"Ok": null}'
 WHERE j.ctid = ANY(ARRAY(SELECT tid FROM hit))
   AND ((j.id, j.fence) IN (SELECT id, fence FROM hit)) IS TRUE AND (j.status = 'Running') IS TRUE
 RETURNING j.id, j.fence
-"#;
+)
+"#,
+    stale_of!()
+);
 
 /// Every other outcome, by primary key (results and failures are the rarer acks), with
 /// the batch rows first as in [`ACK_DONE`]. A retry or a hand-back clears lock_at (the
 /// job is claimable again: back in the claim index); an end keeps it.
-const ACK: &str = r#"
+const ACK: &str = concat!(
+    r#"
 WITH ended AS (
     DELETE FROM apalis.claims WHERE id = ANY($9::int8[]) RETURNING id
 ), r AS MATERIALIZED (
@@ -103,7 +122,7 @@ WITH ended AS (
          AS a(id, fence, status, outcome, delay_ms, error, result, detail)
     CROSS JOIN LATERAL (SELECT s.fence, s.status FROM apalis.jobs s WHERE s.id = a.id OFFSET 0) AS cur
     WHERE cur.fence = a.fence AND cur.status = 'Running' AND (SELECT count(*) FROM ended) >= 0
-)
+), applied AS (
 UPDATE apalis.jobs AS j
 SET status = r.status,
     outcome = r.outcome,
@@ -126,9 +145,12 @@ SET status = r.status,
 FROM r
 WHERE j.id = r.id AND (j.fence = r.fence) IS TRUE AND (j.status = 'Running') IS TRUE
 RETURNING j.id, j.fence
-"#;
+)
+"#,
+    stale_of!()
+);
 
-/// Writes a batch of acks (two statements at most): the ids it applied. The rows of
+/// Writes a batch of acks (two statements at most): the ones it refused as stale. The rows of
 /// `ended_batches` (claimed batches every job of which is acked by now or by this write)
 /// go with the write's last statement, so only once its acks are written.
 pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Result<AckWrite, sqlx::Error> {
@@ -148,7 +170,7 @@ pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Res
             .bind(if done.is_empty() { ended_batches } else { none })
             .fetch_all(db)
             .await?;
-        out.applied.extend(ids);
+        out.stale.extend(ids);
     }
     if !done.is_empty() {
         let ids: Vec<(String, i64)> = sqlx::query_as(ACK_DONE)
@@ -158,7 +180,7 @@ pub async fn write_acks(db: &PgPool, acks: &[Ack], ended_batches: &[i64]) -> Res
             .bind(ended_batches)
             .fetch_all(db)
             .await?;
-        out.applied.extend(ids);
+        out.stale.extend(ids);
     }
     Ok(out)
 }
@@ -235,30 +257,30 @@ mod tests {
 
         // Attempt 1's ack arrives late, from the same worker: refused.
         let w1 = write_acks(&db, &[done(id.as_str(), first.fence, serde_json::json!("from attempt 1"))], &[]).await.unwrap();
-        assert!(w1.applied.is_empty());
+        assert_eq!(w1.stale, vec![(id.as_str().to_string(), first.fence)]);
         assert_eq!(row(&db, id.as_str()).await, before, "the newer attempt's row is untouched");
         // A stale failure or hand-back is refused the same way.
         // A plain success of attempt 1, sent straight to the row version its claim left
         // (since updated by the rescue and the second claim): refused too.
         let at_first = Ack { tid: Some(first.tid.clone()), ..done(id.as_str(), first.fence, Value::Null) };
-        assert!(write_acks(&db, &[at_first], &[]).await.unwrap().applied.is_empty());
+        assert_eq!(write_acks(&db, &[at_first], &[]).await.unwrap().stale.len(), 1);
         assert_eq!(row(&db, id.as_str()).await, before);
         let stale_release = Ack { state: JobState::Pending, outcome: None, result: None, ..done(id.as_str(), first.fence, Value::Null) };
-        assert!(write_acks(&db, &[stale_release], &[]).await.unwrap().applied.is_empty());
+        assert_eq!(write_acks(&db, &[stale_release], &[]).await.unwrap().stale.len(), 1);
         assert_eq!(row(&db, id.as_str()).await, before);
 
         // Attempt 2's own ack lands — in one batch with attempt 1's late one, which does not,
-        // and the answer says which of the two applied (the fence tells them apart).
+        // and the answer says which of the two was refused (the fence tells them apart).
         let both = [done(id.as_str(), first.fence, serde_json::json!("from attempt 1")), done(id.as_str(), second.fence, serde_json::json!("from attempt 2"))];
         let w2 = write_acks(&db, &both, &[]).await.unwrap();
-        assert_eq!(w2.applied, vec![(id.as_str().to_string(), second.fence)]);
+        assert_eq!(w2.stale, vec![(id.as_str().to_string(), first.fence)]);
         let after = row(&db, id.as_str()).await;
         assert_eq!(after.status, "Done");
         assert_eq!(after.last_result, Some(serde_json::json!({ "Ok": "from attempt 2" })));
         // And a repeat of it (a retried batch) changes nothing more.
-        assert!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)], &[]).await.unwrap().applied.is_empty());
+        assert_eq!(write_acks(&db, &[done(id.as_str(), second.fence, Value::Null)], &[]).await.unwrap().stale.len(), 1);
         let at_second = Ack { tid: Some(second.tid.clone()), ..done(id.as_str(), second.fence, Value::Null) };
-        assert!(write_acks(&db, &[at_second], &[]).await.unwrap().applied.is_empty());
+        assert_eq!(write_acks(&db, &[at_second], &[]).await.unwrap().stale.len(), 1);
     }
 
     /// Every filter of the plan (row by row conditions, as opposed to index or TID conditions).
@@ -271,6 +293,14 @@ mod tests {
         for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
             plan_filters(p, out);
         }
+    }
+
+    /// The plan's UPDATE (the batch rows' DELETE is a ModifyTable too).
+    fn find_update(plan: &Value) -> Option<&Value> {
+        if plan.get("Operation").and_then(Value::as_str) == Some("Update") {
+            return Some(plan);
+        }
+        plan.get("Plans").and_then(Value::as_array)?.iter().find_map(find_update)
     }
 
     /// Most rows a join filter of the plan threw away, anywhere in it.
@@ -332,7 +362,9 @@ mod tests {
             sqlx::raw_sql("DEALLOCATE ack_plan").execute(&mut *tx).await.unwrap();
             tx.rollback().await.unwrap();
             let top = &plan[0]["Plan"];
-            assert_eq!(top["Actual Rows"].as_u64(), Some(n as u64), "{name} ({mode}): every ack applies");
+            let update = find_update(top).expect("the update");
+            assert_eq!(update["Actual Rows"].as_u64(), Some(n as u64), "{name} ({mode}): every ack applies");
+            assert_eq!(top["Actual Rows"].as_u64(), Some(0), "{name} ({mode}): none comes back as stale");
             let reads = table_reads(top);
             assert!(!reads.is_empty() && reads.iter().all(|r| read.contains(&r.as_str())), "{name} ({mode}): the table is read by {read:?} only: {reads:?}\n{plan:#}");
             let mut filters = Vec::new();
@@ -346,7 +378,9 @@ mod tests {
         }
         // And the acks do apply (the EXPLAINs were rolled back).
         let acks: Vec<Ack> = claimed.iter().map(|c| done(&c.id, c.fence, Value::Null)).collect();
-        assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().applied.len(), n);
+        assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().stale, vec![]);
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Done' AND lock_by = $1").bind(&w.id).fetch_one(&db).await.unwrap();
+        assert_eq!(done, n as i64);
     }
 
     /// What the claim index's predicate on lock_at and the batch rows are for (migrations/
@@ -373,10 +407,10 @@ mod tests {
             assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![400], "the claim recorded its batch");
             let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, tid: Some(c.tid.clone()), ..done(&c.id, c.fence, Value::Null) }).collect();
             // Not its last ack: the row stays.
-            assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().applied.len(), 100);
+            assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().stale, vec![]);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
             assert_eq!(left, 1);
-            assert_eq!(write_acks(&one, &acks[100..], &[batch]).await.unwrap().applied.len(), 300);
+            assert_eq!(write_acks(&one, &acks[100..], &[batch]).await.unwrap().stale, vec![]);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
             assert_eq!(left, 0, "the batch's last ack took its row");
             acked += claimed.len();
@@ -414,11 +448,7 @@ mod tests {
             at(&c[1], &c[2].tid),   // c's version is there
             at(&c[3], "(999999,1)"), // nothing is there
         ];
-        let mut applied: Vec<String> = write_acks(&db, &acks, &[]).await.unwrap().applied.into_iter().map(|(id, _)| id).collect();
-        applied.sort();
-        let mut want = vec![c[0].id.clone(), c[1].id.clone(), c[3].id.clone()];
-        want.sort();
-        assert_eq!(applied, want, "every ack applied, by id");
+        assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().stale, vec![], "every ack applied, by id");
         for (j, status) in [(&c[0], "Done"), (&c[1], "Done"), (&c[2], "Running"), (&c[3], "Done")] {
             assert_eq!(row(&db, &j.id).await.status, status, "job {}", j.id);
         }
@@ -456,7 +486,7 @@ mod tests {
         molecule_domain::testing::until_a_statement_waits_on_a_lock(&db, "%WITH ended AS%").await;
         other.commit().await.unwrap();
         let w1 = ack.await.unwrap().unwrap();
-        assert!(w1.applied.is_empty(), "the late ack of attempt 1 was refused");
+        assert_eq!(w1.stale, vec![(id.as_str().to_string(), first.fence)], "the late ack of attempt 1 was refused");
         let after = row(&db, id.as_str()).await;
         assert_eq!((after.status.as_str(), after.fence, after.lock_by.as_deref()), ("Running", 2, Some("q@next")));
     }
