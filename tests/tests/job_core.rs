@@ -803,6 +803,8 @@ async fn a_stale_ack_is_refused_and_counted_while_the_others_apply() {
         (n == 0).then_some(())
     })
     .await;
+    // Counted once the write returns, a moment after its commit is visible: waited for.
+    eventually(Duration::from_secs(5), "five outcomes counted", || async { (rt.acks_applied() == 5).then_some(()) }).await;
     let report = rt.shutdown().await;
     assert_eq!(report.stale_acks, 3, "and no more");
 }

@@ -4,6 +4,9 @@
 //! (a) drain: N no-op jobs bulk-enqueued, then drained by one pool of our runtime, and
 //!     by the raw baseline (K clients, each: claim a batch with FOR UPDATE SKIP LOCKED,
 //!     complete the batch; sqlx prepares and caches both statements per connection).
+//!     Both start warm: our pool is running and idle (a warm-up job through it) when the
+//!     fill, one transaction, commits — the clock starts there and stops when every
+//!     outcome is written; the raw clients' connections are open when they start.
 //!     The raw side runs its default (claim 50, 4 clients: `raw_jobs_s`) and every
 //!     claim size of 50 and 500 with 1, 2, 4 and 8 clients; the best of those is
 //!     `raw_best_jobs_s`, the strongest figure this PostgreSQL gives with no library in
@@ -41,7 +44,7 @@ use sqlx::PgPool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use molecule_bench_cpu::{children_cpu_s, cluster_cpu_s, Cpu, CpuUse};
 
 struct Opts {
@@ -110,54 +113,83 @@ fn runtime_cfg(batch: usize) -> RuntimeConfig {
 
 const RETRY: RetryPolicy = RetryPolicy { base: Duration::from_secs(1), cap: Duration::from_secs(10), max_attempts: 3 };
 
-/// Bulk-enqueues `n` jobs in 5 000-job statements; returns jobs/s.
-async fn fill(db: &PgPool, queue: &str, n: usize) -> f64 {
-    let mut conn = db.acquire().await.expect("connection");
+/// Bulk-enqueues `n` jobs in 5 000-job statements on `conn`; returns jobs/s.
+async fn fill(conn: &mut sqlx::PgConnection, queue: &str, n: usize) -> f64 {
     let payload = serde_json::json!({});
     let t0 = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
         let jobs: Vec<NewJob> = chunk.iter().map(|_| NewJob::to_queue(queue, &payload)).collect();
-        enqueue_many(&mut conn, &jobs).await.expect("enqueue");
+        enqueue_many(conn, &jobs).await.expect("enqueue");
     }
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// Drains `n` queued no-op jobs through our runtime; jobs/s until every outcome is written.
+/// Drains `n` queued no-op jobs through our runtime: jobs/s from the commit of the fill
+/// until every outcome is written. The pool is running by then, idle, its connections
+/// open (as the raw clients' are): the runtime's start and shutdown — connecting, the
+/// first heartbeat, the lease; the last heartbeat — are not a drain's work (BENCH_PHASES
+/// prints them). The jobs are filled in one transaction, so none is claimed before all are
+/// there.
 async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f64, f64, CpuUse) {
     let queue = format!("bench_drain_{round}");
-    let enqueue_rate = fill(db, &queue, o.jobs).await;
-    sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
-    let done = Arc::new(AtomicUsize::new(0));
-    let all_done = Arc::new(Notify::new());
-    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let (d, a, n, f) = (done.clone(), all_done.clone(), o.jobs, first.clone());
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (first, last) = (Arc::new(std::sync::OnceLock::<Instant>::new()), Arc::new(std::sync::OnceLock::<Instant>::new()));
+    let (h, f, l, n) = (handled.clone(), first.clone(), last.clone(), o.jobs);
     let handler = handler_fn(move |_ctx| {
-        let (d, a, f) = (d.clone(), a.clone(), f.clone());
+        let (h, f, l) = (h.clone(), f.clone(), l.clone());
         async move {
-            f.get_or_init(Instant::now);
-            if d.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                a.notify_one();
+            // The first job is the warm-up's, the next n the drain's.
+            match h.fetch_add(1, Ordering::Relaxed) + 1 {
+                2 => drop(f.set(Instant::now())),
+                c if c == n + 1 => drop(l.set(Instant::now())),
+                _ => {}
             }
             Ok(serde_json::Value::Null)
         }
     });
-    let cpu = Cpu::now(pm);
-    let t0 = Instant::now();
+    let started = Instant::now();
     let specs = (0..o.pools)
         .map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone()))
         .collect();
     let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
-    all_done.notified().await;
-    let ran = t0.elapsed();
-    rt.shutdown().await; // flushes the last acks
+    // Warm-up: one job through the pool, its outcome written.
+    enqueue(&mut *db.acquire().await.expect("connection"), &NewJob::to_queue(&queue, &serde_json::json!({}))).await.expect("enqueue");
+    until_acks_applied(&rt, 1).await;
+    let warm = started.elapsed();
+
+    let mut tx = db.begin().await.expect("begin");
+    let enqueue_rate = fill(&mut tx, &queue, o.jobs).await;
+    sqlx::query("ANALYZE apalis.jobs").execute(&mut *tx).await.ok();
+    let cpu = Cpu::now(pm);
+    let t0 = Instant::now();
+    tx.commit().await.expect("commit the fill");
+    until_acks_applied(&rt, o.jobs as u64 + 1).await;
     let secs = t0.elapsed().as_secs_f64();
     let used = cpu.used(o.jobs);
+    let t_stop = Instant::now();
+    rt.shutdown().await;
     if std::env::var_os("BENCH_PHASES").is_some() {
-        let first = first.get().map(|f| f.duration_since(t0).as_secs_f64() * 1000.0).unwrap_or(0.0);
-        eprintln!("  phases: first handler {first:.0} ms, last handler {:.0} ms, shut down {:.0} ms", ran.as_secs_f64() * 1000.0, secs * 1000.0);
+        let ms = |t: Option<&Instant>| t.map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1000.0).unwrap_or(0.0);
+        eprintln!(
+            "  phases: runtime start to a warm-up job's outcome {:.0} ms; from the fill's commit: first handler {:.0} ms, last handler {:.0} ms, every outcome written {:.0} ms; shutdown {:.0} ms",
+            warm.as_secs_f64() * 1000.0,
+            ms(first.get()),
+            ms(last.get()),
+            secs * 1000.0,
+            t_stop.elapsed().as_secs_f64() * 1000.0
+        );
     }
-    assert_all_succeeded(db, &queue, o.jobs).await;
+    assert_all_succeeded(db, &queue, o.jobs + 1).await;
     (o.jobs as f64 / secs, enqueue_rate, used)
+}
+
+/// Until `rt` has written `n` outcomes (checked every millisecond; no query).
+async fn until_acks_applied(rt: &Runtime, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while rt.acks_applied() < n {
+        assert!(Instant::now() < deadline, "{} of {n} outcomes written after 10 minutes", rt.acks_applied());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// A drain counts only if every job of it ended succeeded.
@@ -199,6 +231,12 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
         .await
         .expect("fill raw");
     sqlx::query("ANALYZE bench_raw").execute(db).await.ok();
+    // Its clients' connections open before the clock starts, as our pool's are.
+    let mut held = Vec::new();
+    for _ in 0..clients {
+        held.push(db.acquire().await.expect("connection"));
+    }
+    drop(held);
     let cpu = Cpu::now(pm);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -531,7 +569,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
     let mut results = Vec::new();
     for round in 0..o.rounds {
         let queue = format!("bench_scale_{}_{round}", o.processes);
-        fill(db, &queue, o.jobs).await;
+        fill(&mut *db.acquire().await.expect("connection"), &queue, o.jobs).await;
         sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
         let (pg0, kids0) = (cluster_cpu_s(postmaster), children_cpu_s());
         let t0 = Instant::now();

@@ -168,6 +168,7 @@ pub(super) async fn run(
                     let applied = which_applied(&buf, &stale);
                     report_stale(&shared, &counts, &worker_id, &buf, &applied);
                     counts.applied(buf.iter().zip(&applied).filter(|(_, ok)| **ok).map(|(a, _)| a));
+                    shared.acks_applied.fetch_add(applied.iter().filter(|ok| **ok).count() as u64, Ordering::Relaxed);
                     if notify_finished && applied.contains(&true) {
                         let finished: Vec<String> = buf
                             .iter()

@@ -154,6 +154,8 @@ struct Shared {
     core: PgPool,
     cfg: RuntimeConfig,
     stale_acks: AtomicU64,
+    /// Acks written and applied: outcomes stored.
+    acks_applied: AtomicU64,
 }
 
 /// The wakers of a runtime's pools, by queue: what a NOTIFY for the queue would wake.
@@ -194,7 +196,7 @@ impl Runtime {
         let core = molecule_domain::db::pool_options(molecule_domain::db::PING_IF_IDLE_FOR)
             .max_connections((per_pool * specs.len() + 1).max(2) as u32)
             .connect_lazy_with(options.clone());
-        let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0) });
+        let shared = Arc::new(Shared { db, core, cfg, stale_acks: AtomicU64::new(0), acks_applied: AtomicU64::new(0) });
         let (pools_stop, pools_rx) = watch::channel(false);
         let (services_stop, services_rx) = watch::channel(false);
         // False until the first beat is written, and again whenever beats lapse for half a lease.
@@ -245,6 +247,12 @@ impl Runtime {
     /// Acks refused so far because a newer claim of their job exists.
     pub fn stale_acks(&self) -> u64 {
         self.shared.stale_acks.load(Ordering::Relaxed)
+    }
+
+    /// Outcomes written so far (acks applied, every pool): a job counts once its
+    /// outcome is committed.
+    pub fn acks_applied(&self) -> u64 {
+        self.shared.acks_applied.load(Ordering::Relaxed)
     }
 
     /// Stops claiming, lets running jobs finish within the grace period, interrupts the
