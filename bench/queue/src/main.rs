@@ -562,7 +562,10 @@ async fn local_postmaster(db: &PgPool) -> Option<u32> {
 }
 
 /// (c): N worker processes drain one queue; jobs/s, and the CPU PostgreSQL and the
-/// workers used over the drain (in cores: CPU seconds per second).
+/// workers used over the drain (in cores: CPU seconds per second). The clock runs from
+/// before the processes start (their start is part of scaling out) to the last outcome
+/// written (its `done_at`, on PostgreSQL's clock as the start is): a worker process
+/// stops a moment after it runs out of jobs, and that moment is not the drain's.
 async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
     let exe = std::env::current_exe().expect("this binary");
     let postmaster = local_postmaster(db).await.expect("--processes counts PostgreSQL's CPU: the cluster must run on this machine");
@@ -573,6 +576,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
         sqlx::query("ANALYZE apalis.jobs").execute(db).await.ok();
         let (pg0, kids0) = (cluster_cpu_s(postmaster), children_cpu_s());
         let t0 = Instant::now();
+        let start: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(db).await.expect("clock");
         let children: Vec<_> = (0..o.processes)
             .map(|_| {
                 std::process::Command::new(&exe)
@@ -585,11 +589,20 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
             let st = tokio::task::spawn_blocking(move || c.wait()).await.unwrap().expect("worker process");
             assert!(st.success(), "a worker process failed: {st}");
         }
-        let secs = t0.elapsed().as_secs_f64();
-        let (pg, kids) = ((cluster_cpu_s(postmaster) - pg0) / secs, (children_cpu_s() - kids0) / secs);
+        let ran = t0.elapsed().as_secs_f64();
+        let (pg, kids) = ((cluster_cpu_s(postmaster) - pg0) / ran, (children_cpu_s() - kids0) / ran);
         assert_all_succeeded(db, &queue, o.jobs).await;
+        let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(done_at) FROM apalis.jobs WHERE job_type = $1")
+            .bind(&queue)
+            .fetch_one(db)
+            .await
+            .expect("last outcome");
+        let secs = (last - start).as_seconds_f64();
         let rate = o.jobs as f64 / secs;
-        println!("round {round}: {} processes: {rate:.0} jobs/s, PostgreSQL {pg:.2} cores, workers {kids:.2} cores", o.processes);
+        println!(
+            "round {round}: {} processes: {rate:.0} jobs/s ({secs:.2} s; the processes ran {ran:.2} s), PostgreSQL {pg:.2} cores, workers {kids:.2} cores",
+            o.processes
+        );
         results.push((rate, pg, kids));
     }
     results.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -597,20 +610,29 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
     println!("processes={} drain_jobs_s={rate:.0} postgres_cores={pg:.2} worker_cores={kids:.2}", o.processes);
 }
 
-/// A worker process of `--processes`: one pool on `queue` until none of its jobs is left
-/// to run, then a clean shutdown (the last acks written).
+/// A worker process of `--processes`: one pool on `queue` until it has had nothing to do
+/// for 100 ms and none of the queue's jobs waits to be claimed, then a clean shutdown (the
+/// last acks written). Its own progress (outcomes written) is what it watches: a query
+/// counting the queue every few milliseconds was most of PostgreSQL's work per job.
 async fn worker_child(url: &str, queue: &str, concurrency: usize, batch: usize) {
     let db = molecule_domain::db::connect(url, 4).await.expect("connect");
     let handler = handler_fn(|_ctx| async { Ok(serde_json::Value::Null) });
     let rt = Runtime::start(db.clone(), runtime_cfg(batch), vec![PoolSpec::new(queue, concurrency, RETRY, handler)]);
+    let mut seen = u64::MAX;
     loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status IN ('Pending', 'Failed')")
-            .bind(queue)
-            .fetch_one(&db)
-            .await
-            .expect("count");
-        if left == 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rt.acks_applied();
+        if std::mem::replace(&mut seen, now) != now {
+            continue;
+        }
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM apalis.jobs WHERE job_type = $1 AND lock_at IS NULL AND status IN ('Pending', 'Failed'))",
+        )
+        .bind(queue)
+        .fetch_one(&db)
+        .await
+        .expect("jobs waiting");
+        if !waiting {
             break;
         }
     }
