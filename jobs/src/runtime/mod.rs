@@ -55,9 +55,10 @@ use crate::handler::Handler;
 use crate::kinds::{JobKind, RetryPolicy};
 use crate::store::workers::WorkerRow;
 
-/// Inserts into `apalis.jobs` publish `{"job_type": …}` here, once per queue per statement
-/// (migrations/…_statement_notify.sql; apalis' own channel name is kept), or, for
-/// enqueues announced after their commit, the [`crate::announce::Announcer`] does.
+/// Inserts into `apalis.jobs` publish `{"job_type": …, "shards": …}` here, once per queue
+/// per statement (migrations/…_statement_notify.sql, …_notify_names_shards.sql; apalis' own
+/// channel name is kept), or, for enqueues announced after their commit, the
+/// [`crate::announce::Announcer`] does (`{"job_type": …}`: every shard).
 pub const INSERT_CHANNEL: &str = "apalis::job::insert";
 
 #[derive(Clone, Debug)]

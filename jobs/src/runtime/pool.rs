@@ -97,6 +97,16 @@ impl PoolWake {
         self.0.iter().for_each(Notify::notify_one);
     }
 
+    /// Wakes the fetchers of the shards in `mask` (bit i: shard i); all of them when it
+    /// names none of this pool's.
+    pub(crate) fn wake_shards(&self, mask: u32) {
+        let named: Vec<&Notify> = self.0.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, n)| n).collect();
+        if named.is_empty() {
+            return self.wake();
+        }
+        named.into_iter().for_each(Notify::notify_one);
+    }
+
     pub(crate) fn shard(&self, shard: Shard) -> &Notify {
         &self.0[shard.index()]
     }

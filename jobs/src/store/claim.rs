@@ -64,7 +64,8 @@ pub const CLAIM_SHARDS: usize = 2;
 pub struct Shard(i32);
 
 /// A job's shard, in SQL over its `id`: the claim index's expression
-/// (migrations/…_claim_shard_idx.sql), which every claim repeats to use it.
+/// (migrations/…_claim_shard_idx.sql), which every claim repeats to use it; the insert
+/// trigger's NOTIFY names shards by it too (migrations/…_notify_names_shards.sql).
 macro_rules! shard_of_id {
     () => {
         "(hashtext(id) & 1)"
