@@ -82,7 +82,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The same payload as the insert trigger's, so listeners need not tell them apart.
+/// The insert trigger's payload without its `shards` (an announce does not know the jobs'
+/// shards): listeners wake every fetcher of the queue for it.
 const NOTIFY: &str = "SELECT pg_notify($1, json_build_object('job_type', q)::text) FROM unnest($2::text[]) AS q";
 
 async fn run(inner: std::sync::Weak<Inner>, db: PgPool) {

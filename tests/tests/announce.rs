@@ -70,7 +70,7 @@ async fn quiet_enqueues_send_no_notify_and_the_announcer_sends_one_per_queue() {
     drop(conn);
     assert_eq!(next_queue(&mut listener).await, "bulk-mixed");
 
-    // The announcer: one notification per queue announced, same payload as the trigger's.
+    // The announcer: one notification per queue announced, the trigger's payload without the shards.
     let announcer = Announcer::start(db.connect_options().as_ref().clone());
     announcer.announce("quiet");
     assert_eq!(next_queue(&mut listener).await, "quiet");

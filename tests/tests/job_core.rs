@@ -779,13 +779,16 @@ async fn a_stale_ack_is_refused_and_counted_while_the_others_apply() {
             t.wait().await;
             match kind.as_str() {
                 "stolen_retry" => Err(JobError::retryable("test", "again")),
-                _ => Ok(json!("ok")),
+                "stolen_result" => Ok(json!("a result")),
+                // A plain success: the cheaper ack statement, and most of the refused ones.
+                _ => Ok(serde_json::Value::Null),
             }
         }
     });
     let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("stale", 8, policy(50), handler)]);
-    // Three refused, five applied: counts that cannot be mistaken for each other.
-    let kinds = ["ok", "stolen", "ok", "ok", "ok", "stolen_retry", "ok", "stolen"];
+    // Three refused (a plain success, a retry, a success with a result: both ack
+    // statements), five applied: counts that cannot be mistaken for each other.
+    let kinds = ["ok", "stolen", "ok", "ok", "ok", "stolen_retry", "ok", "stolen_result"];
     let jobs: Vec<NewJob> = kinds.iter().map(|k| NewJob::to_queue("stale", &json!({ "kind": k }))).collect();
     let ids = molecule_jobs::enqueue_many(&mut *db.acquire().await.unwrap(), &jobs).await.unwrap();
     eventually(Duration::from_secs(15), "three stale acks", || async { (rt.stale_acks() == 3).then_some(()) }).await;

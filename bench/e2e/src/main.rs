@@ -50,7 +50,7 @@ $$ LANGUAGE plpgsql;
 "#;
 
 /// The trigger as the migrations leave it.
-const QUIET_TRIGGER: &str = include_str!("../../../migrations/20261130000007_announce_after_commit.sql");
+const QUIET_TRIGGER: &str = include_str!("../../../migrations/20261201000009_notify_names_shards.sql");
 
 async fn set_trigger(url: &str, sql: &str) -> Fallible<()> {
     let db = sqlx::PgPool::connect(url).await.map_err(|e| e.to_string())?;

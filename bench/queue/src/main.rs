@@ -154,7 +154,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f6
     let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     // Warm-up: one job through the pool, its outcome written.
     enqueue(&mut *db.acquire().await.expect("connection"), &NewJob::to_queue(&queue, &serde_json::json!({}))).await.expect("enqueue");
-    until_acks_applied(&rt, 1).await;
+    until_acks_applied(&rt, db, &queue, 1).await;
     let warm = started.elapsed();
 
     let mut tx = db.begin().await.expect("begin");
@@ -163,7 +163,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f6
     let cpu = Cpu::now(pm);
     let t0 = Instant::now();
     tx.commit().await.expect("commit the fill");
-    until_acks_applied(&rt, o.jobs as u64 + 1).await;
+    until_acks_applied(&rt, db, &queue, o.jobs as u64 + 1).await;
     let secs = t0.elapsed().as_secs_f64();
     let used = cpu.used(o.jobs);
     let t_stop = Instant::now();
@@ -183,12 +183,29 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f6
     (o.jobs as f64 / secs, enqueue_rate, used)
 }
 
-/// Until `rt` has written `n` outcomes (checked every millisecond; no query).
-async fn until_acks_applied(rt: &Runtime, n: u64) {
+/// Until `rt` has written the outcomes of `n` jobs of `queue` (its counter, checked every
+/// millisecond: no query). After a second without progress the table is asked instead: an
+/// ack batch written again after a lost answer reads as refused and is not counted.
+async fn until_acks_applied(rt: &Runtime, db: &PgPool, queue: &str, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut seen, mut since) = (rt.acks_applied(), Instant::now());
     while rt.acks_applied() < n {
         assert!(Instant::now() < deadline, "{} of {n} outcomes written after 10 minutes", rt.acks_applied());
         tokio::time::sleep(Duration::from_millis(1)).await;
+        let now = rt.acks_applied();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
+                .bind(queue)
+                .fetch_one(db)
+                .await
+                .expect("count");
+            if done as u64 >= n {
+                return;
+            }
+            since = Instant::now();
+        }
     }
 }
 
@@ -231,12 +248,17 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
         .await
         .expect("fill raw");
     sqlx::query("ANALYZE bench_raw").execute(db).await.ok();
-    // Its clients' connections open before the clock starts, as our pool's are.
+    // Its clients' connections open before the clock starts, as our pool's are: held at
+    // once, then back in the pool (a released connection returns in a task of its own).
     let mut held = Vec::new();
     for _ in 0..clients {
         held.push(db.acquire().await.expect("connection"));
     }
     drop(held);
+    let back_by = Instant::now() + Duration::from_secs(2);
+    while db.num_idle() < clients && Instant::now() < back_by {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let cpu = Cpu::now(pm);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -590,7 +612,7 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
             assert!(st.success(), "a worker process failed: {st}");
         }
         let ran = t0.elapsed().as_secs_f64();
-        let (pg, kids) = ((cluster_cpu_s(postmaster) - pg0) / ran, (children_cpu_s() - kids0) / ran);
+        let (pg_s, kids_s) = (cluster_cpu_s(postmaster) - pg0, children_cpu_s() - kids0);
         assert_all_succeeded(db, &queue, o.jobs).await;
         let last: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(done_at) FROM apalis.jobs WHERE job_type = $1")
             .bind(&queue)
@@ -599,6 +621,9 @@ async fn scale_out(db: &PgPool, o: &Opts, url: &str) {
             .expect("last outcome");
         let secs = (last - start).as_seconds_f64();
         let rate = o.jobs as f64 / secs;
+        // Over the drain's time: what the processes used after the last outcome (their
+        // idle moment, their shutdown) is little.
+        let (pg, kids) = (pg_s / secs, kids_s / secs);
         println!(
             "round {round}: {} processes: {rate:.0} jobs/s ({secs:.2} s; the processes ran {ran:.2} s), PostgreSQL {pg:.2} cores, workers {kids:.2} cores",
             o.processes

@@ -155,7 +155,7 @@ struct Shared {
     core: PgPool,
     cfg: RuntimeConfig,
     stale_acks: AtomicU64,
-    /// Acks written and applied: outcomes stored.
+    /// Acks written and applied (see [`Runtime::acks_applied`]).
     acks_applied: AtomicU64,
 }
 
@@ -250,8 +250,10 @@ impl Runtime {
         self.shared.stale_acks.load(Ordering::Relaxed)
     }
 
-    /// Outcomes written so far (acks applied, every pool): a job counts once its
-    /// outcome is committed.
+    /// Acks written and applied so far, every pool: an outcome, a failed attempt's retry,
+    /// a hand-back (a retried job counts once per attempt). For watching a drain of jobs
+    /// that succeed, as bench/queue does. A batch whose write committed but whose answer
+    /// was lost is written again and reads as refused: its acks are not counted.
     pub fn acks_applied(&self) -> u64 {
         self.shared.acks_applied.load(Ordering::Relaxed)
     }

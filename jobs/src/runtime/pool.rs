@@ -191,7 +191,7 @@ async fn fetch(
         }
         counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
-            let claim = Claim { id: job.id.clone(), fence: job.fence, batch: job.batch, tid: job.tid };
+            let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
             if job.expired {
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;
@@ -227,8 +227,8 @@ async fn fetch(
                 let began = std::time::Instant::now();
                 let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
                 // Out of the in-flight set before the ack leaves (no await between the two):
-                // whatever is still in it after an abort never produced one. Gone already:
-                // a shutdown's stop() acked it.
+                // whatever is still in it after an abort never produced one. Never gone
+                // here: stop() empties the set only once every attempt ended or was aborted.
                 let Some(claim) = lock(&unacked).remove(&key) else { return };
                 let ack = match outcome {
                     Ok(Ok(result)) => acker::succeeded(claim, result),

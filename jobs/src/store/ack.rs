@@ -283,6 +283,33 @@ mod tests {
         assert_eq!(write_acks(&db, &[at_second], &[]).await.unwrap().stale.len(), 1);
     }
 
+    /// A batch of plain successes (the cheaper statement) where some jobs were claimed
+    /// again meanwhile: those acks come back refused, the others apply.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_successes_reports_exactly_its_refused_acks() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let jobs: Vec<NewJob> = (0..6).map(|_| NewJob::to_queue("q", &serde_json::json!({}))).collect();
+        crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
+        let w = live_worker(&mut conn, "q@mixed", 6).await;
+        let c = claim_each_shard(&db, "q", 6, &w.id).await.unwrap();
+        assert_eq!(c.len(), 6);
+        // Two of them claimed again since (their fence moved on).
+        for j in [&c[1], &c[4]] {
+            sqlx::query("UPDATE apalis.jobs SET fence = fence + 1 WHERE id = $1").bind(&j.id).execute(&db).await.unwrap();
+        }
+        let acks: Vec<Ack> = c.iter().map(|j| Ack { tid: Some(j.tid.clone()), ..done(&j.id, j.fence, Value::Null) }).collect();
+        let mut stale = write_acks(&db, &acks, &[]).await.unwrap().stale;
+        stale.sort();
+        let mut want = vec![(c[1].id.clone(), c[1].fence), (c[4].id.clone(), c[4].fence)];
+        want.sort();
+        assert_eq!(stale, want);
+        for (i, j) in c.iter().enumerate() {
+            let want = if i == 1 || i == 4 { "Running" } else { "Done" };
+            assert_eq!(row(&db, &j.id).await.status, want, "job {i}");
+        }
+    }
+
     /// Every filter of the plan (row by row conditions, as opposed to index or TID conditions).
     fn plan_filters(plan: &Value, out: &mut Vec<String>) {
         for k in ["Filter", "Join Filter"] {
