@@ -15,7 +15,8 @@
 //! of its shard about once a second ([`claim_start`]: claimed jobs' entries stay in the
 //! index until a vacuum, and from the head a claim steps over all of them). When its shard
 //! runs dry a fetcher sleeps until the first of: a NOTIFY for its queue (the insert
-//! trigger; it wakes both), the next job's `run_at` after its cursor (retries,
+//! trigger's names the shards of the jobs inserted, so it wakes their fetchers only; an
+//! announcement wakes both), the next job's `run_at` after its cursor (retries,
 //! future-dated jobs of the cursor's priority), or the polling interval (missed NOTIFYs,
 //! other priorities' future jobs).
 //!

@@ -100,11 +100,10 @@ impl PoolWake {
     /// Wakes the fetchers of the shards in `mask` (bit i: shard i); all of them when it
     /// names none of this pool's.
     pub(crate) fn wake_shards(&self, mask: u32) {
-        let named: Vec<&Notify> = self.0.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, n)| n).collect();
-        if named.is_empty() {
+        if mask & ((1 << CLAIM_SHARDS) - 1) == 0 {
             return self.wake();
         }
-        named.into_iter().for_each(Notify::notify_one);
+        self.0.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).for_each(|(_, n)| n.notify_one());
     }
 
     pub(crate) fn shard(&self, shard: Shard) -> &Notify {
@@ -202,8 +201,8 @@ async fn fetch(
                 let _ = ack_tx.send(acker::release(claim));
                 continue;
             };
-            let (key, id) = (attempts.next_key(), claim.id.clone());
-            attempts.start(key, claim);
+            let id = claim.id.clone();
+            let key = attempts.start(claim);
             let ctx = JobContext {
                 id: JobId::from_db(id),
                 queue: queue.to_string(),
@@ -342,13 +341,11 @@ impl Attempts {
         }
     }
 
-    fn next_key(&mut self) -> u64 {
+    /// Puts `claim` in the in-flight set; its key there.
+    fn start(&mut self, claim: Claim) -> u64 {
         self.next += 1;
+        lock(&self.unacked).insert(self.next, claim);
         self.next
-    }
-
-    fn start(&self, key: u64, claim: Claim) {
-        lock(&self.unacked).insert(key, claim);
     }
 
     fn signal(&self) -> Interrupt {
