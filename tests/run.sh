@@ -86,6 +86,7 @@ export MOLECULE_SWEEP_ORPHANS=off
 
 bench/queue/run.sh --smoke
 bench/queue/run.sh --smoke --designs 1
+bench/queue/run.sh --smoke --processes 2
 bench/exec/run.sh --smoke
 bench/redact/run.sh --smoke
 bench/e2e/run.sh --smoke
