@@ -7,7 +7,8 @@ use axum::http::request::Parts;
 use molecule_domain::tokens::{self, TokenOwner};
 use molecule_domain::{OrgId, WorkspaceId};
 
-use crate::error::ApiError;
+use crate::batch::{self, Batcher};
+use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 /// How this process is bound to organizations (MOLECULE_ORG_ID).
@@ -89,8 +90,9 @@ impl FromRequestParts<AppState> for Principal {
             return Err(ApiError::PlatformMisconfigured);
         }
         let token = bearer(parts).ok_or(ApiError::Unauthorized("missing bearer token"))?;
-        let mut conn = st.db.acquire().await?;
-        let owner = tokens::lookup(&mut conn, token).await?.ok_or(ApiError::Unauthorized("invalid or revoked token"))?;
+        let invalid = || ApiError::Unauthorized("invalid or revoked token");
+        let key = tokens::lookup_key(token).ok_or_else(invalid)?;
+        let owner = st.tokens.submit(key).await.ok_or(ApiError::Unavailable)??.ok_or_else(invalid)?;
         let p = match owner {
             TokenOwner::Org { org_id, .. } => Principal { org: org_id, workspace: None },
             TokenOwner::Workspace { workspace_id, org_id, .. } => Principal { org: org_id, workspace: Some(workspace_id) },
@@ -102,6 +104,21 @@ impl FromRequestParts<AppState> for Principal {
         }
         Ok(p)
     }
+}
+
+pub type TokenBatcher = Batcher<[u8; 32], ApiResult<Option<TokenOwner>>>;
+
+/// The lanes looking tokens up (crate::batch): the callers waiting meanwhile share a statement.
+pub fn token_batcher(db: sqlx::PgPool) -> TokenBatcher {
+    Batcher::start(batch::LANES, batch::MAX, move |keys: Vec<[u8; 32]>| {
+        let db = db.clone();
+        async move { batch::each_alone_if_together_fails(keys, |k| Box::pin(look_up(db.clone(), k))).await }
+    })
+}
+
+async fn look_up(db: sqlx::PgPool, keys: &[[u8; 32]]) -> Result<Vec<ApiResult<Option<TokenOwner>>>, sqlx::Error> {
+    let mut conn = db.acquire().await?;
+    Ok(tokens::lookup_keys(&mut conn, keys).await?.into_iter().map(Ok).collect())
 }
 
 /// The operator: ADMIN_TOKEN, compared in constant time. No ADMIN_TOKEN configured →

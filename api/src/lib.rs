@@ -4,6 +4,7 @@
 //! route → extractors (auth, ids, body) → handler → one transaction (domain row + job) → answer.
 
 pub mod auth;
+pub mod batch;
 pub mod dashboard;
 pub mod error;
 pub mod extract;
@@ -40,6 +41,10 @@ pub struct AppState {
     pub announcer: molecule_jobs::Announcer,
     /// Workspaces this process marked active within the last second (S5's marks).
     pub activity: molecule_domain::activity::RecentMarks,
+    /// Token lookups and the enqueuing routes' writes, batched (crate::batch).
+    pub tokens: auth::TokenBatcher,
+    pub execs: routes::exec::ExecBatcher,
+    pub creates: routes::workspaces::CreateBatcher,
 }
 
 /// Handlers that need only the database (`/metrics`) take it by itself, so a process
@@ -61,7 +66,11 @@ impl AppState {
     pub fn with_streams_per_org(db: PgPool, auth: AuthConfig, streams_per_org: usize) -> Self {
         let streams = streams::Streams::start(&db, streams_per_org);
         let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
-        AppState { db, auth, streams, announcer, activity: Default::default() }
+        let activity = molecule_domain::activity::RecentMarks::default();
+        let execs = routes::exec::exec_batcher(db.clone(), activity.clone(), announcer.clone());
+        let creates = routes::workspaces::create_batcher(db.clone(), announcer.clone());
+        let tokens = auth::token_batcher(db.clone());
+        AppState { db, auth, streams, announcer, activity, tokens, execs, creates }
     }
 }
 

@@ -23,6 +23,32 @@ pub async fn record(
     Ok(())
 }
 
+/// An event to record with others in one statement ([`record_many`]).
+pub struct NewEvent {
+    pub org: OrgId,
+    pub workspace: Uuid,
+    pub event_type: &'static str,
+    pub payload: serde_json::Value,
+}
+
+/// Records `events` in one statement, in order.
+pub async fn record_many(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO structure_events (org_id, workspace_id, event_type, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
+    )
+    .bind(events.iter().map(|e| e.org.0).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.workspace).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_type).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| &e.payload).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// S7: events older than `older_than`, in batches; returns how many.
 pub async fn prune(db: &sqlx::PgPool, older_than: std::time::Duration, batch: i64) -> Result<u64, sqlx::Error> {
     crate::db::delete_in_batches(

@@ -12,12 +12,15 @@ use molecule_jobs::status::{self, JobStatus};
 use sqlx::PgPool;
 use std::time::Duration;
 use chrono::Utc;
-use molecule_domain::WorkspaceStatus;
-use molecule_jobs::{enqueue, JobKind, NewJob};
+use molecule_domain::activity::RecentMarks;
+use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
+use molecule_jobs::{enqueue_many, Announcer, JobKind, NewJob};
+use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Principal;
+use crate::batch::{self, Batcher};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{parse_workspace_id, ApiJson};
 use crate::streams::{Admission, Subscription};
@@ -101,41 +104,14 @@ pub async fn exec(
         })?),
         false => None,
     };
-    let mut tx = st.db.begin().await?;
-    let row: Option<(i16, WorkspaceStatus)> =
-        sqlx::query_as("SELECT tier, status FROM workspaces WHERE id = $1 AND org_id = $2")
-            .bind(id.0)
-            .bind(org.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let (tier, status) = row.ok_or(ApiError::NotFound("workspace"))?;
-    if status == WorkspaceStatus::Removed {
-        return Err(ApiError::NotFound("workspace"));
-    }
-    if tier < MIN_EXEC_TIER {
-        return Err(ApiError::Forbidden(format!("exec needs a tier 3 or 4 workspace; this one is tier {tier}")));
-    }
-    if !matches!(status, WorkspaceStatus::Online | WorkspaceStatus::Degraded) {
-        return Err(ApiError::Conflict {
-            code: "workspace_not_running",
-            detail: format!("the workspace is {}; exec needs it online", status.as_str()),
-        });
-    }
-    let payload = serde_json::json!({
-        "workspace_id": id, "argv": body.argv, "timeout_s": timeout_s, "actor": format!("org:{org}"),
-    });
-    // A command nobody ran within 5 minutes is stale: it expires instead of surprising anyone.
-    let job = NewJob::new(JobKind::Exec, &payload)
-        .org(org)
-        .workspace(id)
-        .expires_at(Utc::now() + chrono::Duration::minutes(5))
-        .announce_after_commit();
-    let job_id = enqueue(&mut tx, &job).await?;
-    st.activity.mark_active(&mut tx, &[id]).await?;
-    // Subscribed before the job can run, so no announcement is missed.
+    let job_id = st
+        .execs
+        .submit(ExecRequest { org, workspace: id, argv: body.argv, timeout_s })
+        .await
+        .ok_or(ApiError::Unavailable)??;
+    // Subscribed before the follower's first read: what the job did before this moment is
+    // read from the table, what it does after is announced to the subscription.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
-    tx.commit().await?;
-    st.announcer.announce(JobKind::Exec.queue());
     let (Some(admission), Some(subscription)) = (admission, subscription) else {
         return Ok((StatusCode::ACCEPTED, Json(ExecQueued { job_id: job_id.to_string(), timeout_s })).into_response());
     };
@@ -158,6 +134,93 @@ pub async fn exec(
         .header("x-job-id", job_id.as_str())
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// An exec the route has validated; the batch checks its workspace and queues it.
+pub struct ExecRequest {
+    org: OrgId,
+    workspace: WorkspaceId,
+    argv: Vec<String>,
+    timeout_s: u64,
+}
+
+pub type ExecBatcher = Batcher<ExecRequest, ApiResult<JobId>>;
+
+/// The lanes queueing execs (crate::batch): one transaction a batch.
+pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> ExecBatcher {
+    Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<ExecRequest>| {
+        let (db, activity, announcer) = (db.clone(), activity.clone(), announcer.clone());
+        async move {
+            let out = batch::each_alone_if_together_fails(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), r))).await;
+            if out.iter().any(Result::is_ok) {
+                announcer.announce(JobKind::Exec.queue());
+            }
+            out
+        }
+    })
+}
+
+/// Checks each exec's workspace and queues the runnable ones, in one transaction.
+async fn queue_execs(db: PgPool, activity: RecentMarks, reqs: &[ExecRequest]) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let ids: Vec<uuid::Uuid> = reqs.iter().map(|r| r.workspace.0).collect();
+    let found: Vec<(uuid::Uuid, uuid::Uuid, i16, WorkspaceStatus)> =
+        sqlx::query_as("SELECT id, org_id, tier, status FROM workspaces WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let found: HashMap<_, _> = found.into_iter().map(|(id, org, tier, status)| (id, (org, tier, status))).collect();
+    let verdicts: Vec<ApiResult<()>> = reqs
+        .iter()
+        .map(|r| match found.get(&r.workspace.0) {
+            Some(&(org, tier, status)) if org == r.org.0 => runnable(tier, status),
+            _ => Err(ApiError::NotFound("workspace")),
+        })
+        .collect();
+    let accepted: Vec<&ExecRequest> = reqs.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(r, _)| r).collect();
+    // A command nobody ran within 5 minutes is stale: it expires instead of surprising anyone.
+    let expires_at = Utc::now() + chrono::Duration::minutes(5);
+    let jobs: Vec<NewJob> = accepted
+        .iter()
+        .map(|r| {
+            let payload = serde_json::json!({
+                "workspace_id": r.workspace, "argv": r.argv, "timeout_s": r.timeout_s, "actor": format!("org:{}", r.org),
+            });
+            NewJob::new(JobKind::Exec, &payload)
+                .org(r.org)
+                .workspace(r.workspace)
+                .expires_at(expires_at)
+                .announce_after_commit()
+        })
+        .collect();
+    let mut job_ids = match jobs.is_empty() {
+        true => Vec::new(),
+        false => enqueue_many(&mut tx, &jobs).await?,
+    }
+    .into_iter();
+    let mut active: Vec<WorkspaceId> = accepted.iter().map(|r| r.workspace).collect();
+    active.sort_unstable_by_key(|w| w.0);
+    active.dedup();
+    activity.mark_active(&mut tx, &active).await?;
+    tx.commit().await?;
+    Ok(verdicts.into_iter().map(|v| v.and_then(|()| job_ids.next().ok_or(ApiError::Internal))).collect())
+}
+
+/// Exec needs a tier 3 or 4 workspace that is running.
+fn runnable(tier: i16, status: WorkspaceStatus) -> ApiResult<()> {
+    if status == WorkspaceStatus::Removed {
+        return Err(ApiError::NotFound("workspace"));
+    }
+    if tier < MIN_EXEC_TIER {
+        return Err(ApiError::Forbidden(format!("exec needs a tier 3 or 4 workspace; this one is tier {tier}")));
+    }
+    if !matches!(status, WorkspaceStatus::Online | WorkspaceStatus::Degraded) {
+        return Err(ApiError::Conflict {
+            code: "workspace_not_running",
+            detail: format!("the workspace is {}; exec needs it online", status.as_str()),
+        });
+    }
+    Ok(())
 }
 
 fn frame(v: serde_json::Value) -> Bytes {

@@ -5,13 +5,16 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use molecule_domain::{runtimes, WorkspaceId, WorkspaceStatus};
-use molecule_jobs::{enqueue, JobKind, NewJob};
+use molecule_domain::{events, runtimes, OrgId, WorkspaceId, WorkspaceStatus};
+use molecule_jobs::{enqueue, enqueue_many, Announcer, JobKind, NewJob};
+use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
+use crate::batch::{self, Batcher};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{parse_workspace_id, ApiJson, ApiQuery};
 use crate::AppState;
@@ -41,6 +44,15 @@ pub struct Workspace {
 pub enum DeliveryMode {
     Push,
     Poll,
+}
+
+impl DeliveryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::Push => "push",
+            DeliveryMode::Poll => "poll",
+        }
+    }
 }
 
 macro_rules! ws_cols {
@@ -129,49 +141,125 @@ pub async fn create(
     let delivery = body.delivery_mode.unwrap_or(if external { DeliveryMode::Poll } else { DeliveryMode::Push });
     let status = if external { WorkspaceStatus::AwaitingAgent } else { WorkspaceStatus::Provisioning };
 
-    let mut tx = st.db.begin().await?;
-    if let Some(parent) = body.parent_id {
-        let ok: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'")
-                .bind(parent)
-                .bind(org.0)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if ok.is_none() {
-            return Err(ApiError::bad("invalid_parent", "parent_id is not a workspace of your organization"));
-        }
-    }
-    let ws: Workspace = sqlx::query_as(concat!(
-        "INSERT INTO workspaces (org_id, parent_id, name, runtime, tier, status, delivery_mode) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
-        ws_cols!()
-    ))
-    .bind(org.0)
-    .bind(body.parent_id)
-    .bind(&name)
-    .bind(&body.runtime)
-    .bind(tier)
-    .bind(status)
-    .bind(delivery)
-    .fetch_one(&mut *tx)
-    .await?;
-    let job_id = if external {
-        None
-    } else {
-        let job = NewJob::new(JobKind::Provision, &serde_json::json!({ "workspace_id": ws.id }))
-            .org(org)
-            .workspace(WorkspaceId(ws.id))
-            .announce_after_commit();
-        Some(enqueue(&mut tx, &job).await?.to_string())
-    };
-    record_event(&mut tx, org, ws.id, "WORKSPACE_CREATED", serde_json::json!({ "runtime": ws.runtime, "job_id": job_id }))
-        .await?;
-    tx.commit().await?;
-    if job_id.is_some() {
-        st.announcer.announce(JobKind::Provision.queue());
-    }
+    let created = st
+        .creates
+        .submit(CreateRequest { org, parent: body.parent_id, name, runtime: body.runtime, tier, status, delivery })
+        .await
+        .ok_or(ApiError::Unavailable)??;
+    let (ws, job_id) = (created.workspace, created.job_id);
     tracing::info!(event = "workspace.created", workspace_id = %ws.id, org_id = %org, job_id = ?job_id);
     Ok((StatusCode::ACCEPTED, Json(Created { workspace: ws, job_id })))
+}
+
+/// A workspace the route has validated; the batch checks its parent and writes it.
+pub struct CreateRequest {
+    org: OrgId,
+    parent: Option<Uuid>,
+    name: String,
+    runtime: String,
+    tier: i16,
+    status: WorkspaceStatus,
+    delivery: DeliveryMode,
+}
+
+pub type CreateBatcher = Batcher<CreateRequest, ApiResult<Created>>;
+
+/// The lanes creating workspaces (crate::batch): one transaction a batch.
+pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
+    Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<CreateRequest>| {
+        let (db, announcer) = (db.clone(), announcer.clone());
+        async move {
+            let out = batch::each_alone_if_together_fails(reqs, |r| Box::pin(create_all(db.clone(), r))).await;
+            if out.iter().any(|c| c.as_ref().is_ok_and(|c| c.job_id.is_some())) {
+                announcer.announce(JobKind::Provision.queue());
+            }
+            out
+        }
+    })
+}
+
+/// A1 for a batch: each workspace row, its provision job (unless external) and its
+/// WORKSPACE_CREATED event commit together — here with the rest of the batch.
+async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<Created>>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let parents: Vec<Uuid> = reqs.iter().filter_map(|r| r.parent).collect();
+    let live_parents: HashSet<(Uuid, Uuid)> = match parents.is_empty() {
+        true => HashSet::new(),
+        false => sqlx::query_as("SELECT id, org_id FROM workspaces WHERE id = ANY($1) AND status <> 'removed'")
+            .bind(&parents)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect(),
+    };
+    let verdicts: Vec<ApiResult<()>> = reqs
+        .iter()
+        .map(|r| match r.parent {
+            Some(p) if !live_parents.contains(&(p, r.org.0)) => {
+                Err(ApiError::bad("invalid_parent", "parent_id is not a workspace of your organization"))
+            }
+            _ => Ok(()),
+        })
+        .collect();
+    let accepted: Vec<&CreateRequest> = reqs.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(r, _)| r).collect();
+    // Ids chosen here, so each request finds its row whatever order RETURNING gives.
+    let ids: Vec<Uuid> = accepted.iter().map(|_| Uuid::new_v4()).collect();
+    let rows: Vec<Workspace> = sqlx::query_as(concat!(
+        "INSERT INTO workspaces (id, org_id, parent_id, name, runtime, tier, status, delivery_mode) \
+         SELECT id, org_id, parent_id, name, runtime, tier, status::workspace_status, delivery_mode::delivery_mode \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::int2[], $7::text[], $8::text[]) \
+              AS t(id, org_id, parent_id, name, runtime, tier, status, delivery_mode) \
+         RETURNING ",
+        ws_cols!()
+    ))
+    .bind(&ids)
+    .bind(accepted.iter().map(|r| r.org.0).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.parent).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.runtime.as_str()).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.tier).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(accepted.iter().map(|r| r.delivery.as_str()).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut rows: HashMap<Uuid, Workspace> = rows.into_iter().map(|w| (w.id, w)).collect();
+    let provisioned: Vec<(Uuid, OrgId)> =
+        ids.iter().zip(&accepted).filter(|(_, r)| r.runtime != runtimes::EXTERNAL).map(|(id, r)| (*id, r.org)).collect();
+    let jobs: Vec<NewJob> = provisioned
+        .iter()
+        .map(|&(id, org)| {
+            NewJob::new(JobKind::Provision, &serde_json::json!({ "workspace_id": id }))
+                .org(org)
+                .workspace(WorkspaceId(id))
+                .announce_after_commit()
+        })
+        .collect();
+    let job_ids: HashMap<Uuid, String> = match jobs.is_empty() {
+        true => HashMap::new(),
+        false => provisioned.iter().map(|p| p.0).zip(enqueue_many(&mut tx, &jobs).await?.into_iter().map(|j| j.to_string())).collect(),
+    };
+    let events: Vec<events::NewEvent> = ids
+        .iter()
+        .zip(&accepted)
+        .map(|(id, r)| events::NewEvent {
+            org: r.org,
+            workspace: *id,
+            event_type: "WORKSPACE_CREATED",
+            payload: serde_json::json!({ "runtime": r.runtime, "job_id": job_ids.get(id) }),
+        })
+        .collect();
+    events::record_many(&mut tx, &events).await?;
+    tx.commit().await?;
+    let mut ids = ids.into_iter();
+    Ok(verdicts
+        .into_iter()
+        .map(|v| {
+            v?;
+            let id = ids.next().ok_or(ApiError::Internal)?;
+            let workspace = rows.remove(&id).ok_or(ApiError::Internal)?;
+            Ok(Created { workspace, job_id: job_ids.get(&id).cloned() })
+        })
+        .collect())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -1,0 +1,255 @@
+//! Group commit on the enqueuing routes (issue 15, api/src/batch.rs): requests that wait
+//! for a lane share one transaction, and each still gets its own answer (A1, A5, X1).
+//! Real PostgreSQL, the real HTTP server. Every lane is held inside a batch by a table
+//! lock the test takes, so which requests share a batch is known, not hoped for.
+
+use molecule_api::AppState;
+use molecule_domain::{tokens, OrgId};
+use molecule_tests::{eventually, fresh_db, http, open_auth, Resp};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::time::Duration;
+
+async fn start(db: &PgPool) -> (String, AppState) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let state = AppState::new(db.clone(), open_auth());
+    tokio::spawn(molecule_api::serve_with(listener, state.clone(), std::future::pending(), Default::default()));
+    (addr, state)
+}
+
+async fn org(db: &PgPool, name: &str) -> (OrgId, String) {
+    let mut c = db.acquire().await.unwrap();
+    tokens::create_org(&mut c, name).await.unwrap()
+}
+
+async fn workspace(db: &PgPool, org: OrgId, tier: i16, status: &str) -> uuid::Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', $2, $3::workspace_status) RETURNING id",
+    )
+    .bind(org.0)
+    .bind(tier)
+    .bind(status)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+fn post(addr: &str, path: String, t: &str, body: Value) -> tokio::task::JoinHandle<Resp> {
+    let (addr, t) = (addr.to_string(), t.to_string());
+    tokio::spawn(async move { http(&addr, "POST", &path, Some(&t), Some(&body.to_string()), None).await })
+}
+
+async fn lock_waiters(db: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted")
+        .bind(table)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// Takes `table` against writes, then sends `lane_request` once per lane, each after the
+/// one before waits on the lock: every lane is then inside a batch of its own, and what
+/// is sent next waits for a lane. Commit the blocker to let them all run.
+async fn hold_every_lane(
+    db: &PgPool,
+    table: &str,
+    lane_request: impl Fn() -> tokio::task::JoinHandle<Resp>,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<tokio::task::JoinHandle<Resp>>) {
+    let mut blocker = db.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE"))).execute(&mut *blocker).await.unwrap();
+    let mut held = Vec::new();
+    for n in 1..=molecule_api::batch::LANES as i64 {
+        held.push(lane_request());
+        eventually(Duration::from_secs(10), "a lane waits on the lock", || async {
+            (lock_waiters(db, table).await >= n).then_some(())
+        })
+        .await;
+    }
+    (blocker, held)
+}
+
+async fn xmin(db: &PgPool, sql: &str, id: &str) -> String {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string())).bind(id).fetch_one(db).await.unwrap()
+}
+
+async fn job_xmin(db: &PgPool, job: &str) -> String {
+    xmin(db, "SELECT xmin::text FROM apalis.jobs WHERE id = $1", job).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execs_waiting_for_a_lane_share_one_transaction_and_each_gets_its_own_answer() {
+    let (db, _) = fresh_db().await;
+    let (addr, state) = start(&db).await;
+    let (a, t) = org(&db, "a").await;
+    let (b, _) = org(&db, "b").await;
+    let online = workspace(&db, a, 3, "online").await;
+    let degraded = workspace(&db, a, 4, "degraded").await;
+    let low_tier = workspace(&db, a, 2, "online").await;
+    let starting = workspace(&db, a, 3, "provisioning").await;
+    let removed = workspace(&db, a, 3, "removed").await;
+    let theirs = workspace(&db, b, 3, "online").await;
+    let exec = |ws: uuid::Uuid| post(&addr, format!("/workspaces/{ws}/exec"), &t, json!({"argv": ["true"], "timeout_s": 7}));
+
+    let (blocker, held) = hold_every_lane(&db, "apalis.jobs", || exec(online)).await;
+    let cases = [
+        (online, 202, ""),
+        (low_tier, 403, "forbidden"),
+        (degraded, 202, ""),
+        (starting, 409, "workspace_not_running"),
+        (theirs, 404, "not_found"),
+        (removed, 404, "not_found"),
+        (uuid::Uuid::new_v4(), 404, "not_found"),
+        (online, 202, ""),
+    ];
+    let batch: Vec<_> = cases.iter().map(|(ws, ..)| exec(*ws)).collect();
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
+        (state.execs.waiting() == cases.len()).then_some(())
+    })
+    .await;
+    blocker.commit().await.unwrap();
+
+    let mut lone = HashSet::new();
+    for h in held {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        lone.insert(job_xmin(&db, r.json()["job_id"].as_str().unwrap()).await);
+    }
+    assert_eq!(lone.len(), molecule_api::batch::LANES, "each lane's first request committed alone");
+    let mut together = HashSet::new();
+    for ((ws, status, code), h) in cases.iter().zip(batch) {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, *status, "exec in {ws}: {}", r.body);
+        if *status != 202 {
+            assert_eq!(r.code(), *code, "exec in {ws}");
+            continue;
+        }
+        let v = r.json();
+        assert_eq!(v["timeout_s"], 7);
+        let job = v["job_id"].as_str().unwrap();
+        let (kind, of): (String, uuid::Uuid) =
+            sqlx::query_as("SELECT job_type, workspace_id FROM apalis.jobs WHERE id = $1").bind(job).fetch_one(&db).await.unwrap();
+        assert_eq!((kind.as_str(), of), ("exec", *ws), "the answer names this request's own job");
+        together.insert(job_xmin(&db, job).await);
+    }
+    assert_eq!(together.len(), 1, "the requests that waited committed in one transaction");
+    assert!(together.is_disjoint(&lone));
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE workspace_id = ANY($1)")
+        .bind(vec![low_tier, starting, removed, theirs])
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(refused, 0, "a refused exec queues nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_waiting_for_a_lane_share_one_transaction_and_a_failing_one_fails_alone() {
+    let (db, _) = fresh_db().await;
+    let (addr, state) = start(&db).await;
+    let (a, t) = org(&db, "a").await;
+    let (b, _) = org(&db, "b").await;
+    let parent = workspace(&db, a, 2, "online").await;
+    let theirs = workspace(&db, b, 2, "online").await;
+    let create = |body: Value| post(&addr, "/workspaces".into(), &t, body);
+    let lane = || create(json!({"name": "lane", "runtime": "echo"}));
+
+    // Round 1: everything in the batch can be written — one transaction for all of it.
+    let (blocker, held) = hold_every_lane(&db, "workspaces", lane).await;
+    let bodies = [
+        (json!({"name": "one", "runtime": "echo", "tier": 3}), 202),
+        (json!({"name": "child", "runtime": "echo", "parent_id": parent}), 202),
+        (json!({"name": "orphan", "runtime": "echo", "parent_id": theirs}), 400),
+        (json!({"name": "ext", "runtime": "external"}), 202),
+        (json!({"name": "two", "runtime": "echo", "delivery_mode": "poll"}), 202),
+    ];
+    let batch: Vec<_> = bodies.iter().map(|(body, _)| create(body.clone())).collect();
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
+        (state.creates.waiting() == bodies.len()).then_some(())
+    })
+    .await;
+    blocker.commit().await.unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 202);
+    }
+    let mut together = HashSet::new();
+    for ((body, status), h) in bodies.iter().zip(batch) {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, *status, "{body}: {}", r.body);
+        if *status != 202 {
+            assert_eq!(r.code(), "invalid_parent");
+            continue;
+        }
+        let v = r.json();
+        let ws = v["workspace"]["id"].as_str().unwrap();
+        assert_eq!(v["workspace"]["name"], body["name"], "the answer is this request's own workspace");
+        assert_eq!(v["workspace"]["parent_id"], body.get("parent_id").cloned().unwrap_or(Value::Null));
+        assert_eq!(v["workspace"]["tier"], body.get("tier").cloned().unwrap_or(json!(2)));
+        let external = body["runtime"] == "external";
+        assert_eq!(v["workspace"]["delivery_mode"], if external || body["name"] == "two" { "poll" } else { "push" });
+        assert_eq!(v["job_id"].is_null(), external, "{body}: a provision job unless external");
+        together.insert(xmin(&db, "SELECT xmin::text FROM workspaces WHERE id = $1::uuid", ws).await);
+        let event: (String, Option<String>) = sqlx::query_as(
+            "SELECT xmin::text, payload->>'job_id' FROM structure_events WHERE workspace_id = $1::uuid AND event_type = 'WORKSPACE_CREATED'",
+        )
+        .bind(ws)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(event.1.as_deref(), v["job_id"].as_str(), "the event names the workspace's own job");
+        together.insert(event.0);
+        if let Some(job) = v["job_id"].as_str() {
+            let of: uuid::Uuid = sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE id = $1").bind(job).fetch_one(&db).await.unwrap();
+            assert_eq!(of.to_string(), ws);
+            together.insert(job_xmin(&db, job).await);
+        }
+    }
+    assert_eq!(together.len(), 1, "rows, events and jobs of the waiting requests committed in one transaction");
+    let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM workspaces WHERE name = 'orphan'").fetch_one(&db).await.unwrap();
+    assert_eq!(orphans, 0);
+
+    // Round 2: one request in the batch is refused by the database — it fails alone and
+    // the others still commit, each in a transaction of its own.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_doomed() RETURNS trigger AS $$ BEGIN
+             IF NEW.name = 'doomed' THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_doomed BEFORE INSERT ON workspaces FOR EACH ROW EXECUTE FUNCTION refuse_doomed();",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let (blocker, held) = hold_every_lane(&db, "workspaces", lane).await;
+    let names = ["g1", "doomed", "g2"];
+    let batch: Vec<_> = names.iter().map(|n| create(json!({"name": n, "runtime": "echo"}))).collect();
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
+        (state.creates.waiting() == names.len()).then_some(())
+    })
+    .await;
+    blocker.commit().await.unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 202);
+    }
+    let mut alone = HashSet::new();
+    for (name, h) in names.iter().zip(batch) {
+        let r = h.await.unwrap();
+        if *name == "doomed" {
+            assert_eq!((r.status, r.code()), (500, "internal".to_string()), "{}", r.body);
+            assert!(!r.body.contains("injected"), "no internals in the response");
+            continue;
+        }
+        assert_eq!(r.status, 202, "{name}: {}", r.body);
+        let v = r.json();
+        let ws = v["workspace"]["id"].as_str().unwrap();
+        alone.insert(xmin(&db, "SELECT xmin::text FROM workspaces WHERE id = $1::uuid", ws).await);
+        assert!(v["job_id"].is_string());
+    }
+    assert_eq!(alone.len(), 2, "after the batch failed, g1 and g2 committed apart");
+    let doomed: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM workspaces WHERE name = 'doomed') \
+              + (SELECT count(*) FROM structure_events WHERE payload->>'runtime' IS NULL)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(doomed, 0, "nothing of the refused request was written");
+}
