@@ -290,7 +290,8 @@ impl Runtime {
 /// a benchmark's — does not read a large table at once.
 const WHOLE_TABLE_RESCUE_EVERY: Duration = Duration::from_secs(300);
 
-/// The lease rescuer, every third of a lease, until the pools stop.
+/// The lease rescuer, and the stats refresher beside it, every third of a lease, until the
+/// pools stop.
 async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     use crate::maintenance::Scope;
     let period = (shared.cfg.lease / 3).max(Duration::from_millis(200));
@@ -316,6 +317,11 @@ async fn run_rescuer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 Ok(n) => tracing::warn!(rescued = n, ?scope, "took back jobs of workers past their lease"),
                 Err(e) => tracing::warn!(error = %e, ?scope, "lease rescue failed"),
             }
+        }
+        match crate::maintenance::refresh_if_outgrown(&shared.core).await {
+            Ok(true) => tracing::info!("analyzed apalis.jobs: it had outgrown its planner statistics"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "refreshing the job table's planner statistics failed"),
         }
     }
 }

@@ -120,6 +120,11 @@ impl ClaimCursor {
 /// `lock_at IS NULL` is the claim index's predicate (migrations/…_claims.sql says why not
 /// `status`); the status test stays, so a row some path ended without setting lock_at is
 /// stepped over, never claimed.
+/// The update repeats the status test only: `lock_at IS NULL` there would let the planner
+/// take the rows through a scan of the claim index, and a generic plan made while that
+/// index was small does, whatever it holds later (the subquery's locks keep the versions
+/// it found as they were; maintenance/stats_refresher.rs says how a plan made on an empty
+/// table is remade).
 macro_rules! claim_sql {
     ($after:literal) => {
         concat!(
@@ -137,7 +142,7 @@ WHERE j.ctid = ANY(ARRAY(
     ORDER BY priority DESC, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
-)) AND j.lock_at IS NULL AND j.status IN ('Pending', 'Failed')
+)) AND j.status IN ('Pending', 'Failed')
 RETURNING j.id, j.job, j.attempts, j.max_attempts, j.org_id, j.workspace_id,
           (j.expires_at IS NOT NULL AND j.expires_at <= now()) AS expired, j.fence,
           j.priority, j.run_at, j.ctid::text AS tid
@@ -151,7 +156,7 @@ SELECT taken.*, (SELECT id FROM batch) AS batch FROM taken"
     };
 }
 
-const CLAIM: &str = claim_sql!("");
+pub(crate) const CLAIM: &str = claim_sql!("");
 
 /// Claimed jobs leave the claim index only when a vacuum reaches it: until then every
 /// claim from the head of a queue steps over the entries of all the jobs claimed before
