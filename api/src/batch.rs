@@ -8,8 +8,11 @@
 //! whatever is waiting (up to a limit), running it as one batch and answering every caller.
 //! Natural batching adds no wait: an idle lane takes a lone request at once; batches form
 //! only while every lane is busy, which is exactly when the round trips they save matter.
-//! A batch that fails is retried one request at a time, so one bad request (a row a
-//! constraint refuses) fails alone and the others keep their answers.
+//! A batch the database refused (an error it answered: the transaction rolled back) is run
+//! again one request at a time, so a request a constraint refuses fails alone and the
+//! others keep their answers. Any other failure — the connection lost, perhaps during the
+//! commit, the database unreachable — is every caller's answer, never a second try: the
+//! batch may have committed, and its exec must not run twice.
 
 use futures_util::future::BoxFuture;
 use std::future::Future;
@@ -46,6 +49,8 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
+        // Room for four full batches a lane; beyond that, callers wait to be queued (the
+        // server's connection cap bounds them anyway).
         let (tx, rx) = mpsc::channel(lanes.max(1) * max.max(1) * 4);
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
@@ -55,12 +60,13 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         Batcher { tx }
     }
 
-    /// Requests waiting for a lane (none are while a lane is idle).
+    /// Requests queued for the next batch a lane takes.
     pub fn waiting(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Runs `item` in the next batch a lane takes. None: the lanes are gone (shutting down).
+    /// Runs `item` in the next batch a lane takes. None: its batch ended without an answer
+    /// for it (it panicked; logged), or the lanes are gone.
     pub async fn submit(&self, item: T) -> Option<R> {
         let (reply, answer) = oneshot::channel();
         self.tx.send((item, reply)).await.ok()?;
@@ -70,8 +76,10 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
 
 async fn lane<T, R, F, Fut>(rx: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>, run: Arc<F>, max: usize)
 where
+    T: Send + 'static,
+    R: Send + 'static,
     F: Fn(Vec<T>) -> Fut,
-    Fut: Future<Output = Vec<R>>,
+    Fut: Future<Output = Vec<R>> + Send + 'static,
 {
     loop {
         let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = {
@@ -88,24 +96,34 @@ where
             }
             taken.into_iter().unzip()
         };
+        // A task of its own, so a panic ends this batch (its callers get None) and not the lane.
+        let answers = match tokio::spawn(run(items)).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                tracing::error!(error = %e, "a batch ended without answers");
+                continue;
+            }
+        };
+        debug_assert_eq!(answers.len(), replies.len(), "one answer per request");
         // A caller that went away dropped its receiver: its send fails, nothing else does.
-        for (reply, out) in replies.into_iter().zip(run(items).await) {
+        for (reply, out) in replies.into_iter().zip(answers) {
             let _ = reply.send(out);
         }
     }
 }
 
-/// Runs `reqs` together; should that fail (and there be more than one), each runs alone,
-/// so a failure stays with the request that caused it and the others keep their answers.
-pub async fn each_alone_if_together_fails<T, R>(
+/// Runs `reqs` together. Refused by the database (and more than one), each runs alone; any
+/// other failure is every caller's answer (see the module's doc: it may have committed).
+pub async fn each_alone_if_refused<T, R>(
     reqs: Vec<T>,
     run: impl for<'a> Fn(&'a [T]) -> BoxFuture<'a, Result<Vec<ApiResult<R>>, sqlx::Error>>,
 ) -> Vec<ApiResult<R>> {
-    if reqs.len() > 1
-        && let Ok(out) = run(&reqs).await
-    {
-        return out;
-    }
+    let e = match run(&reqs).await {
+        Ok(out) => return out,
+        Err(e) if reqs.len() > 1 && refused(&e) => e,
+        Err(e) => return every_caller(&reqs, e),
+    };
+    tracing::debug!(error = %e, requests = reqs.len(), "a batch was refused; running its requests one by one");
     let mut out = Vec::with_capacity(reqs.len());
     for one in reqs.chunks(1) {
         out.push(match run(one).await {
@@ -114,6 +132,18 @@ pub async fn each_alone_if_together_fails<T, R>(
         });
     }
     out
+}
+
+/// The database answered with an error, so the transaction rolled back: safe to run again.
+/// (An outage's errors are answers too, but running again would only wait again.)
+fn refused(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if !molecule_domain::db::is_outage(db.as_ref()))
+}
+
+/// One error for every request of a batch (logged once).
+pub fn every_caller<T, R>(reqs: &[T], e: sqlx::Error) -> Vec<ApiResult<R>> {
+    let e = ApiError::from(e);
+    reqs.iter().map(|_| Err(e.clone())).collect()
 }
 
 #[cfg(test)]
@@ -161,9 +191,30 @@ mod tests {
         assert_eq!(*batches.lock().unwrap(), vec![1, 5], "the five waiting requests ran as one batch");
     }
 
+    /// A lost connection may have lost the answer to a commit that happened: the batch is
+    /// not run again (an exec would run twice); every caller gets the error.
     #[tokio::test]
-    async fn a_caller_whose_lane_is_gone_gets_none() {
-        let b: Batcher<u32, u32> = Batcher::start(1, 8, |_items: Vec<u32>| async { Vec::new() });
-        assert_eq!(b.submit(1).await, None, "a batch that answers nobody leaves its callers with None, not hanging");
+    async fn a_batch_that_may_have_committed_is_not_run_again() {
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let out = each_alone_if_refused(vec![1, 2, 3], |_reqs: &[i32]| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err::<Vec<ApiResult<()>>, _>(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())) })
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "run once, never one by one");
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|r| matches!(r, Err(ApiError::Unavailable))), "every caller: 503");
+    }
+
+    #[tokio::test]
+    async fn a_caller_left_without_an_answer_gets_none_and_the_lane_lives_on() {
+        let b: Batcher<u32, u32> = Batcher::start(1, 8, |items: Vec<u32>| async move {
+            if items.contains(&0) {
+                panic!("a batch that panics");
+            }
+            items
+        });
+        assert_eq!(b.submit(0).await, None, "its callers get None, not a hang");
+        assert_eq!(b.submit(7).await, Some(7), "and the one lane still runs the next batch");
     }
 }

@@ -42,7 +42,10 @@ fn post(addr: &str, path: String, t: &str, body: Value) -> tokio::task::JoinHand
 }
 
 async fn lock_waiters(db: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted")
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
         .bind(table)
         .fetch_one(db)
         .await
@@ -57,8 +60,18 @@ async fn hold_every_lane(
     table: &str,
     lane_request: impl Fn() -> tokio::task::JoinHandle<Resp>,
 ) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<tokio::task::JoinHandle<Resp>>) {
+    hold_every_lane_in(db, table, "SHARE", lane_request).await
+}
+
+/// [`hold_every_lane`] with the lock `mode` (ACCESS EXCLUSIVE holds readers too).
+async fn hold_every_lane_in(
+    db: &PgPool,
+    table: &str,
+    mode: &str,
+    lane_request: impl Fn() -> tokio::task::JoinHandle<Resp>,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<tokio::task::JoinHandle<Resp>>) {
     let mut blocker = db.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE"))).execute(&mut *blocker).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN {mode} MODE"))).execute(&mut *blocker).await.unwrap();
     let mut held = Vec::new();
     for n in 1..=molecule_api::batch::LANES as i64 {
         held.push(lane_request());
@@ -246,10 +259,66 @@ async fn creates_waiting_for_a_lane_share_one_transaction_and_a_failing_one_fail
     assert_eq!(alone.len(), 2, "after the batch failed, g1 and g2 committed apart");
     let doomed: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM workspaces WHERE name = 'doomed') \
-              + (SELECT count(*) FROM structure_events WHERE payload->>'runtime' IS NULL)",
+              + (SELECT count(*) FROM structure_events e WHERE NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = e.workspace_id)) \
+              + (SELECT count(*) FROM apalis.jobs j WHERE NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = j.workspace_id))",
     )
     .fetch_one(&db)
     .await
     .unwrap();
     assert_eq!(doomed, 0, "nothing of the refused request was written");
+}
+
+/// X1, X2: lookups that wait for a lane share one statement, and each token still
+/// authenticates its own owner — or nobody (revoked, its workspace removed, unknown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_lookups_waiting_for_a_lane_share_one_statement_and_each_finds_its_own_owner() {
+    let (db, _) = fresh_db().await;
+    let (addr, state) = start(&db).await;
+    let (a, ta) = org(&db, "a").await;
+    let (b, tb) = org(&db, "b").await;
+    let ws_a = workspace(&db, a, 2, "online").await;
+    let ws_a2 = workspace(&db, a, 2, "online").await;
+    let ws_b = workspace(&db, b, 2, "online").await;
+    let gone = workspace(&db, a, 2, "online").await;
+    let mut c = db.acquire().await.unwrap();
+    let tw = tokens::create_workspace_token(&mut c, molecule_domain::WorkspaceId(ws_a)).await.unwrap();
+    let t_gone = tokens::create_workspace_token(&mut c, molecule_domain::WorkspaceId(gone)).await.unwrap();
+    let (revoked_id, t_revoked) = tokens::create_org_token(&mut c, a, Some("old")).await.unwrap();
+    sqlx::query("UPDATE org_tokens SET revoked_at = now() WHERE id = $1").bind(revoked_id).execute(&mut *c).await.unwrap();
+    sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1").bind(gone).execute(&mut *c).await.unwrap();
+    let unknown = tokens::mint_org_token().secret;
+    let read = |t: &str, ws: uuid::Uuid| {
+        let (addr, t) = (addr.clone(), t.to_string());
+        tokio::spawn(async move { http(&addr, "GET", &format!("/workspaces/{ws}"), Some(&t), None, None).await })
+    };
+
+    let (blocker, held) = hold_every_lane_in(&db, "org_tokens", "ACCESS EXCLUSIVE", || read(&ta, ws_a)).await;
+    let cases = [
+        (&ta, ws_a, 200),
+        (&tb, ws_a, 404),
+        (&tb, ws_b, 200),
+        (&tw, ws_a, 200),
+        (&tw, ws_a2, 404),
+        (&ta, ws_b, 404),
+        (&t_revoked, ws_a, 401),
+        (&t_gone, gone, 401),
+        (&unknown, ws_a, 401),
+        (&ta, ws_a2, 200),
+    ];
+    let batch: Vec<_> = cases.iter().map(|(t, ws, _)| read(t, *ws)).collect();
+    eventually(Duration::from_secs(10), "the lookups wait for a lane", || async {
+        (state.tokens.waiting() == cases.len()).then_some(())
+    })
+    .await;
+    blocker.commit().await.unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    for (i, ((_, ws, status), h)) in cases.iter().zip(batch).enumerate() {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, *status, "case {i}, workspace {ws}: {}", r.body);
+        if *status == 200 {
+            assert_eq!(r.json()["id"], ws.to_string());
+        }
+    }
 }

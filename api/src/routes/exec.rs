@@ -108,7 +108,7 @@ pub async fn exec(
         .execs
         .submit(ExecRequest { org, workspace: id, argv: body.argv, timeout_s })
         .await
-        .ok_or(ApiError::Unavailable)??;
+        .ok_or(ApiError::Internal)??;
     // Subscribed before the follower's first read: what the job did before this moment is
     // read from the table, what it does after is announced to the subscription.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
@@ -151,7 +151,7 @@ pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> 
     Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<ExecRequest>| {
         let (db, activity, announcer) = (db.clone(), activity.clone(), announcer.clone());
         async move {
-            let out = batch::each_alone_if_together_fails(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), r))).await;
+            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), r))).await;
             if out.iter().any(Result::is_ok) {
                 announcer.announce(JobKind::Exec.queue());
             }
@@ -201,6 +201,8 @@ async fn queue_execs(db: PgPool, activity: RecentMarks, reqs: &[ExecRequest]) ->
     let mut active: Vec<WorkspaceId> = accepted.iter().map(|r| r.workspace).collect();
     active.sort_unstable_by_key(|w| w.0);
     active.dedup();
+    // Noted as marked before the commit: a batch that fails leaves these unmarked for up
+    // to a second (the hibernation sweeper reads it in minutes, not seconds).
     activity.mark_active(&mut tx, &active).await?;
     tx.commit().await?;
     Ok(verdicts.into_iter().map(|v| v.and_then(|()| job_ids.next().ok_or(ApiError::Internal))).collect())

@@ -145,7 +145,7 @@ pub async fn create(
         .creates
         .submit(CreateRequest { org, parent: body.parent_id, name, runtime: body.runtime, tier, status, delivery })
         .await
-        .ok_or(ApiError::Unavailable)??;
+        .ok_or(ApiError::Internal)??;
     let (ws, job_id) = (created.workspace, created.job_id);
     tracing::info!(event = "workspace.created", workspace_id = %ws.id, org_id = %org, job_id = ?job_id);
     Ok((StatusCode::ACCEPTED, Json(Created { workspace: ws, job_id })))
@@ -169,7 +169,7 @@ pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
     Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<CreateRequest>| {
         let (db, announcer) = (db.clone(), announcer.clone());
         async move {
-            let out = batch::each_alone_if_together_fails(reqs, |r| Box::pin(create_all(db.clone(), r))).await;
+            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(create_all(db.clone(), r))).await;
             if out.iter().any(|c| c.as_ref().is_ok_and(|c| c.job_id.is_some())) {
                 announcer.announce(JobKind::Provision.queue());
             }

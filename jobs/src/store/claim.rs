@@ -118,13 +118,12 @@ impl ClaimCursor {
 /// after this statement's snapshot is not matched (the update re-checks `ctid` on the
 /// newest version): that job is left to the next claim, never taken twice.
 /// `lock_at IS NULL` is the claim index's predicate (migrations/…_claims.sql says why not
-/// `status`); the status test stays, so a row some path ended without setting lock_at is
-/// stepped over, never claimed.
-/// The update repeats the status test only: `lock_at IS NULL` there would let the planner
-/// take the rows through a scan of the claim index, and a generic plan made while that
-/// index was small does, whatever it holds later (the subquery's locks keep the versions
-/// it found as they were; maintenance/stats_refresher.rs says how a plan made on an empty
-/// table is remade).
+/// `status`); the status test stays beside it, so a row some path ended without setting
+/// lock_at is stepped over, never claimed. The update repeats only the status test: the
+/// subquery's locks keep the versions it found as they were, and `lock_at IS NULL` there
+/// would let the planner take the rows through a scan of the claim index — which a
+/// generic plan made while that index was small does, whatever it holds later
+/// (maintenance/stats_refresher.rs: how a plan made on an empty table is remade).
 macro_rules! claim_sql {
     ($after:literal) => {
         concat!(
