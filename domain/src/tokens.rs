@@ -191,7 +191,6 @@ pub async fn create_workspace_token(conn: &mut PgConnection, ws: WorkspaceId) ->
 mod tests {
     use super::*;
 
-
     #[test]
     fn minted_tokens_are_distinct_prefixed_and_hash_stably() {
         let a = mint_org_token();
@@ -290,7 +289,7 @@ mod db_tests {
                 sqlx::query_scalar("EXPLAIN EXECUTE lookup(ARRAY['\\x00'::bytea])").fetch_all(&mut *conn).await.unwrap();
             rows.join("\n")
         };
-        plan(&mut session).await;
+        let empty = plan(&mut session).await;
         let (org, _) = create_org(&mut session, "o").await.unwrap();
         let ws: Uuid = sqlx::query_scalar("INSERT INTO workspaces (org_id, name, runtime, tier) VALUES ($1, 'w', 'echo', 2) RETURNING id")
             .bind(org.0)
@@ -303,6 +302,7 @@ mod db_tests {
             .await
             .unwrap();
         let full = plan(&mut session).await;
+        assert_eq!(full, empty, "the session still runs the plan made on the empty tables");
         for index in ["org_tokens_token_sha256_key", "workspace_auth_tokens_token_sha256_key"] {
             assert!(full.contains(&format!("Index Scan using {index}")), "{index} is not used:\n{full}");
         }
