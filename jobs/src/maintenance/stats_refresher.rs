@@ -12,7 +12,7 @@
 //! would drain at that pace until it did. Here, once the table holds four times the pages
 //! its statistics say (and more than 64), one process runs ANALYZE: the new statistics
 //! invalidate every session's cached plans of the table, and each is made again at the
-//! table's real size — while the statistics say under 1 024 pages ([`OUTGROWN`] says
+//! table's real size — while the statistics say under 1 024 pages (`OUTGROWN` says
 //! why no later). It never waits: a vacuum or analyze holding the table's lock (the one
 //! autovacuum would be cancelled for) means one is under way, and it skips.
 
