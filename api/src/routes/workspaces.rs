@@ -143,7 +143,7 @@ pub async fn create(
 
     let created = st
         .creates
-        .submit(CreateRequest { org, parent: body.parent_id, name, runtime: body.runtime, tier, status, delivery })
+        .submit(CreateRequest { id: Uuid::new_v4(), org, parent: body.parent_id, name, runtime: body.runtime, tier, status, delivery })
         .await
         .ok_or(ApiError::Internal)??;
     let (ws, job_id) = (created.workspace, created.job_id);
@@ -153,6 +153,8 @@ pub async fn create(
 
 /// A workspace the route has validated; the batch checks its parent and writes it.
 pub struct CreateRequest {
+    /// Chosen by the route, so each request finds its row whatever order RETURNING gives.
+    id: Uuid,
     org: OrgId,
     parent: Option<Uuid>,
     name: String,
@@ -202,8 +204,6 @@ async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<
         })
         .collect();
     let accepted: Vec<&CreateRequest> = reqs.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(r, _)| r).collect();
-    // Ids chosen here, so each request finds its row whatever order RETURNING gives.
-    let ids: Vec<Uuid> = accepted.iter().map(|_| Uuid::new_v4()).collect();
     let rows: Vec<Workspace> = sqlx::query_as(concat!(
         "INSERT INTO workspaces (id, org_id, parent_id, name, runtime, tier, status, delivery_mode) \
          SELECT id, org_id, parent_id, name, runtime, tier, status::workspace_status, delivery_mode::delivery_mode \
@@ -212,7 +212,7 @@ async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<
          RETURNING ",
         ws_cols!()
     ))
-    .bind(&ids)
+    .bind(accepted.iter().map(|r| r.id).collect::<Vec<_>>())
     .bind(accepted.iter().map(|r| r.org.0).collect::<Vec<_>>())
     .bind(accepted.iter().map(|r| r.parent).collect::<Vec<_>>())
     .bind(accepted.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
@@ -224,7 +224,7 @@ async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<
     .await?;
     let mut rows: HashMap<Uuid, Workspace> = rows.into_iter().map(|w| (w.id, w)).collect();
     let provisioned: Vec<(Uuid, OrgId)> =
-        ids.iter().zip(&accepted).filter(|(_, r)| r.runtime != runtimes::EXTERNAL).map(|(id, r)| (*id, r.org)).collect();
+        accepted.iter().filter(|r| r.runtime != runtimes::EXTERNAL).map(|r| (r.id, r.org)).collect();
     let jobs: Vec<NewJob> = provisioned
         .iter()
         .map(|&(id, org)| {
@@ -238,26 +238,24 @@ async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<
         true => HashMap::new(),
         false => provisioned.iter().map(|p| p.0).zip(enqueue_many(&mut tx, &jobs).await?.into_iter().map(|j| j.to_string())).collect(),
     };
-    let events: Vec<events::NewEvent> = ids
+    let events: Vec<events::NewEvent> = accepted
         .iter()
-        .zip(&accepted)
-        .map(|(id, r)| events::NewEvent {
+        .map(|r| events::NewEvent {
             org: r.org,
-            workspace: *id,
+            workspace: r.id,
             event_type: "WORKSPACE_CREATED",
-            payload: serde_json::json!({ "runtime": r.runtime, "job_id": job_ids.get(id) }),
+            payload: serde_json::json!({ "runtime": r.runtime, "job_id": job_ids.get(&r.id) }),
         })
         .collect();
     events::record_many(&mut tx, &events).await?;
     tx.commit().await?;
-    let mut ids = ids.into_iter();
     Ok(verdicts
         .into_iter()
-        .map(|v| {
+        .zip(reqs)
+        .map(|(v, r)| {
             v?;
-            let id = ids.next().ok_or(ApiError::Internal)?;
-            let workspace = rows.remove(&id).ok_or(ApiError::Internal)?;
-            Ok(Created { workspace, job_id: job_ids.get(&id).cloned() })
+            let workspace = rows.remove(&r.id).ok_or(ApiError::Internal)?;
+            Ok(Created { workspace, job_id: job_ids.get(&r.id).cloned() })
         })
         .collect())
 }
