@@ -537,7 +537,7 @@ async fn in_process(db: &PgPool, o: &Opts) {
 }
 
 /// `raw` last: the others are printed against it.
-const DESIGNS: [&str; 8] = ["current", "before", "hot_ready", "ready_claims", "hot_live", "our_indexes", "apalis_row", "raw"];
+const DESIGNS: [&str; 9] = ["current", "held", "before", "hot_ready", "ready_claims", "hot_live", "our_indexes", "apalis_row", "raw"];
 
 /// (d): µs per job of each table design, in rounds (the order rotating), medians last.
 async fn designs(db: &PgPool, o: &Opts) {
@@ -548,7 +548,7 @@ async fn designs(db: &PgPool, o: &Opts) {
         let q = format!("d{round}");
         sqlx::query("CALL bench_designs.fill($1, $2)").bind(&q).bind(o.jobs as i32).execute(&mut *conn).await.expect("fill");
         sqlx::raw_sql(
-            "VACUUM ANALYZE bench_designs.current_jobs, bench_designs.before_jobs, bench_designs.claims, bench_designs.hot_jobs, bench_designs.ready, bench_designs.live, \
+            "VACUUM ANALYZE bench_designs.current_jobs, bench_designs.held_jobs, bench_designs.before_jobs, bench_designs.claims, bench_designs.hot_jobs, bench_designs.ready, bench_designs.live, \
              bench_designs.our_indexes, bench_designs.apalis_row, bench_designs.raw",
         )
             .execute(&mut *conn)
