@@ -110,7 +110,7 @@ pub type TokenBatcher = Batcher<[u8; 32], ApiResult<Option<TokenOwner>>>;
 
 /// The lanes looking tokens up (crate::batch): the callers waiting meanwhile share a statement.
 pub fn token_batcher(db: sqlx::PgPool) -> TokenBatcher {
-    Batcher::start(batch::LANES, batch::MAX, move |keys: Vec<[u8; 32]>| {
+    Batcher::start(batch::lanes(), batch::MAX, move |keys: Vec<[u8; 32]>| {
         let db = db.clone();
         // One statement reads them all: nothing in it is one key's fault, so no key runs alone.
         async move { look_up(&db, &keys).await.unwrap_or_else(|e| batch::every_caller(&keys, e)) }

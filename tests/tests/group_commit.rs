@@ -73,7 +73,7 @@ async fn hold_every_lane_in(
     let mut blocker = db.begin().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN {mode} MODE"))).execute(&mut *blocker).await.unwrap();
     let mut held = Vec::new();
-    for n in 1..=molecule_api::batch::LANES as i64 {
+    for n in 1..=molecule_api::batch::lanes() as i64 {
         held.push(lane_request());
         eventually(Duration::from_secs(10), "a lane waits on the lock", || async {
             (lock_waiters(db, table).await >= n).then_some(())
@@ -129,7 +129,7 @@ async fn execs_waiting_for_a_lane_share_one_transaction_and_each_gets_its_own_an
         assert_eq!(r.status, 202, "{}", r.body);
         lone.insert(job_xmin(&db, r.json()["job_id"].as_str().unwrap()).await);
     }
-    assert_eq!(lone.len(), molecule_api::batch::LANES, "each lane's first request committed alone");
+    assert_eq!(lone.len(), molecule_api::batch::lanes(), "each lane's first request committed alone");
     let mut together = HashSet::new();
     for ((ws, status, code), h) in cases.iter().zip(batch) {
         let r = h.await.unwrap();

@@ -148,7 +148,7 @@ pub type ExecBatcher = Batcher<ExecRequest, ApiResult<JobId>>;
 
 /// The lanes queueing execs (crate::batch): one transaction a batch.
 pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> ExecBatcher {
-    Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<ExecRequest>| {
+    Batcher::start(batch::lanes(), batch::MAX, move |reqs: Vec<ExecRequest>| {
         let (db, activity, announcer) = (db.clone(), activity.clone(), announcer.clone());
         async move {
             let out = batch::each_alone_if_refused(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), r))).await;

@@ -168,7 +168,7 @@ pub type CreateBatcher = Batcher<CreateRequest, ApiResult<Created>>;
 
 /// The lanes creating workspaces (crate::batch): one transaction a batch.
 pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
-    Batcher::start(batch::LANES, batch::MAX, move |reqs: Vec<CreateRequest>| {
+    Batcher::start(batch::lanes(), batch::MAX, move |reqs: Vec<CreateRequest>| {
         let (db, announcer) = (db.clone(), announcer.clone());
         async move {
             let out = batch::each_alone_if_refused(reqs, |r| Box::pin(create_all(db.clone(), r))).await;
