@@ -35,6 +35,9 @@ pub enum ApiError {
     PlatformMisconfigured,
     #[error("database unavailable")]
     Unavailable,
+    /// A lock the request needed was held longer than it may wait ([`crate::batch::LOCK_WAIT`]).
+    #[error("busy")]
+    Busy,
     #[error("internal error")]
     Internal,
 }
@@ -73,6 +76,7 @@ impl ApiError {
                 "this server has no organization configured (MOLECULE_ORG_ID is set but empty); refusing to serve tenant data".into(),
             ),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is not reachable; retry shortly".into()),
+            Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy", "another change holds a row this request needs; retry shortly".into()),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged".into()),
         }
     }
@@ -100,6 +104,10 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                tracing::warn!(error = %e, "gave up waiting for a lock");
+                ApiError::Busy
+            }
             _ => {
                 tracing::error!(error = %e, "database error");
                 ApiError::Internal
@@ -107,5 +115,8 @@ impl From<sqlx::Error> for ApiError {
         }
     }
 }
+
+/// SQLSTATE of a lock wait cut short by `lock_timeout`.
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -41,13 +41,17 @@
 --              of 20k each: 72 % of hot_ack's acks, 83 % of ready_claims' job-row updates;
 --   held       current's table, the claim only locking its batch (FOR UPDATE SKIP LOCKED in
 --              a transaction held while the batch runs) and the end writing each job once
---              before the one commit: one row version and one commit a job fewer than
---              current. What the claim's own write buys, and held gives up: a Running
---              state others read, the attempt counted before the job runs (a job that
---              kills its worker would come back uncounted, for ever), and a claim that
---              outlives its connection (a dropped connection frees the rows while the
---              job may still run: another worker could start it). 2026-12-01, 5 rounds
---              of 20k, claim 500: current 16.7, held 11.2, raw 7.2 µs/job;
+--              before the one commit: one row version a job and one commit a batch fewer
+--              than current, and no `claims` row. What the claim's own write buys, and
+--              held gives up: a Running state others read, the attempt counted before the
+--              job runs (a job that kills its worker would come back uncounted, for ever),
+--              a claim that outlives its connection (a dropped connection frees the rows
+--              while the job may still run: another worker could start it), and no
+--              transaction open while jobs run (held keeps one open per batch for as long
+--              as its jobs take — an exec up to 120 s, a provision minutes —, holding
+--              back every vacuum of the cluster and a connection). 2026-12-01, two
+--              sittings of 5 rounds of 20k, claim 500: current 16.7 / 18.2, held 11.2 /
+--              11.8, raw 7.2 / 7.4 µs/job;
 --   raw        bench/queue's raw baseline table (bigint key, five columns, one index).
 
 DROP SCHEMA IF EXISTS bench_designs CASCADE;

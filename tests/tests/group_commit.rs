@@ -322,3 +322,53 @@ async fn token_lookups_waiting_for_a_lane_share_one_statement_and_each_finds_its
         }
     }
 }
+
+/// A batch waits at most `batch::LOCK_WAIT` for a lock: a workspace row held by some
+/// other transaction (here, open and idle) cannot hold up the route's lane, and so every
+/// exec of every org, for longer. The exec that needs the row gets 503 `busy` and queues
+/// nothing; the execs behind it go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_gives_up_on_a_held_row_and_the_lane_goes_on() {
+    let (db, _) = fresh_db().await;
+    let (addr, _state) = start(&db).await;
+    let (a, t) = org(&db, "a").await;
+    let held_ws = workspace(&db, a, 3, "online").await;
+    let other = workspace(&db, a, 3, "online").await;
+    let exec = |ws: uuid::Uuid| post(&addr, format!("/workspaces/{ws}/exec"), &t, json!({"argv": ["true"]}));
+
+    // The exec marks its workspace active (an UPDATE of the row): it waits for this lock.
+    let mut holder = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(held_ws).execute(&mut *holder).await.unwrap();
+    let began = std::time::Instant::now();
+    let blocked = exec(held_ws);
+    eventually(Duration::from_secs(10), "the batch waits on the row", || async {
+        (row_lock_waiters(&db).await >= 1).then_some(())
+    })
+    .await;
+    let behind = exec(other);
+
+    let r = tokio::time::timeout(Duration::from_secs(30), blocked).await.expect("the exec gave up waiting").unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.code(), "busy");
+    let waited = began.elapsed();
+    assert!(waited >= Duration::from_secs(4), "gave up after the lock wait, not before: {waited:?}");
+    let r = tokio::time::timeout(Duration::from_secs(30), behind).await.expect("the lane went on").unwrap();
+    assert_eq!(r.status, 202, "the lane went on: {}", r.body);
+    assert!(began.elapsed() < Duration::from_secs(15), "the exec behind waited one lock wait, not more");
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE workspace_id = $1")
+        .bind(held_ws)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "the exec that gave up queued nothing");
+    holder.rollback().await.unwrap();
+}
+
+/// Sessions of this test's database waiting for a lock (a row lock's wait is on the
+/// holder's transaction id, which pg_locks does not tie to a database).
+async fn row_lock_waiters(db: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+    .fetch_one(db)
+    .await
+    .unwrap()
+}

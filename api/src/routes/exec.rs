@@ -162,7 +162,7 @@ pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> 
 
 /// Checks each exec's workspace and queues the runnable ones, in one transaction.
 async fn queue_execs(db: PgPool, activity: RecentMarks, reqs: &[ExecRequest]) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = batch::begin(&db).await?;
     let ids: Vec<uuid::Uuid> = reqs.iter().map(|r| r.workspace.0).collect();
     let found: Vec<(uuid::Uuid, uuid::Uuid, i16, WorkspaceStatus)> =
         sqlx::query_as("SELECT id, org_id, tier, status FROM workspaces WHERE id = ANY($1)")

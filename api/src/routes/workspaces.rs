@@ -183,7 +183,7 @@ pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
 /// A1 for a batch: each workspace row, its provision job (unless external) and its
 /// WORKSPACE_CREATED event commit together — here with the rest of the batch.
 async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<Created>>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = batch::begin(&db).await?;
     let parents: Vec<Uuid> = reqs.iter().filter_map(|r| r.parent).collect();
     let live_parents: HashSet<(Uuid, Uuid)> = match parents.is_empty() {
         true => HashSet::new(),

@@ -26,8 +26,8 @@
 //! (c) `--processes N`: the drain by N worker processes (this binary, re-run as a
 //!     worker) on the one PostgreSQL, with PostgreSQL's CPU time over the drain.
 //! (d) `--designs 1`: PostgreSQL's time per job to claim and complete in batches of B,
-//!     inside PostgreSQL (no client in the loop), for our tables and statements, two
-//!     alternative table designs and the raw table (designs.sql says what each is).
+//!     inside PostgreSQL (no client in the loop), for our tables and statements, the
+//!     alternative designs and the raw table (designs.sql says what each is).
 //!
 //! The last line is exactly:
 //! `drain_jobs_s=<n> raw_jobs_s=<n> drain_ratio=<x> pickup_p50_ms=<x> pickup_p95_ms=<x> pickup_p99_ms=<x>
