@@ -39,16 +39,20 @@ pub fn lanes() -> usize {
 /// The most requests one batch takes.
 pub const MAX: usize = 64;
 
-/// The longest a batch waits for a lock (a workspace row another transaction holds, a
-/// table a migration locks): every request of its route waits behind it (one lane here).
-/// The row locks these batches meet are held for a few statements; a batch that waits
-/// longer gives up, and its callers get 503 `busy`, theirs to retry.
-pub const LOCK_WAIT: &str = "5s";
+/// The longest a batch waits for a lock by default (a parent workspace's row a delete
+/// holds, a table a migration locks): every request of its route waits behind it (one
+/// lane here). The locks these batches meet are held for a few statements; a batch that
+/// waits longer gives up, and its callers get 503 `busy`, theirs to retry. (The exec
+/// batch's activity mark does not wait for its row at all: domain::activity.)
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A batch's transaction: [`LOCK_WAIT`] bounds its lock waits.
-pub async fn begin(db: &sqlx::PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+/// A batch's transaction, its lock waits bounded by `lock_wait`.
+pub async fn begin(db: &sqlx::PgPool, lock_wait: std::time::Duration) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = db.begin().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))).execute(&mut *tx).await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", lock_wait.as_millis().max(1)))
+        .execute(&mut *tx)
+        .await?;
     Ok(tx)
 }
 
@@ -150,11 +154,19 @@ pub async fn each_alone_if_refused<T, R>(
     };
     tracing::debug!(error = %e, requests = reqs.len(), "a batch was refused; running its requests one by one");
     let mut out = Vec::with_capacity(reqs.len());
+    let mut busy = false;
     for one in reqs.chunks(1) {
+        // Once one of them gave up on a lock, the rest would likely wait as long, one after
+        // another, the lane held all along: they get the same answer.
+        if busy {
+            out.push(Err(ApiError::Busy));
+            continue;
+        }
         out.push(match run(one).await {
             Ok(mut answer) => answer.pop().unwrap_or(Err(ApiError::Internal)),
             Err(e) => Err(ApiError::from(e)),
         });
+        busy = matches!(out.last(), Some(Err(ApiError::Busy)));
     }
     out
 }
@@ -281,6 +293,79 @@ mod tests {
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "run once, never one by one");
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|r| matches!(r, Err(ApiError::Unavailable))), "every caller: 503");
+    }
+
+    /// A database error with a SQLSTATE of our choosing.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "coded"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn coded(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Coded(code)))
+    }
+
+    /// A batch that gave up waiting for a lock is not run again one by one (each would wait
+    /// as long again, the lane held all along): every caller gets 503 `busy` at once.
+    #[tokio::test]
+    async fn a_batch_that_gave_up_on_a_lock_is_not_run_again() {
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let out = each_alone_if_refused(vec![1, 2, 3], |_reqs: &[i32]| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err::<Vec<ApiResult<()>>, _>(coded(crate::error::LOCK_NOT_AVAILABLE)) })
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "run once, never one by one");
+        assert!(out.iter().all(|r| matches!(r, Err(ApiError::Busy))), "every caller: busy");
+    }
+
+    /// Refused for another reason, the batch runs one by one; once one of those gives up on
+    /// a lock, the rest get `busy` without running (the lane is not held for each in turn).
+    #[tokio::test]
+    async fn one_by_one_stops_at_the_first_that_gave_up_on_a_lock() {
+        let ran = std::sync::Mutex::new(Vec::new());
+        let out = each_alone_if_refused(vec![1, 2, 3, 4], |reqs: &[i32]| {
+            ran.lock().unwrap().push(reqs.to_vec());
+            let r = reqs.to_vec();
+            Box::pin(async move {
+                match r.as_slice() {
+                    [_, _, ..] => Err(coded("23505")), // the batch: refused by a constraint
+                    [2] => Err(coded(crate::error::LOCK_NOT_AVAILABLE)),
+                    _ => Ok(vec![Ok(())]),
+                }
+            })
+        })
+        .await;
+        assert_eq!(*ran.lock().unwrap(), vec![vec![1, 2, 3, 4], vec![1], vec![2]], "3 and 4 never ran");
+        assert!(matches!(out[0], Ok(())));
+        assert!(out[1..].iter().all(|r| matches!(r, Err(ApiError::Busy))), "2 gave up; 3 and 4 get the same");
     }
 
     #[tokio::test]

@@ -35,7 +35,8 @@ pub enum ApiError {
     PlatformMisconfigured,
     #[error("database unavailable")]
     Unavailable,
-    /// A lock the request needed was held longer than it may wait ([`crate::batch::LOCK_WAIT`]).
+    /// A statement gave up waiting for a lock (SQLSTATE 55P03: `lock_timeout`, which the
+    /// enqueuing routes' batches set, [`crate::batch::LOCK_WAIT`]).
     #[error("busy")]
     Busy,
     #[error("internal error")]
@@ -76,7 +77,7 @@ impl ApiError {
                 "this server has no organization configured (MOLECULE_ORG_ID is set but empty); refusing to serve tenant data".into(),
             ),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is not reachable; retry shortly".into()),
-            Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy", "another change holds a row this request needs; retry shortly".into()),
+            Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy", "the database is busy (a wait for a lock timed out); retry shortly".into()),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged".into()),
         }
     }

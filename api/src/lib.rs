@@ -64,11 +64,17 @@ impl AppState {
 
     /// [`Self::new`] with another cap on one org's NDJSON streams.
     pub fn with_streams_per_org(db: PgPool, auth: AuthConfig, streams_per_org: usize) -> Self {
+        Self::with_limits(db, auth, streams_per_org, batch::LOCK_WAIT)
+    }
+
+    /// [`Self::new`] with another cap on one org's NDJSON streams and another bound on the
+    /// enqueuing batches' lock waits (tests hold a batch on a lock on purpose).
+    pub fn with_limits(db: PgPool, auth: AuthConfig, streams_per_org: usize, batch_lock_wait: std::time::Duration) -> Self {
         let streams = streams::Streams::start(&db, streams_per_org);
         let announcer = molecule_jobs::Announcer::start(db.connect_options().as_ref().clone());
         let activity = molecule_domain::activity::RecentMarks::default();
-        let execs = routes::exec::exec_batcher(db.clone(), activity.clone(), announcer.clone());
-        let creates = routes::workspaces::create_batcher(db.clone(), announcer.clone());
+        let execs = routes::exec::exec_batcher(db.clone(), activity.clone(), announcer.clone(), batch_lock_wait);
+        let creates = routes::workspaces::create_batcher(db.clone(), announcer.clone(), batch_lock_wait);
         let tokens = auth::token_batcher(db.clone());
         AppState { db, auth, streams, announcer, activity, tokens, execs, creates }
     }

@@ -90,11 +90,18 @@ pub async fn record(conn: &mut PgConnection, a: &NewActivity<'_>) -> Result<Reco
 /// transaction commits, so every request to a busy workspace waited for the previous
 /// one's commit (64 clients exec'ing on one workspace: 249 requests/s). A second is far
 /// below any hibernation idle time.
+///
+/// A row another transaction holds is skipped, not waited for: the mark is best effort
+/// (the workspace's next request marks it), and the API's execs are written in batches
+/// (api/src/batch.rs) that a wait here would hold up, every org's with them.
 pub async fn mark_active(conn: &mut PgConnection, workspaces: &[WorkspaceId]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = workspaces.iter().map(|w| w.0).collect();
     sqlx::query(
-        "UPDATE workspaces SET last_active_at = now() WHERE id = ANY($1) \
-         AND (last_active_at IS NULL OR last_active_at < now() - interval '1 second')",
+        "UPDATE workspaces w SET last_active_at = now() \
+         FROM (SELECT id FROM workspaces WHERE id = ANY($1) \
+               AND (last_active_at IS NULL OR last_active_at < now() - interval '1 second') \
+               FOR NO KEY UPDATE SKIP LOCKED) due \
+         WHERE w.id = due.id",
     )
     .bind(ids)
     .execute(conn)
@@ -295,5 +302,17 @@ mod tests {
         let old = at(&mut conn, ws).await;
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         assert!(at(&mut conn, ws).await > old, "older than a second: marked again");
+
+        // A row another transaction holds is skipped at once, not waited for.
+        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1").bind(ws).execute(&mut *conn).await.unwrap();
+        let old = at(&mut conn, ws).await;
+        let mut holder = db.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(ws).execute(&mut *holder).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), mark_active(&mut conn, &[WorkspaceId(ws)]))
+            .await
+            .expect("skipped, not waited for")
+            .unwrap();
+        holder.rollback().await.unwrap();
+        assert_eq!(at(&mut conn, ws).await, old, "the held row was left for the next mark");
     }
 }

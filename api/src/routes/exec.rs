@@ -67,7 +67,7 @@ pub struct ExecQueued {
         (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
         (status = 429, description = "the organization follows too many exec streams on this server", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        (status = 503, description = "database unavailable, or busy (a lock wait timed out; retry)", body = ErrorBody),
     ))]
 pub async fn exec(
     State(st): State<AppState>,
@@ -147,11 +147,11 @@ pub struct ExecRequest {
 pub type ExecBatcher = Batcher<ExecRequest, ApiResult<JobId>>;
 
 /// The lanes queueing execs (crate::batch): one transaction a batch.
-pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> ExecBatcher {
+pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer, lock_wait: std::time::Duration) -> ExecBatcher {
     Batcher::start(batch::lanes(), batch::MAX, move |reqs: Vec<ExecRequest>| {
         let (db, activity, announcer) = (db.clone(), activity.clone(), announcer.clone());
         async move {
-            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), r))).await;
+            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(queue_execs(db.clone(), activity.clone(), lock_wait, r))).await;
             if out.iter().any(Result::is_ok) {
                 announcer.announce(JobKind::Exec.queue());
             }
@@ -161,8 +161,8 @@ pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer) -> 
 }
 
 /// Checks each exec's workspace and queues the runnable ones, in one transaction.
-async fn queue_execs(db: PgPool, activity: RecentMarks, reqs: &[ExecRequest]) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
-    let mut tx = batch::begin(&db).await?;
+async fn queue_execs(db: PgPool, activity: RecentMarks, lock_wait: std::time::Duration, reqs: &[ExecRequest]) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
+    let mut tx = batch::begin(&db, lock_wait).await?;
     let ids: Vec<uuid::Uuid> = reqs.iter().map(|r| r.workspace.0).collect();
     let found: Vec<(uuid::Uuid, uuid::Uuid, i16, WorkspaceStatus)> =
         sqlx::query_as("SELECT id, org_id, tier, status FROM workspaces WHERE id = ANY($1)")

@@ -128,7 +128,7 @@ pub(crate) use molecule_domain::events::record as record_event;
         (status = 403, description = "a workspace token cannot create workspaces", body = ErrorBody),
         (status = 413, description = "body too large", body = ErrorBody),
         (status = 415, description = "body is not JSON", body = ErrorBody),
-        (status = 503, description = "database unavailable or platform misconfigured", body = ErrorBody),
+        (status = 503, description = "database unavailable, platform misconfigured, or busy (a lock wait timed out; retry)", body = ErrorBody),
     ))]
 pub async fn create(
     State(st): State<AppState>,
@@ -167,11 +167,11 @@ pub struct CreateRequest {
 pub type CreateBatcher = Batcher<CreateRequest, ApiResult<Created>>;
 
 /// The lanes creating workspaces (crate::batch): one transaction a batch.
-pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
+pub fn create_batcher(db: PgPool, announcer: Announcer, lock_wait: std::time::Duration) -> CreateBatcher {
     Batcher::start(batch::lanes(), batch::MAX, move |reqs: Vec<CreateRequest>| {
         let (db, announcer) = (db.clone(), announcer.clone());
         async move {
-            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(create_all(db.clone(), r))).await;
+            let out = batch::each_alone_if_refused(reqs, |r| Box::pin(create_all(db.clone(), lock_wait, r))).await;
             if out.iter().any(|c| c.as_ref().is_ok_and(|c| c.job_id.is_some())) {
                 announcer.announce(JobKind::Provision.queue());
             }
@@ -182,8 +182,8 @@ pub fn create_batcher(db: PgPool, announcer: Announcer) -> CreateBatcher {
 
 /// A1 for a batch: each workspace row, its provision job (unless external) and its
 /// WORKSPACE_CREATED event commit together — here with the rest of the batch.
-async fn create_all(db: PgPool, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<Created>>, sqlx::Error> {
-    let mut tx = batch::begin(&db).await?;
+async fn create_all(db: PgPool, lock_wait: std::time::Duration, reqs: &[CreateRequest]) -> Result<Vec<ApiResult<Created>>, sqlx::Error> {
+    let mut tx = batch::begin(&db, lock_wait).await?;
     let parents: Vec<Uuid> = reqs.iter().filter_map(|r| r.parent).collect();
     let live_parents: HashSet<(Uuid, Uuid)> = match parents.is_empty() {
         true => HashSet::new(),
