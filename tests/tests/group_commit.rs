@@ -386,3 +386,45 @@ async fn a_batch_gives_up_on_a_held_lock_and_the_lane_goes_on() {
     let queued: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE job_type = 'exec'").fetch_all(&db).await.unwrap();
     assert_eq!(queued, vec![other], "the exec that gave up queued nothing");
 }
+
+/// A batch of several that gives up on a lock answers `busy` to each at once: it is not
+/// run again one request at a time (each would wait out the lock again, the lane held
+/// all along). Three seconds of lock wait: the pair's batch starts when the first gives
+/// up (3 s) and ends one wait later (6 s); run again one by one it would end at 9 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_several_that_gave_up_on_a_lock_is_answered_once() {
+    let (db, _) = fresh_db().await;
+    let (addr, state) = start_waiting(&db, Duration::from_secs(3)).await;
+    let (a, t) = org(&db, "a").await;
+    let ws: Vec<uuid::Uuid> = vec![
+        workspace(&db, a, 3, "online").await,
+        workspace(&db, a, 3, "online").await,
+        workspace(&db, a, 3, "online").await,
+    ];
+    let exec = |ws: uuid::Uuid| post(&addr, format!("/workspaces/{ws}/exec"), &t, json!({"argv": ["true"]}));
+
+    let mut holder = db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE apalis.jobs IN SHARE MODE").execute(&mut *holder).await.unwrap();
+    let began = std::time::Instant::now();
+    let first = exec(ws[0]);
+    eventually(Duration::from_secs(10), "the first batch waits on the lock", || async {
+        (lock_waiters(&db, "apalis.jobs").await >= 1).then_some(())
+    })
+    .await;
+    let pair = [exec(ws[1]), exec(ws[2])];
+    eventually(Duration::from_secs(10), "the pair waits for the lane", || async {
+        (state.execs.waiting() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(first.await.unwrap().code(), "busy");
+    for h in pair {
+        let r = h.await.unwrap();
+        assert_eq!((r.status, r.code().as_str()), (503, "busy"), "{}", r.body);
+    }
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(5900), "the pair waited out a lock wait of its own: {took:?}");
+    assert!(took < Duration::from_millis(7500), "one wait for the pair, not one each: {took:?}");
+    holder.rollback().await.unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'exec'").fetch_one(&db).await.unwrap();
+    assert_eq!(queued, 0, "none of them queued anything");
+}
