@@ -176,7 +176,7 @@ pub async fn each_alone_if_refused<T, R>(
 /// a lock wait given up, once for every request that needs the row.)
 fn refused(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
-        if !molecule_domain::db::is_outage(db.as_ref()) && db.code().as_deref() != Some(crate::error::LOCK_NOT_AVAILABLE))
+        if !molecule_domain::db::is_outage(db.as_ref()) && !molecule_domain::db::gave_up_on_lock(db.as_ref()))
 }
 
 /// One error for every request of a batch (logged once).
@@ -339,7 +339,7 @@ mod tests {
         let runs = std::sync::atomic::AtomicUsize::new(0);
         let out = each_alone_if_refused(vec![1, 2, 3], |_reqs: &[i32]| {
             runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Err::<Vec<ApiResult<()>>, _>(coded(crate::error::LOCK_NOT_AVAILABLE)) })
+            Box::pin(async { Err::<Vec<ApiResult<()>>, _>(coded(molecule_domain::db::LOCK_NOT_AVAILABLE)) })
         })
         .await;
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1, "run once, never one by one");
@@ -357,7 +357,7 @@ mod tests {
             Box::pin(async move {
                 match r.as_slice() {
                     [_, _, ..] => Err(coded("23505")), // the batch: refused by a constraint
-                    [2] => Err(coded(crate::error::LOCK_NOT_AVAILABLE)),
+                    [2] => Err(coded(molecule_domain::db::LOCK_NOT_AVAILABLE)),
                     _ => Ok(vec![Ok(())]),
                 }
             })

@@ -105,7 +105,7 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }
-            sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            sqlx::Error::Database(db) if molecule_domain::db::gave_up_on_lock(db.as_ref()) => {
                 tracing::warn!(error = %e, "gave up waiting for a lock");
                 ApiError::Busy
             }
@@ -116,8 +116,5 @@ impl From<sqlx::Error> for ApiError {
         }
     }
 }
-
-/// SQLSTATE of a lock wait cut short by `lock_timeout`.
-pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -58,6 +58,15 @@ pub fn is_outage(e: &dyn sqlx::error::DatabaseError) -> bool {
     e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("58") || c == "53300" || c == "53100")
 }
 
+/// SQLSTATE of a lock wait cut short by `lock_timeout`.
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// The statement gave up waiting for a lock (`lock_timeout`): nothing of it was done, and
+/// running it again at once would wait as long again.
+pub fn gave_up_on_lock(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code().as_deref() == Some(LOCK_NOT_AVAILABLE)
+}
+
 /// How long a pooled connection may sit idle before it is pinged before its next use.
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
