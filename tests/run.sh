@@ -66,6 +66,10 @@ if ! "$INFRA_VENV/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' 
     "$INFRA_VENV/bin/pip" install -q 'kubernetes-validate==1.37.0'
 fi
 
+# One format for everyone (rustfmt.toml): a change that `cargo fmt` would rewrite fails here,
+# before the build, not in review.
+cargo fmt --check
+
 # A DATABASE_URL in the environment never reaches the compiler (.cargo/config.toml sets
 # SQLX_OFFLINE): the build runs with one that points nowhere, so a cold build proves it.
 DATABASE_URL=postgres://the-build-needs-no-database@127.0.0.1:1/none cargo build --locked --workspace --bins --tests

@@ -19,7 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,21 +71,14 @@ async fn request(method: &str, url: &str, bearer: &str, body: Option<&Value>) ->
 }
 
 async fn a2a(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Json<Value>) -> (StatusCode, Json<Value>) {
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     if presented != agent.inbound_secret {
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized"})));
     }
     let id = body.get("id").cloned().unwrap_or(Value::Null);
     let method = body.get("method").and_then(Value::as_str).unwrap_or("");
     if method != "message/send" {
-        return (
-            StatusCode::OK,
-            Json(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}})),
-        );
+        return (StatusCode::OK, Json(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}})));
     }
     let text = text_of(&body);
     let reply = json!({
@@ -139,10 +132,8 @@ async fn run() -> Result<(), String> {
         let port: u16 = env("AGENT_PORT", "8000").parse().map_err(|_| "AGENT_PORT is not a port")?;
         let url = env("AGENT_URL", &format!("http://127.0.0.1:{port}"));
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(|e| format!("listen on {port}: {e}"))?;
-        let app = Router::new()
-            .route("/", post(a2a))
-            .route("/healthz", get(|| async { "ok" }))
-            .with_state(Arc::new(Agent { inbound_secret }));
+        let app =
+            Router::new().route("/", post(a2a)).route("/healthz", get(|| async { "ok" })).with_state(Arc::new(Agent { inbound_secret }));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -7,9 +7,9 @@ use axum::http::request::Parts;
 use molecule_domain::tokens::{self, TokenOwner};
 use molecule_domain::{OrgId, WorkspaceId};
 
+use crate::AppState;
 use crate::batch::{self, Batcher};
 use crate::error::{ApiError, ApiResult};
-use crate::AppState;
 
 /// How this process is bound to organizations (MOLECULE_ORG_ID).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,11 +27,7 @@ impl OrgPin {
         match v {
             None => Ok(OrgPin::Any),
             Some(s) if s.trim().is_empty() => Ok(OrgPin::Misconfigured),
-            Some(s) => s
-                .trim()
-                .parse()
-                .map(OrgPin::Only)
-                .map_err(|_| "MOLECULE_ORG_ID must be an organization id (a UUID)".to_string()),
+            Some(s) => s.trim().parse().map(OrgPin::Only).map_err(|_| "MOLECULE_ORG_ID must be an organization id (a UUID)".to_string()),
         }
     }
 }
@@ -132,16 +128,10 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         match (&st.auth.admin_token, st.auth.dev) {
             (None, true) => Ok(Admin),
-            (None, false) => Err(ApiError::Forbidden(
-                "admin routes are disabled: ADMIN_TOKEN is not configured".into(),
-            )),
+            (None, false) => Err(ApiError::Forbidden("admin routes are disabled: ADMIN_TOKEN is not configured".into())),
             (Some(expected), _) => {
                 let given = bearer(parts).ok_or(ApiError::Unauthorized("missing bearer token"))?;
-                if tokens::constant_time_eq(given, expected) {
-                    Ok(Admin)
-                } else {
-                    Err(ApiError::Unauthorized("invalid admin token"))
-                }
+                if tokens::constant_time_eq(given, expected) { Ok(Admin) } else { Err(ApiError::Unauthorized("invalid admin token")) }
             }
         }
     }

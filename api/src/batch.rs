@@ -17,7 +17,7 @@
 use futures_util::future::BoxFuture;
 use std::future::Future;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{ApiError, ApiResult};
 

@@ -1,9 +1,9 @@
 //! The API's one error type and its one mapping to HTTP: `{"error": code, "detail": sentence}`.
 //! Internals (SQL, hosts, tokens) never reach a response; they are logged, without secrets.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -93,11 +93,7 @@ impl IntoResponse for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }

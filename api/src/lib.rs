@@ -14,12 +14,12 @@ pub mod routes;
 pub mod server;
 pub mod streams;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
 use sqlx::PgPool;
 use std::time::Instant;
 use tracing::Instrument;
@@ -135,10 +135,8 @@ async fn request_context(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
-    span.in_scope(|| {
-        tracing::info!(status = res.status().as_u16(), latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request")
-    });
+    span.in_scope(|| tracing::info!(status = res.status().as_u16(), latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request"));
     res
 }
 
-pub use server::{serve, serve_with, HttpLimits};
+pub use server::{HttpLimits, serve, serve_with};

@@ -85,13 +85,16 @@ fn record(method: &str, route: String, status: u16, started: Instant) {
     .to_string();
     let status = status.to_string();
     metrics::counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.clone()).increment(1);
-    metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status).record(started.elapsed().as_secs_f64());
 }
 
 /// `/metrics` and `/healthz` on their own listener, for processes that run pools but no
 /// API (`molecule worker --metrics-listen …`): their job counters live only in them.
-pub async fn serve_alone(listener: tokio::net::TcpListener, db: sqlx::PgPool, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve_alone(
+    listener: tokio::net::TcpListener,
+    db: sqlx::PgPool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/metrics", get(crate::routes::metrics::render))

@@ -34,11 +34,7 @@ impl Default for HttpLimits {
 }
 
 /// Serves with the default limits until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     serve_with(listener, state, shutdown, HttpLimits::default()).await
 }
 

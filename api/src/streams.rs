@@ -7,13 +7,13 @@
 
 use molecule_domain::OrgId;
 use molecule_jobs::output::{FINISHED_CHANNEL, OUTPUT_CHANNEL};
-use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 
 /// Default most concurrent streams per organization in one API process.
 pub const DEFAULT_STREAMS_PER_ORG: usize = 64;
@@ -45,10 +45,7 @@ impl Streams {
             max_per_org: max_per_org.max(1),
             closing,
         });
-        let own = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .connect_lazy_with(db.connect_options().as_ref().clone());
+        let own = PgPoolOptions::new().max_connections(1).min_connections(0).connect_lazy_with(db.connect_options().as_ref().clone());
         tokio::spawn(listen(own, Arc::downgrade(&inner)));
         Streams { inner }
     }

@@ -1,20 +1,21 @@
 //! The Docker backend (bollard). One container `ws-<id prefix>` per workspace, one volume
 //! `ws-<id prefix>-configs` mounted at `/configs`, both labelled managed + workspace id.
 
+use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    ListContainersOptionsBuilder, ListVolumesOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListVolumesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
     UploadToContainerOptionsBuilder,
 };
-use bollard::Docker;
 use futures_util::StreamExt;
 use molecule_domain::WorkspaceId;
 use std::collections::HashMap;
 
-use crate::{image, AgentEndpoint, Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, OutputStream, StartSpec, Started};
+use crate::{
+    AgentEndpoint, Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, OutputStream, StartSpec, Started, image,
+};
 
 pub const MANAGED_LABEL: &str = "molecule.platform.managed";
 pub const WORKSPACE_LABEL: &str = "molecule.workspace.id";
@@ -154,10 +155,8 @@ impl DockerBackend {
     /// first-start time. Otherwise (a remote engine, Docker Desktop's VM) through the
     /// archive API.
     async fn write_secrets(&self, container: &str, volume: &str, spec: &StartSpec) -> Result<(), BackendError> {
-        let files = [
-            (".auth_token", spec.secrets().token().as_bytes()),
-            (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes()),
-        ];
+        let files =
+            [(".auth_token", spec.secrets().token().as_bytes()), (".platform_inbound_secret", spec.secrets().inbound_secret().as_bytes())];
         // Owned by the user the instance runs as (root when it runs as the image's user).
         let owner = crate::isolation::profile(&spec.runtime).user;
         let mountpoint = self.docker.inspect_volume(volume).await.map_err(classify)?.mountpoint;
@@ -201,10 +200,7 @@ impl DockerBackend {
         }
         let archive = Self::config_archive(&files, owner)?;
         let upload = UploadToContainerOptionsBuilder::default().path("/configs").build();
-        self.docker
-            .upload_to_container(container, Some(upload), bollard::body_full(archive.into()))
-            .await
-            .map_err(classify)
+        self.docker.upload_to_container(container, Some(upload), bollard::body_full(archive.into())).await.map_err(classify)
     }
 
     /// Kills a timed-out exec. The engine has no kill for an exec, so its process (the
@@ -372,8 +368,8 @@ impl Backend for DockerBackend {
     }
 
     async fn exec(&self, ws: WorkspaceId, req: &ExecRequest, sink: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
-        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
         use bollard::container::LogOutput;
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
         let name = container_name(ws);
         let created = self
             .docker

@@ -41,21 +41,18 @@ mod tests {
         let line = format!("printf '%s\\0' {}", join(argv));
         let out = std::process::Command::new("sh").arg("-c").arg(&line).output().expect("sh runs");
         assert!(out.status.success(), "sh failed on {line:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let mut words: Vec<String> = out
-            .stdout
-            .split(|b| *b == 0)
-            .map(|w| String::from_utf8(w.to_vec()).expect("utf-8 back"))
-            .collect();
+        let mut words: Vec<String> = out.stdout.split(|b| *b == 0).map(|w| String::from_utf8(w.to_vec()).expect("utf-8 back")).collect();
         words.pop(); // after the last NUL
         words
     }
 
     #[test]
     fn the_words_from_the_issue_arrive_literally() {
-        let argv: Vec<String> = ["a'b", "$(id)", "x;y", "\"q\"", "", " ", "`uname`", "$HOME", "*", "~", "#c", "a\nb", "\\", "-n", "!", "é ü"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let argv: Vec<String> =
+            ["a'b", "$(id)", "x;y", "\"q\"", "", " ", "`uname`", "$HOME", "*", "~", "#c", "a\nb", "\\", "-n", "!", "é ü"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         assert_eq!(through_sh(&argv), argv);
     }
 
@@ -98,9 +95,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let marker = dir.join("ran");
         let m = marker.display().to_string();
-        let argv: Vec<String> = [format!("$(touch {m})"), format!("`touch {m}`"), format!("x; touch {m}"), format!("'; touch {m}; '")]
-            .into_iter()
-            .collect();
+        let argv: Vec<String> =
+            [format!("$(touch {m})"), format!("`touch {m}`"), format!("x; touch {m}"), format!("'; touch {m}; '")].into_iter().collect();
         assert_eq!(through_sh(&argv), argv);
         assert!(!marker.exists());
         let _ = std::fs::remove_dir_all(&dir);

@@ -394,15 +394,24 @@ pub struct Ec2Args {
     #[arg(long = "ec2-ami", env = "MOLECULE_EC2_AMI", value_name = "MOLECULE_EC2_AMI")]
     pub ami: Option<String>,
     /// EC2: the instance type of workspaces.
-    #[arg(long = "ec2-instance-type", env = "MOLECULE_EC2_INSTANCE_TYPE", value_name = "MOLECULE_EC2_INSTANCE_TYPE", default_value = "t3.small")]
+    #[arg(
+        long = "ec2-instance-type",
+        env = "MOLECULE_EC2_INSTANCE_TYPE",
+        value_name = "MOLECULE_EC2_INSTANCE_TYPE",
+        default_value = "t3.small"
+    )]
     pub instance_type: String,
     /// EC2: the subnet workspaces launch in (`subnet-…`; unset: the default VPC's).
     #[arg(long = "ec2-subnet-id", env = "MOLECULE_EC2_SUBNET_ID", value_name = "MOLECULE_EC2_SUBNET_ID")]
     pub subnet_id: Option<String>,
     /// EC2: security groups of workspaces, comma-separated (`sg-…`). They must let the
     /// platform reach SSH (22) and the agent's port.
-    #[arg(long = "ec2-security-group-ids", env = "MOLECULE_EC2_SECURITY_GROUP_IDS", value_name = "MOLECULE_EC2_SECURITY_GROUP_IDS",
-          value_delimiter = ',')]
+    #[arg(
+        long = "ec2-security-group-ids",
+        env = "MOLECULE_EC2_SECURITY_GROUP_IDS",
+        value_name = "MOLECULE_EC2_SECURITY_GROUP_IDS",
+        value_delimiter = ','
+    )]
     pub security_group_ids: Vec<String>,
     /// EC2: the OS user EC2 Instance Connect and SSH log in as.
     #[arg(long = "ec2-ssh-user", env = "MOLECULE_EC2_SSH_USER", value_name = "MOLECULE_EC2_SSH_USER", default_value = "ec2-user")]
@@ -471,8 +480,10 @@ impl Ec2Args {
         }
         // It is chmod 0700'd and bind-mounted (`-v DIR:/configs`): never `/`, no `:` or `,`.
         let dir = self.config_dir.trim_end_matches('/');
-        const SYSTEM: [&str; 18] = ["/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/mnt", "/opt", "/proc", "/root",
-                                    "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"];
+        const SYSTEM: [&str; 18] = [
+            "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys",
+            "/tmp", "/usr", "/var",
+        ];
         if !self.config_dir.starts_with('/')
             || dir.is_empty()
             || SYSTEM.contains(&dir)
@@ -571,8 +582,19 @@ mod tests {
     #[test]
     fn sweepers_can_be_switched_off_one_by_one() {
         // Flags win over the environment (tests/run.sh sets MOLECULE_SWEEP_ORPHANS=off).
-        let cli = Cli::try_parse_from(["molecule", "scheduler", "--sweep-hibernation", "off", "--sweep-health", "*/2 * * * * *",
-            "--sweep-orphans", "0 * * * * *", "--provision-timeouts", "echo=60,claude-code=900"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "molecule",
+            "scheduler",
+            "--sweep-hibernation",
+            "off",
+            "--sweep-health",
+            "*/2 * * * * *",
+            "--sweep-orphans",
+            "0 * * * * *",
+            "--provision-timeouts",
+            "echo=60,claude-code=900",
+        ])
+        .unwrap();
         let Some(Command::Scheduler(args)) = cli.command else { panic!("scheduler") };
         let cfg = args.config();
         assert_eq!(cfg.schedules.len(), 6);
@@ -611,8 +633,20 @@ mod tests {
 
     #[test]
     fn ec2_settings_are_checked_together_and_named() {
-        let ok = ec2(&["--aws-region", "eu-west-1", "--ec2-ami", "ami-0abc12", "--ec2-security-group-ids", "sg-01,sg-02",
-            "--ec2-subnet-id", "subnet-0f", "--ec2-ssh-address", "127.0.0.1:2222", "--aws-endpoint-url", "http://127.0.0.1:5000"])
+        let ok = ec2(&[
+            "--aws-region",
+            "eu-west-1",
+            "--ec2-ami",
+            "ami-0abc12",
+            "--ec2-security-group-ids",
+            "sg-01,sg-02",
+            "--ec2-subnet-id",
+            "subnet-0f",
+            "--ec2-ssh-address",
+            "127.0.0.1:2222",
+            "--aws-endpoint-url",
+            "http://127.0.0.1:5000",
+        ])
         .unwrap();
         assert_eq!((ok.region.as_str(), ok.ami.as_str(), ok.instance_type.as_str()), ("eu-west-1", "ami-0abc12", "t3.small"));
         assert_eq!(ok.security_group_ids, vec!["sg-01", "sg-02"]);
@@ -622,7 +656,10 @@ mod tests {
             (vec!["--aws-region", "eu-west-1"], "MOLECULE_EC2_AMI"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "image-1"], "MOLECULE_EC2_AMI"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-subnet-id", "vpc-1"], "MOLECULE_EC2_SUBNET_ID"),
-            (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-security-group-ids", "sg-1,default"], "MOLECULE_EC2_SECURITY_GROUP_IDS"),
+            (
+                vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-security-group-ids", "sg-1,default"],
+                "MOLECULE_EC2_SECURITY_GROUP_IDS",
+            ),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-ssh-user", "root; rm"], "MOLECULE_EC2_SSH_USER"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "configs"], "MOLECULE_EC2_CONFIG_DIR"),
             (vec!["--aws-region", "eu-west-1", "--ec2-ami", "ami-0a", "--ec2-config-dir", "/"], "MOLECULE_EC2_CONFIG_DIR"),
@@ -642,9 +679,19 @@ mod tests {
         use clap::CommandFactory;
         let mut cmd = Cli::command();
         let help = cmd.find_subcommand_mut("serve").unwrap().render_long_help().to_string();
-        for var in ["MOLECULE_BACKEND", "AWS_REGION", "AWS_ENDPOINT_URL", "MOLECULE_EC2_AMI", "MOLECULE_EC2_INSTANCE_TYPE",
-                    "MOLECULE_EC2_SUBNET_ID", "MOLECULE_EC2_SECURITY_GROUP_IDS", "MOLECULE_EC2_SSH_USER", "MOLECULE_EC2_SSH_ADDRESS",
-                    "MOLECULE_EC2_CONFIG_DIR", "MOLECULE_EC2_AGENT_PORT"] {
+        for var in [
+            "MOLECULE_BACKEND",
+            "AWS_REGION",
+            "AWS_ENDPOINT_URL",
+            "MOLECULE_EC2_AMI",
+            "MOLECULE_EC2_INSTANCE_TYPE",
+            "MOLECULE_EC2_SUBNET_ID",
+            "MOLECULE_EC2_SECURITY_GROUP_IDS",
+            "MOLECULE_EC2_SSH_USER",
+            "MOLECULE_EC2_SSH_ADDRESS",
+            "MOLECULE_EC2_CONFIG_DIR",
+            "MOLECULE_EC2_AGENT_PORT",
+        ] {
             assert!(help.contains(var), "{var} missing from serve --help");
         }
     }

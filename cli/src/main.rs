@@ -76,8 +76,8 @@ fn main() -> ExitCode {
 /// collectors); MOLECULE_LOG_FORMAT overrides. Colour only where a terminal shows it.
 fn init_tracing(common: &Common) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(terminal);
     let json = match common.log_format.as_deref() {
@@ -303,9 +303,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
 
     let api_task = match roles.api {
         Some((db, a)) => {
-            let listener = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .map_err(|source| StartError::Listen { addr: a.listen, source })?;
+            let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|source| StartError::Listen { addr: a.listen, source })?;
             tracing::info!(addr = %a.listen, "API listening");
             let mut rx = stop_rx.clone();
             let auth = a.auth(common);
@@ -413,8 +411,12 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
     let pools = async {
         if let Some(rt) = runtime {
             let report = rt.shutdown().await;
-            tracing::info!(released = report.released, interrupted = report.interrupted, stale_acks = report.stale_acks,
-                "worker pools stopped");
+            tracing::info!(
+                released = report.released,
+                interrupted = report.interrupted,
+                stale_acks = report.stale_acks,
+                "worker pools stopped"
+            );
         }
     };
     let (api_outcome, (), ()) = tokio::join!(api, scheduler, pools);
@@ -462,7 +464,7 @@ struct Stop {
 
 impl Stop {
     fn install() -> Stop {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let take = |kind: SignalKind, name: &str| match signal(kind) {
             Ok(s) => Some(s),
             Err(e) => {

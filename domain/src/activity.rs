@@ -229,7 +229,11 @@ pub async fn list(db: &PgPool, org: OrgId, ws: WorkspaceId, f: &Filter) -> Resul
     }
     // Two statements rather than one ORDER BY CASE: each walks the (workspace_id, id)
     // index in its own direction and stops at the limit.
-    let sql = if f.since_id.is_some() { concat!(activity_select!(), " ORDER BY id ASC LIMIT $7") } else { concat!(activity_select!(), " ORDER BY id DESC LIMIT $7") };
+    let sql = if f.since_id.is_some() {
+        concat!(activity_select!(), " ORDER BY id ASC LIMIT $7")
+    } else {
+        concat!(activity_select!(), " ORDER BY id DESC LIMIT $7")
+    };
     let rows = sqlx::query_as(sql)
         .bind(ws.0)
         .bind(org.0)
@@ -289,22 +293,32 @@ mod tests {
         let (db, _) = fresh_db().await;
         let mut conn = db.acquire().await.unwrap();
         let (org, _) = crate::tokens::create_org(&mut conn, "acme").await.unwrap();
-        let ws: Uuid = sqlx::query_scalar("INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', 3, 'online') RETURNING id")
-            .bind(org.0)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+        let ws: Uuid = sqlx::query_scalar(
+            "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'echo', 3, 'online') RETURNING id",
+        )
+        .bind(org.0)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         let first = at(&mut conn, ws).await.expect("marked: it never was");
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         assert_eq!(at(&mut conn, ws).await, Some(first), "within the second: not written again");
-        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1").bind(ws).execute(&mut *conn).await.unwrap();
+        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1")
+            .bind(ws)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         let old = at(&mut conn, ws).await;
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         assert!(at(&mut conn, ws).await > old, "older than a second: marked again");
 
         // A row another transaction holds is skipped at once, not waited for.
-        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1").bind(ws).execute(&mut *conn).await.unwrap();
+        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1")
+            .bind(ws)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         let old = at(&mut conn, ws).await;
         let mut holder = db.begin().await.unwrap();
         sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(ws).execute(&mut *holder).await.unwrap();

@@ -1,7 +1,7 @@
 //! Connection pool, migrations and the readiness probe.
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -41,11 +41,7 @@ pub async fn delete_in_batches(db: &PgPool, sql: &'static str, older_than: Durat
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     // Parse first so the error names the URL problem without echoing the URL (it may hold a password).
     let opts = PgConnectOptions::from_str(url).map_err(|e| DbError::BadUrl(redact_url_error(&e)))?;
-    pool_options(PING_IF_IDLE_FOR)
-        .max_connections(max_connections)
-        .connect_with(opts)
-        .await
-        .map_err(DbError::Connect)
+    pool_options(PING_IF_IDLE_FOR).max_connections(max_connections).connect_with(opts).await.map_err(DbError::Connect)
 }
 
 /// The database cannot serve this statement now, whatever the statement: it is shutting
@@ -80,20 +76,17 @@ pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// ([`is_outage`]), or a handler's retryable error that uses up an attempt. sqlx drops it
 /// on release (where it still pings every connection, off the caller's path).
 pub fn pool_options(ping_if_idle_for: Duration) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(false)
-        .before_acquire(move |conn, meta| {
-            Box::pin(async move {
-                use sqlx::Connection;
-                // A failed ping drops the connection (as sqlx's own test does, logged at WARN
-                // here); acquire then opens a new one.
-                if meta.idle_for > ping_if_idle_for {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
+    PgPoolOptions::new().acquire_timeout(Duration::from_secs(5)).test_before_acquire(false).before_acquire(move |conn, meta| {
+        Box::pin(async move {
+            use sqlx::Connection;
+            // A failed ping drops the connection (as sqlx's own test does, logged at WARN
+            // here); acquire then opens a new one.
+            if meta.idle_for > ping_if_idle_for {
+                conn.ping().await?;
+            }
+            Ok(true)
         })
+    })
 }
 
 fn redact_url_error(e: &sqlx::Error) -> String {
@@ -122,9 +115,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let res = async {
-        apalis_postgres::PostgresStorage::setup(pool)
-            .await
-            .map_err(|e| DbError::ApalisMigrate(e.to_string()))?;
+        apalis_postgres::PostgresStorage::setup(pool).await.map_err(|e| DbError::ApalisMigrate(e.to_string()))?;
         MIGRATOR.run(pool).await?;
         Ok(())
     }
@@ -138,16 +129,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 
 /// Ready = the database answers and every migration we ship is applied.
 pub async fn readiness(pool: &PgPool) -> Result<(), String> {
-    let applied: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM _sqlx_migrations WHERE success",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(|e| match e {
-        // undefined_table: no _sqlx_migrations yet.
-        sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01") => "migrations have not been applied".to_string(),
-        _ => "database unreachable".to_string(),
-    })?;
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(pool).await.map_err(|e| match e {
+            // undefined_table: no _sqlx_migrations yet.
+            sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01") => "migrations have not been applied".to_string(),
+            _ => "database unreachable".to_string(),
+        })?;
     let expected = MIGRATOR.iter().count() as i64;
     if applied < expected {
         return Err(format!("{applied} of {expected} migrations applied"));

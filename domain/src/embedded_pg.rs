@@ -68,17 +68,10 @@ impl EmbeddedPostgres {
         let data_dir = root.join("pg");
         let log_file = root.join("pg.log");
         let pw_file = root.join("pg.password");
-        let run_as = if unsafe { libc::geteuid() } == 0 {
-            Some(postgres_user().ok_or(EmbeddedPgError::NoPostgresUser)?)
-        } else {
-            None
-        };
+        let run_as = if unsafe { libc::geteuid() } == 0 { Some(postgres_user().ok_or(EmbeddedPgError::NoPostgresUser)?) } else { None };
         if let Some((uid, gid)) = run_as {
             if let Some(blocked) = first_unsearchable(&root, uid, gid) {
-                return Err(EmbeddedPgError::NotTraversable {
-                    dir: root.display().to_string(),
-                    blocked: blocked.display().to_string(),
-                });
+                return Err(EmbeddedPgError::NotTraversable { dir: root.display().to_string(), blocked: blocked.display().to_string() });
             }
         }
 
@@ -138,12 +131,7 @@ impl EmbeddedPostgres {
     /// which is enough for a lock.
     fn lock_file(&self, name: &str) -> std::io::Result<std::fs::File> {
         let path = self.data_dir.with_file_name(name);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .or_else(|_| std::fs::File::open(&path))
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).or_else(|_| std::fs::File::open(&path))
     }
 
     /// `name`'s lock, waited for up to [`LOCK_WAIT`]: a process stopped or hung while it
@@ -194,11 +182,7 @@ impl EmbeddedPostgres {
             .status()
             .map_err(io)?;
         if !status.success() {
-            return Err(EmbeddedPgError::Command {
-                step: "pg_ctl start",
-                code: status.code(),
-                log: self.log_file.display().to_string(),
-            });
+            return Err(EmbeddedPgError::Command { step: "pg_ctl start", code: status.code(), log: self.log_file.display().to_string() });
         }
         tracing::info!(
             data_dir = %self.data_dir.display(),
@@ -222,8 +206,7 @@ impl EmbeddedPostgres {
         std::fs::write(&init_pw, &password).map_err(io(&init_pw))?;
         std::fs::set_permissions(&init_pw, std::fs::Permissions::from_mode(0o600)).map_err(io(&init_pw))?;
         std::fs::create_dir_all(&self.data_dir).map_err(io(&self.data_dir))?;
-        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(&self.data_dir))?;
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&self.data_dir))?;
         if let Some((uid, gid)) = self.run_as {
             chown(&self.data_dir, uid, gid).map_err(io(&self.data_dir))?;
             chown(&init_pw, uid, gid).map_err(io(&init_pw))?;
@@ -240,11 +223,7 @@ impl EmbeddedPostgres {
         let out = out?;
         if !out.status.success() {
             let _ = std::fs::write(&self.log_file, [&out.stdout[..], &out.stderr[..]].concat());
-            return Err(EmbeddedPgError::Command {
-                step: "initdb",
-                code: out.status.code(),
-                log: self.log_file.display().to_string(),
-            });
+            return Err(EmbeddedPgError::Command { step: "initdb", code: out.status.code(), log: self.log_file.display().to_string() });
         }
         // Loopback TCP only; no unix socket (its path length and permissions vary by data dir).
         let conf = self.data_dir.join("postgresql.conf");
@@ -303,7 +282,8 @@ impl EmbeddedPostgres {
         self.stopped = true;
         // No process can start using the cluster while this one decides (starting takes
         // the same lock), so "nobody else holds users.lock" stays true until the stop.
-        let _stopping = self.exclusive_start().map_err(|e| tracing::warn!(error = %e, "embedded PostgreSQL: no start lock; deciding without it")).ok();
+        let _stopping =
+            self.exclusive_start().map_err(|e| tracing::warn!(error = %e, "embedded PostgreSQL: no start lock; deciding without it")).ok();
         // This handle's own shared lock goes first; a handle that never took one (a start
         // that failed after launching) asks on a file of its own.
         let users = match self.users.take() {
@@ -357,13 +337,8 @@ fn find_bin_dir() -> Option<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
         .filter(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
         .collect();
-    candidates.sort_by_key(|p| {
-        p.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
+    candidates
+        .sort_by_key(|p| p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0));
     candidates.pop()
 }
 

@@ -3,8 +3,8 @@
 //! cluster used when no `DATABASE_URL` is given).
 
 pub mod a2a;
-pub mod console;
 pub mod activity;
+pub mod console;
 pub mod db;
 pub mod embedded_pg;
 pub mod events;
@@ -14,10 +14,10 @@ pub mod runtimes;
 pub mod sessions;
 pub mod ssrf;
 pub mod status;
-pub mod text;
-pub mod tokens;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod text;
+pub mod tokens;
 
 pub use ids::{JobId, OrgId, WorkspaceId};
 pub use status::WorkspaceStatus;

@@ -3,19 +3,8 @@
 
 pub const EXTERNAL: &str = "external";
 
-pub const KNOWN: &[&str] = &[
-    "claude-code",
-    "langgraph",
-    "crewai",
-    "autogen",
-    "deepagents",
-    "openclaw",
-    "hermes",
-    "codex",
-    "gemini-cli",
-    "echo",
-    EXTERNAL,
-];
+pub const KNOWN: &[&str] =
+    &["claude-code", "langgraph", "crewai", "autogen", "deepagents", "openclaw", "hermes", "codex", "gemini-cli", "echo", EXTERNAL];
 
 pub fn is_known(runtime: &str) -> bool {
     KNOWN.contains(&runtime)

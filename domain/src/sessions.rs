@@ -5,8 +5,8 @@ use sqlx::PgConnection;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::tokens::hash;
 use crate::OrgId;
+use crate::tokens::hash;
 
 pub const PREFIX: &str = "mol_sess_";
 /// How long a session lasts from its login.
@@ -24,8 +24,13 @@ pub enum Viewer {
 /// What a login was made with.
 pub enum Login<'a> {
     /// With ADMIN_TOKEN (checked by the caller).
-    Operator { admin_token: &'a str },
-    Org { org: OrgId, token_id: Uuid },
+    Operator {
+        admin_token: &'a str,
+    },
+    Org {
+        org: OrgId,
+        token_id: Uuid,
+    },
 }
 
 /// What an operator session stores: a hash over its secret and ADMIN_TOKEN. It changes
@@ -115,7 +120,8 @@ mod tests {
         assert_eq!(lookup(&mut conn, &op, Some(admin)).await.unwrap(), Some(Viewer::Operator));
         assert_eq!(lookup(&mut conn, &op, Some("a new admin token")).await.unwrap(), None, "a new ADMIN_TOKEN ends operator sessions");
         assert_eq!(lookup(&mut conn, &op, None).await.unwrap(), None);
-        let stored: Vec<u8> = sqlx::query_scalar("SELECT admin_binding FROM dashboard_sessions WHERE org_id IS NULL").fetch_one(&mut *conn).await.unwrap();
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT admin_binding FROM dashboard_sessions WHERE org_id IS NULL").fetch_one(&mut *conn).await.unwrap();
         assert_ne!(stored, hash(admin).to_vec(), "the table does not hold a plain hash of ADMIN_TOKEN");
         close(&mut conn, &op).await.unwrap();
         assert_eq!(lookup(&mut conn, &op, Some(admin)).await.unwrap(), None, "logout ends it");

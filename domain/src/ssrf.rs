@@ -186,8 +186,8 @@ mod tests {
             ("http://127.0.0.1:notaport/", true),
             // The host reqwest would connect to is the metadata address.
             ("http://169.254.169.254\\.x.example.com/", true),
-            ("http://2852039166/", true), // 169.254.169.254 in decimal
-            ("http://0x7f.1/", false),    // 127.0.0.1
+            ("http://2852039166/", true),          // 169.254.169.254 in decimal
+            ("http://0x7f.1/", false),             // 127.0.0.1
             ("http://[::a9fe:a9fe]/", true),       // IPv4-compatible 169.254.169.254
             ("http://[64:ff9b::a00:1]/", true),    // NAT64 10.0.0.1
             ("http://[2002:a9fe:a9fe::1]/", true), // 6to4 169.254.169.254

@@ -231,7 +231,10 @@ mod tests {
                       sqlx::query("UPDATE workspaces AS w SET status = 'failed' WHERE w.id = $1");"#;
         assert_eq!(
             unguarded_status_writes(code),
-            vec!["UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1", "UPDATE workspaces AS w SET status = 'failed' WHERE w.id = $1"]
+            vec![
+                "UPDATE workspaces SET status = 'online', updated_at = now() WHERE id = $1",
+                "UPDATE workspaces AS w SET status = 'failed' WHERE w.id = $1"
+            ]
         );
     }
 

@@ -67,10 +67,7 @@ pub async fn fresh_db() -> (PgPool, String) {
 pub async fn fresh_db_on(admin: &str) -> (PgPool, String) {
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     let admin_pool = crate::db::connect(admin, 2).await.expect("connect to the test cluster");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin_pool)
-        .await
-        .expect("create test database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin_pool).await.expect("create test database");
     admin_pool.close().await;
     let url = url_for(admin, &name);
     let pool = crate::db::connect(&url, 10).await.expect("connect to the test database");

@@ -106,16 +106,13 @@ struct TokenRow {
 
 /// Who each key's token authenticates, in order (many callers' lookups in one statement).
 pub async fn lookup_keys(conn: &mut PgConnection, keys: &[[u8; 32]]) -> Result<Vec<Option<TokenOwner>>, sqlx::Error> {
-    let rows: Vec<TokenRow> =
-        sqlx::query_as(LOOKUP_TOKENS).bind(keys.iter().map(|k| &k[..]).collect::<Vec<_>>()).fetch_all(conn).await?;
+    let rows: Vec<TokenRow> = sqlx::query_as(LOOKUP_TOKENS).bind(keys.iter().map(|k| &k[..]).collect::<Vec<_>>()).fetch_all(conn).await?;
     let owners: std::collections::HashMap<Vec<u8>, TokenOwner> = rows
         .into_iter()
         .filter_map(|r| {
             let owner = match (r.kind.as_str(), r.workspace_id) {
                 ("org", _) => TokenOwner::Org { org_id: OrgId(r.org_id), token_id: r.id },
-                ("workspace", Some(ws)) => {
-                    TokenOwner::Workspace { workspace_id: WorkspaceId(ws), org_id: OrgId(r.org_id), token_id: r.id }
-                }
+                ("workspace", Some(ws)) => TokenOwner::Workspace { workspace_id: WorkspaceId(ws), org_id: OrgId(r.org_id), token_id: r.id },
                 _ => return None,
             };
             Some((r.token_sha256, owner))
@@ -126,28 +123,21 @@ pub async fn lookup_keys(conn: &mut PgConnection, keys: &[[u8; 32]]) -> Result<V
 
 /// Creates an organization and its first token; returns (org id, token secret).
 pub async fn create_org(conn: &mut PgConnection, name: &str) -> Result<(OrgId, String), sqlx::Error> {
-    let org: Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ($1) RETURNING id")
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await?;
+    let org: Uuid =
+        sqlx::query_scalar("INSERT INTO organizations (name) VALUES ($1) RETURNING id").bind(name).fetch_one(&mut *conn).await?;
     let (_, secret) = create_org_token(conn, OrgId(org), None).await?;
     Ok((OrgId(org), secret))
 }
 
 /// Adds a token to an org; returns (token id, secret).
-pub async fn create_org_token(
-    conn: &mut PgConnection,
-    org: OrgId,
-    label: Option<&str>,
-) -> Result<(Uuid, String), sqlx::Error> {
+pub async fn create_org_token(conn: &mut PgConnection, org: OrgId, label: Option<&str>) -> Result<(Uuid, String), sqlx::Error> {
     let m = mint_org_token();
-    let id: Uuid =
-        sqlx::query_scalar("INSERT INTO org_tokens (org_id, token_sha256, label) VALUES ($1, $2, $3) RETURNING id")
-            .bind(org.0)
-            .bind(&m.sha256[..])
-            .bind(label)
-            .fetch_one(conn)
-            .await?;
+    let id: Uuid = sqlx::query_scalar("INSERT INTO org_tokens (org_id, token_sha256, label) VALUES ($1, $2, $3) RETURNING id")
+        .bind(org.0)
+        .bind(&m.sha256[..])
+        .bind(label)
+        .fetch_one(conn)
+        .await?;
     Ok((id, m.secret))
 }
 
@@ -274,11 +264,13 @@ mod db_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_lookup_planned_on_empty_tables_goes_by_the_unique_index_once_they_are_full() {
         let (db, _) = crate::testing::fresh_db().await;
-        sqlx::raw_sql("ALTER TABLE workspace_auth_tokens SET (autovacuum_enabled = off); \
-                       ALTER TABLE org_tokens SET (autovacuum_enabled = off)")
-            .execute(&db)
-            .await
-            .unwrap();
+        sqlx::raw_sql(
+            "ALTER TABLE workspace_auth_tokens SET (autovacuum_enabled = off); \
+                       ALTER TABLE org_tokens SET (autovacuum_enabled = off)",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
         let mut session = db.acquire().await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET plan_cache_mode = force_generic_plan; PREPARE lookup(bytea[]) AS {LOOKUP_TOKENS}")))
             .execute(&mut *session)

@@ -14,14 +14,14 @@
 //!
 //! [`NewJob::announce_after_commit`]: crate::NewJob::announce_after_commit
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-use crate::runtime::{LocalWakers, INSERT_CHANNEL};
+use crate::runtime::{INSERT_CHANNEL, LocalWakers};
 
 /// Announces queues with committed new jobs. Cheap to clone; every clone feeds one task.
 #[derive(Clone)]

@@ -25,16 +25,8 @@ pub struct RetryPolicy {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 8] = [
-        Self::Provision,
-        Self::Stop,
-        Self::Restart,
-        Self::RescueCapture,
-        Self::Exec,
-        Self::A2aDispatch,
-        Self::Sweep,
-        Self::Console,
-    ];
+    pub const ALL: [JobKind; 8] =
+        [Self::Provision, Self::Stop, Self::Restart, Self::RescueCapture, Self::Exec, Self::A2aDispatch, Self::Sweep, Self::Console];
 
     /// The queue name (apalis' `job_type`).
     pub fn queue(self) -> &'static str {

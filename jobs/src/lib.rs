@@ -39,8 +39,8 @@ pub mod sweeper;
 pub mod verdicts;
 
 pub use announce::Announcer;
-pub use enqueue::{enqueue, enqueue_many, Announce, NewJob};
-pub use handler::{handler_fn, typed_handler, Handler, Interrupt, JobContext, JobError};
+pub use enqueue::{Announce, NewJob, enqueue, enqueue_many};
+pub use handler::{Handler, Interrupt, JobContext, JobError, handler_fn, typed_handler};
 pub use kinds::{JobKind, RetryPolicy};
 pub use runtime::{LocalWakers, PoolSpec, Runtime, RuntimeConfig, ShutdownReport};
 pub use state::{JobState, Outcome};

@@ -114,7 +114,18 @@ mod tests {
     use super::*;
 
     fn ack(state: JobState, outcome: Option<Outcome>, error: bool) -> Ack {
-        Ack { id: "x".into(), fence: 1, state, outcome, delay_ms: 0, error: error.then(|| "e".into()), error_detail: None, result: None, batch: 1, tid: None }
+        Ack {
+            id: "x".into(),
+            fence: 1,
+            state,
+            outcome,
+            delay_ms: 0,
+            error: error.then(|| "e".into()),
+            error_detail: None,
+            result: None,
+            batch: 1,
+            tid: None,
+        }
     }
 
     #[test]

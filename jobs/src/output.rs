@@ -38,10 +38,7 @@ pub async fn append(db: &PgPool, job_id: &str, chunks: &[Chunk]) -> Result<(), s
 /// The last chunk number written for a job (0 when none): a later attempt of the same
 /// job (a retried exec) goes on from here, so its chunks follow the earlier ones.
 pub async fn last_seq(db: &PgPool, job_id: &str) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM exec_output WHERE job_id = $1")
-        .bind(job_id)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar("SELECT COALESCE(max(seq), 0) FROM exec_output WHERE job_id = $1").bind(job_id).fetch_one(db).await
 }
 
 /// The chunks after `seq`, in order.

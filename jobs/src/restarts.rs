@@ -1,9 +1,9 @@
 //! Restart requests (A4, and J6's dead-agent recovery): one waiting restart per workspace.
 
-use molecule_domain::{events, JobId, OrgId, WorkspaceId};
+use molecule_domain::{JobId, OrgId, WorkspaceId, events};
 use sqlx::PgConnection;
 
-use crate::enqueue::{enqueue, NewJob};
+use crate::enqueue::{NewJob, enqueue};
 use crate::kinds::JobKind;
 use crate::store::stats::waiting_job_of;
 
@@ -24,7 +24,6 @@ pub async fn request(conn: &mut PgConnection, org: OrgId, ws: WorkspaceId, reaso
     }
     let job = NewJob::new(JobKind::Restart, &serde_json::json!({ "workspace_id": ws })).org(org).workspace(ws);
     let job_id = enqueue(&mut *conn, &job).await?;
-    events::record(conn, org, ws.0, "RESTART_REQUESTED", serde_json::json!({ "job_id": job_id.to_string(), "reason": reason }))
-        .await?;
+    events::record(conn, org, ws.0, "RESTART_REQUESTED", serde_json::json!({ "job_id": job_id.to_string(), "reason": reason })).await?;
     Ok(Requested { job_id, coalesced: false })
 }

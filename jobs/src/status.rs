@@ -223,11 +223,8 @@ pub async fn get(db: &PgPool, id: &JobId) -> Result<Option<JobView>, sqlx::Error
 
 /// A job by id, only when it belongs to `org` (strict equality: X1).
 pub async fn get_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Option<JobView>, sqlx::Error> {
-    let row: Option<ViewRow> = sqlx::query_as(select_view!("j.id = $1 AND j.org_id = $2"))
-        .bind(id.as_str())
-        .bind(org.0)
-        .fetch_optional(db)
-        .await?;
+    let row: Option<ViewRow> =
+        sqlx::query_as(select_view!("j.id = $1 AND j.org_id = $2")).bind(id.as_str()).bind(org.0).fetch_optional(db).await?;
     Ok(row.map(view))
 }
 

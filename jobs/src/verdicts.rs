@@ -6,7 +6,7 @@
 use molecule_domain::{JobId, OrgId, WorkspaceId};
 use sqlx::PgConnection;
 
-use crate::enqueue::{enqueue, NewJob};
+use crate::enqueue::{NewJob, enqueue};
 use crate::kinds::JobKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,9 +66,8 @@ async fn flip(
     .await?;
     let Some(org) = flipped else { return Ok(None) };
     let org = OrgId(org);
-    let job = NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": ws, "trigger": trigger.as_str() }))
-        .org(org)
-        .workspace(ws);
+    let job =
+        NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": ws, "trigger": trigger.as_str() })).org(org).workspace(ws);
     let job_id = enqueue(&mut *conn, &job).await?;
     molecule_domain::events::record(
         conn,

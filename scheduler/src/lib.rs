@@ -166,7 +166,8 @@ mod tests {
     #[test]
     fn classic_crontab_weekdays_mean_what_they_say() {
         let weekdays = parse_cron("0 3 * * 1-5").unwrap().unwrap();
-        let fires: Vec<String> = weekdays.after(&Utc.with_ymd_and_hms(2026, 11, 29, 0, 0, 0).unwrap()).take(5).map(|t| t.format("%a").to_string()).collect();
+        let fires: Vec<String> =
+            weekdays.after(&Utc.with_ymd_and_hms(2026, 11, 29, 0, 0, 0).unwrap()).take(5).map(|t| t.format("%a").to_string()).collect();
         assert_eq!(fires, ["Mon", "Tue", "Wed", "Thu", "Fri"]);
         let sunday = parse_cron("0 3 * * 0").unwrap().unwrap();
         assert_eq!(sunday.after(&Utc.with_ymd_and_hms(2026, 11, 30, 0, 0, 0).unwrap()).next().unwrap().format("%a").to_string(), "Sun");

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use molecule_jobs::sweeper::SweepArgs;
-use molecule_jobs::{enqueue, JobKind, NewJob};
+use molecule_jobs::{JobKind, NewJob, enqueue};
 use sqlx::PgPool;
 use std::time::Duration;
 

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{eventually, free_port, Proc};
+use crate::{Proc, eventually, free_port};
 
 /// The OS user the instances' SSH logins use (created on first use).
 pub const SSH_USER: &str = "molecule-ssh";
@@ -317,10 +317,8 @@ impl Sshd {
         cmd.arg("-D").arg("-e").arg("-f").arg(&config);
         self.proc = Some(Proc::spawn(cmd, "sshd"));
         let addr = self.addr.clone();
-        eventually(Duration::from_secs(10), "sshd to listen", || async {
-            tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())
-        })
-        .await;
+        eventually(Duration::from_secs(10), "sshd to listen", || async { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) })
+            .await;
     }
 
     /// Restarts with a new host key: what a man in the middle would present.

@@ -106,9 +106,7 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> 
         .map_err(|_| std::io::Error::other("connect timeout"))??;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::other("read timeout"))??;
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.map_err(|_| std::io::Error::other("read timeout"))??;
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
@@ -142,14 +140,7 @@ impl Resp {
 
 /// One HTTP/1.1 request on loopback (Connection: close). `body` is sent as JSON unless
 /// `content_type` says otherwise.
-pub async fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-    content_type: Option<&str>,
-) -> Resp {
+pub async fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>, content_type: Option<&str>) -> Resp {
     let headers: Vec<(&str, &str)> = content_type.map(|c| vec![("Content-Type", c)]).unwrap_or_default();
     http_full(addr, method, path, token, body, &headers, Duration::from_secs(15)).await
 }
@@ -190,9 +181,8 @@ pub async fn http_full(
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
     let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string())))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))).collect();
     let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
     let body = if chunked { dechunk(body) } else { body.to_string() };
     Resp { status, headers, body }
@@ -272,7 +262,11 @@ impl Platform {
             };
             let concurrency = pools.iter().map(|k| (*k, k.default_concurrency())).collect();
             let specs = molecule_workers::handlers::pool_specs(&deps, &concurrency);
-            let cfg = molecule_jobs::RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
+            let cfg = molecule_jobs::RuntimeConfig {
+                poll_interval: Duration::from_millis(200),
+                grace: Duration::from_secs(5),
+                ..Default::default()
+            };
             molecule_jobs::Runtime::start(db.clone(), cfg, specs)
         });
         Platform { db, url, addr, org, rt }

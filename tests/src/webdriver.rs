@@ -3,8 +3,8 @@
 //! HTTP client the tests already have. Chromium is kept on loopback: every host name
 //! but 127.0.0.1 fails to resolve and its background services are off.
 
-use crate::{free_port, Proc};
-use serde_json::{json, Value};
+use crate::{Proc, free_port};
+use serde_json::{Value, json};
 use std::process::Command;
 use std::time::Duration;
 
@@ -93,7 +93,11 @@ impl Browser {
     /// The element matching a CSS selector (panics when none).
     pub async fn find(&self, css: &str) -> String {
         let v = self.call("POST", &self.at("/element"), Some(json!({"using": "css selector", "value": css}))).await;
-        v.as_object().and_then(|o| o.values().next()).and_then(|id| id.as_str()).unwrap_or_else(|| panic!("no element {css}: {v}")).to_string()
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|id| id.as_str())
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_string()
     }
 
     /// The rendered text of the element matching `css` — what a person reads there.

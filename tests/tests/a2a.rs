@@ -3,12 +3,12 @@
 //! servers (tests/a2a_agents/, in the virtualenvs tests/run.sh makes), the reference echo
 //! agent in poll mode, and for dead-agent recovery a workspace on the Docker engine.
 
-use molecule_backends::docker::{container_name, DockerBackend, DockerConfig};
 use molecule_backends::Backend;
-use molecule_domain::{tokens, WorkspaceId};
+use molecule_backends::docker::{DockerBackend, DockerConfig, container_name};
+use molecule_domain::{WorkspaceId, tokens};
 use molecule_jobs::{JobKind, Runtime};
-use molecule_tests::{bin_path, eventually, free_port, http_full, http_get, Proc, Resp};
-use serde_json::{json, Value};
+use molecule_tests::{Proc, Resp, bin_path, eventually, free_port, http_full, http_get};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,7 +41,9 @@ impl Relay {
 
     /// An `external` workspace in `mode` and a token for its agent (A12b).
     async fn external(&self, name: &str, mode: &str) -> (String, String) {
-        let r = self.req("POST", "/workspaces", &self.org, Some(&json!({"name": name, "runtime": "external", "delivery_mode": mode})), &[]).await;
+        let r = self
+            .req("POST", "/workspaces", &self.org, Some(&json!({"name": name, "runtime": "external", "delivery_mode": mode})), &[])
+            .await;
         assert_eq!(r.status, 202, "{}", r.body);
         let ws = r.json()["workspace"]["id"].as_str().unwrap().to_string();
         let t = self.req("POST", &format!("/workspaces/{ws}/tokens"), &self.org, None, &[]).await;
@@ -172,9 +174,18 @@ async fn the_corpus_replays_through_the_route() {
         let r = relay.send(&relay.org, &target, &body_of(entry)).await;
         assert_eq!(r.status, 202, "valid/{name}: {}", r.body);
         let qid: uuid::Uuid = r.json()["queue_id"].as_str().unwrap().parse().unwrap();
-        let (body, generation): (Value, String) =
-            sqlx::query_as("SELECT body, caller_generation FROM a2a_queue WHERE queue_id = $1").bind(qid).fetch_one(&relay.db).await.unwrap();
-        let expected_generation = if name.starts_with("v0_2") { "0.2" } else if name.starts_with("v1_0") { "1.0" } else { "0.3" };
+        let (body, generation): (Value, String) = sqlx::query_as("SELECT body, caller_generation FROM a2a_queue WHERE queue_id = $1")
+            .bind(qid)
+            .fetch_one(&relay.db)
+            .await
+            .unwrap();
+        let expected_generation = if name.starts_with("v0_2") {
+            "0.2"
+        } else if name.starts_with("v1_0") {
+            "1.0"
+        } else {
+            "0.3"
+        };
         assert_eq!(generation, expected_generation, "valid/{name}");
         let m = &body["params"]["message"];
         let parts = m["parts"].as_array().unwrap_or_else(|| panic!("valid/{name}: no parts in {body}"));
@@ -198,7 +209,9 @@ async fn the_corpus_replays_through_the_route() {
     }
     // Bodies that are not JSON at all.
     for raw in ["{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"message/se", "not json", "", "   \n"] {
-        let r = http_full(&relay.addr, "POST", &format!("/workspaces/{target}/a2a"), Some(&relay.org), Some(raw), &[], Duration::from_secs(10)).await;
+        let r =
+            http_full(&relay.addr, "POST", &format!("/workspaces/{target}/a2a"), Some(&relay.org), Some(raw), &[], Duration::from_secs(10))
+                .await;
         assert_eq!(r.status, 400, "{raw:?}: {}", r.body);
         assert_eq!(r.json()["error"]["code"], -32700, "{raw:?}: {}", r.body);
     }
@@ -252,7 +265,11 @@ async fn each_sdk_generation_receives_the_generation_it_speaks() {
     assert_eq!(d2["agent_version"], "1.0");
     // The 1.x agent answered in v1.0; the v0.3 caller reads it in v0.3.
     let reply = &d2["response"]["result"];
-    assert_eq!((reply["kind"].as_str(), reply["role"].as_str(), reply["parts"][0]["kind"].as_str()), (Some("message"), Some("agent"), Some("text")), "{reply}");
+    assert_eq!(
+        (reply["kind"].as_str(), reply["role"].as_str(), reply["parts"][0]["kind"].as_str()),
+        (Some("message"), Some("agent"), Some("text")),
+        "{reply}"
+    );
     let seen = seen_by_agent(reply["parts"][0]["text"].as_str().unwrap());
     assert_eq!(seen["sdk"], "1.x");
     assert_eq!(seen["role"], "ROLE_USER");
@@ -284,7 +301,11 @@ async fn each_sdk_generation_receives_the_generation_it_speaks() {
         .unwrap();
     let q4 = relay.queue(&caller_token, &w10, &message_send("after a wrong guess")).await;
     let d4 = relay.wait_for(&w10, &q4, &["completed", "failed"], Duration::from_secs(30)).await;
-    assert_eq!((d4["status"].as_str(), d4["agent_version"].as_str(), d4["attempts"].as_i64()), (Some("completed"), Some("1.0"), Some(2)), "{d4}");
+    assert_eq!(
+        (d4["status"].as_str(), d4["agent_version"].as_str(), d4["attempts"].as_i64()),
+        (Some("completed"), Some("1.0"), Some(2)),
+        "{d4}"
+    );
 
     // The caller (a workspace token), the target and the org all read it; the activity
     // record of the delivery is on the target, with the caller as source.
@@ -356,7 +377,12 @@ async fn the_echo_agent_in_poll_mode_reads_a_thousand_messages_in_order() {
     assert_eq!(rest["items"], json!([]), "no reply twice");
     // The agent's own inbox: the N messages in the order they were sent.
     let inbox = relay.req("GET", &format!("/workspaces/{echo}/activity?since_id=0&limit=1000"), &echo_token, None, &[]).await.json();
-    let got: Vec<&str> = inbox["items"].as_array().unwrap().iter().map(|i| i["request_body"]["params"]["message"]["parts"][0]["text"].as_str().unwrap()).collect();
+    let got: Vec<&str> = inbox["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["request_body"]["params"]["message"]["parts"][0]["text"].as_str().unwrap())
+        .collect();
     assert_eq!(got, expected.iter().map(String::as_str).collect::<Vec<_>>());
     eprintln!("{N} messages read and echoed in {:?}", started.elapsed());
     relay.stop().await;
@@ -378,7 +404,9 @@ async fn bad_gateway() -> u16 {
                 let _ = s.read(&mut buf).await;
                 let body = "error code: 502";
                 let _ = s
-                    .write_all(format!("HTTP/1.1 502 Bad Gateway\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                    .write_all(
+                        format!("HTTP/1.1 502 Bad Gateway\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                    )
                     .await;
             });
         }
@@ -408,7 +436,11 @@ async fn a_502_from_a_dead_agent_restarts_it_and_from_a_live_one_is_recorded() {
     // Alive: the 502 is recorded as is; nothing restarts.
     let q = relay.queue(&relay.org, &ws, &message_send("are you there")).await;
     let d = relay.wait_for(&ws, &q, &["completed", "failed"], Duration::from_secs(30)).await;
-    assert_eq!((d["status"].as_str(), d["response_status"].as_i64(), d["restarting"].as_bool()), (Some("failed"), Some(502), Some(false)), "{d}");
+    assert_eq!(
+        (d["status"].as_str(), d["response_status"].as_i64(), d["restarting"].as_bool()),
+        (Some("failed"), Some(502), Some(false)),
+        "{d}"
+    );
     let restarts = format!("SELECT count(*) FROM apalis.jobs WHERE job_type = 'restart' AND workspace_id = '{ws}'");
     assert_eq!(relay.count(&restarts).await, 0);
     assert_eq!(relay.req("GET", &format!("/workspaces/{ws}"), &relay.org, None, &[]).await.json()["status"], "online");
@@ -479,7 +511,8 @@ async fn refused_connections_retry_with_backoff_then_expire_or_deliver_once_back
     assert!(started_2 - failed_1 >= chrono::Duration::milliseconds(1000), "second attempt waited: {log}");
     // The sweep writes it down; the job itself ends expired.
     molecule_workers::sweeps::a2a_ttl::expire_all(&relay.db).await.unwrap();
-    let stored: String = sqlx::query_scalar("SELECT status FROM a2a_queue WHERE queue_id = $1::uuid").bind(&q_ttl).fetch_one(&relay.db).await.unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT status FROM a2a_queue WHERE queue_id = $1::uuid").bind(&q_ttl).fetch_one(&relay.db).await.unwrap();
     assert_eq!(stored, "expired");
     let job = d["job_id"].as_str().unwrap().to_string();
     eventually(Duration::from_secs(30), "the dispatch job to end expired", || async {
@@ -495,7 +528,8 @@ async fn refused_connections_retry_with_backoff_then_expire_or_deliver_once_back
     assert_eq!(d["status"], "completed", "{d}");
     assert_eq!(seen_by_agent(d["response"]["result"]["parts"][0]["text"].as_str().unwrap())["text"], "patient");
     let delivered = relay.count(&format!("SELECT count(*) FROM activity_logs WHERE queue_id = '{q_wait}' AND status = '200'")).await;
-    let failed = relay.count(&format!("SELECT count(*) FROM activity_logs WHERE queue_id = '{q_wait}' AND status = 'transport_error'")).await;
+    let failed =
+        relay.count(&format!("SELECT count(*) FROM activity_logs WHERE queue_id = '{q_wait}' AND status = 'transport_error'")).await;
     assert_eq!(delivered, 1);
     assert!(failed >= 1);
     relay.stop().await;
@@ -518,7 +552,9 @@ async fn the_same_idempotency_key_twice_is_one_row_and_one_delivery() {
     with_key["params"]["idempotency_key"] = json!("order-7");
     let a = relay.send(&relay.org, &ws, &with_key).await;
     // The same key as a header, the second time.
-    let b = relay.req("POST", &format!("/workspaces/{ws}/a2a"), &relay.org, Some(&message_send("once")), &[("Idempotency-Key", "order-7")]).await;
+    let b = relay
+        .req("POST", &format!("/workspaces/{ws}/a2a"), &relay.org, Some(&message_send("once")), &[("Idempotency-Key", "order-7")])
+        .await;
     assert_eq!((a.status, b.status), (202, 202), "{} / {}", a.body, b.body);
     let (a, b) = (a.json(), b.json());
     assert_eq!(a["queue_id"], b["queue_id"]);
@@ -577,10 +613,13 @@ async fn a_lookup_is_visible_to_caller_target_and_org_and_the_same_404_to_anyone
         relay.lookup(&relay.org, &target, &unknown).await,
         relay.lookup(&caller_token, &target, &unknown).await,
     ];
-    let bodies: Vec<String> = denied.iter().map(|r| {
-        assert_eq!(r.status, 404, "{}", r.body);
-        r.body.clone()
-    }).collect();
+    let bodies: Vec<String> = denied
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 404, "{}", r.body);
+            r.body.clone()
+        })
+        .collect();
     assert!(bodies.windows(2).all(|w| w[0] == w[1]), "every refusal reads the same: {bodies:?}");
     assert_eq!(relay.lookup(&relay.org, &target, "not-a-uuid").await.status, 400);
     relay.stop().await;
@@ -702,7 +741,12 @@ async fn poll_inboxes_honour_idempotency_keys_and_ttls() {
     relay.send(&caller_token, &inbox, &short).await;
     let listed = || async {
         let v = relay.req("GET", &format!("/workspaces/{inbox}/activity?since_id=0"), &inbox_token, None, &[]).await.json();
-        v["items"].as_array().unwrap().iter().map(|i| i["request_body"]["params"]["message"]["parts"][0]["text"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["request_body"]["params"]["message"]["parts"][0]["text"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
     };
     assert_eq!(listed().await, vec!["once", "once", "short-lived"]);
     eventually(Duration::from_secs(10), "the short-lived message to leave the inbox", || async {
@@ -815,7 +859,16 @@ async fn registration_takes_an_a2a_version_and_bodies_up_to_4_mib() {
     let r = relay.send(&relay.org, &ws, &too_big).await;
     assert_eq!(r.status, 413, "{}", &r.body[..r.body.len().min(200)]);
     // Not JSON → 415; another org's workspace → 404; a removed one → 404.
-    let r = http_full(&relay.addr, "POST", &format!("/workspaces/{ws}/a2a"), Some(&relay.org), Some("x"), &[("Content-Type", "text/plain")], Duration::from_secs(10)).await;
+    let r = http_full(
+        &relay.addr,
+        "POST",
+        &format!("/workspaces/{ws}/a2a"),
+        Some(&relay.org),
+        Some("x"),
+        &[("Content-Type", "text/plain")],
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(r.status, 415);
     let mut c = relay.db.acquire().await.unwrap();
     let (_, other_org) = tokens::create_org(&mut c, "other").await.unwrap();

@@ -7,11 +7,11 @@
 //! sent none.
 
 use molecule_jobs::runtime::INSERT_CHANNEL;
-use molecule_jobs::{enqueue, enqueue_many, handler_fn, Announcer, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_jobs::{Announcer, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, enqueue, enqueue_many, handler_fn};
 use molecule_tests::fresh_db;
 use serde_json::json;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 use std::time::Duration;
 
 fn job(queue: &str) -> NewJob {

@@ -5,8 +5,7 @@
 //! our core wrote, with the states our core meant.
 
 use apalis_core::backend::{
-    FetchById, Filter, ListAllTasks, ListQueues, ListTasks, ListWorkers, Metrics, QueueInfo, StatType, Statistic,
-    TaskSink,
+    FetchById, Filter, ListAllTasks, ListQueues, ListTasks, ListWorkers, Metrics, QueueInfo, StatType, Statistic, TaskSink,
 };
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::status::Status;
@@ -17,8 +16,7 @@ use molecule_domain::JobId;
 use molecule_jobs::status::{self, JobView};
 use molecule_jobs::sweeper::{SweepArgs, Sweeper};
 use molecule_jobs::{
-    enqueue, typed_handler, JobContext, JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime,
-    RuntimeConfig,
+    JobContext, JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, enqueue, typed_handler,
 };
 use molecule_tests::{eventually, fresh_db};
 use serde_json::json;
@@ -41,8 +39,20 @@ struct Seen {
 /// The columns apalis-postgres 1.0 reads with `SELECT *` into its rows: its compiled
 /// queries (`query_file_as!`) take them by position, so ours must come after these.
 const APALIS_JOB_COLUMNS: [&str; 14] = [
-    "job", "id", "job_type", "status", "attempts", "max_attempts", "run_at", "last_result", "lock_at", "lock_by",
-    "done_at", "priority", "idempotency_key", "metadata",
+    "job",
+    "id",
+    "job_type",
+    "status",
+    "attempts",
+    "max_attempts",
+    "run_at",
+    "last_result",
+    "lock_at",
+    "lock_by",
+    "done_at",
+    "priority",
+    "idempotency_key",
+    "metadata",
 ];
 const APALIS_WORKER_COLUMNS: [&str; 6] = ["id", "worker_type", "storage_name", "layers", "last_seen", "started_at"];
 
@@ -185,9 +195,7 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
     in_tx.retention_s = Some(3600);
     let in_tx_id = ulid::Ulid::generate().to_string();
     let mut tx = db.begin().await.unwrap();
-    let task: PgTask = TaskBuilder::new(serde_json::to_vec(&in_tx).unwrap())
-        .task_id(TaskId::from_ulid(in_tx_id.parse().unwrap()))
-        .build();
+    let task: PgTask = TaskBuilder::new(serde_json::to_vec(&in_tx).unwrap()).task_id(TaskId::from_ulid(in_tx_id.parse().unwrap())).build();
     apalis_postgres::queries::push_tasks(&mut *tx, sweep_q, vec![task]).await.unwrap();
     tx.commit().await.unwrap();
 

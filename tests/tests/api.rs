@@ -3,8 +3,8 @@
 use molecule_api::{AuthConfig, OrgPin};
 use molecule_domain::tokens;
 use molecule_domain::{OrgId, WorkspaceId};
-use molecule_tests::{fresh_db, http, open_auth, start_api, Resp};
-use serde_json::{json, Value};
+use molecule_tests::{Resp, fresh_db, http, open_auth, start_api};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 
@@ -125,7 +125,12 @@ async fn every_route_hides_other_orgs_and_refuses_bad_tokens() {
     all.extend([("GET", "/workspaces".to_string()), ("POST", "/workspaces".to_string()), ("GET", "/jobs".to_string())]);
     for (m, path) in &all {
         let body = (*m == "POST" && path == "/workspaces").then(|| json!({"name": "x", "runtime": "echo"}).to_string());
-        for (who, tok) in [("no token", None), ("revoked token", Some(revoked.as_str())), ("removed workspace's token", Some(gone_token.as_str())), ("garbage", Some("mol_org_nope"))] {
+        for (who, tok) in [
+            ("no token", None),
+            ("revoked token", Some(revoked.as_str())),
+            ("removed workspace's token", Some(gone_token.as_str())),
+            ("garbage", Some("mol_org_nope")),
+        ] {
             let r = http(&addr, m, path, tok, body.as_deref(), None).await;
             assert_eq!(r.status, 401, "{who} on {m} {path}: {}", r.body);
             assert_eq!(r.code(), "unauthorized");
@@ -169,7 +174,8 @@ async fn an_empty_org_pin_fails_closed_before_any_query() {
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy("postgres://nobody:x@127.0.0.254:9/none")
         .unwrap();
-    let pinned_empty = AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap(), allow_loopback_agents: false };
+    let pinned_empty =
+        AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::from_env_value(Some("")).unwrap(), allow_loopback_agents: false };
     let addr = start_api(db.clone(), pinned_empty).await;
     let id = uuid::Uuid::new_v4();
     for (m, path) in [
@@ -205,7 +211,11 @@ async fn admin_token_gate() {
     let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     assert_eq!(get(&dev, "/queues", None).await.status, 200);
 
-    let on = start_api(db.clone(), AuthConfig { admin_token: Some("s3cret-admin".into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let on = start_api(
+        db.clone(),
+        AuthConfig { admin_token: Some("s3cret-admin".into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false },
+    )
+    .await;
     assert_eq!(get(&on, "/queues", None).await.status, 401);
     assert_eq!(get(&on, "/queues", Some("s3cret-admi")).await.status, 401);
     assert_eq!(get(&on, "/queues", Some(&org_token)).await.status, 401);
@@ -303,7 +313,8 @@ async fn job_listing_filters_paginates_and_cancel_retry_check_state() {
     assert_eq!(page1["items"].as_array().unwrap().len(), 2);
     let cursor = page1["next_cursor"].as_str().unwrap().to_string();
     let page2 = get(&addr, &format!("/jobs?limit=2&kind=provision&cursor={cursor}"), Some(&t)).await.json();
-    let page3 = get(&addr, &format!("/jobs?limit=2&kind=provision&cursor={}", page2["next_cursor"].as_str().unwrap()), Some(&t)).await.json();
+    let page3 =
+        get(&addr, &format!("/jobs?limit=2&kind=provision&cursor={}", page2["next_cursor"].as_str().unwrap()), Some(&t)).await.json();
     assert_eq!(page3["items"].as_array().unwrap().len(), 1);
     assert!(page3["next_cursor"].is_null());
     let mut seen: Vec<String> = [&page1, &page2, &page3]
@@ -353,10 +364,38 @@ async fn every_documented_4xx() {
         ("POST", "/workspaces".into(), Some(json!({"name": "x".repeat(201), "runtime": "echo"}).to_string()), None, 400, "invalid_name"),
         ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tier": 5}).to_string()), None, 400, "invalid_tier"),
         ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "tier": 0}).to_string()), None, 400, "invalid_tier"),
-        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "delivery_mode": "carrier-pigeon"}).to_string()), None, 400, "invalid_body"),
-        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "parent_id": "nope"}).to_string()), None, 400, "invalid_body"),
-        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo", "parent_id": uuid::Uuid::new_v4()}).to_string()), None, 400, "invalid_parent"),
-        ("POST", "/workspaces".into(), Some(json!({"name": "x", "runtime": "echo"}).to_string()), Some("text/plain"), 415, "unsupported_media_type"),
+        (
+            "POST",
+            "/workspaces".into(),
+            Some(json!({"name": "x", "runtime": "echo", "delivery_mode": "carrier-pigeon"}).to_string()),
+            None,
+            400,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/workspaces".into(),
+            Some(json!({"name": "x", "runtime": "echo", "parent_id": "nope"}).to_string()),
+            None,
+            400,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/workspaces".into(),
+            Some(json!({"name": "x", "runtime": "echo", "parent_id": uuid::Uuid::new_v4()}).to_string()),
+            None,
+            400,
+            "invalid_parent",
+        ),
+        (
+            "POST",
+            "/workspaces".into(),
+            Some(json!({"name": "x", "runtime": "echo"}).to_string()),
+            Some("text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
         ("GET", "/workspaces/not-a-uuid".into(), None, None, 400, "invalid_id"),
         ("GET", format!("/workspaces/{}", uuid::Uuid::new_v4()), None, None, 404, "not_found"),
         ("GET", "/jobs/not-a-ulid".into(), None, None, 400, "invalid_id"),
@@ -429,7 +468,8 @@ async fn openapi_documents_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_register_and_heartbeat() {
     let (db, _) = fresh_db().await;
-    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let strict =
+        start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     let local = start_api(db.clone(), open_auth()).await;
     let (_o, t) = org(&db, "a").await;
     let (ws, _) = create_ws(&strict, &t, json!({"name": "agent", "runtime": "echo"})).await;
@@ -494,7 +534,8 @@ async fn registry_register_and_heartbeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_assigned_agent_url_is_trusted_and_nothing_else_is() {
     let (db, _) = fresh_db().await;
-    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let strict =
+        start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     let (_o, t) = org(&db, "a").await;
     let (a, _) = create_ws(&strict, &t, json!({"name": "a", "runtime": "echo"})).await;
     let (b, _) = create_ws(&strict, &t, json!({"name": "b", "runtime": "echo"})).await;
@@ -537,7 +578,8 @@ async fn the_assigned_agent_url_is_trusted_and_nothing_else_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_registration_says_why_on_the_workspace() {
     let (db, _) = fresh_db().await;
-    let strict = start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let strict =
+        start_api(db.clone(), AuthConfig { admin_token: None, dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     let (_o, t) = org(&db, "a").await;
     let (ws, _) = create_ws(&strict, &t, json!({"name": "w", "runtime": "echo"})).await;
     let mut c = db.acquire().await.unwrap();
@@ -579,11 +621,18 @@ async fn a_refused_registration_says_why_on_the_workspace() {
 async fn bootstrap_failed_flips_once_and_queues_one_rescue() {
     let (db, _) = fresh_db().await;
     let admin = "adm1n-token";
-    let addr = start_api(db.clone(), AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let addr = start_api(
+        db.clone(),
+        AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false },
+    )
+    .await;
     let (_o, t) = org(&db, "a").await;
     let (ws, _) = create_ws(&addr, &t, json!({"name": "stuck", "runtime": "echo"})).await;
     let path = format!("/admin/workspaces/{ws}/bootstrap-failed");
-    let log = format!("{}\nboot: exporting OPENAI_API_KEY=sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo\nagent never registered", "x".repeat(10_000));
+    let log = format!(
+        "{}\nboot: exporting OPENAI_API_KEY=sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo\nagent never registered",
+        "x".repeat(10_000)
+    );
     let body = json!({"error": "agent never registered within 10 min", "log_tail": log});
 
     assert_eq!(post(&addr, &path, Some(&t), body.clone()).await.status, 401, "org tokens are not admin");
@@ -671,7 +720,11 @@ async fn rescue_read_serves_the_latest_bundle_to_its_org_only() {
 async fn a_failures_detail_is_shown_to_operators_only() {
     let (db, _) = fresh_db().await;
     let admin = "adm1n-token";
-    let addr = start_api(db.clone(), AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
+    let addr = start_api(
+        db.clone(),
+        AuthConfig { admin_token: Some(admin.into()), dev: false, org_pin: OrgPin::Any, allow_loopback_agents: false },
+    )
+    .await;
     let (_o, t) = org(&db, "a").await;
     let (_ws, job) = create_ws(&addr, &t, json!({"name": "w", "runtime": "echo"})).await;
     let job = job.unwrap();

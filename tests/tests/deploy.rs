@@ -5,7 +5,7 @@
 //! would take right now.
 
 use molecule_jobs::store::{self, Ack};
-use molecule_jobs::{enqueue, JobKind, JobState, NewJob, Outcome};
+use molecule_jobs::{JobKind, JobState, NewJob, Outcome, enqueue};
 use molecule_tests::{bin_path, fresh_db};
 use serde::Deserialize;
 use serde_json::json;
@@ -41,9 +41,9 @@ fn repo() -> PathBuf {
 /// The validator's Python: the virtualenv tests/run.sh creates (MOLECULE_INFRA_VENV
 /// overrides where). Missing is a failure, not a skip.
 fn python() -> PathBuf {
-    let venv = std::env::var_os("MOLECULE_INFRA_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/molecule-infra")
-    });
+    let venv = std::env::var_os("MOLECULE_INFRA_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/molecule-infra"));
     let py = venv.join("bin/python");
     assert!(
         py.exists(),
@@ -211,7 +211,13 @@ async fn each_pools_keda_query_returns_its_own_depth() {
     // And that depth is exactly what the pool's claim takes right now.
     for p in &pools {
         let took = store::claim_each_shard(&db, &p.pool, 10_000, "deploy-test@localhost:1#check").await.unwrap();
-        assert_eq!(took.len() as i64, depth[&p.pool], "pool {}: its claim took {} jobs, its KEDA depth said {}", p.pool,
-            took.len(), depth[&p.pool]);
+        assert_eq!(
+            took.len() as i64,
+            depth[&p.pool],
+            "pool {}: its claim took {} jobs, its KEDA depth said {}",
+            p.pool,
+            took.len(),
+            depth[&p.pool]
+        );
     }
 }

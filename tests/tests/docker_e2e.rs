@@ -2,12 +2,12 @@
 //! Docker engine and PostgreSQL, with the reference agent (runtime `echo`) registering
 //! back (J1–J3, A12). Needs `infra/build-agent-image.sh` to have run (tests/run.sh does).
 
-use molecule_backends::docker::{container_name, volume_name, DockerBackend, DockerConfig};
-use molecule_domain::{tokens, WorkspaceId};
-use molecule_workers::provision::StartFailure;
-use molecule_jobs::{enqueue, JobKind, NewJob, Runtime, RuntimeConfig};
+use molecule_backends::docker::{DockerBackend, DockerConfig, container_name, volume_name};
+use molecule_domain::{WorkspaceId, tokens};
+use molecule_jobs::{JobKind, NewJob, Runtime, RuntimeConfig, enqueue};
 use molecule_tests::{eventually, fresh_db, http, start_api, strict_auth};
-use serde_json::{json, Value};
+use molecule_workers::provision::StartFailure;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::process::Command;
 use std::sync::Arc;
@@ -37,9 +37,7 @@ impl Env {
         let mut c = db.acquire().await.unwrap();
         let (_, token) = tokens::create_org(&mut c, "docker-e2e").await.unwrap();
         drop(c);
-        let backend = DockerBackend::connect(docker)
-            .await
-            .expect("a Docker engine (tests/run.sh starts one)");
+        let backend = DockerBackend::connect(docker).await.expect("a Docker engine (tests/run.sh starts one)");
         let deps = molecule_workers::Deps {
             db: db.clone(),
             backend: Arc::new(backend),
@@ -70,10 +68,7 @@ impl Env {
     }
 
     async fn wait_status(&self, ws: &str, want: &str, within: Duration) {
-        eventually(within, &format!("workspace {ws} to be {want}"), || async {
-            (self.status(ws).await == want).then_some(())
-        })
-        .await
+        eventually(within, &format!("workspace {ws} to be {want}"), || async { (self.status(ws).await == want).then_some(()) }).await
     }
 
     async fn job(&self, id: &str) -> Value {
@@ -258,17 +253,19 @@ async fn a_missing_image_retries_then_fails_with_a_canned_error() {
     // Images come from a registry on a loopback port where nothing listens: pulls fail fast.
     let env = Env::new("127.0.0.1:9/none").await;
     let org: uuid::Uuid = sqlx::query_scalar("SELECT id FROM organizations").fetch_one(&env.db).await.unwrap();
-    let ws: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO workspaces (org_id, name, runtime, tier) VALUES ($1, 'noimg', 'hermes', 2) RETURNING id",
-    )
-    .bind(org)
-    .fetch_one(&env.db)
-    .await
-    .unwrap();
+    let ws: uuid::Uuid =
+        sqlx::query_scalar("INSERT INTO workspaces (org_id, name, runtime, tier) VALUES ($1, 'noimg', 'hermes', 2) RETURNING id")
+            .bind(org)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
     let mut c = env.db.acquire().await.unwrap();
     let job = enqueue(
         &mut c,
-        &NewJob::new(JobKind::Provision, &json!({"workspace_id": ws})).org(molecule_domain::OrgId(org)).workspace(WorkspaceId(ws)).max_attempts(3),
+        &NewJob::new(JobKind::Provision, &json!({"workspace_id": ws}))
+            .org(molecule_domain::OrgId(org))
+            .workspace(WorkspaceId(ws))
+            .max_attempts(3),
     )
     .await
     .unwrap();
@@ -345,8 +342,11 @@ async fn the_agent_answers_a2a_only_with_the_inbound_secret() {
     let env = Env::new("127.0.0.1:9/none").await;
     let (ws, _) = create(&env, json!({"name": "a2a", "runtime": "echo"})).await;
     env.wait_status(&ws, "online", Duration::from_secs(30)).await;
-    let (url, secret): (String, String) =
-        sqlx::query_as("SELECT url, platform_inbound_secret FROM workspaces WHERE id = $1").bind(ws_id(&ws).0).fetch_one(&env.db).await.unwrap();
+    let (url, secret): (String, String) = sqlx::query_as("SELECT url, platform_inbound_secret FROM workspaces WHERE id = $1")
+        .bind(ws_id(&ws).0)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
     let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
     let body = json!({"jsonrpc": "2.0", "id": 7, "method": "message/send",
         "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "hello"}], "messageId": "m1", "kind": "message"}}})
@@ -361,7 +361,6 @@ async fn the_agent_answers_a2a_only_with_the_inbound_secret() {
     env.stop().await;
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_teardown_keeps_the_volume_and_retries_with_backoff() {
     let env = Env::new("127.0.0.1:9/none").await;
@@ -371,8 +370,23 @@ async fn a_failing_teardown_keeps_the_volume_and_retries_with_backoff() {
     // Another container holds the config volume: the engine refuses to remove it.
     let blocker = format!("blocker-{}", &ws[..8]);
     let vol = format!("{}:/held", volume_name(id));
-    assert!(docker(&["run", "-d", "--name", &blocker, "--network", "host", "-v", &vol, "--entrypoint", "/bin/sleep",
-        molecule_backends::image::ECHO_IMAGE, "300"]).0);
+    assert!(
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &blocker,
+            "--network",
+            "host",
+            "-v",
+            &vol,
+            "--entrypoint",
+            "/bin/sleep",
+            molecule_backends::image::ECHO_IMAGE,
+            "300"
+        ])
+        .0
+    );
     let r = env.req("DELETE", &format!("/workspaces/{ws}"), None).await;
     let job = r.json()["job_ids"][0].as_str().unwrap().to_string();
     let j = eventually(Duration::from_secs(30), "a failed teardown attempt", || async {
@@ -461,7 +475,8 @@ async fn exec_runs_argv_separates_streams_caps_output_and_kills_on_timeout() {
     assert_eq!(rows[4].2, Some(0));
     assert!(rows[0].0.starts_with("org:"));
     assert_eq!(rows[0].2, Some(3));
-    let dump: String = sqlx::query_scalar("SELECT string_agg(row_to_json(a)::text, ' ') FROM audit_events a").fetch_one(&env.db).await.unwrap();
+    let dump: String =
+        sqlx::query_scalar("SELECT string_agg(row_to_json(a)::text, ' ') FROM audit_events a").fetch_one(&env.db).await.unwrap();
     assert!(!dump.contains(&token[8..24]), "no output in the audit table");
     assert!(!dump.contains("aaaaaaaaaaaaaaa\n"), "no output in the audit table");
     env.delete(&ws).await;
@@ -476,14 +491,21 @@ async fn exec_refuses_bad_requests_low_tiers_and_other_orgs_without_queueing() {
     env.wait_status(&hi, "online", Duration::from_secs(30)).await;
     let r = exec(&env, &low, json!({"argv": ["id"]})).await;
     assert_eq!(r.status, 403, "{}", r.body);
-    for bad in [json!({"cmd": "ls -la"}), json!({"argv": "ls -la"}), json!({"argv": []}), json!({"argv": ["ls", 3]}), json!({"argv": ["ls"], "timeout_s": 0})] {
+    for bad in [
+        json!({"cmd": "ls -la"}),
+        json!({"argv": "ls -la"}),
+        json!({"argv": []}),
+        json!({"argv": ["ls", 3]}),
+        json!({"argv": ["ls"], "timeout_s": 0}),
+    ] {
         let r = exec(&env, &hi, bad.clone()).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
     let mut c = env.db.acquire().await.unwrap();
     let (_, other) = tokens::create_org(&mut c, "other").await.unwrap();
     drop(c);
-    let r = http(&env.addr, "POST", &format!("/workspaces/{hi}/exec"), Some(&other), Some(&json!({"argv": ["id"]}).to_string()), None).await;
+    let r =
+        http(&env.addr, "POST", &format!("/workspaces/{hi}/exec"), Some(&other), Some(&json!({"argv": ["id"]}).to_string()), None).await;
     assert_eq!(r.status, 404);
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'exec'").fetch_one(&env.db).await.unwrap();
     assert_eq!(queued, 0, "no refused request queued a job");
@@ -601,7 +623,9 @@ async fn fake_loki() -> (String, Arc<std::sync::Mutex<Vec<(String, Value)>>>) {
                             let ok = v["streams"][0]["stream"].is_object() && v["streams"][0]["values"].is_array();
                             seen.lock().unwrap().push((path, v));
                             let status = if ok { "204 No Content" } else { "400 Bad Request" };
-                            let _ = sock.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes()).await;
+                            let _ = sock
+                                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+                                .await;
                             break;
                         }
                     }
@@ -622,18 +646,23 @@ async fn a_boot_failure_leaves_one_redacted_rescue_bundle_shipped_to_loki() {
     eventually(Duration::from_secs(30), "the container to run", || async { container_exists(id).then_some(()) }).await;
     // A secret planted in the workspace's config.
     let planted = "sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo";
-    assert!(docker(&["exec", &container_name(id), "sh", "-c", &format!("printf 'model: x\\napi_key: {planted}\\n' > /configs/config.yaml")]).0);
+    assert!(
+        docker(&["exec", &container_name(id), "sh", "-c", &format!("printf 'model: x\\napi_key: {planted}\\n' > /configs/config.yaml")]).0
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(env.status(&ws).await, "provisioning", "the agent never registered");
 
     // The control plane's verdict (admin route of an API with ADMIN_TOKEN).
-    let admin_addr = start_api(
-        env.db.clone(),
-        molecule_api::AuthConfig { admin_token: Some("adm".into()), ..strict_auth() },
+    let admin_addr = start_api(env.db.clone(), molecule_api::AuthConfig { admin_token: Some("adm".into()), ..strict_auth() }).await;
+    let verdict = http(
+        &admin_addr,
+        "POST",
+        &format!("/admin/workspaces/{ws}/bootstrap-failed"),
+        Some("adm"),
+        Some(&json!({"error": "agent never registered"}).to_string()),
+        None,
     )
     .await;
-    let verdict = http(&admin_addr, "POST", &format!("/admin/workspaces/{ws}/bootstrap-failed"), Some("adm"),
-        Some(&json!({"error": "agent never registered"}).to_string()), None).await;
     assert_eq!(verdict.status, 200, "{}", verdict.body);
     let job = verdict.json()["job_id"].as_str().unwrap().to_string();
     let j = env.wait_job(&job, "succeeded", Duration::from_secs(60)).await;

@@ -10,9 +10,9 @@ use molecule_backends::ec2::{Ec2Backend, Ec2Config, InstanceStore};
 use molecule_backends::{Backend, BackendError, ExecRequest, StartSpec};
 use molecule_domain::tokens::MintedSecrets;
 use molecule_domain::{OrgId, WorkspaceId};
-use molecule_tests::aws::{set_mode, AwsProxy, Fault, Moto, Sshd, UserData, SSH_USER};
-use molecule_tests::{bin_path, eventually, fresh_db, free_port, http, Proc};
-use serde_json::{json, Value};
+use molecule_tests::aws::{AwsProxy, Fault, Moto, SSH_USER, Sshd, UserData, set_mode};
+use molecule_tests::{Proc, bin_path, eventually, free_port, fresh_db, http};
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -152,7 +152,10 @@ async fn contract(backend: &dyn Backend, record: &dyn Fn(WorkspaceId, Option<Str
 
     // read_file: a file the workspace wrote, and one that does not exist.
     let path = format!("{writable}/contract-{}", fastrand::u32(..));
-    let wrote = backend.exec(ws, &exec_req(&["sh", "-c", &format!("printf 'hello\\nworld' > {path}")], Duration::from_secs(20)), &sink).await.unwrap();
+    let wrote = backend
+        .exec(ws, &exec_req(&["sh", "-c", &format!("printf 'hello\\nworld' > {path}")], Duration::from_secs(20)), &sink)
+        .await
+        .unwrap();
     assert_eq!(wrote.exit_code, Some(0), "{b}: {}", String::from_utf8_lossy(&wrote.stderr));
     assert_eq!(backend.read_file(ws, &path).await.unwrap().as_deref(), Some(&b"hello\nworld"[..]), "{b}");
     assert_eq!(backend.read_file(ws, &format!("{path}-missing")).await.unwrap(), None, "{b}");
@@ -224,7 +227,10 @@ async fn is_running_says_alive_unless_ec2_says_otherwise() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let mut cfg = ec2_config(&dead, sshd, "/configs");
     cfg.endpoint_url = Some(dead);
-    assert!(matches!(Ec2Backend::connect(cfg.clone(), store.clone()).await, Err(BackendError::EngineUnavailable(_))), "start checks the API");
+    assert!(
+        matches!(Ec2Backend::connect(cfg.clone(), store.clone()).await, Err(BackendError::EngineUnavailable(_))),
+        "start checks the API"
+    );
     let (alive, err) = Ec2Backend::new(cfg, store.clone()).await.is_running(ws).await;
     assert!(alive && matches!(err, Some(BackendError::EngineUnavailable(_))), "connection refused → (true, err): {err:?}");
     let hangup = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -278,7 +284,8 @@ async fn the_keys_printed_at_boot_decide_the_first_connection() {
     let rig = Rig::start("/configs").await;
     let real = std::fs::read_to_string(rig.sshd.dir.join("host_ed25519.pub")).unwrap();
     let real: String = real.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-    let block = |key: &str| format!("boot\n-----BEGIN SSH HOST KEY KEYS-----\n{key} root@ip-10-1-2-3\n-----END SSH HOST KEY KEYS-----\nlogin:\n");
+    let block =
+        |key: &str| format!("boot\n-----BEGIN SSH HOST KEY KEYS-----\n{key} root@ip-10-1-2-3\n-----END SSH HOST KEY KEYS-----\nlogin:\n");
     let sink = |_: molecule_backends::OutputStream, _: &[u8]| {};
 
     rig.proxy.set_console(block(&real).into_bytes());
@@ -407,7 +414,9 @@ async fn instance_of(addr: &str, token: &str, ws: &str) -> String {
 }
 
 async fn exec(addr: &str, token: &str, ws: &str, argv: &[&str]) -> Value {
-    let r = http(addr, "POST", &format!("/workspaces/{ws}/exec"), Some(token), Some(&json!({"argv": argv, "timeout_s": 20}).to_string()), None).await;
+    let r =
+        http(addr, "POST", &format!("/workspaces/{ws}/exec"), Some(token), Some(&json!({"argv": argv, "timeout_s": 20}).to_string()), None)
+            .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let job = wait_job(addr, token, r.json()["job_id"].as_str().unwrap(), Duration::from_secs(60)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -448,7 +457,8 @@ async fn an_ec2_workspace_from_create_to_delete() {
     .await;
 
     // create → RunInstances with the tags and the user-data; the row holds the i-… id.
-    let r = http(&addr, "POST", "/workspaces", Some(&token), Some(&json!({"name": "box", "runtime": "echo", "tier": 3}).to_string()), None).await;
+    let r = http(&addr, "POST", "/workspaces", Some(&token), Some(&json!({"name": "box", "runtime": "echo", "tier": 3}).to_string()), None)
+        .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let ws = r.json()["workspace"]["id"].as_str().unwrap().to_string();
     let instance = instance_of(&addr, &token, &ws).await;
@@ -465,11 +475,8 @@ async fn an_ec2_workspace_from_create_to_delete() {
     assert_eq!(user_data.env.get("WORKSPACE_ID"), Some(&ws));
     assert_eq!(user_data.env.get("PLATFORM_URL"), Some(&format!("http://{addr}")));
     assert!(user_data.token.starts_with("mol_ws_") && user_data.inbound_secret.starts_with("mol_pis_"));
-    let assigned: Option<String> = sqlx::query_scalar("SELECT assigned_url FROM workspaces WHERE id = $1::uuid")
-        .bind(&ws)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let assigned: Option<String> =
+        sqlx::query_scalar("SELECT assigned_url FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&db).await.unwrap();
     assert!(regex::Regex::new(r"^http://\d+\.\d+\.\d+\.\d+:8000$").unwrap().is_match(assigned.as_deref().unwrap_or("")), "{assigned:?}");
     // The token never shows in the server's answers.
     let listed = http(&addr, "GET", "/workspaces", Some(&token), None, None).await;
@@ -577,8 +584,15 @@ async fn an_ec2_workspace_from_create_to_delete() {
     let cfg_secret = "sk-ant-api03-rescuesecretBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
     std::fs::write(dir.join("config.yaml"), format!("model: claude\napi_key: {cfg_secret}\n")).unwrap();
     set_mode(&dir.join("config.yaml"), 0o644);
-    let r = http(&addr, "POST", &format!("/admin/workspaces/{broken}/bootstrap-failed"), Some(ADMIN),
-        Some(&json!({"error": "agent never registered"}).to_string()), None).await;
+    let r = http(
+        &addr,
+        "POST",
+        &format!("/admin/workspaces/{broken}/bootstrap-failed"),
+        Some(ADMIN),
+        Some(&json!({"error": "agent never registered"}).to_string()),
+        None,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let bundle = eventually(Duration::from_secs(60), "the rescue bundle", || async {
         let r = http(&addr, "GET", &format!("/workspaces/{broken}/rescue"), Some(&token), None, None).await;
@@ -621,7 +635,10 @@ async fn an_ec2_workspace_from_create_to_delete() {
     let r = http(&addr, "POST", "/workspaces", Some(&token), Some(&json!({"name": "brief", "runtime": "echo"}).to_string()), None).await;
     let brief = r.json()["workspace"]["id"].as_str().unwrap().to_string();
     let provision = r.json()["job_id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(10), "its RunInstances in flight", || async { (proxy.arrived("RunInstances") > launches).then_some(()) }).await;
+    eventually(Duration::from_secs(10), "its RunInstances in flight", || async {
+        (proxy.arrived("RunInstances") > launches).then_some(())
+    })
+    .await;
     let r = http(&addr, "DELETE", &format!("/workspaces/{brief}"), Some(&token), None, None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let job = wait_job(&addr, &token, &provision, Duration::from_secs(30)).await;

@@ -2,7 +2,7 @@
 //! 0700 directory as root with no DATABASE_URL; logs for people and for machines; a data
 //! directory the embedded cluster cannot reach is named in the error.
 
-use molecule_tests::{bin_path, eventually, http_get, Proc};
+use molecule_tests::{Proc, bin_path, eventually, http_get};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,10 +71,7 @@ impl Drop for Cleanup {
 
 async fn wait_ready(addr: &str, within: Duration) -> Duration {
     let t0 = Instant::now();
-    eventually(within, "serve to be ready", || async {
-        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-    })
-    .await;
+    eventually(within, "serve to be ready", || async { matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(()) }).await;
     t0.elapsed()
 }
 

@@ -4,9 +4,9 @@
 //! lock the test takes, so which requests share a batch is known, not hoped for.
 
 use molecule_api::AppState;
-use molecule_domain::{tokens, OrgId};
-use molecule_tests::{eventually, fresh_db, http, open_auth, Resp};
-use serde_json::{json, Value};
+use molecule_domain::{OrgId, tokens};
+use molecule_tests::{Resp, eventually, fresh_db, http, open_auth};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -52,10 +52,10 @@ async fn lock_waiters(db: &PgPool, table: &str) -> i64 {
         "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
-        .bind(table)
-        .fetch_one(db)
-        .await
-        .unwrap()
+    .bind(table)
+    .fetch_one(db)
+    .await
+    .unwrap()
 }
 
 /// Takes `table` against writes, then sends `lane_request` once per lane, each after the
@@ -81,10 +81,8 @@ async fn hold_every_lane_in(
     let mut held = Vec::new();
     for n in 1..=molecule_api::batch::lanes() as i64 {
         held.push(lane_request());
-        eventually(Duration::from_secs(10), "a lane waits on the lock", || async {
-            (lock_waiters(db, table).await >= n).then_some(())
-        })
-        .await;
+        eventually(Duration::from_secs(10), "a lane waits on the lock", || async { (lock_waiters(db, table).await >= n).then_some(()) })
+            .await;
     }
     (blocker, held)
 }
@@ -123,10 +121,8 @@ async fn execs_waiting_for_a_lane_share_one_transaction_and_each_gets_its_own_an
         (online, 202, ""),
     ];
     let batch: Vec<_> = cases.iter().map(|(ws, ..)| exec(*ws)).collect();
-    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
-        (state.execs.waiting() == cases.len()).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async { (state.execs.waiting() == cases.len()).then_some(()) })
+        .await;
     blocker.commit().await.unwrap();
 
     let mut lone = HashSet::new();
@@ -183,10 +179,8 @@ async fn creates_waiting_for_a_lane_share_one_transaction_and_a_failing_one_fail
         (json!({"name": "two", "runtime": "echo", "delivery_mode": "poll"}), 202),
     ];
     let batch: Vec<_> = bodies.iter().map(|(body, _)| create(body.clone())).collect();
-    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
-        (state.creates.waiting() == bodies.len()).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async { (state.creates.waiting() == bodies.len()).then_some(()) })
+        .await;
     blocker.commit().await.unwrap();
     for h in held {
         assert_eq!(h.await.unwrap().status, 202);
@@ -218,7 +212,8 @@ async fn creates_waiting_for_a_lane_share_one_transaction_and_a_failing_one_fail
         assert_eq!(event.1.as_deref(), v["job_id"].as_str(), "the event names the workspace's own job");
         together.insert(event.0);
         if let Some(job) = v["job_id"].as_str() {
-            let of: uuid::Uuid = sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE id = $1").bind(job).fetch_one(&db).await.unwrap();
+            let of: uuid::Uuid =
+                sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE id = $1").bind(job).fetch_one(&db).await.unwrap();
             assert_eq!(of.to_string(), ws);
             together.insert(job_xmin(&db, job).await);
         }
@@ -240,10 +235,8 @@ async fn creates_waiting_for_a_lane_share_one_transaction_and_a_failing_one_fail
     let (blocker, held) = hold_every_lane(&db, "workspaces", lane).await;
     let names = ["g1", "doomed", "g2"];
     let batch: Vec<_> = names.iter().map(|n| create(json!({"name": n, "runtime": "echo"}))).collect();
-    eventually(Duration::from_secs(10), "the batch waits for a lane", || async {
-        (state.creates.waiting() == names.len()).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the batch waits for a lane", || async { (state.creates.waiting() == names.len()).then_some(()) })
+        .await;
     blocker.commit().await.unwrap();
     for h in held {
         assert_eq!(h.await.unwrap().status, 202);
@@ -312,10 +305,8 @@ async fn token_lookups_waiting_for_a_lane_share_one_statement_and_each_finds_its
         (&ta, ws_a2, 200),
     ];
     let batch: Vec<_> = cases.iter().map(|(t, ws, _)| read(t, *ws)).collect();
-    eventually(Duration::from_secs(10), "the lookups wait for a lane", || async {
-        (state.tokens.waiting() == cases.len()).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the lookups wait for a lane", || async { (state.tokens.waiting() == cases.len()).then_some(()) })
+        .await;
     blocker.commit().await.unwrap();
     for h in held {
         assert_eq!(h.await.unwrap().status, 200);
@@ -383,7 +374,8 @@ async fn a_batch_gives_up_on_a_held_lock_and_the_lane_goes_on() {
     holder.rollback().await.unwrap();
     let r = behind.await.unwrap();
     assert_eq!(r.status, 202, "the lane went on: {}", r.body);
-    let queued: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE job_type = 'exec'").fetch_all(&db).await.unwrap();
+    let queued: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT workspace_id FROM apalis.jobs WHERE job_type = 'exec'").fetch_all(&db).await.unwrap();
     assert_eq!(queued, vec![other], "the exec that gave up queued nothing");
 }
 
@@ -396,11 +388,8 @@ async fn a_batch_of_several_that_gave_up_on_a_lock_is_answered_once() {
     let (db, _) = fresh_db().await;
     let (addr, state) = start_waiting(&db, Duration::from_secs(3)).await;
     let (a, t) = org(&db, "a").await;
-    let ws: Vec<uuid::Uuid> = vec![
-        workspace(&db, a, 3, "online").await,
-        workspace(&db, a, 3, "online").await,
-        workspace(&db, a, 3, "online").await,
-    ];
+    let ws: Vec<uuid::Uuid> =
+        vec![workspace(&db, a, 3, "online").await, workspace(&db, a, 3, "online").await, workspace(&db, a, 3, "online").await];
     let exec = |ws: uuid::Uuid| post(&addr, format!("/workspaces/{ws}/exec"), &t, json!({"argv": ["true"]}));
 
     let mut holder = db.begin().await.unwrap();
@@ -412,10 +401,7 @@ async fn a_batch_of_several_that_gave_up_on_a_lock_is_answered_once() {
     })
     .await;
     let pair = [exec(ws[1]), exec(ws[2])];
-    eventually(Duration::from_secs(10), "the pair waits for the lane", || async {
-        (state.execs.waiting() == 2).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the pair waits for the lane", || async { (state.execs.waiting() == 2).then_some(()) }).await;
     assert_eq!(first.await.unwrap().code(), "busy");
     for h in pair {
         let r = h.await.unwrap();

@@ -4,12 +4,12 @@
 //! whatever the results hold.
 
 use molecule_api::HttpLimits;
-use molecule_domain::{tokens, OrgId, WorkspaceId};
-use molecule_jobs::enqueue::{enqueue_many, NewJob};
+use molecule_domain::{OrgId, WorkspaceId, tokens};
+use molecule_jobs::enqueue::{NewJob, enqueue_many};
 use molecule_jobs::store::{self, Ack};
 use molecule_jobs::{JobKind, JobState};
-use molecule_tests::{eventually, fresh_db, frames, http, http_full, start_api, start_api_with, strict_auth};
-use serde_json::{json, Value};
+use molecule_tests::{eventually, frames, fresh_db, http, http_full, start_api, start_api_with, strict_auth};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,7 +116,9 @@ async fn shutdown_gives_an_open_stream_its_final_frame_and_is_bounded() {
     let server = tokio::spawn(molecule_api::serve_with(
         listener,
         molecule_api::AppState::new(db.clone(), strict_auth()),
-        async { stopped.await.ok(); },
+        async {
+            stopped.await.ok();
+        },
         limits,
     ));
     let stream = tokio::spawn({
@@ -148,8 +150,7 @@ async fn shutdown_gives_an_open_stream_its_final_frame_and_is_bounded() {
 async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<String> {
     let big = "x".repeat(1 << 20);
     let mut conn = db.acquire().await.unwrap();
-    let jobs: Vec<NewJob> =
-        (0..200).map(|i| NewJob::new(JobKind::Exec, &json!({ "i": i })).org(org).workspace(ws)).collect();
+    let jobs: Vec<NewJob> = (0..200).map(|i| NewJob::new(JobKind::Exec, &json!({ "i": i })).org(org).workspace(ws)).collect();
     let ids: Vec<String> = enqueue_many(&mut conn, &jobs).await.unwrap().iter().map(|i| i.as_str().to_string()).collect();
     drop(conn);
     let claimed = store::claim_each_shard(db, JobKind::Exec.queue(), 200, "test-worker").await.unwrap();

@@ -2,11 +2,11 @@
 //! workspace's container may do, what a fork bomb in one does to the rest, and what one
 //! tenant's rescue bundle says about another's workspaces.
 
-use molecule_backends::docker::{container_name, DockerBackend, DockerConfig};
+use molecule_backends::docker::{DockerBackend, DockerConfig, container_name};
 use molecule_domain::WorkspaceId;
-use molecule_jobs::{enqueue, JobKind, NewJob};
-use molecule_tests::{eventually, http, Platform};
-use serde_json::{json, Value};
+use molecule_jobs::{JobKind, NewJob, enqueue};
+use molecule_tests::{Platform, eventually, http};
+use serde_json::{Value, json};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,7 +101,8 @@ async fn a_rescue_bundle_names_no_other_workspace() {
     let mut c = p.db.acquire().await.unwrap();
     let (other_org, other_token) = molecule_domain::tokens::create_org(&mut c, "other").await.unwrap();
     drop(c);
-    let r = http(&p.addr, "POST", "/workspaces", Some(&other_token), Some(&json!({"name": "theirs", "runtime": "echo"}).to_string()), None).await;
+    let r = http(&p.addr, "POST", "/workspaces", Some(&other_token), Some(&json!({"name": "theirs", "runtime": "echo"}).to_string()), None)
+        .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let theirs = r.json()["workspace"]["id"].as_str().unwrap().to_string();
     p.wait_status(&mine, "online", Duration::from_secs(30)).await;
@@ -111,10 +112,12 @@ async fn a_rescue_bundle_names_no_other_workspace() {
     })
     .await;
 
-    let org: uuid::Uuid = sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1::uuid").bind(&mine).fetch_one(&p.db).await.unwrap();
+    let org: uuid::Uuid =
+        sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1::uuid").bind(&mine).fetch_one(&p.db).await.unwrap();
     let mut c = p.db.acquire().await.unwrap();
     let ws: WorkspaceId = mine.parse().unwrap();
-    let job = NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "bootstrap_failed"})).org(org.into()).workspace(ws);
+    let job =
+        NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "bootstrap_failed"})).org(org.into()).workspace(ws);
     enqueue(&mut c, &job).await.unwrap();
     drop(c);
     let bundle = eventually(Duration::from_secs(30), "the bundle", || async {
@@ -132,7 +135,8 @@ async fn a_rescue_bundle_names_no_other_workspace() {
     for j in r.json()["job_ids"].as_array().cloned().unwrap_or_default() {
         let j = j.as_str().unwrap().to_string();
         eventually(Duration::from_secs(30), "their stop job", || async {
-            (http(&p.addr, "GET", &format!("/jobs/{j}"), Some(&other_token), None, None).await.json()["status"] == "succeeded").then_some(())
+            (http(&p.addr, "GET", &format!("/jobs/{j}"), Some(&other_token), None, None).await.json()["status"] == "succeeded")
+                .then_some(())
         })
         .await;
     }
@@ -182,15 +186,25 @@ async fn secrets_printed_by_an_exec_leave_nowhere() {
                 sleep 1; printf '%s\\n' AAAAAAAAABAAAAMwAAAAtzc2gtZWQyNTUxOQAAACBkIOC1; sleep 1; printf '%s\\n' '-----END OPENSSH PRIVATE KEY-----'; echo after";
     let text = format!("cat <<'MOLECULE_CORPUS_END'\n{corpus}MOLECULE_CORPUS_END\n{slow}\n");
     let body = json!({"argv": script(&text), "timeout_s": 60}).to_string();
-    let r = molecule_tests::http_full(&p.addr, "POST", &format!("/workspaces/{ws}/exec"), Some(&p.org), Some(&body),
-        &[("Accept", "application/x-ndjson")], Duration::from_secs(90)).await;
+    let r = molecule_tests::http_full(
+        &p.addr,
+        "POST",
+        &format!("/workspaces/{ws}/exec"),
+        Some(&p.org),
+        Some(&body),
+        &[("Accept", "application/x-ndjson")],
+        Duration::from_secs(90),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let frames = molecule_tests::frames(&r.body);
     assert_eq!(frames.last().unwrap()["exit_code"], 0, "{}", r.body);
     let streamed: String = frames.iter().filter_map(|f| f["data"].as_str()).collect();
-    let job: String = sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE job_type = 'exec' ORDER BY id DESC LIMIT 1").fetch_one(&p.db).await.unwrap();
+    let job: String =
+        sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE job_type = 'exec' ORDER BY id DESC LIMIT 1").fetch_one(&p.db).await.unwrap();
     let result = p.req("GET", &format!("/jobs/{job}"), None).await.json()["result"]["stdout"].as_str().unwrap().to_string();
-    let stored: Vec<String> = sqlx::query_scalar("SELECT data FROM exec_output WHERE job_id = $1 ORDER BY seq").bind(&job).fetch_all(&p.db).await.unwrap();
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT data FROM exec_output WHERE job_id = $1 ORDER BY seq").bind(&job).fetch_all(&p.db).await.unwrap();
     let stored = stored.concat();
     for (family, text, secret) in SECRETS {
         for (place, out) in [("result", &result), ("stream", &streamed), ("exec_output", &stored)] {
@@ -221,15 +235,16 @@ async fn a_symlink_planted_in_the_config_volume_is_not_followed() {
     p.wait_status(&ws, "online", Duration::from_secs(30)).await;
     let target = std::env::temp_dir().join(format!("molecule-host-file-{}", uuid::Uuid::new_v4().simple()));
     std::fs::write(&target, "host data\n").unwrap();
-    let plant = format!("rm -f /configs/.auth_token /configs/.platform_inbound_secret && ln -s {t} /configs/.auth_token && ln -s {t} /configs/.platform_inbound_secret", t = target.display());
+    let plant = format!(
+        "rm -f /configs/.auth_token /configs/.platform_inbound_secret && ln -s {t} /configs/.auth_token && ln -s {t} /configs/.platform_inbound_secret",
+        t = target.display()
+    );
     let planted = exec(&p, &ws, json!(["sh", "-c", plant]), 10).await;
     assert_eq!(planted["result"]["exit_code"], 0, "{planted}");
 
     assert_eq!(p.req("POST", &format!("/workspaces/{ws}/restart"), Some(&json!({}))).await.status, 202);
-    eventually(Duration::from_secs(60), "the restarted workspace online", || async {
-        (p.status(&ws).await == "online").then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(60), "the restarted workspace online", || async { (p.status(&ws).await == "online").then_some(()) })
+        .await;
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "host data\n", "the host file was not written through the link");
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "nor handed to the workspace's user");

@@ -4,14 +4,13 @@ use chrono::{DateTime, Utc};
 use molecule_domain::JobId;
 use molecule_jobs::status::{self, Transition};
 use molecule_jobs::{
-    enqueue, handler_fn, typed_handler, JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime,
-    RuntimeConfig,
+    JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, enqueue, handler_fn, typed_handler,
 };
 use molecule_tests::{eventually, fresh_db};
 use serde_json::json;
 use sqlx::PgPool;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn cfg() -> RuntimeConfig {
@@ -36,10 +35,8 @@ async fn push(db: &PgPool, job: NewJob) -> JobId {
 }
 
 async fn wait_status(db: &PgPool, id: &JobId, want: JobStatus, within: Duration) -> status::JobView {
-    eventually(within, &format!("job {id} to be {want:?}"), || async {
-        status::get(db, id).await.unwrap().filter(|v| v.status == want)
-    })
-    .await
+    eventually(within, &format!("job {id} to be {want:?}"), || async { status::get(db, id).await.unwrap().filter(|v| v.status == want) })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,13 +71,8 @@ async fn idempotency_key_returns_the_first_job() {
 }
 
 fn started_ats(v: &status::JobView) -> Vec<DateTime<Utc>> {
-    let mut out: Vec<DateTime<Utc>> = v
-        .attempt_log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["started_at"].as_str().unwrap().parse().unwrap())
-        .collect();
+    let mut out: Vec<DateTime<Utc>> =
+        v.attempt_log.as_array().unwrap().iter().map(|e| e["started_at"].as_str().unwrap().parse().unwrap()).collect();
     out.push(v.started_at.unwrap());
     out
 }
@@ -90,17 +82,9 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
     let (db, _) = fresh_db().await;
     let base = 300;
     let handler = handler_fn(|ctx| async move {
-        if ctx.attempt <= 2 {
-            Err(JobError::retryable("test", format!("boom {}", ctx.attempt)))
-        } else {
-            Ok(json!({"ok": ctx.attempt}))
-        }
+        if ctx.attempt <= 2 { Err(JobError::retryable("test", format!("boom {}", ctx.attempt))) } else { Ok(json!({"ok": ctx.attempt})) }
     });
-    let rt = Runtime::start(
-        db.clone(),
-        cfg(),
-        vec![PoolSpec::new("flaky", 2, policy(base), handler)],
-    );
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("flaky", 2, policy(base), handler)]);
     let id = push(&db, NewJob::to_queue("flaky", &json!({})).max_attempts(5)).await;
     let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(20)).await;
     rt.shutdown().await;
@@ -121,11 +105,7 @@ async fn fails_twice_then_succeeds_with_growing_persisted_backoff() {
 async fn retries_run_out_and_the_job_is_dead() {
     let (db, _) = fresh_db().await;
     let handler = handler_fn(|_ctx| async { Err(JobError::retryable("test", "always")) });
-    let rt = Runtime::start(
-        db.clone(),
-        cfg(),
-        vec![PoolSpec::new("doomed", 1, policy(50), handler)],
-    );
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("doomed", 1, policy(50), handler)]);
     let id = push(&db, NewJob::to_queue("doomed", &json!({})).max_attempts(3)).await;
     let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(20)).await;
     rt.shutdown().await;
@@ -146,8 +126,7 @@ async fn a_job_past_expires_at_ends_expired_without_running() {
             Ok(json!(null))
         }
     });
-    let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ttl", 2, policy(100), handler)]);
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ttl", 2, policy(100), handler)]);
     let expired = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() - chrono::Duration::seconds(5))).await;
     let fresh = push(&db, NewJob::to_queue("ttl", &json!({})).expires_at(Utc::now() + chrono::Duration::hours(1))).await;
     let v = wait_status(&db, &expired, JobStatus::Expired, Duration::from_secs(10)).await;
@@ -167,8 +146,7 @@ struct Args {
 async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
     let (db, _) = fresh_db().await;
     let handler = typed_handler(|_ctx, a: Args| async move { Ok(json!({"n": a.n})) });
-    let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("typed", 2, policy(100), handler)]);
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("typed", 2, policy(100), handler)]);
     let mut bad = NewJob::to_queue("typed", &json!({}));
     bad.payload = b"\xff not json at all".to_vec();
     let bad = push(&db, bad).await;
@@ -196,8 +174,7 @@ async fn a_panicking_handler_fails_the_attempt_not_the_pool() {
         }
         Ok(json!("recovered"))
     });
-    let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("panicky", 1, policy(50), handler)]);
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("panicky", 1, policy(50), handler)]);
     let id = push(&db, NewJob::to_queue("panicky", &json!({})).max_attempts(3)).await;
     let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(10)).await;
     rt.shutdown().await;
@@ -221,11 +198,9 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
             if a.load(Ordering::SeqCst) == 0 { Err(JobError::permanent("test", "not yet")) } else { Ok(json!("done")) }
         }
     });
-    let rt =
-        Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ops", 2, policy(50), handler)]);
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ops", 2, policy(50), handler)]);
 
-    let scheduled =
-        push(&db, NewJob::to_queue("ops", &json!({})).run_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
+    let scheduled = push(&db, NewJob::to_queue("ops", &json!({})).run_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
     assert_eq!(status::get(&db, &scheduled).await.unwrap().unwrap().status, JobStatus::Scheduled);
     assert_eq!(status::cancel(&db, &scheduled).await.unwrap(), Transition::Done);
     let dead = push(&db, NewJob::to_queue("ops", &json!({})).max_attempts(1)).await;
@@ -382,12 +357,11 @@ async fn an_enqueue_racing_another_on_one_key_gets_the_winner() {
         }
     });
     eventually(Duration::from_secs(10), "the second enqueue to wait on the first's key", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db)
-        .await
-        .unwrap();
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
         (waiting > 0).then_some(())
     })
     .await;
@@ -403,12 +377,8 @@ async fn an_enqueue_racing_another_on_one_key_gets_the_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_tables_vacuum_starts_early_and_stays_throttled() {
     let (db, _) = fresh_db().await;
-    let options: Vec<String> = sqlx::query_scalar(
-        "SELECT unnest(reloptions) FROM pg_class WHERE oid = 'apalis.jobs'::regclass",
-    )
-    .fetch_all(&db)
-    .await
-    .unwrap();
+    let options: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(reloptions) FROM pg_class WHERE oid = 'apalis.jobs'::regclass").fetch_all(&db).await.unwrap();
     assert!(options.contains(&"autovacuum_vacuum_scale_factor=0.02".to_string()), "{options:?}");
     assert!(options.contains(&"autovacuum_vacuum_threshold=10000".to_string()), "{options:?}");
     assert!(!options.iter().any(|o| o.starts_with("autovacuum_vacuum_cost_delay")), "vacuum unthrottled again: {options:?}");
@@ -480,10 +450,8 @@ async fn a_pools_fetchers_together_never_run_more_jobs_at_once_than_its_concurre
     let most = most.load(Ordering::SeqCst);
     assert!(most <= 3, "{most} jobs ran at once in a pool of 3");
     assert!(most >= 2, "the slots were not used: at most {most} at once");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'slots' AND status <> 'Done'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'slots' AND status <> 'Done'").fetch_one(&db).await.unwrap();
     assert_eq!(left, 0);
 }
 
@@ -630,7 +598,8 @@ async fn a_claimed_batch_keeps_its_row_until_its_last_ack_whatever_the_outcomes(
     assert!(open[0].1.contains(&slow) && open[0].0.starts_with("batches@test#"), "{open:?}");
     release.notify_one();
     wait_status(&db, &ids[5], JobStatus::Succeeded, Duration::from_secs(10)).await;
-    eventually(Duration::from_secs(5), "the slow job's batch row to go", || async { rows(db.clone()).await.is_empty().then_some(()) }).await;
+    eventually(Duration::from_secs(5), "the slow job's batch row to go", || async { rows(db.clone()).await.is_empty().then_some(()) })
+        .await;
 
     // A job still running at the end of the grace period is handed back: its row goes too.
     let hang = push(&db, NewJob::to_queue("batches", &json!({ "kind": "hang" }))).await;
@@ -711,15 +680,18 @@ async fn a_migration_waiting_for_another_holds_no_statement_open() {
     let migrating = tokio::spawn(async move { molecule_domain::db::migrate(&db2).await });
     // It tries, again and again, and no backend waits on a lock meanwhile.
     eventually(Duration::from_secs(10), "the migration to poll for the lock", || async {
-        let polls: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_try_advisory_lock%' AND pid <> pg_backend_pid()")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+        let polls: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_try_advisory_lock%' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
         (polls > 0).then_some(())
     })
     .await;
     for _ in 0..5 {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetch_one(&db).await.unwrap();
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetch_one(&db).await.unwrap();
         assert_eq!(waiting, 0, "a statement waits on a lock");
         assert!(!migrating.is_finished(), "migrated while another process held the lock");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -742,8 +714,14 @@ async fn an_invalid_claim_index_left_by_a_failed_build_is_rebuilt() {
     assert!(valid().await);
     // What a cancelled build leaves (the test cluster's user is a superuser), and the
     // migrations after the build not applied yet (the old claim index is back meanwhile).
-    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'apalis.jobs_claim_shard_idx'::regclass").execute(&db).await.unwrap();
-    sqlx::query("CREATE INDEX jobs_claimable_idx ON apalis.jobs (job_type, priority DESC, run_at, id) WHERE lock_at IS NULL").execute(&db).await.unwrap();
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'apalis.jobs_claim_shard_idx'::regclass")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("CREATE INDEX jobs_claimable_idx ON apalis.jobs (job_type, priority DESC, run_at, id) WHERE lock_at IS NULL")
+        .execute(&db)
+        .await
+        .unwrap();
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version >= 20261201000007").execute(&db).await.unwrap();
     assert!(!valid().await);
     molecule_domain::db::migrate(&db).await.unwrap();

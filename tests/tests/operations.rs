@@ -2,9 +2,9 @@
 //! PostgreSQL, a real `molecule api` process, and a headless Chromium.
 
 use molecule_domain::tokens;
-use molecule_jobs::{enqueue, handler_fn, JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_jobs::{JobError, JobKind, JobStatus, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, enqueue, handler_fn};
 use molecule_tests::webdriver::Browser;
-use molecule_tests::{bin_path, eventually, free_port, fresh_db, http, http_full, http_get, start_api, Proc};
+use molecule_tests::{Proc, bin_path, eventually, free_port, fresh_db, http, http_full, http_get, start_api};
 use serde_json::json;
 use sqlx::PgPool;
 use std::process::Command;
@@ -105,18 +105,15 @@ async fn pools_count_their_jobs_and_the_redactor_its_hits() {
     let (db, _) = fresh_db().await;
     let retry = RetryPolicy { base: Duration::from_millis(20), cap: Duration::from_millis(50), max_attempts: 5 };
     let ok = handler_fn(|_ctx| async { Ok(json!({"ok": true})) });
-    let flaky = handler_fn(|ctx| async move {
-        if ctx.attempt == 1 { Err(JobError::retryable("backend", "first try fails")) } else { Ok(json!(null)) }
-    });
+    let flaky =
+        handler_fn(
+            |ctx| async move { if ctx.attempt == 1 { Err(JobError::retryable("backend", "first try fails")) } else { Ok(json!(null)) } },
+        );
     let doomed = handler_fn(|_ctx| async { Err(JobError::retryable("backend", "always fails")) });
     let rt = Runtime::start(
         db.clone(),
         quick(),
-        vec![
-            PoolSpec::new("m_ok", 2, retry, ok),
-            PoolSpec::new("m_flaky", 2, retry, flaky),
-            PoolSpec::new("m_doomed", 2, retry, doomed),
-        ],
+        vec![PoolSpec::new("m_ok", 2, retry, ok), PoolSpec::new("m_flaky", 2, retry, flaky), PoolSpec::new("m_doomed", 2, retry, doomed)],
     );
     let mut ids = Vec::new();
     {
@@ -194,7 +191,16 @@ async fn tenants() -> Tenants {
     }
     // One job per org that fails permanently: tenants read its code and sentence.
     let failing = handler_fn(|_ctx| async { Err(JobError::permanent("image_missing", "pull of registry.internal/secret-image failed")) });
-    let rt = Runtime::start(db.clone(), quick(), vec![PoolSpec::new("d_fail", 1, RetryPolicy { base: Duration::from_millis(20), cap: Duration::from_millis(50), max_attempts: 3 }, failing)]);
+    let rt = Runtime::start(
+        db.clone(),
+        quick(),
+        vec![PoolSpec::new(
+            "d_fail",
+            1,
+            RetryPolicy { base: Duration::from_millis(20), cap: Duration::from_millis(50), max_attempts: 3 },
+            failing,
+        )],
+    );
     let mut conn = db.acquire().await.unwrap();
     let a = enqueue(&mut conn, &NewJob::to_queue("d_fail", &json!({})).org(acme)).await.unwrap();
     let o = enqueue(&mut conn, &NewJob::to_queue("d_fail", &json!({})).org(other)).await.unwrap();
@@ -233,7 +239,8 @@ async fn the_dashboard_is_behind_auth_and_shows_each_viewer_its_own() {
     // A wrong bearer, or a workspace's token: 401.
     assert_eq!(http(&t.addr, "GET", "/dashboard", Some("mol_org_nope"), None, None).await.status, 401);
     let mut conn = t.db.acquire().await.unwrap();
-    let ws: uuid::Uuid = sqlx::query_scalar("SELECT id FROM workspaces WHERE org_id = $1").bind(t.acme.0).fetch_one(&mut *conn).await.unwrap();
+    let ws: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM workspaces WHERE org_id = $1").bind(t.acme.0).fetch_one(&mut *conn).await.unwrap();
     let ws_token = tokens::create_workspace_token(&mut conn, molecule_domain::WorkspaceId(ws)).await.unwrap();
     assert_eq!(http(&t.addr, "GET", "/dashboard", Some(&ws_token), None, None).await.status, 401);
 
@@ -273,10 +280,26 @@ async fn the_dashboard_is_behind_auth_and_shows_each_viewer_its_own() {
     assert_eq!(bad.status, 401);
     assert!(bad.header("set-cookie").is_none());
     // A login form posted from elsewhere, or by something that is not a browser's form: refused.
-    let forged = http_full(&t.addr, "POST", "/dashboard/login", None, Some(&format!("token={}", t.other_token)),
-        &[("Content-Type", "application/x-www-form-urlencoded"), ("Origin", "https://evil.example")], Duration::from_secs(15)).await;
+    let forged = http_full(
+        &t.addr,
+        "POST",
+        "/dashboard/login",
+        None,
+        Some(&format!("token={}", t.other_token)),
+        &[("Content-Type", "application/x-www-form-urlencoded"), ("Origin", "https://evil.example")],
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(forged.status, 403);
-    let bare = http(&t.addr, "POST", "/dashboard/login", None, Some(&format!("token={}", t.other_token)), Some("application/x-www-form-urlencoded")).await;
+    let bare = http(
+        &t.addr,
+        "POST",
+        "/dashboard/login",
+        None,
+        Some(&format!("token={}", t.other_token)),
+        Some("application/x-www-form-urlencoded"),
+    )
+    .await;
     assert_eq!(bare.status, 403);
     assert!(bare.header("set-cookie").is_none());
 
@@ -284,7 +307,11 @@ async fn the_dashboard_is_behind_auth_and_shows_each_viewer_its_own() {
     let (_, second) = tokens::create_org_token(&mut conn, t.acme, None).await.unwrap();
     let login2 = post_form(&t.addr, "/dashboard/login", &format!("token={second}"), &[]).await;
     let cookie2 = set_cookie(&login2);
-    let token_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM org_tokens WHERE org_id = $1 ORDER BY created_at LIMIT 1").bind(t.acme.0).fetch_one(&mut *conn).await.unwrap();
+    let token_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM org_tokens WHERE org_id = $1 ORDER BY created_at LIMIT 1")
+        .bind(t.acme.0)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     assert!(tokens::revoke_org_token(&mut conn, t.acme, token_id).await.unwrap());
     assert_eq!(get_with(&t.addr, "/dashboard", &with).await.status, 303, "the revoked token's session ended");
     assert_eq!(get_with(&t.addr, "/dashboard", &[("Cookie", cookie2.as_str())]).await.status, 200);
@@ -363,9 +390,7 @@ async fn a_worker_process_serves_its_own_counters() {
     let (db, url) = fresh_db().await;
     let addr = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(bin_path("molecule"));
-    cmd.args(["worker", "--pool", "console=1", "--metrics-listen", &addr])
-        .env("DATABASE_URL", &url)
-        .env("MOLECULE_BACKEND", "none");
+    cmd.args(["worker", "--pool", "console=1", "--metrics-listen", &addr]).env("DATABASE_URL", &url).env("MOLECULE_BACKEND", "none");
     let _worker = Proc::spawn(cmd, "worker-metrics");
     eventually(Duration::from_secs(30), "the worker's /healthz", || async {
         matches!(http_get(&addr, "/healthz").await, Ok((200, _))).then_some(())

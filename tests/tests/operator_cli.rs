@@ -3,7 +3,7 @@
 //! the local Docker engine, the CLI as a separate process with its output captured (not a
 //! terminal: one progress line per change), every result checked through the API too.
 
-use molecule_tests::{bin_path, eventually, free_port, fresh_db, http, http_get, Proc};
+use molecule_tests::{Proc, bin_path, eventually, free_port, fresh_db, http, http_get};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -96,7 +96,13 @@ impl Server {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
-        eprintln!("$ molecule {}\n  exit {:?}\n  stdout: {}\n  stderr: {}", args.join(" "), out.code, out.stdout.trim_end(), out.stderr.trim_end());
+        eprintln!(
+            "$ molecule {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+            args.join(" "),
+            out.code,
+            out.stdout.trim_end(),
+            out.stderr.trim_end()
+        );
         out
     }
 
@@ -148,7 +154,8 @@ async fn workspaces_come_online_are_listed_and_deleted_through_the_cli() {
     let alpha = ws_id_in(&out.stdout);
     assert!(out.stdout.contains(&format!("workspace {alpha} (alpha) is online")), "{out:?}");
     let steps = progress(&out.stderr);
-    let first_provisioning = steps.iter().position(|l| l.starts_with("provisioning: ")).unwrap_or_else(|| panic!("no provisioning line: {steps:?}"));
+    let first_provisioning =
+        steps.iter().position(|l| l.starts_with("provisioning: ")).unwrap_or_else(|| panic!("no provisioning line: {steps:?}"));
     let online = steps.iter().position(|l| l.starts_with("online after ")).unwrap_or_else(|| panic!("no final online line: {steps:?}"));
     assert!(first_provisioning < online && online == steps.len() - 1, "provisioning first, online last: {steps:?}");
     assert!(!out.stderr.contains('\r') && !out.stderr.contains('\u{1b}'), "no spinner off a terminal: {:?}", out.stderr);
@@ -195,13 +202,22 @@ async fn workspaces_come_online_are_listed_and_deleted_through_the_cli() {
     assert!(out.stdout.starts_with("ID") && out.stdout.contains(&provision_job), "{out:?}");
     let out = s.cli(&["jobs", "show", &provision_job]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    for want in [format!("id:          {provision_job}"), "kind:        provision".into(), "status:      succeeded".into(), format!("workspace:   {alpha}"), "result:".into()] {
+    for want in [
+        format!("id:          {provision_job}"),
+        "kind:        provision".into(),
+        "status:      succeeded".into(),
+        format!("workspace:   {alpha}"),
+        "result:".into(),
+    ] {
         assert!(out.stdout.contains(&want), "{want:?} missing: {}", out.stdout);
     }
     // A succeeded job cannot be cancelled: the API's own sentence, exit 1.
     let out = s.cli(&["jobs", "cancel", &provision_job]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("the job is succeeded; only pending, scheduled or failed jobs can be cancelled") && out.stderr.contains("409"), "{out:?}");
+    assert!(
+        out.stderr.contains("the job is succeeded; only pending, scheduled or failed jobs can be cancelled") && out.stderr.contains("409"),
+        "{out:?}"
+    );
     let out = s.cli(&["jobs", "retry", &provision_job]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("the job is succeeded; only dead, cancelled or failed jobs can be retried"), "{out:?}");
@@ -242,7 +258,10 @@ async fn workspaces_come_online_are_listed_and_deleted_through_the_cli() {
     // delete --wait: removed, its stop job done, its container gone.
     let out = s.cli(&["workspaces", "delete", &alpha, "--wait"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.contains(&format!("workspace {alpha} is removed and stopped")) && out.stdout.contains("status:      removed"), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("workspace {alpha} is removed and stopped")) && out.stdout.contains("status:      removed"),
+        "{out:?}"
+    );
     let steps = progress(&out.stderr);
     assert!(steps.last().is_some_and(|l| l.starts_with("removed; stopped after ")), "{steps:?}");
     assert_eq!(s.get(&format!("/workspaces/{alpha}")).await["status"], "removed");

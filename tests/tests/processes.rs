@@ -3,11 +3,11 @@
 //! `serve` is the `molecule` binary.
 
 use chrono::{DateTime, Utc};
-use molecule_domain::embedded_pg::EmbeddedPostgres;
 use molecule_domain::JobId;
+use molecule_domain::embedded_pg::EmbeddedPostgres;
 use molecule_jobs::status::{self, JobView};
-use molecule_jobs::{enqueue, JobStatus, NewJob};
-use molecule_tests::{eventually, fresh_db, fresh_db_on, free_port, http_get, temp_dir, Proc, TEST_RUNS_TABLE};
+use molecule_jobs::{JobStatus, NewJob, enqueue};
+use molecule_tests::{Proc, TEST_RUNS_TABLE, eventually, free_port, fresh_db, fresh_db_on, http_get, temp_dir};
 use serde_json::json;
 use sqlx::PgPool;
 use std::process::Command;
@@ -76,10 +76,7 @@ async fn a_job_killed_mid_run_is_run_again_elsewhere_after_the_lease() {
     let env = [("TW_LEASE_MS", "2000"), ("TW_POLL_MS", "200")];
     let mut w1 = testworker(&url, &env);
     let long = push(&db, json!({"sleep_first_ms": 60000}), 5).await;
-    eventually(Duration::from_secs(15), "the long job to start", || async {
-        (!runs(&db, &long).await.is_empty()).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(15), "the long job to start", || async { (!runs(&db, &long).await.is_empty()).then_some(()) }).await;
     // Other work queued behind it must not be lost either.
     let mut others = Vec::new();
     for i in 0..40 {
@@ -130,8 +127,7 @@ async fn sigterm_past_the_grace_period_hands_unfinished_jobs_back() {
     let (db, url) = setup().await;
     let mut w = testworker(&url, &[("TW_GRACE_MS", "500")]);
     let id = push(&db, json!({"sleep_ms": 3000}), 3).await;
-    eventually(Duration::from_secs(15), "the job to start", || async { (!runs(&db, &id).await.is_empty()).then_some(()) })
-        .await;
+    eventually(Duration::from_secs(15), "the job to start", || async { (!runs(&db, &id).await.is_empty()).then_some(()) }).await;
     w.signal(libc::SIGTERM);
     let st = w.wait_exit(Duration::from_secs(10)).expect("worker exits after SIGTERM");
     assert_eq!(st.code(), Some(0));
@@ -192,10 +188,7 @@ fn serve(dir: &std::path::Path, port: u16) -> Proc {
 
 async fn ready_within(addr: &str, within: Duration) -> Duration {
     let t0 = Instant::now();
-    eventually(within, "GET /readyz = 200", || async {
-        matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
-    })
-    .await;
+    eventually(within, "GET /readyz = 200", || async { matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(()) }).await;
     t0.elapsed()
 }
 
@@ -228,10 +221,7 @@ async fn serve_without_database_url_runs_on_its_own_postgres_and_keeps_data() {
     let took = ready_within(&addr, Duration::from_secs(30)).await;
     eprintln!("second start ready in {took:?}");
     let db = molecule_domain::db::connect(&embedded_url(&dir), 2).await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM organizations WHERE name = 'kept-across-restarts'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM organizations WHERE name = 'kept-across-restarts'").fetch_one(&db).await.unwrap();
     assert_eq!(n, 1, "data kept across restarts");
     db.close().await;
     s2.signal(libc::SIGTERM);

@@ -4,8 +4,8 @@
 //! exactly once, whatever the grace and the lease.
 
 use molecule_domain::tokens;
-use molecule_tests::{bin_path, eventually, fresh_db, http, start_api, strict_auth, Proc};
-use serde_json::{json, Value};
+use molecule_tests::{Proc, bin_path, eventually, fresh_db, http, start_api, strict_auth};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::process::Command;
 use std::time::Duration;
@@ -58,7 +58,8 @@ impl Cluster {
     }
 
     async fn exec(&self, ws: &str, script: &str, timeout_s: u64) -> String {
-        let r = self.req("POST", &format!("/workspaces/{ws}/exec"), Some(json!({"argv": ["sh", "-c", script], "timeout_s": timeout_s}))).await;
+        let r =
+            self.req("POST", &format!("/workspaces/{ws}/exec"), Some(json!({"argv": ["sh", "-c", script], "timeout_s": timeout_s}))).await;
         assert_eq!(r.status, 202, "{}", r.body);
         r.json()["job_id"].as_str().unwrap().to_string()
     }
@@ -81,7 +82,8 @@ impl Cluster {
         let r = self.req("DELETE", &format!("/workspaces/{ws}"), None).await;
         for j in r.json()["job_ids"].as_array().cloned().unwrap_or_default() {
             let id = j.as_str().unwrap().to_string();
-            eventually(Duration::from_secs(60), "the stop job", || async { (self.job(&id).await["status"] == "succeeded").then_some(()) }).await;
+            eventually(Duration::from_secs(60), "the stop job", || async { (self.job(&id).await["status"] == "succeeded").then_some(()) })
+                .await;
         }
     }
 }

@@ -4,8 +4,8 @@
 //! hold no pooled connection while they wait, so workers can still claim and ack.
 
 use molecule_domain::tokens;
-use molecule_tests::{bin_path, eventually, free_port, fresh_db, frames, http, http_full, Proc};
-use serde_json::{json, Value};
+use molecule_tests::{Proc, bin_path, eventually, frames, free_port, fresh_db, http, http_full};
+use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,8 @@ async fn forty_ndjson_execs_neither_stall_the_server_nor_each_other() {
     let mut c = db.acquire().await.unwrap();
     let (_, token) = tokens::create_org(&mut c, "streams").await.unwrap();
     drop(c);
-    let r = http(&addr, "POST", "/workspaces", Some(&token), Some(&json!({"name": "s", "runtime": "echo", "tier": 3}).to_string()), None).await;
+    let r =
+        http(&addr, "POST", "/workspaces", Some(&token), Some(&json!({"name": "s", "runtime": "echo", "tier": 3}).to_string()), None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let ws = r.json()["workspace"]["id"].as_str().unwrap().to_string();
     eventually(Duration::from_secs(60), "the workspace to come online", || async {
@@ -48,14 +49,29 @@ async fn forty_ndjson_execs_neither_stall_the_server_nor_each_other() {
             tokio::spawn(async move {
                 let body = json!({"argv": ["sh", "-c", format!("echo start {i}; sleep 3; echo end {i}")]}).to_string();
                 let accept = [("Accept", "application/x-ndjson")];
-                let r = http_full(&addr, "POST", &format!("/workspaces/{ws}/exec"), Some(&token), Some(&body), &accept, Duration::from_secs(180)).await;
+                let r = http_full(
+                    &addr,
+                    "POST",
+                    &format!("/workspaces/{ws}/exec"),
+                    Some(&token),
+                    Some(&body),
+                    &accept,
+                    Duration::from_secs(180),
+                )
+                .await;
                 (i, r)
             })
         })
         .collect();
 
     // Meanwhile the other routes, one after another, as a canvas polling them would.
-    let routes = ["/healthz".to_string(), format!("/workspaces/{ws}"), "/jobs?limit=50".to_string(), format!("/workspaces/{ws}/events"), "/workspaces".to_string()];
+    let routes = [
+        "/healthz".to_string(),
+        format!("/workspaces/{ws}"),
+        "/jobs?limit=50".to_string(),
+        format!("/workspaces/{ws}/events"),
+        "/workspaces".to_string(),
+    ];
     let (mut worst, mut probes) = ((Duration::ZERO, String::new()), 0);
     while streams.iter().any(|s| !s.is_finished()) {
         for path in &routes {

@@ -3,11 +3,11 @@
 //! predicates are pinned by the tests beside it (`workers/src/sweeps/`); these are the
 //! end-to-end acceptance runs.
 
-use molecule_backends::docker::{container_name, volume_name, DockerBackend, DockerConfig};
+use molecule_backends::docker::{DockerBackend, DockerConfig, container_name, volume_name};
 use molecule_backends::{Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, StartSpec, Started};
 use molecule_domain::WorkspaceId;
 use molecule_jobs::JobKind;
-use molecule_tests::{bin_path, eventually, fresh_db, Platform, Proc};
+use molecule_tests::{Platform, Proc, bin_path, eventually, fresh_db};
 use molecule_workers::sweeps::{health, hibernation, orphans, provision_timeout, stale_tokens};
 use std::collections::HashSet;
 use std::process::Command;
@@ -76,7 +76,11 @@ async fn a_workspace_stuck_provisioning_fails_with_one_rescue_bundle() {
     .fetch_one(&p.db)
     .await
     .unwrap();
-    sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '11 minutes' WHERE id = $1").bind(ws).execute(&p.db).await.unwrap();
+    sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '11 minutes' WHERE id = $1")
+        .bind(ws)
+        .execute(&p.db)
+        .await
+        .unwrap();
     let flipped = provision_timeout::sweep(&p.db, &provision_timeout::Timeouts::uniform(Duration::from_secs(600)), 100).await.unwrap();
     assert_eq!(flipped, vec![WorkspaceId(ws)]);
     assert_eq!(p.status(&ws.to_string()).await, "failed");
@@ -86,9 +90,12 @@ async fn a_workspace_stuck_provisioning_fails_with_one_rescue_bundle() {
     })
     .await;
     assert_eq!(bundle["trigger"], "provision_timeout");
-    assert!(provision_timeout::sweep(&p.db, &provision_timeout::Timeouts::uniform(Duration::from_secs(600)), 100).await.unwrap().is_empty());
+    assert!(
+        provision_timeout::sweep(&p.db, &provision_timeout::Timeouts::uniform(Duration::from_secs(600)), 100).await.unwrap().is_empty()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let bundles: i64 = sqlx::query_scalar("SELECT count(*) FROM rescue_bundles WHERE workspace_id = $1").bind(ws).fetch_one(&p.db).await.unwrap();
+    let bundles: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM rescue_bundles WHERE workspace_id = $1").bind(ws).fetch_one(&p.db).await.unwrap();
     assert_eq!(bundles, 1);
     p.stop().await;
 }
@@ -148,7 +155,8 @@ impl Backend for OnlyThese {
 fn instance(name: &str, label: Option<&str>) {
     let mut labels = vec![];
     if let Some(l) = label {
-        labels = vec!["--label".to_string(), "molecule.platform.managed=true".into(), "--label".into(), format!("molecule.workspace.id={l}")];
+        labels =
+            vec!["--label".to_string(), "molecule.platform.managed=true".into(), "--label".into(), format!("molecule.workspace.id={l}")];
     }
     let volume = format!("{name}-configs");
     let mut v = vec!["volume", "create"];
@@ -211,8 +219,11 @@ async fn orphans_are_reaped_and_nothing_else() {
     let bad_name = format!("ws-badlabel{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     instance(&bad_name, Some(bad_label));
 
-    let labels: HashSet<String> =
-        [removed, failed_long_ago, failed, online, no_row, unlabelled].iter().map(|i| i.to_string()).chain([bad_label.to_string()]).collect();
+    let labels: HashSet<String> = [removed, failed_long_ago, failed, online, no_row, unlabelled]
+        .iter()
+        .map(|i| i.to_string())
+        .chain([bad_label.to_string()])
+        .collect();
     let backend: Arc<dyn Backend> = Arc::new(OnlyThese { inner: docker_backend().await, labels });
     let p = Platform::start(backend.clone(), &[]).await;
     let deps = molecule_workers::Deps {
@@ -338,11 +349,13 @@ async fn an_idle_workspace_hibernates() {
     let ws = p.create(serde_json::json!({"name": "sleepy", "runtime": "echo", "tier": 3})).await;
     p.wait_status(&ws, "online", Duration::from_secs(30)).await;
     let id: WorkspaceId = ws.parse().unwrap();
-    sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '2 hours', last_active_at = now() - interval '2 hours' WHERE id = $1")
-        .bind(id.0)
-        .execute(&p.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE workspaces SET status_changed_at = now() - interval '2 hours', last_active_at = now() - interval '2 hours' WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(&p.db)
+    .await
+    .unwrap();
     assert_eq!(hibernation::sweep(&p.db, Duration::from_secs(3600), 100).await.unwrap(), vec![id]);
     p.wait_status(&ws, "hibernated", Duration::from_secs(30)).await;
     assert!(!exists("container", &container_name(id)), "its container is stopped and gone");
@@ -383,7 +396,8 @@ async fn a_deleted_workspace_stays_removed_and_its_tokens_die_with_it() {
         (p.req("GET", &format!("/jobs/{job}"), None).await.json()["status"] == "succeeded").then_some(())
     })
     .await;
-    let status: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&p.db).await.unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1::uuid").bind(&ws).fetch_one(&p.db).await.unwrap();
     assert_eq!(status, "removed");
     p.stop().await;
 }

@@ -9,8 +9,8 @@ use molecule_jobs::{JobContext, JobError};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::provision::db_err;
 use crate::Deps;
+use crate::provision::db_err;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,11 +20,8 @@ pub struct ConsoleArgs {
 
 pub async fn run(d: &Deps, ctx: &JobContext, a: ConsoleArgs) -> HandlerResult {
     let ws = WorkspaceId(a.workspace_id);
-    let instance: Option<Option<String>> = sqlx::query_scalar("SELECT instance_id FROM workspaces WHERE id = $1")
-        .bind(ws.0)
-        .fetch_optional(&d.db)
-        .await
-        .map_err(db_err)?;
+    let instance: Option<Option<String>> =
+        sqlx::query_scalar("SELECT instance_id FROM workspaces WHERE id = $1").bind(ws.0).fetch_optional(&d.db).await.map_err(db_err)?;
     let Some(Some(instance_id)) = instance else {
         return Err(JobError::permanent("no_console", "the workspace has no instance with a console"));
     };

@@ -5,8 +5,8 @@
 //! worker's shutdown grace runs out the command is killed and the job ends `interrupted`.
 
 use molecule_backends::{BackendError, ExecRequest, OutputStream};
-use molecule_domain::redact::StreamRedactor;
 use molecule_domain::WorkspaceId;
+use molecule_domain::redact::StreamRedactor;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::output::{self, Chunk};
 use molecule_jobs::{JobContext, JobError};
@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-use crate::provision::db_err;
 use crate::Deps;
+use crate::provision::db_err;
 
 pub const MAX_STREAM_BYTES: usize = 1 << 20;
 pub const TRUNCATION_MARKER: &str = "\n[molecule: output truncated at 1 MiB]\n";
@@ -144,13 +144,7 @@ pub mod audit {
         Ok(())
     }
 
-    pub async fn finished(
-        d: &Deps,
-        ctx: &JobContext,
-        outcome: &str,
-        exit_code: Option<i64>,
-        duration_ms: i64,
-    ) -> Result<(), JobError> {
+    pub async fn finished(d: &Deps, ctx: &JobContext, outcome: &str, exit_code: Option<i64>, duration_ms: i64) -> Result<(), JobError> {
         sqlx::query(
             "UPDATE audit_events SET outcome = $3, exit_code = $4, duration_ms = $5, finished_at = now() \
              WHERE job_id = $1 AND attempt = $2",

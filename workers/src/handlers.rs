@@ -1,7 +1,7 @@
 //! The handler of every job kind.
 
 use molecule_domain::WorkspaceId;
-use molecule_jobs::{typed_handler, Handler, JobKind, PoolSpec};
+use molecule_jobs::{Handler, JobKind, PoolSpec, typed_handler};
 use serde::Deserialize;
 use std::collections::HashMap;
 

@@ -2,8 +2,8 @@
 //! instance recorded on a workspace's row, and the SSH host key pinned for an instance
 //! (`ssh_host_keys`, owned here).
 
-use molecule_backends::ec2::InstanceStore;
 use molecule_backends::BackendError;
+use molecule_backends::ec2::InstanceStore;
 use molecule_domain::WorkspaceId;
 use sqlx::PgPool;
 

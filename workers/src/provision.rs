@@ -3,7 +3,7 @@
 //! Out of attempts (or a definite failure) → `failed` with a canned message and a
 //! `WORKSPACE_PROVISION_FAILED` event that carry no internal detail.
 
-use molecule_backends::{image, BackendError, StartSpec};
+use molecule_backends::{BackendError, StartSpec, image};
 use molecule_domain::tokens::mint_workspace_secrets;
 use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
 use molecule_jobs::handler::HandlerResult;
@@ -83,10 +83,10 @@ pub(crate) async fn load(d: &Deps, ws: WorkspaceId) -> Result<Option<Row>, JobEr
         "SELECT org_id, parent_id, runtime, tier, status, \
          (container_name IS NOT NULL OR instance_id IS NOT NULL) AS started FROM workspaces WHERE id = $1",
     )
-        .bind(ws.0)
-        .fetch_optional(&d.db)
-        .await
-        .map_err(db_err)
+    .bind(ws.0)
+    .fetch_optional(&d.db)
+    .await
+    .map_err(db_err)
 }
 
 pub(crate) fn db_err(e: sqlx::Error) -> JobError {
@@ -248,15 +248,13 @@ fn permanent(e: BackendError) -> JobError {
 /// While attempts remain: the workspace says what went wrong and that it is retrying.
 async fn note_retry(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, why: StartFailure) -> Result<(), JobError> {
     let mut tx = d.db.begin().await.map_err(db_err)?;
-    let noted = sqlx::query(
-        "UPDATE workspaces SET last_sample_error = $2, updated_at = now() WHERE id = $1 AND status = 'provisioning'",
-    )
-    .bind(ws.0)
-    .bind(why.retry_message(ctx.attempt, ctx.max_attempts))
-    .execute(&mut *tx)
-    .await
-    .map_err(db_err)?
-    .rows_affected();
+    let noted = sqlx::query("UPDATE workspaces SET last_sample_error = $2, updated_at = now() WHERE id = $1 AND status = 'provisioning'")
+        .bind(ws.0)
+        .bind(why.retry_message(ctx.attempt, ctx.max_attempts))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
     if noted == 1 {
         molecule_domain::events::record(
             &mut tx,

@@ -4,16 +4,16 @@
 //! bundle row, and ships the sections to Loki when LOKI_URL is set. Its own 45 s budget;
 //! it never changes the workspace's status (and nothing reaps a failed workspace).
 
-use molecule_domain::redact::Redactor;
 use molecule_domain::WorkspaceId;
+use molecule_domain::redact::Redactor;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde::Deserialize;
 use serde_json::json;
 use std::time::Duration;
 
-use crate::provision::db_err;
 use crate::Deps;
+use crate::provision::db_err;
 
 pub const BUDGET: Duration = Duration::from_secs(45);
 pub const SECTION_MAX_BYTES: usize = 64 * 1024;
@@ -40,11 +40,8 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: RescueArgs) -> HandlerResult {
 
 async fn capture(d: &Deps, ctx: &JobContext, a: &RescueArgs, redactor: &Redactor) -> HandlerResult {
     let ws = WorkspaceId(a.workspace_id);
-    let org: Option<uuid::Uuid> = sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1")
-        .bind(ws.0)
-        .fetch_optional(&d.db)
-        .await
-        .map_err(db_err)?;
+    let org: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT org_id FROM workspaces WHERE id = $1").bind(ws.0).fetch_optional(&d.db).await.map_err(db_err)?;
     let Some(org) = org else {
         return Ok(json!({ "skipped": "workspace does not exist" }));
     };
@@ -92,13 +89,7 @@ async fn capture(d: &Deps, ctx: &JobContext, a: &RescueArgs, redactor: &Redactor
 }
 
 /// Loki push API: one stream (labels kind, org, workspace_id, event_type), one line per section.
-async fn ship(
-    base: &str,
-    org: &str,
-    ws: &str,
-    trigger: &str,
-    sections: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(), String> {
+async fn ship(base: &str, org: &str, ws: &str, trigger: &str, sections: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
     let values: Vec<serde_json::Value> = sections
         .iter()

@@ -7,8 +7,8 @@ use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde_json::json;
 
-use crate::provision::{db_err, load};
 use crate::Deps;
+use crate::provision::{db_err, load};
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     match one_at_a_time(&d.db, ws, restart(d, ctx, ws)).await? {
@@ -19,7 +19,11 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 
 /// Runs `work` holding the workspace's restart lock, or answers None when another
 /// restart holds it ([`crate::exclusive`]).
-pub async fn one_at_a_time<T>(db: &sqlx::PgPool, ws: WorkspaceId, work: impl std::future::Future<Output = T>) -> Result<Option<T>, JobError> {
+pub async fn one_at_a_time<T>(
+    db: &sqlx::PgPool,
+    ws: WorkspaceId,
+    work: impl std::future::Future<Output = T>,
+) -> Result<Option<T>, JobError> {
     crate::exclusive::one_at_a_time(db, &format!("molecule.restart.{ws}"), work).await
 }
 
@@ -80,7 +84,14 @@ mod tests {
         let (release, done) = tokio::sync::oneshot::channel::<()>();
         let first = tokio::spawn({
             let db = db.clone();
-            async move { one_at_a_time(&db, ws, async { entered.send(()).unwrap(); done.await.unwrap() }).await.unwrap() }
+            async move {
+                one_at_a_time(&db, ws, async {
+                    entered.send(()).unwrap();
+                    done.await.unwrap()
+                })
+                .await
+                .unwrap()
+            }
         });
         inside.await.unwrap();
         assert!(one_at_a_time(&db, ws, async {}).await.unwrap().is_none(), "held by the first");
@@ -96,19 +107,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn holding_the_lock_takes_no_connection_from_the_pool() {
         let (_, url) = fresh_db().await;
-        let db = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect(&url)
-            .await
-            .unwrap();
+        let db =
+            sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(3)).connect(&url).await.unwrap();
         let ws = WorkspaceId(uuid::Uuid::new_v4());
-        let n = one_at_a_time(&db, ws, async {
-            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&db).await
-        })
-        .await
-        .unwrap()
-        .expect("lock taken");
+        let n = one_at_a_time(&db, ws, async { sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&db).await })
+            .await
+            .unwrap()
+            .expect("lock taken");
         assert_eq!(n.expect("the work got the pool's connection"), 1);
     }
 
@@ -128,7 +133,13 @@ mod tests {
         let (entered, inside) = tokio::sync::oneshot::channel();
         let aborted = tokio::spawn({
             let db = db.clone();
-            async move { one_at_a_time(&db, ws, async { entered.send(()).unwrap(); std::future::pending::<()>().await }).await }
+            async move {
+                one_at_a_time(&db, ws, async {
+                    entered.send(()).unwrap();
+                    std::future::pending::<()>().await
+                })
+                .await
+            }
         });
         inside.await.unwrap();
         aborted.abort();

@@ -7,8 +7,8 @@ use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde_json::json;
 
-use crate::provision::db_err;
 use crate::Deps;
+use crate::provision::db_err;
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&str>) -> HandlerResult {
     let reason = reason.unwrap_or("delete");
@@ -56,11 +56,8 @@ fn backend_err(e: molecule_backends::BackendError) -> JobError {
 /// Stops a `hibernating` workspace and marks it `hibernated`; anything else (a restart or
 /// a delete came first) is left alone.
 async fn hibernate(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
-    let status: Option<String> = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1")
-        .bind(ws.0)
-        .fetch_optional(&d.db)
-        .await
-        .map_err(db_err)?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(ws.0).fetch_optional(&d.db).await.map_err(db_err)?;
     if status.as_deref() != Some("hibernating") {
         return Ok(json!({ "skipped": format!("no longer hibernating ({})", status.as_deref().unwrap_or("gone")) }));
     }
@@ -79,8 +76,8 @@ mod tests {
     //! The ordering rule with a fake backend (the Docker end-to-end tests cover the engine).
     use super::*;
     use molecule_backends::{Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, StartSpec, Started};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]
     struct FailingStop {

@@ -10,19 +10,19 @@ pub use pages::esc;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
+use molecule_domain::JobId;
 use molecule_domain::sessions::{self, Login, Viewer};
 use molecule_domain::tokens::{self, TokenOwner};
-use molecule_domain::JobId;
 use molecule_jobs::status::{self, JobScope, JobStatus, ListFilter};
 use serde::Deserialize;
 
+use crate::AppState;
 use crate::auth::OrgPin;
 use crate::error::ApiError;
-use crate::AppState;
 
 pub const COOKIE: &str = "molecule_session";
 
@@ -233,7 +233,12 @@ async fn login(State(st): State<AppState>, headers: HeaderMap, Form(f): Form<Log
     }
     let (_, login) = match viewer_of_token(&st, f.token.trim()).await {
         Ok(Some(v)) => v,
-        Ok(None) => return html(StatusCode::UNAUTHORIZED, pages::login(Some("That token is not valid here (an organization token or ADMIN_TOKEN)."))),
+        Ok(None) => {
+            return html(
+                StatusCode::UNAUTHORIZED,
+                pages::login(Some("That token is not valid here (an organization token or ADMIN_TOKEN).")),
+            );
+        }
         Err(e) => return page_error(e),
     };
     let secret = match st.db.acquire().await {
@@ -244,10 +249,7 @@ async fn login(State(st): State<AppState>, headers: HeaderMap, Form(f): Form<Log
         Err(e) => return page_error(e.into()),
     };
     let secure = if forwarded_https(&headers) { "; Secure" } else { "" };
-    let cookie = format!(
-        "{COOKIE}={secret}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-        sessions::LIFETIME.as_secs()
-    );
+    let cookie = format!("{COOKIE}={secret}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}{secure}", sessions::LIFETIME.as_secs());
     let mut res = Redirect::to("/dashboard").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         res.headers_mut().insert(header::SET_COOKIE, v);
@@ -270,10 +272,8 @@ async fn logout(State(st): State<AppState>, headers: HeaderMap) -> Response {
         }
     }
     let mut res = Redirect::to("/dashboard/login").into_response();
-    res.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("molecule_session=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    res.headers_mut()
+        .insert(header::SET_COOKIE, HeaderValue::from_static("molecule_session=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0"));
     res
 }
 

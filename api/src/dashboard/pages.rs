@@ -79,9 +79,7 @@ pub fn overview(v: Viewer, stats: &[QueueStats], workers: Option<&[LiveWorker]>)
          <th>Failed (1 h)</th><th>Dead (1 h)</th><th>Oldest pending</th><th>Workers</th><th>Concurrency</th></tr>",
     );
     for q in stats {
-        let link = |status: &str, n: i64| {
-            format!("<a href=\"/dashboard/jobs?queue={}&amp;status={status}\">{n}</a>", url_part(&q.queue))
-        };
+        let link = |status: &str, n: i64| format!("<a href=\"/dashboard/jobs?queue={}&amp;status={status}\">{n}</a>", url_part(&q.queue));
         let _ = write!(
             b,
             "<tr><td><a href=\"/dashboard/jobs?queue={qu}\">{q}</a></td><td class=n>{p}</td><td class=n>{s}</td>\
@@ -127,16 +125,13 @@ pub fn overview(v: Viewer, stats: &[QueueStats], workers: Option<&[LiveWorker]>)
 }
 
 pub fn jobs(v: Viewer, rows: &[JobView], status: Option<JobStatus>, queue: Option<&str>, next: Option<&str>) -> String {
-    let mut b = String::from("<form method=\"get\" action=\"/dashboard/jobs\">Status <select name=\"status\"><option value=\"\">any</option>");
+    let mut b =
+        String::from("<form method=\"get\" action=\"/dashboard/jobs\">Status <select name=\"status\"><option value=\"\">any</option>");
     for s in JobStatus::ALL {
         let sel = if Some(s) == status { " selected" } else { "" };
         let _ = write!(b, "<option{sel}>{}</option>", s.as_str());
     }
-    let _ = write!(
-        b,
-        "</select> Queue <input name=\"queue\" value=\"{}\"> <button>Filter</button></form>",
-        esc(queue.unwrap_or(""))
-    );
+    let _ = write!(b, "</select> Queue <input name=\"queue\" value=\"{}\"> <button>Filter</button></form>", esc(queue.unwrap_or("")));
     b.push_str(
         "<table id=\"jobs\"><tr><th>Job</th><th>Queue</th><th>Status</th><th>Attempts</th><th>Created</th>\
          <th>Finished</th><th>Last error</th><th>Result</th></tr>",
@@ -222,7 +217,9 @@ pub fn workspaces(v: Viewer, ws: &[Workspace]) -> String {
     if org_col {
         b.push_str("<th>Organization</th>");
     }
-    b.push_str("<th>Runtime</th><th>Tier</th><th>Status</th><th>Instance</th><th>Last heartbeat</th><th>Last error</th><th>Updated</th></tr>");
+    b.push_str(
+        "<th>Runtime</th><th>Tier</th><th>Status</th><th>Instance</th><th>Last heartbeat</th><th>Last error</th><th>Updated</th></tr>",
+    );
     for w in ws {
         let _ = write!(b, "<tr><td>{}</td><td>{}</td>", w.id, esc(&w.name));
         if org_col {
@@ -261,7 +258,11 @@ pub fn login(problem: Option<&str>) -> String {
 }
 
 pub fn error(status: u16, code: &str, detail: &str) -> String {
-    layout(&format!("Error {status}"), None, &format!("<p class=err>{}: {}</p><p><a href=\"/dashboard\">Back</a></p>", esc(code), esc(detail)))
+    layout(
+        &format!("Error {status}"),
+        None,
+        &format!("<p class=err>{}: {}</p><p><a href=\"/dashboard\">Back</a></p>", esc(code), esc(detail)),
+    )
 }
 
 #[cfg(test)]

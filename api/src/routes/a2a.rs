@@ -3,28 +3,28 @@
 //! then in ONE transaction either drops it in a poll-mode workspace's inbox or writes
 //! the queue row and its `a2a_dispatch` job; the worker delivers it (J6).
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use chrono::{DateTime, Utc};
-use molecule_domain::a2a::normalize::{self, check_idempotency_key, render_request, Normalized, RpcError};
-use molecule_domain::a2a::queue::{self, Inserted, NewMessage, QueueStatus};
 use molecule_domain::a2a::AgentVersion;
+use molecule_domain::a2a::normalize::{self, Normalized, RpcError, check_idempotency_key, render_request};
+use molecule_domain::a2a::queue::{self, Inserted, NewMessage, QueueStatus};
 use molecule_domain::activity::{self, NewActivity, Page};
 use molecule_domain::{OrgId, WorkspaceId};
-use molecule_jobs::{enqueue, JobKind, NewJob};
+use molecule_jobs::{JobKind, NewJob, enqueue};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_workspace_id, ApiQuery};
+use crate::extract::{ApiQuery, parse_workspace_id};
 use crate::routes::workspaces::DeliveryMode;
-use crate::AppState;
 
 /// A JSON-RPC error answered to an A2A caller (HTTP 400): the request was not queued.
 #[derive(Serialize, ToSchema)]
@@ -116,20 +116,17 @@ async fn caller_of(st: &AppState, p: &Principal, headers: &HeaderMap) -> ApiResu
     match (p.workspace, named) {
         (Some(own), None) => Ok(Some(own)),
         (Some(own), Some(h)) if h == own => Ok(Some(own)),
-        (Some(_), Some(_)) => Err(ApiError::Forbidden(
-            "X-Workspace-ID names another workspace than the one the bearer token belongs to".into(),
-        )),
+        (Some(_), Some(_)) => {
+            Err(ApiError::Forbidden("X-Workspace-ID names another workspace than the one the bearer token belongs to".into()))
+        }
         (None, None) => Ok(None),
         (None, Some(h)) => {
-            let known: Option<i32> =
-                sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'")
-                    .bind(h.0)
-                    .bind(p.org.0)
-                    .fetch_optional(&st.db)
-                    .await?;
-            known
-                .map(|_| Some(h))
-                .ok_or_else(|| ApiError::bad("invalid_header", "X-Workspace-ID is not a workspace of your organization"))
+            let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'")
+                .bind(h.0)
+                .bind(p.org.0)
+                .fetch_optional(&st.db)
+                .await?;
+            known.map(|_| Some(h)).ok_or_else(|| ApiError::bad("invalid_header", "X-Workspace-ID is not a workspace of your organization"))
         }
     }
 }
@@ -147,10 +144,9 @@ fn idempotency_key(n: &Normalized, headers: &HeaderMap) -> Result<Option<String>
         ),
     };
     match (&n.idempotency_key, header) {
-        (Some(p), Some(h)) if *p != h => Err(ApiError::bad(
-            "invalid_idempotency_key",
-            "params.idempotency_key and the Idempotency-Key header differ; send one of them",
-        )),
+        (Some(p), Some(h)) if *p != h => {
+            Err(ApiError::bad("invalid_idempotency_key", "params.idempotency_key and the Idempotency-Key header differ; send one of them"))
+        }
         (Some(p), _) => Ok(Some(p.clone())),
         (None, h) => Ok(h),
     }
@@ -208,13 +204,12 @@ pub async fn send(
     let caller = caller_of(&st, &p, &headers).await?;
 
     let mut tx = st.db.begin().await?;
-    let t: Option<Target> = sqlx::query_as(
-        "SELECT delivery_mode, a2a_version FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'",
-    )
-    .bind(target.0)
-    .bind(p.org.0)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let t: Option<Target> =
+        sqlx::query_as("SELECT delivery_mode, a2a_version FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed'")
+            .bind(target.0)
+            .bind(p.org.0)
+            .fetch_optional(&mut *tx)
+            .await?;
     let t = t.ok_or(ApiError::NotFound("workspace"))?;
     // Sender and target are in use (S5 hibernates only idle workspaces).
     let active: Vec<WorkspaceId> = std::iter::once(target).chain(caller).collect();
@@ -450,7 +445,9 @@ pub async fn activity(
     let filter = activity::Filter { kind: q.kind, source: q.source, limit, since_secs, since_id };
     match activity::list(&st.db, p.org, ws, &filter).await? {
         Page::Rows(items) => Ok(Json(ActivityPage { last_id: items.last().map(|a| a.id), items })),
-        Page::CursorGone => Err(ApiError::Gone("since_id is not a row of this workspace's activity (unknown or pruned); start again without it")),
+        Page::CursorGone => {
+            Err(ApiError::Gone("since_id is not a row of this workspace's activity (unknown or pruned); start again without it"))
+        }
     }
 }
 

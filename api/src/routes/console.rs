@@ -3,21 +3,21 @@
 //! 64 KiB) while it is fresh, and otherwise enqueues one refresh per workspace and
 //! half-minute, answering 202 with whatever copy it has.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
 use chrono::{DateTime, Utc};
 use molecule_domain::console;
-use molecule_jobs::enqueue::{enqueue, NewJob};
 use molecule_jobs::JobKind;
+use molecule_jobs::enqueue::{NewJob, enqueue};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::parse_workspace_id;
-use crate::AppState;
 
 #[derive(Serialize, ToSchema)]
 pub struct ConsoleOutput {
@@ -73,9 +73,8 @@ pub async fn console(State(st): State<AppState>, p: Principal, Path(id): Path<St
         }
     };
     let cached = console::latest(&st.db, id, p.org).await?;
-    let fresh = cached.as_ref().is_some_and(|c| {
-        Utc::now().signed_duration_since(c.fetched_at).to_std().is_ok_and(|age| age < console::FRESH_FOR)
-    });
+    let fresh =
+        cached.as_ref().is_some_and(|c| Utc::now().signed_duration_since(c.fetched_at).to_std().is_ok_and(|age| age < console::FRESH_FOR));
     let refresh_job_id = if fresh {
         None
     } else {

@@ -1,30 +1,30 @@
 //! A5: run a one-shot command in a workspace (X3): argv only, tier ≥ 3, timeout default
 //! 30 s and at most 120 s. The API validates and enqueues; the exec pool runs it.
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use molecule_domain::JobId;
-use molecule_jobs::output;
-use molecule_jobs::status::{self, JobStatus};
-use sqlx::PgPool;
-use std::time::Duration;
 use chrono::Utc;
+use molecule_domain::JobId;
 use molecule_domain::activity::RecentMarks;
 use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
-use molecule_jobs::{enqueue_many, Announcer, JobKind, NewJob};
-use std::collections::HashMap;
+use molecule_jobs::output;
+use molecule_jobs::status::{self, JobStatus};
+use molecule_jobs::{Announcer, JobKind, NewJob, enqueue_many};
 use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::time::Duration;
 use utoipa::ToSchema;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::batch::{self, Batcher};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_workspace_id, ApiJson};
+use crate::extract::{ApiJson, parse_workspace_id};
 use crate::streams::{Admission, Subscription};
-use crate::AppState;
 
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
 pub const MAX_TIMEOUT_S: u64 = 120;
@@ -104,11 +104,7 @@ pub async fn exec(
         })?),
         false => None,
     };
-    let job_id = st
-        .execs
-        .submit(ExecRequest { org, workspace: id, argv: body.argv, timeout_s })
-        .await
-        .ok_or(ApiError::Internal)??;
+    let job_id = st.execs.submit(ExecRequest { org, workspace: id, argv: body.argv, timeout_s }).await.ok_or(ApiError::Internal)??;
     // Subscribed before the follower's first read: what the job did before this moment is
     // read from the table, what it does after is announced to the subscription.
     let subscription = admission.as_ref().map(|_| st.streams.subscribe(job_id.as_str()));
@@ -125,9 +121,7 @@ pub async fn exec(
         _admission: admission,
     };
     tokio::spawn(follower.run(tx));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
-    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx)) });
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -161,14 +155,16 @@ pub fn exec_batcher(db: PgPool, activity: RecentMarks, announcer: Announcer, loc
 }
 
 /// Checks each exec's workspace and queues the runnable ones, in one transaction.
-async fn queue_execs(db: PgPool, activity: RecentMarks, lock_wait: std::time::Duration, reqs: &[ExecRequest]) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
+async fn queue_execs(
+    db: PgPool,
+    activity: RecentMarks,
+    lock_wait: std::time::Duration,
+    reqs: &[ExecRequest],
+) -> Result<Vec<ApiResult<JobId>>, sqlx::Error> {
     let mut tx = batch::begin(&db, lock_wait).await?;
     let ids: Vec<uuid::Uuid> = reqs.iter().map(|r| r.workspace.0).collect();
     let found: Vec<(uuid::Uuid, uuid::Uuid, i16, WorkspaceStatus)> =
-        sqlx::query_as("SELECT id, org_id, tier, status FROM workspaces WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
+        sqlx::query_as("SELECT id, org_id, tier, status FROM workspaces WHERE id = ANY($1)").bind(&ids).fetch_all(&mut *tx).await?;
     let found: HashMap<_, _> = found.into_iter().map(|(id, org, tier, status)| (id, (org, tier, status))).collect();
     let verdicts: Vec<ApiResult<()>> = reqs
         .iter()
@@ -186,11 +182,7 @@ async fn queue_execs(db: PgPool, activity: RecentMarks, lock_wait: std::time::Du
             let payload = serde_json::json!({
                 "workspace_id": r.workspace, "argv": r.argv, "timeout_s": r.timeout_s, "actor": format!("org:{}", r.org),
             });
-            NewJob::new(JobKind::Exec, &payload)
-                .org(r.org)
-                .workspace(r.workspace)
-                .expires_at(expires_at)
-                .announce_after_commit()
+            NewJob::new(JobKind::Exec, &payload).org(r.org).workspace(r.workspace).expires_at(expires_at).announce_after_commit()
         })
         .collect();
     let mut job_ids = match jobs.is_empty() {

@@ -1,13 +1,13 @@
 //! A16: liveness and readiness.
 
-use axum::extract::State;
 use axum::Json;
+use axum::extract::State;
 use serde::Serialize;
 use std::time::Duration;
 use utoipa::ToSchema;
 
-use crate::error::ErrorBody;
 use crate::AppState;
+use crate::error::ErrorBody;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -35,4 +35,3 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<Health>, axum::re
         Err(_) => Err(not_ready("database did not answer within 2 s".into())),
     }
 }
-

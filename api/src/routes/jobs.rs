@@ -1,17 +1,17 @@
 //! Job status (A13) and control (A14), scoped to the caller's organization.
 
-use axum::extract::{Path, State};
 use axum::Json;
+use axum::extract::{Path, State};
 use molecule_jobs::status::{self, JobView, ListFilter, Transition};
 use molecule_jobs::{JobKind, JobStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_job_id, parse_workspace_id, ApiQuery};
+use crate::extract::{ApiQuery, parse_job_id, parse_workspace_id};
 use crate::routes::workspaces::page_limit;
-use crate::AppState;
 
 fn visible(p: &Principal, v: &JobView) -> bool {
     match p.workspace {
@@ -114,7 +114,10 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::bad("invalid_query", "status must be one of pending, scheduled, running, succeeded, failed, dead, expired, cancelled, interrupted")
+            ApiError::bad(
+                "invalid_query",
+                "status must be one of pending, scheduled, running, succeeded, failed, dead, expired, cancelled, interrupted",
+            )
         })?),
     };
     if let Some(k) = q.kind.as_deref() {
@@ -125,8 +128,13 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
             ));
         }
     }
-    let before = q.cursor.as_deref().map(|c| parse_job_id(c).map_err(|_| ApiError::bad("invalid_cursor", "cursor is not one this API returned"))).transpose()?;
-    let filter = ListFilter { scope: molecule_jobs::status::JobScope::Org(p.org), workspace, kind: q.kind, status, before, limit: limit + 1 };
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| parse_job_id(c).map_err(|_| ApiError::bad("invalid_cursor", "cursor is not one this API returned")))
+        .transpose()?;
+    let filter =
+        ListFilter { scope: molecule_jobs::status::JobScope::Org(p.org), workspace, kind: q.kind, status, before, limit: limit + 1 };
     let mut items = status::list(&st.db, &filter).await?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);

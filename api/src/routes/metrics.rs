@@ -5,9 +5,9 @@
 //! they are left out, never shown stale.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use molecule_jobs::store::stats::{queue_stats, QueueStats};
+use molecule_jobs::store::stats::{QueueStats, queue_stats};
 use sqlx::PgPool;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -108,7 +108,12 @@ fn write_queue_gauges(out: &mut String, stats: &[QueueStats]) {
 
     gauge(out, DEPTH, "Jobs per queue and state: pending (due), scheduled (due later), running, retrying", &as_refs(&depth));
     gauge(out, OLDEST, "Seconds the oldest due job of the queue has waited", &as_refs(&per_queue(&|s| s.oldest_pending_age_s)));
-    gauge(out, FAILED_HOUR, "Jobs of the queue with a failed attempt in the last hour", &as_refs(&per_queue(&|s| s.failed_last_hour as f64)));
+    gauge(
+        out,
+        FAILED_HOUR,
+        "Jobs of the queue with a failed attempt in the last hour",
+        &as_refs(&per_queue(&|s| s.failed_last_hour as f64)),
+    );
     gauge(out, DEAD_HOUR, "Jobs of the queue that ended dead in the last hour", &as_refs(&per_queue(&|s| s.dead_last_hour as f64)));
     gauge(out, WORKERS, "Live workers (pools of every process) of the queue", &as_refs(&per_queue(&|s| s.workers_alive as f64)));
     gauge(out, CONCURRENCY, "Sum of the live workers' concurrency", &as_refs(&per_queue(&|s| s.concurrency as f64)));

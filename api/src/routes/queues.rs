@@ -1,11 +1,11 @@
 //! A15: per-pool queue depth and workers, for operators (ADMIN_TOKEN).
 
-use axum::extract::State;
 use axum::Json;
+use axum::extract::State;
 
+use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiResult, ErrorBody};
-use crate::AppState;
 
 pub use molecule_jobs::store::stats::QueueStats;
 

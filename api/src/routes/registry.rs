@@ -1,18 +1,18 @@
 //! A12: agents register and heartbeat with their workspace token.
 
-use axum::extract::State;
 use axum::Json;
-use molecule_domain::a2a::{card, AgentVersion};
-use molecule_domain::{ssrf, tokens, WorkspaceStatus};
+use axum::extract::State;
+use molecule_domain::a2a::{AgentVersion, card};
+use molecule_domain::{WorkspaceStatus, ssrf, tokens};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiJson;
-use crate::routes::workspaces::{record_event, DeliveryMode};
-use crate::AppState;
+use crate::routes::workspaces::{DeliveryMode, record_event};
 
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
@@ -46,9 +46,7 @@ pub struct Registered {
 }
 
 fn workspace_of(p: &Principal) -> ApiResult<Uuid> {
-    p.workspace
-        .map(|w| w.0)
-        .ok_or_else(|| ApiError::Forbidden("registry routes take the workspace's own token".into()))
+    p.workspace.map(|w| w.0).ok_or_else(|| ApiError::Forbidden("registry routes take the workspace's own token".into()))
 }
 
 /// A12: register (or re-register) the calling workspace's agent.
@@ -154,7 +152,13 @@ pub async fn register(State(st): State<AppState>, p: Principal, ApiJson(body): A
     }
     tx.commit().await?;
     tracing::info!(event = "registry.registered", workspace_id = %ws, org_id = %p.org, status = new_status.as_str());
-    Ok(Json(Registered { workspace_id: ws, status: new_status, delivery_mode: mode, platform_inbound_secret: secret, a2a_version: version }))
+    Ok(Json(Registered {
+        workspace_id: ws,
+        status: new_status,
+        delivery_mode: mode,
+        platform_inbound_secret: secret,
+        a2a_version: version,
+    }))
 }
 
 #[derive(sqlx::FromRow)]

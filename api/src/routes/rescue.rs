@@ -1,19 +1,19 @@
 //! Boot failures: the bootstrap-failed verdict (A7, admin) and the rescue bundle read (A6).
 
-use axum::extract::{Path, State};
 use axum::Json;
+use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
-use molecule_domain::text::{head, tail};
 use molecule_domain::WorkspaceStatus;
+use molecule_domain::text::{head, tail};
 use molecule_jobs::verdicts;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::{Admin, Principal};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_workspace_id, ApiJson};
-use crate::AppState;
+use crate::extract::{ApiJson, parse_workspace_id};
 
 /// The log tail kept in `last_sample_error` (the end of the log: where boots die).
 pub const LOG_TAIL_BYTES: usize = 4096;
@@ -132,4 +132,3 @@ pub async fn latest(State(st): State<AppState>, p: Principal, Path(id): Path<Str
         .unwrap_or_default();
     Ok(Json(RescueBundle { id: bundle_id, workspace_id: id.0, trigger, captured_at, sections }))
 }
-

@@ -1,21 +1,21 @@
 //! A12b: workspace tokens minted by an org token — how an agent running elsewhere
 //! (`runtime: external`) gets the token it registers with.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
 use molecule_domain::tokens;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::parse_workspace_id;
 use crate::routes::workspaces::record_event;
-use crate::AppState;
 
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
@@ -68,11 +68,12 @@ pub async fn issue(
     };
     let mut tx = st.db.begin().await?;
     // The row lock orders concurrent rotations: each revokes what the one before issued.
-    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed' FOR UPDATE")
-        .bind(ws.0)
-        .bind(org.0)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 AND status <> 'removed' FOR UPDATE")
+            .bind(ws.0)
+            .bind(org.0)
+            .fetch_optional(&mut *tx)
+            .await?;
     found.ok_or(ApiError::NotFound("workspace"))?;
     let revoked = if args.keep_existing { 0 } else { tokens::revoke_workspace_tokens(&mut tx, ws).await? };
     let token = tokens::create_workspace_token(&mut tx, ws).await?;

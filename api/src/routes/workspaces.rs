@@ -1,23 +1,23 @@
 //! Workspaces (A1–A4) and their lifecycle events. Each mutating route validates, then
 //! writes the domain rows and pushes its jobs in ONE transaction.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
 use chrono::{DateTime, Utc};
-use molecule_domain::{events, runtimes, OrgId, WorkspaceId, WorkspaceStatus};
-use molecule_jobs::{enqueue, enqueue_many, Announcer, JobKind, NewJob};
+use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus, events, runtimes};
+use molecule_jobs::{Announcer, JobKind, NewJob, enqueue, enqueue_many};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
-use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::auth::Principal;
 use crate::batch::{self, Batcher};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{parse_workspace_id, ApiJson, ApiQuery};
-use crate::AppState;
+use crate::extract::{ApiJson, ApiQuery, parse_workspace_id};
 
 #[derive(Serialize, ToSchema, sqlx::FromRow)]
 pub struct Workspace {
@@ -104,10 +104,7 @@ fn validate(body: &CreateWorkspace) -> ApiResult<(String, i16)> {
         return Err(ApiError::bad("invalid_name", "name must not contain control characters"));
     }
     if !runtimes::is_known(&body.runtime) {
-        return Err(ApiError::bad(
-            "invalid_runtime",
-            format!("unknown runtime; known runtimes: {}", runtimes::KNOWN.join(", ")),
-        ));
+        return Err(ApiError::bad("invalid_runtime", format!("unknown runtime; known runtimes: {}", runtimes::KNOWN.join(", "))));
     }
     let tier = body.tier.unwrap_or(2);
     if !(1..=4).contains(&tier) {
@@ -223,8 +220,7 @@ async fn create_all(db: PgPool, lock_wait: std::time::Duration, reqs: &[CreateRe
     .fetch_all(&mut *tx)
     .await?;
     let mut rows: HashMap<Uuid, Workspace> = rows.into_iter().map(|w| (w.id, w)).collect();
-    let provisioned: Vec<(Uuid, OrgId)> =
-        accepted.iter().filter(|r| r.runtime != runtimes::EXTERNAL).map(|r| (r.id, r.org)).collect();
+    let provisioned: Vec<(Uuid, OrgId)> = accepted.iter().filter(|r| r.runtime != runtimes::EXTERNAL).map(|r| (r.id, r.org)).collect();
     let jobs: Vec<NewJob> = provisioned
         .iter()
         .map(|&(id, org)| {
@@ -348,11 +344,8 @@ async fn load(st: &AppState, p: &Principal, id: WorkspaceId) -> ApiResult<Worksp
     if !p.may_see(id) {
         return Err(ApiError::NotFound("workspace"));
     }
-    let ws: Option<Workspace> = sqlx::query_as(ws_select!("WHERE w.id = $1 AND w.org_id = $2"))
-        .bind(id.0)
-        .bind(p.org.0)
-        .fetch_optional(&st.db)
-        .await?;
+    let ws: Option<Workspace> =
+        sqlx::query_as(ws_select!("WHERE w.id = $1 AND w.org_id = $2")).bind(id.0).bind(p.org.0).fetch_optional(&st.db).await?;
     ws.ok_or(ApiError::NotFound("workspace"))
 }
 
@@ -456,11 +449,7 @@ pub struct RestartQueued {
         (status = 409, description = "removed or external workspace", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
-pub async fn restart(
-    State(st): State<AppState>,
-    p: Principal,
-    Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<RestartQueued>)> {
+pub async fn restart(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<RestartQueued>)> {
     let id = parse_workspace_id(&id)?;
     let org = p.require_org()?;
     let mut tx = st.db.begin().await?;

@@ -19,9 +19,7 @@ pub struct Clients {
 /// job's persisted backoff, which survives a restart.
 pub async fn clients(region: &str, endpoint_url: Option<&str>) -> Clients {
     let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
         .build_https();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_string()))
@@ -55,9 +53,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn of<E: ProvideErrorMetadata + std::error::Error + 'static>(
-        e: &SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
-    ) -> Fault {
+    pub fn of<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> Fault {
         match e {
             SdkError::ServiceError(ctx) => {
                 let code = ctx.err().code().unwrap_or("").to_string();

@@ -15,9 +15,7 @@ pub mod aws;
 pub mod ssh;
 pub mod user_data;
 
-use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, InstanceMetadataOptionsRequest, InstanceStateName, ResourceType, Tag, TagSpecification,
-};
+use aws_sdk_ec2::types::{Filter, HttpTokensState, InstanceMetadataOptionsRequest, InstanceStateName, ResourceType, Tag, TagSpecification};
 use base64::Engine as _;
 use molecule_domain::WorkspaceId;
 use std::sync::Arc;
@@ -100,11 +98,7 @@ fn as_root(cmd: &str) -> String {
 const ABSENT: i64 = 44;
 
 fn read_line(path: &str) -> String {
-    as_root(&format!(
-        "f={}; [ -e \"$f\" ] || exit {ABSENT}; head -c {} -- \"$f\"",
-        crate::shell::quote(path),
-        crate::MAX_FILE_READ
-    ))
+    as_root(&format!("f={}; [ -e \"$f\" ] || exit {ABSENT}; head -c {} -- \"$f\"", crate::shell::quote(path), crate::MAX_FILE_READ))
 }
 
 impl Ec2Backend {
@@ -170,9 +164,7 @@ impl Ec2Backend {
                     name: id.to_string(),
                     workspace_id: tag(WORKSPACE_LABEL),
                     running: matches!(state, Some(InstanceStateName::Running | InstanceStateName::Pending)),
-                    created_at: i
-                        .launch_time()
-                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                    created_at: i.launch_time().and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
                 });
             }
             match page.next_token() {
@@ -208,10 +200,7 @@ impl Ec2Backend {
     }
 
     async fn recorded(&self, ws: WorkspaceId) -> Result<String, BackendError> {
-        self.store
-            .instance_id(ws)
-            .await?
-            .ok_or_else(|| BackendError::engine(404, "the workspace has no instance recorded"))
+        self.store.instance_id(ws).await?.ok_or_else(|| BackendError::engine(404, "the workspace has no instance recorded"))
     }
 
     /// The instance's SSH address: the configured override, or its private address.
@@ -319,12 +308,7 @@ impl Backend for Ec2Backend {
         let id = instance.instance_id().ok_or_else(|| BackendError::engine(502, "RunInstances returned no instance id"))?;
         let agent_url = instance.private_ip_address().map(|ip| format!("http://{ip}:{}", self.cfg.agent_port));
         tracing::info!(event = "provision.instance_launched", workspace_id = %ws, org_id = %spec.org_id, instance_id = id);
-        Ok(Started {
-            container_name: instance_name(ws),
-            image_digest: None,
-            instance_id: Some(id.to_string()),
-            agent_url,
-        })
+        Ok(Started { container_name: instance_name(ws), image_digest: None, instance_id: Some(id.to_string()), agent_url })
     }
 
     async fn stop(&self, ws: WorkspaceId) -> Result<(), BackendError> {
@@ -413,9 +397,9 @@ impl Backend for Ec2Backend {
         // by then is kept, the rest says it ran out of time.
         let deadline = tokio::time::Instant::now() + RESCUE_DEADLINE;
         let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        let opened = tokio::time::timeout(SESSION_DEADLINE, self.session(ws)).await.unwrap_or_else(|_| {
-            Err(BackendError::EngineUnavailable("SSH session not open in time".into()))
-        });
+        let opened = tokio::time::timeout(SESSION_DEADLINE, self.session(ws))
+            .await
+            .unwrap_or_else(|_| Err(BackendError::EngineUnavailable("SSH session not open in time".into())));
         let session = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -458,7 +442,10 @@ impl Backend for Ec2Backend {
             ("cloud-init-output.log", format!("[ -e {log} ] || exit {ABSENT}; tail -n 200 {log}")),
             ("docker-ps", format!("timeout {secs} docker ps -a")),
             ("agent-logs", format!("timeout {secs} docker logs --tail 200 {agent} 2>&1")),
-            ("runtime-env", format!("timeout {secs} docker inspect --format '{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {agent}")),
+            (
+                "runtime-env",
+                format!("timeout {secs} docker inspect --format '{{{{range .Config.Env}}}}{{{{println .}}}}{{{{end}}}}' {agent}"),
+            ),
         ];
         for (section, cmd) in commands {
             if left().is_zero() {

@@ -89,12 +89,8 @@ pub fn console_host_keys(console: &str) -> Option<Vec<String>> {
     let start = console.find("-----BEGIN SSH HOST KEY KEYS-----")?;
     let body = &console[start..];
     let end = body.find("-----END SSH HOST KEY KEYS-----")?;
-    let keys: Vec<String> = body[..end]
-        .lines()
-        .skip(1)
-        .map(openssh_key_body)
-        .filter(|k| k.starts_with("ssh-") || k.starts_with("ecdsa-"))
-        .collect();
+    let keys: Vec<String> =
+        body[..end].lines().skip(1).map(openssh_key_body).filter(|k| k.starts_with("ssh-") || k.starts_with("ecdsa-")).collect();
     (!keys.is_empty()).then_some(keys)
 }
 
@@ -210,10 +206,7 @@ impl Session {
         stop: Option<tokio::sync::watch::Receiver<bool>>,
         sink: ChunkSink<'_>,
     ) -> Result<ExecOutcome, BackendError> {
-        let script = format!(
-            "echo \"{PGID_MARKER}$$\" >&2; exec timeout -s KILL {} \"$@\"",
-            (deadline + REMOTE_BACKSTOP).as_secs()
-        );
+        let script = format!("echo \"{PGID_MARKER}$$\" >&2; exec timeout -s KILL {} \"$@\"", (deadline + REMOTE_BACKSTOP).as_secs());
         let command = format!("exec sh -c {} molecule-exec {}", crate::shell::quote(&script), crate::shell::join(argv));
         let mut channel = self.handle.channel_open_session().await.map_err(|e| ssh_err("channel", e))?;
         channel.exec(true, command).await.map_err(|e| ssh_err("exec", e))?;

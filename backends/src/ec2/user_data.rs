@@ -7,8 +7,8 @@
 //! Attribute, the instance's metadata service) gives it back — to whoever may read the
 //! account's instances anyway. Every value is quoted ([`crate::shell::quote`]).
 
-use crate::shell::quote;
 use crate::StartSpec;
+use crate::shell::quote;
 
 /// Where the agent's environment is written on the instance.
 pub const ENV_FILE: &str = "/etc/molecule/workspace.env";
@@ -41,12 +41,8 @@ pub fn render(spec: &StartSpec, config_dir: &str, agent_port: u16, limits: &crat
         None => String::new(),
     };
     let confine = confine.join(" ");
-    let mut env: Vec<String> = spec
-        .env()
-        .into_iter()
-        .filter(|(k, _)| k != "AGENT_PORT" && k != "AGENT_URL")
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let mut env: Vec<String> =
+        spec.env().into_iter().filter(|(k, _)| k != "AGENT_PORT" && k != "AGENT_URL").map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("AGENT_PORT={agent_port}"));
     env.push("CONFIG_DIR=/configs".into());
     let env_lines: String = env.iter().map(|line| format!("    printf '%s\\n' {}\n", quote(line))).collect();
@@ -120,7 +116,12 @@ mod tests {
         assert!(script.contains("AGENT_PORT=8000"));
         // Confined as on Docker: the echo runtime runs as 65532 with no capability, tier
         // 2's limits by default.
-        assert!(script.contains("--cap-drop ALL --security-opt no-new-privileges:true --memory 512m --memory-swap 512m --cpus \"$CPUS\" --pids-limit 256"), "{script}");
+        assert!(
+            script.contains(
+                "--cap-drop ALL --security-opt no-new-privileges:true --memory 512m --memory-swap 512m --cpus \"$CPUS\" --pids-limit 256"
+            ),
+            "{script}"
+        );
         assert!(script.contains("--user 65532:65532") && script.contains("chown -R 65532:65532 \"$CONFIG_DIR\""));
         assert!(!script.contains("--cap-add"));
         // The tier's CPUs, capped at the instance's.

@@ -21,7 +21,7 @@
 //! moved after the commit). DATABASE_URL unset: a private
 //! PostgreSQL in a temporary directory, removed at the end.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -317,7 +317,11 @@ async fn server_phases(o: &Opts, url: &str, command: &'static str, label: &str) 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let out = Command::new(&o.molecule).args(["org", "create", "bench-e2e", "--json"]).env("DATABASE_URL", url).output().map_err(|e| e.to_string())?;
+    let out = Command::new(&o.molecule)
+        .args(["org", "create", "bench-e2e", "--json"])
+        .env("DATABASE_URL", url)
+        .output()
+        .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("org create: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
     let token = v["token"].as_str().ok_or("org create printed no token")?.to_string();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -377,7 +381,6 @@ async fn server_phases(o: &Opts, url: &str, command: &'static str, label: &str) 
     db.close().await;
     drop(serve);
     Ok(ServerPhases { command: label.to_string(), create, exec, idle_rss, create_rss, exec_rss })
-
 }
 
 #[tokio::main]

@@ -23,7 +23,7 @@
 //! `DATABASE_URL` set: serve uses it; unset: serve's embedded cluster in a temporary
 //! directory, removed at the end.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,11 +40,8 @@ struct Opts {
 }
 
 fn opts() -> Fallible<Opts> {
-    let mut o = Opts {
-        samples: 30,
-        provisions: 5,
-        molecule: std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("molecule"),
-    };
+    let mut o =
+        Opts { samples: 30, provisions: 5, molecule: std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("molecule") };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -101,8 +98,8 @@ impl Server {
             cmd.env("MOLECULE_DATA_DIR", d);
         }
         let out = cmd.output().map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("org create: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let v: Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("org create: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
         v["token"].as_str().map(str::to_string).ok_or_else(|| format!("org create answered {v}"))
     }
 
@@ -368,10 +365,8 @@ async fn measure(o: &Opts, api: &Api, ws: &str) -> Fallible<()> {
 }
 
 fn image_of(container: &str) -> Fallible<String> {
-    let out = Command::new("docker")
-        .args(["inspect", "-f", "{{.Config.Image}}", container])
-        .output()
-        .map_err(|e| format!("docker: {e}"))?;
+    let out =
+        Command::new("docker").args(["inspect", "-f", "{{.Config.Image}}", container]).output().map_err(|e| format!("docker: {e}"))?;
     let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || image.is_empty() {
         return Err(format!("docker inspect {container}: {}", String::from_utf8_lossy(&out.stderr)));

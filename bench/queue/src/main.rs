@@ -38,14 +38,14 @@
 //! in this process) --raw-matrix 0|1 (1) --designs 0|1 (0). DATABASE_URL unset → a private embedded
 //! cluster in a temporary directory.
 
+use molecule_bench_cpu::{Cpu, CpuUse, children_cpu_s, cluster_cpu_s};
 use molecule_domain::embedded_pg::EmbeddedPostgres;
-use molecule_jobs::{enqueue, enqueue_many, Announcer, handler_fn, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_jobs::{Announcer, NewJob, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, enqueue, enqueue_many, handler_fn};
 use sqlx::PgPool;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use molecule_bench_cpu::{children_cpu_s, cluster_cpu_s, Cpu, CpuUse};
 
 struct Opts {
     jobs: usize,
@@ -148,9 +148,7 @@ async fn drain_ours(db: &PgPool, o: &Opts, round: usize, pm: Option<u32>) -> (f6
         }
     });
     let started = Instant::now();
-    let specs = (0..o.pools)
-        .map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone()))
-        .collect();
+    let specs = (0..o.pools).map(|_| PoolSpec::new(queue.clone(), o.concurrency, RETRY, handler.clone())).collect();
     let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), specs);
     // Warm-up: one job through the pool, its outcome written.
     enqueue(&mut *db.acquire().await.expect("connection"), &NewJob::to_queue(&queue, &serde_json::json!({}))).await.expect("enqueue");
@@ -272,11 +270,7 @@ async fn drain_raw(db: &PgPool, o: &Opts, queue: &str, clients: usize, batch: i6
                     break;
                 }
                 let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-                sqlx::query("UPDATE bench_raw SET status = 'done' WHERE id = ANY($1)")
-                    .bind(&ids)
-                    .execute(&db)
-                    .await
-                    .expect("complete");
+                sqlx::query("UPDATE bench_raw SET status = 'done' WHERE id = ANY($1)").bind(&ids).execute(&db).await.expect("complete");
             }
         }));
     }
@@ -317,11 +311,7 @@ async fn pickup(db: &PgPool, o: &Opts, wake: Wake, queue: &str) -> (Vec<f64>, Ve
             Ok(serde_json::Value::Null)
         }
     });
-    let rt = Runtime::start(
-        db.clone(),
-        runtime_cfg(o.batch),
-        vec![PoolSpec::new(queue, 4, RETRY, handler)],
-    );
+    let rt = Runtime::start(db.clone(), runtime_cfg(o.batch), vec![PoolSpec::new(queue, 4, RETRY, handler)]);
     let announcer = (wake != Wake::Trigger).then(|| Announcer::start(db.connect_options().as_ref().clone()));
     if let (Some(a), Wake::AnnouncedLocally) = (&announcer, wake) {
         a.wake_locally(rt.local_wakers());
@@ -559,7 +549,8 @@ async fn designs(db: &PgPool, o: &Opts) {
             let d = (k + round) % DESIGNS.len();
             let call = format!("CALL bench_designs.drain_{}($1, $2, 0)", DESIGNS[d]);
             let t0 = Instant::now();
-            let n: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(call)).bind(&q).bind(o.batch as i32).fetch_one(&mut *conn).await.expect("drain");
+            let n: i32 =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(call)).bind(&q).bind(o.batch as i32).fetch_one(&mut *conn).await.expect("drain");
             assert_eq!(n as usize, o.jobs, "{} drained every job", DESIGNS[d]);
             let v = t0.elapsed().as_secs_f64() * 1e6 / o.jobs as f64;
             line.push_str(&format!(" {} {v:.1}", DESIGNS[d]));

@@ -70,10 +70,5 @@ fn main() {
         results[2].push(size(&mixed) / t.elapsed().as_secs_f64());
     }
     let [clean_r, mixed_r, stream_r] = results;
-    println!(
-        "redact_clean_mib_s={:.1} redact_mixed_mib_s={:.1} stream_mib_s={:.1}",
-        median(clean_r),
-        median(mixed_r),
-        median(stream_r)
-    );
+    println!("redact_clean_mib_s={:.1} redact_mixed_mib_s={:.1} stream_mib_s={:.1}", median(clean_r), median(mixed_r), median(stream_r));
 }

@@ -211,7 +211,10 @@ mod tests {
         let c = Client::new(parse_api_url("http://h:1/prefix/").unwrap(), "t".into()).unwrap();
         assert_eq!(c.url(&["jobs", "../queues"], &[]).as_str(), "http://h:1/prefix/jobs/..%2Fqueues");
         let c = Client::new(parse_api_url("http://h:1").unwrap(), "t".into()).unwrap();
-        assert_eq!(c.url(&["jobs"], &[("status", "dead".into()), ("kind", "a&b".into())]).as_str(), "http://h:1/jobs?status=dead&kind=a%26b");
+        assert_eq!(
+            c.url(&["jobs"], &[("status", "dead".into()), ("kind", "a&b".into())]).as_str(),
+            "http://h:1/jobs?status=dead&kind=a%26b"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::client::{one_line, Client, Failure};
+use super::client::{Client, Failure, one_line};
 use super::render::{fields, print_json, table, text, time};
 use super::{JobId, JobsList, QueuesArgs};
 
@@ -127,7 +127,9 @@ pub async fn queues(a: QueuesArgs) -> Result<(), Failure> {
         .token
         .filter(|t| !t.trim().is_empty())
         .or_else(|| std::env::var("MOLECULE_TOKEN").ok().filter(|t| !t.trim().is_empty()))
-        .ok_or_else(|| Failure::Usage("no token: `molecule queues` needs the server's ADMIN_TOKEN (pass --token or set ADMIN_TOKEN)".into()))?;
+        .ok_or_else(|| {
+            Failure::Usage("no token: `molecule queues` needs the server's ADMIN_TOKEN (pass --token or set ADMIN_TOKEN)".into())
+        })?;
     let c = Client::new(a.url, token.trim().to_string())?;
     let stats = c.get(&["queues"], &[]).await?;
     if a.json {
@@ -157,10 +159,7 @@ pub async fn queues(a: QueuesArgs) -> Result<(), Failure> {
         .collect();
     print!(
         "{}",
-        table(
-            &["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "RETRYING", "FAILED/1H", "DEAD/1H", "OLDEST", "WORKERS", "CONCURRENCY"],
-            &rows
-        )
+        table(&["QUEUE", "PENDING", "SCHEDULED", "RUNNING", "RETRYING", "FAILED/1H", "DEAD/1H", "OLDEST", "WORKERS", "CONCURRENCY"], &rows)
     );
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use url::Url;
 
 pub use client::Failure;
-use client::{parse_api_url, Client};
+use client::{Client, parse_api_url};
 
 /// Shown under every operator command's `--help`.
 const AFTER_HELP: &str = "\
@@ -60,7 +60,9 @@ pub struct Conn {
 impl Conn {
     fn client(&self) -> Result<Client, Failure> {
         let token = self.token.clone().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
-            Failure::Usage("no token: pass --token or set MOLECULE_TOKEN to an organization token (`molecule org create` prints one)".into())
+            Failure::Usage(
+                "no token: pass --token or set MOLECULE_TOKEN to an organization token (`molecule org create` prints one)".into(),
+            )
         })?;
         Client::new(self.url.clone(), token.trim().to_string())
     }
@@ -285,13 +287,33 @@ mod tests {
 
     #[test]
     fn create_takes_the_api_fields_and_wait_flags() {
-        let op = parse(&["workspaces", "create", "alpha", "--runtime", "echo", "--tier", "3", "--delivery-mode", "poll",
-            "--wait", "--timeout", "30", "--url", "http://10.0.0.1:9000/", "--token", "t", "--json"]).unwrap();
+        let op = parse(&[
+            "workspaces",
+            "create",
+            "alpha",
+            "--runtime",
+            "echo",
+            "--tier",
+            "3",
+            "--delivery-mode",
+            "poll",
+            "--wait",
+            "--timeout",
+            "30",
+            "--url",
+            "http://10.0.0.1:9000/",
+            "--token",
+            "t",
+            "--json",
+        ])
+        .unwrap();
         let OpsCommand::Workspaces { command: WorkspacesCommand::Create(c) } = op else { panic!("create") };
         assert_eq!((c.name.as_str(), c.runtime.as_str(), c.tier, c.delivery_mode.as_deref()), ("alpha", "echo", Some(3), Some("poll")));
         assert_eq!((c.wait.wait, c.wait.timeout, c.conn.json, c.conn.token.as_deref()), (true, 30, true, Some("t")));
         assert_eq!(c.conn.url.as_str(), "http://10.0.0.1:9000/");
-        let OpsCommand::Workspaces { command: WorkspacesCommand::Delete(d) } = parse(&["workspaces", "delete", "x"]).unwrap() else { panic!() };
+        let OpsCommand::Workspaces { command: WorkspacesCommand::Delete(d) } = parse(&["workspaces", "delete", "x"]).unwrap() else {
+            panic!()
+        };
         assert_eq!((d.wait.wait, d.wait.timeout), (false, 900), "the default timeout needs no --wait");
         for bad in [
             &["workspaces", "create", "a", "--runtime", "echo", "--timeout", "5"][..],
@@ -302,7 +324,8 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
-        let OpsCommand::Jobs { command: JobsCommand::List(l) } = parse(&["jobs", "list", "--queue", "exec", "--status", "dead"]).unwrap() else {
+        let OpsCommand::Jobs { command: JobsCommand::List(l) } = parse(&["jobs", "list", "--queue", "exec", "--status", "dead"]).unwrap()
+        else {
             panic!("jobs list")
         };
         assert_eq!((l.kind.as_deref(), l.status.as_deref()), (Some("exec"), Some("dead")), "--queue is --kind");
@@ -311,8 +334,17 @@ mod tests {
     #[test]
     fn every_operator_command_documents_its_exit_status_and_connection() {
         let mut cli = Cli::command();
-        for path in [&["queues"][..], &["jobs", "list"], &["jobs", "show"], &["jobs", "retry"], &["jobs", "cancel"], &["workspaces", "list"],
-                     &["workspaces", "show"], &["workspaces", "create"], &["workspaces", "delete"]] {
+        for path in [
+            &["queues"][..],
+            &["jobs", "list"],
+            &["jobs", "show"],
+            &["jobs", "retry"],
+            &["jobs", "cancel"],
+            &["workspaces", "list"],
+            &["workspaces", "show"],
+            &["workspaces", "create"],
+            &["workspaces", "delete"],
+        ] {
             let mut cmd = &mut cli;
             for name in path {
                 cmd = cmd.find_subcommand_mut(name).unwrap_or_else(|| panic!("{path:?}"));

@@ -154,11 +154,7 @@ fn terminal_width() -> usize {
     let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given.
     let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_col > 0 {
-        ws.ws_col as usize
-    } else {
-        std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(80)
-    }
+    if ok && ws.ws_col > 0 { ws.ws_col as usize } else { std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(80) }
 }
 
 #[cfg(test)]
@@ -167,10 +163,13 @@ mod tests {
 
     #[test]
     fn tables_align_and_cells_stay_on_one_line() {
-        let t = table(&["ID", "NAME", "STATUS"], &[
-            vec!["1".into(), "alpha".into(), "online".into()],
-            vec!["22".into(), text(&Value::String("two\nlines".into())), text(&Value::Null)],
-        ]);
+        let t = table(
+            &["ID", "NAME", "STATUS"],
+            &[
+                vec!["1".into(), "alpha".into(), "online".into()],
+                vec!["22".into(), text(&Value::String("two\nlines".into())), text(&Value::Null)],
+            ],
+        );
         assert_eq!(t, "ID  NAME       STATUS\n1   alpha      online\n22  two lines  -\n");
         assert_eq!(time(&Value::String("2026-11-30T10:04:05.123456Z".into())), "2026-11-30 10:04:05");
         assert_eq!(fields(&[("id", "x".into()), ("status", "online".into())]), "id:      x\nstatus:  online\n");

@@ -2,12 +2,12 @@
 //! its latest event, for what it is doing) until it is online or failed; after a delete,
 //! poll the stop jobs until the containers or instances are gone.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-use super::client::{one_line, Client, Failure};
+use super::client::{Client, Failure, one_line};
 use super::jobs::next_page_hint;
-use super::render::{fields, print_json, table, text, time, Progress};
+use super::render::{Progress, fields, print_json, table, text, time};
 use super::{Wait, WorkspaceCreate, WorkspaceDelete, WorkspaceId, WorkspacesList};
 
 /// How often --wait asks the API.
@@ -223,9 +223,11 @@ async fn activity(c: &Client, id: &str, job: Option<&str>, ws: &Value) -> String
 async fn failure_reason(c: &Client, id: &str, ws: &Value) -> String {
     let mut why = ws["last_sample_error"].as_str().map(|e| one_line(e, 500)).unwrap_or_else(|| "no reason recorded".into());
     if let Ok(events) = c.get(&["workspaces", id, "events"], &[("limit", "20".into())]).await {
-        let failure = events.as_array().into_iter().flatten().find(|e| {
-            matches!(e["event_type"].as_str(), Some("WORKSPACE_PROVISION_FAILED" | "WORKSPACE_FAILED"))
-        });
+        let failure = events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| matches!(e["event_type"].as_str(), Some("WORKSPACE_PROVISION_FAILED" | "WORKSPACE_FAILED")));
         if let Some(code) = failure.and_then(|e| e["payload"]["reason"].as_str().or_else(|| e["payload"]["source"].as_str())) {
             why.push_str(&format!(" [reason: {code}]"));
         }
@@ -257,11 +259,7 @@ pub async fn delete(a: WorkspaceDelete) -> Result<(), Failure> {
     };
     let id = a.id.clone();
     finish_wait(r, a.conn.json, |_| {
-        if count == 0 {
-            format!("workspace {id} was already removed")
-        } else {
-            format!("workspace {id} is removed and stopped")
-        }
+        if count == 0 { format!("workspace {id} was already removed") } else { format!("workspace {id} is removed and stopped") }
     })
 }
 
@@ -313,7 +311,8 @@ async fn wait_stopped(c: &Client, jobs: &[String], w: Wait) -> Result<(), Failur
                 return Ok(());
             }
             let pending = states.iter().find(|v| status(v) != "succeeded").expect("not all succeeded");
-            let mut line = format!("removed; stopping: {done} of {} stop job(s) done; job {} {}", jobs.len(), text(&pending["id"]), status(pending));
+            let mut line =
+                format!("removed; stopping: {done} of {} stop job(s) done; job {} {}", jobs.len(), text(&pending["id"]), status(pending));
             if pending["attempts"].as_i64().is_some_and(|n| n > 0) {
                 line.push_str(&format!(" (attempt {} of {})", text(&pending["attempts"]), text(&pending["max_attempts"])));
             }

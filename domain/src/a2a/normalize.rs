@@ -218,11 +218,8 @@ fn canonical_message(m: Option<Value>) -> Result<(Value, bool), RpcError> {
     if parts.is_empty() {
         return Err(RpcError::invalid_params("params.message.parts", "params.message.parts is empty"));
     }
-    let parts = parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| part_to_v03(p, &format!("params.message.parts[{i}]")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let parts =
+        parts.iter().enumerate().map(|(i, p)| part_to_v03(p, &format!("params.message.parts[{i}]"))).collect::<Result<Vec<_>, _>>()?;
     msg.insert("parts".into(), Value::Array(parts));
     match msg.get("messageId") {
         None | Some(Value::Null) => {

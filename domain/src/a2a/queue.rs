@@ -116,11 +116,7 @@ pub async fn insert(conn: &mut PgConnection, m: &NewMessage<'_>) -> Result<Inser
 }
 
 pub async fn set_job(conn: &mut PgConnection, queue_id: Uuid, job_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE a2a_queue SET job_id = $2 WHERE queue_id = $1")
-        .bind(queue_id)
-        .bind(job_id)
-        .execute(conn)
-        .await?;
+    sqlx::query("UPDATE a2a_queue SET job_id = $2 WHERE queue_id = $1").bind(queue_id).bind(job_id).execute(conn).await?;
     Ok(())
 }
 

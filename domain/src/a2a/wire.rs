@@ -56,9 +56,10 @@ pub fn part_to_v03(p: &Value, at: &str) -> Result<Value, RpcError> {
             out.insert("file".into(), Value::Object(file.clone()));
         }
         Some("data") => {
-            let data = obj.get("data").filter(|d| d.is_object()).ok_or_else(|| {
-                RpcError::invalid_params(&format!("{at}.data"), format!("{at}.data must be an object"))
-            })?;
+            let data = obj
+                .get("data")
+                .filter(|d| d.is_object())
+                .ok_or_else(|| RpcError::invalid_params(&format!("{at}.data"), format!("{at}.data must be an object")))?;
             out.insert("kind".into(), "data".into());
             out.insert("data".into(), data.clone());
         }
@@ -103,10 +104,7 @@ pub fn part_to_v03(p: &Value, at: &str) -> Result<Value, RpcError> {
             ));
         }
         None => {
-            return Err(RpcError::invalid_params(
-                at,
-                format!("{at} has no content: it needs `text`, `file`/`raw`/`url` or `data`"),
-            ));
+            return Err(RpcError::invalid_params(at, format!("{at} has no content: it needs `text`, `file`/`raw`/`url` or `data`")));
         }
     }
     Ok(Value::Object(out))
@@ -358,8 +356,11 @@ mod tests {
             "messageId": "m", "role": "ROLE_AGENT", "parts": [{"text": "pong"}]}}});
         let for_v03 = reply_to(&from_v10, Operation::SendMessage, AgentVersion::V03, &json!("caller-1"));
         assert_eq!(for_v03["id"], "caller-1");
-        assert_eq!(for_v03["result"], json!({"kind": "message", "messageId": "m", "role": "agent",
-            "parts": [{"kind": "text", "text": "pong"}]}));
+        assert_eq!(
+            for_v03["result"],
+            json!({"kind": "message", "messageId": "m", "role": "agent",
+            "parts": [{"kind": "text", "text": "pong"}]})
+        );
 
         let from_v03 = json!({"jsonrpc": "2.0", "id": 1, "result": {"kind": "task", "id": "t", "contextId": "c",
             "status": {"state": "input-required", "message": {"kind": "message", "role": "agent", "messageId": "x",

@@ -4,13 +4,41 @@
 
 /// (family, text, the part that must not survive).
 pub const SECRETS: &[(&str, &str, &str)] = &[
-    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"),
-    ("private_key", "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEpAIBAAKCAQEA75xBqnyy\n-----END RSA PRIVATE KEY-----", "MIIEpAIBAAKCAQEA75xBqnyy"),
-    ("private_key", "key: -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5cmNQgHUSgBkFoAoGCCqGSM49\nAwEHoUQDQgAE", "MHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBn"),
-    ("private_key", "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----", "lQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA"),
-    ("private_key", r#"{"private_key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"}"#, "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"),
-    ("private_key", "tls:\n  key: |\n    -----BEGIN RSA PRIVATE KEY-----\n    MIIEpAIBAAKCAQEAindentedKeyBody0123\n    QmFzZTY0Qm9keUxpbmVUd28xMjM0NTY3OA==\n    -----END RSA PRIVATE KEY-----\n  cert: x", "indentedKeyBody0123"),
-    ("private_key", "...log tail starts here\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nVGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM=\n-----END RSA PRIVATE KEY-----\nagent exited", "VGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM"),
+    (
+        "private_key",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU",
+    ),
+    (
+        "private_key",
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,3F17F5316E2BAC89\n\nMIIEpAIBAAKCAQEA75xBqnyy\n-----END RSA PRIVATE KEY-----",
+        "MIIEpAIBAAKCAQEA75xBqnyy",
+    ),
+    (
+        "private_key",
+        "key: -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5cmNQgHUSgBkFoAoGCCqGSM49\nAwEHoUQDQgAE",
+        "MHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBn",
+    ),
+    (
+        "private_key",
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----",
+        "lQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA",
+    ),
+    (
+        "private_key",
+        r#"{"private_key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"}"#,
+        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+    ),
+    (
+        "private_key",
+        "tls:\n  key: |\n    -----BEGIN RSA PRIVATE KEY-----\n    MIIEpAIBAAKCAQEAindentedKeyBody0123\n    QmFzZTY0Qm9keUxpbmVUd28xMjM0NTY3OA==\n    -----END RSA PRIVATE KEY-----\n  cert: x",
+        "indentedKeyBody0123",
+    ),
+    (
+        "private_key",
+        "...log tail starts here\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nVGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM=\n-----END RSA PRIVATE KEY-----\nagent exited",
+        "VGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM",
+    ),
     ("aws", "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
     ("aws", "key id ASIAY34FZKBOKMUTVV7A in use", "ASIAY34FZKBOKMUTVV7A"),
     ("aws", "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG"),
@@ -19,7 +47,11 @@ pub const SECRETS: &[(&str, &str, &str)] = &[
     ("gitlab", "CI token glpat-xPz4Rv8YmQ2wK9sLbN3t found", "glpat-xPz4Rv8YmQ2wK9"),
     ("slack", "slack: xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "xoxb-123456789012"),
     ("slack", "notify https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX now", "T00000000/B00000000/XXXX"),
-    ("discord", "hook https://discord.com/api/webhooks/123456789012345678/AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "AbCdEfGhIjKlMnOpQrStUvWx"),
+    (
+        "discord",
+        "hook https://discord.com/api/webhooks/123456789012345678/AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+        "AbCdEfGhIjKlMnOpQrStUvWx",
+    ),
     ("stripe", "stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc", "sk_live_4eC39HqL"),
     ("stripe", "STRIPE_WEBHOOK=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_MfKQ9r8GKY"),
     ("openai_anthropic", "OPENAI_API_KEY=sk-proj-4fJk29XzQ8LmN0pR7sT1uVwY3aBcDeFgHiJkLmNo", "sk-proj-4fJk29XzQ8"),
@@ -29,11 +61,23 @@ pub const SECRETS: &[(&str, &str, &str)] = &[
     ("google", "client 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", "GOCSPX-1a2B3c4D5e6F"),
     ("google", "access ya29.a0AfH6SMBx3dJ7kLmNoPqRsTuVwXyZ0123456789", "ya29.a0AfH6SMBx3dJ7k"),
     ("azure", "AZURE_CLIENT_SECRET abc8Q~AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "8Q~AbCdEfGhIjKlMnOp"),
-    ("connection_string", "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c3VwZXJzZWNyZXRrZXlzdXBlcnNlY3JldGtleXN1cGVyc2VjcmV0a2V5MTIzNA==;EndpointSuffix=core.windows.net", "c3VwZXJzZWNyZXRrZXlz"),
-    ("connection_string", "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=AbCd1234EfGh5678IjKl9012MnOp=", "AbCd1234EfGh5678"),
+    (
+        "connection_string",
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c3VwZXJzZWNyZXRrZXlzdXBlcnNlY3JldGtleXN1cGVyc2VjcmV0a2V5MTIzNA==;EndpointSuffix=core.windows.net",
+        "c3VwZXJzZWNyZXRrZXlz",
+    ),
+    (
+        "connection_string",
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=AbCd1234EfGh5678IjKl9012MnOp=",
+        "AbCd1234EfGh5678",
+    ),
     ("connection_string", "Server=db;Database=app;User Id=sa;Password=P@ssw0rd-Very-Long;", "P@ssw0rd-Very-Long"),
     ("connection_string", "Server=db;User Id=sa;Password=my secret pass;", "secret pass"),
-    ("connection_string", "https://acct.blob.core.windows.net/c/f?sv=2022-11-02&se=2026-12-01&sig=AbCdEfGh1234%2BIjKlMnOp%3D", "AbCdEfGh1234%2BIjKl"),
+    (
+        "connection_string",
+        "https://acct.blob.core.windows.net/c/f?sv=2022-11-02&se=2026-12-01&sig=AbCdEfGh1234%2BIjKlMnOp%3D",
+        "AbCdEfGh1234%2BIjKl",
+    ),
     ("npm", "//registry.npmjs.org/:_authToken=npm_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "npm_AbCdEfGhIjKlMnOp"),
     ("pypi", "password = pypi-AgEIcHlwaS5vcmcCJDAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMAACKlsz", "pypi-AgEIcHlwaS5vcmc"),
     ("huggingface", "HF_TOKEN hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh", "hf_AbCdEfGhIjKlMnOp"),
@@ -49,7 +93,11 @@ pub const SECRETS: &[(&str, &str, &str)] = &[
     ("jwt", "session eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "dozjgNryP4J3jVmNHl0w"),
     ("http_auth", "Authorization: Bearer c0ffee8a91b24d7e8e1f03a2b6d4f5e7", "c0ffee8a91b24d7e8e1f03a2b6d4f5e7"),
     ("http_auth", "Authorization: Basic dXNlcjpodW50ZXIy", "dXNlcjpodW50ZXIy"),
-    ("http_auth", r#"authorization: Digest username="bob", realm="x", nonce="dcd98b7102dd2f0e", response="6629fae49393a05397450978507c4ef1""#, "6629fae49393a053974"),
+    (
+        "http_auth",
+        r#"authorization: Digest username="bob", realm="x", nonce="dcd98b7102dd2f0e", response="6629fae49393a05397450978507c4ef1""#,
+        "6629fae49393a053974",
+    ),
     ("http_auth", "curl -H 'Authorization: Bearer 5eed1e55b0a7c4d2e9f18a3b7c6d5e4f'", "5eed1e55b0a7c4d2e9f1"),
     ("http_auth", "call with token dGhpc2lzYXRva2VuMTIzNDU2Nzg5MA== now", "dGhpc2lzYXRva2VuMTIz"),
     ("api_key_header", "X-Api-Key: 8d3f9a1c2b7e4f60a5d1", "8d3f9a1c2b7e4f60a5d1"),
@@ -205,7 +253,12 @@ mod tests {
         let r = Redactor::new();
         let mut s = StreamRedactor::new(&r);
         assert_eq!(s.push(b"starting\n"), "starting\n");
-        let lines: [&[u8]; 4] = [b"-----BEGIN OPENSSH PRIVATE KEY-----\n", b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAA\n", b"EbmRzYS1zaGEyLW5pc3RwMjU2AAAACG5pc3\n", b"-----END OPENSSH PRIVATE KEY-----\n"];
+        let lines: [&[u8]; 4] = [
+            b"-----BEGIN OPENSSH PRIVATE KEY-----\n",
+            b"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAA\n",
+            b"EbmRzYS1zaGEyLW5pc3RwMjU2AAAACG5pc3\n",
+            b"-----END OPENSSH PRIVATE KEY-----\n",
+        ];
         for l in &lines[..3] {
             assert_eq!(s.push(l), "", "held while the key is open");
         }

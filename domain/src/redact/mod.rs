@@ -33,7 +33,8 @@ fn harmless_value(v: &str) -> bool {
         || REFERENCE.is_match(v)
         || v.starts_with('<') && v.ends_with('>')
         || (v.len() < 6 && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
-        || ["true", "false", "null", "none", "nil", "undefined", "required", "optional", "***", "xxx"].contains(&v.to_ascii_lowercase().as_str())
+        || ["true", "false", "null", "none", "nil", "undefined", "required", "optional", "***", "xxx"]
+            .contains(&v.to_ascii_lowercase().as_str())
 }
 
 impl Redactor {

@@ -49,10 +49,7 @@ pub fn all() -> Vec<Rule> {
         ),
         // A key whose beginning was cut off (the tail of a log): its body lines up to its
         // END line.
-        whole(
-            "private_key",
-            r"(?m)(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
-        ),
+        whole("private_key", r"(?m)(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----"),
         // --- Provider tokens.
         whole("aws", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[0-9A-Z]{16}\b"),
         whole("github", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b"),
@@ -85,10 +82,7 @@ pub fn all() -> Vec<Rule> {
         // --- HTTP authorization: every scheme's credentials, to the end of the value
         // (Digest's quoted parameters to the end of the line).
         value("http_auth", r#"(?i)\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?(?P<value>digest\s[^\r\n]+)"#),
-        value(
-            "http_auth",
-            r#"(?i)\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?(?P<value>[^\r\n"']{4,})"#,
-        ),
+        value("http_auth", r#"(?i)\b(?:proxy-)?authorization["']?\s*[:=]\s*["']?(?P<value>[^\r\n"']{4,})"#),
         value("http_auth", r"(?i)\b(?:bearer|token)\s+(?P<value>[A-Za-z0-9\-._~+/]{16,}=*)"),
         value(
             "api_key_header",
@@ -108,18 +102,43 @@ pub fn all() -> Vec<Rule> {
         // "max_tokens: 4096" pass.
         value(
             "secret_key_json",
-            concat!(r#"(?i)"[A-Za-z0-9_.\-]*"#, r"(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|client[_\-.]?secret|credentials?|auth[_\-.]?key)", r#"(?i:s)?"\s*:\s*"(?P<value>[^"]+)""#),
+            concat!(
+                r#"(?i)"[A-Za-z0-9_.\-]*"#,
+                r"(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|client[_\-.]?secret|credentials?|auth[_\-.]?key)",
+                r#"(?i:s)?"\s*:\s*"(?P<value>[^"]+)""#
+            ),
         ),
-        value("secret_key_quoted", r#"(?i)(?:^|[^A-Za-z0-9])[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|credentials?)\s*[=:]\s*"(?P<value>[^"\r\n]+)""#),
-        value("secret_key_quoted", r#"(?i)(?:^|[^A-Za-z0-9])[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|credentials?)\s*[=:]\s*'(?P<value>[^'\r\n]+)'"#),
-        value("secret_key_xml", r"(?i)<(?P<tag>[A-Za-z0-9_.\-]*(?:password|passwd|secret|token|api[_\-]?key|private[_\-]?key))>(?P<value>[^<]{1,})</"),
-        value("secret_key_flag", r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)(?P<value>[^\s\x22']+)"),
-        value("secret_key_flag", r#"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)"(?P<value>[^"\r\n]+)""#),
-        value("secret_key_flag", r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)'(?P<value>[^'\r\n]+)'"),
+        value(
+            "secret_key_quoted",
+            r#"(?i)(?:^|[^A-Za-z0-9])[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|credentials?)\s*[=:]\s*"(?P<value>[^"\r\n]+)""#,
+        ),
+        value(
+            "secret_key_quoted",
+            r#"(?i)(?:^|[^A-Za-z0-9])[A-Za-z0-9_.\-]*(?:passw(?:or)?d|passphrase|pwd|secret|token|api[_\-.]?key|access[_\-.]?key|private[_\-.]?key|signing[_\-.]?key|credentials?)\s*[=:]\s*'(?P<value>[^'\r\n]+)'"#,
+        ),
+        value(
+            "secret_key_xml",
+            r"(?i)<(?P<tag>[A-Za-z0-9_.\-]*(?:password|passwd|secret|token|api[_\-]?key|private[_\-]?key))>(?P<value>[^<]{1,})</",
+        ),
+        value(
+            "secret_key_flag",
+            r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)(?P<value>[^\s\x22']+)",
+        ),
+        value(
+            "secret_key_flag",
+            r#"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)"(?P<value>[^"\r\n]+)""#,
+        ),
+        value(
+            "secret_key_flag",
+            r"(?i)(?:^|\s)--?(?:password|passwd|token|secret|api-key|access-key|client-secret)(?:=|\s+)'(?P<value>[^'\r\n]+)'",
+        ),
         // A secret-named YAML key at the start of a line: its value is the rest of the
         // line, spaces included (a trailing comment excepted). `key=value` lines are
         // logfmt as often as env files, so `=` values end at a space (below).
-        value("secret_key_line", "(?im)^[ \\t]*(?:- )?SECRET_KEY_PLACEHOLDER[ \\t]*:[ \\t]*(?P<value>[^\\s\"'#|>][^\\r\\n#]*?)[ \\t]*(?:#.*)?$"),
+        value(
+            "secret_key_line",
+            "(?im)^[ \\t]*(?:- )?SECRET_KEY_PLACEHOLDER[ \\t]*:[ \\t]*(?P<value>[^\\s\"'#|>][^\\r\\n#]*?)[ \\t]*(?:#.*)?$",
+        ),
         value("secret_key", "(?i)(?:^|[^A-Za-z0-9])(?:export\\s+)?SECRET_KEY_PLACEHOLDER\\s*[=:]\\s*(?P<value>[^\\s\"';&<>{}\\[\\]]{6,})"),
     ]
 }

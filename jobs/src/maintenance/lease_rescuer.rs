@@ -145,17 +145,13 @@ pub(crate) async fn claim_without_batch_row(db: &PgPool, id: &str, worker: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enqueue::{enqueue, NewJob};
+    use crate::enqueue::{NewJob, enqueue};
     use crate::store;
-    use crate::store::workers::{heartbeat, WorkerRow};
+    use crate::store::workers::{WorkerRow, heartbeat};
     use molecule_domain::testing::fresh_db;
 
     async fn state(db: &PgPool, id: &str) -> (String, Option<String>, Option<String>, i32) {
-        sqlx::query_as("SELECT status, outcome, lock_by, attempts FROM apalis.jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(db)
-            .await
-            .unwrap()
+        sqlx::query_as("SELECT status, outcome, lock_by, attempts FROM apalis.jobs WHERE id = $1").bind(id).fetch_one(db).await.unwrap()
     }
 
     async fn age_worker(db: &PgPool, id: &str, secs: i64) {

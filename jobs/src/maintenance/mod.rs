@@ -11,6 +11,6 @@ pub mod lease_rescuer;
 pub mod pruner;
 pub mod stats_refresher;
 
-pub use lease_rescuer::{rescue_expired_leases, Scope};
-pub use pruner::{prune_finished, Pruned};
+pub use lease_rescuer::{Scope, rescue_expired_leases};
+pub use pruner::{Pruned, prune_finished};
 pub use stats_refresher::refresh_if_outgrown;

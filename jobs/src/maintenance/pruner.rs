@@ -47,13 +47,8 @@ pub async fn prune_finished(db: &PgPool, retention: Duration, batch: i64) -> Res
     let upper = id_at(std::time::SystemTime::now().checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH));
     let mut after = String::new();
     loop {
-        let (window, deleted, last): (i64, i64, Option<String>) = sqlx::query_as(PRUNE_FINISHED)
-            .bind(retention.as_secs() as i64)
-            .bind(batch)
-            .bind(&after)
-            .bind(&upper)
-            .fetch_one(db)
-            .await?;
+        let (window, deleted, last): (i64, i64, Option<String>) =
+            sqlx::query_as(PRUNE_FINISHED).bind(retention.as_secs() as i64).bind(batch).bind(&after).bind(&upper).fetch_one(db).await?;
         pruned.jobs += deleted as u64;
         match last {
             Some(last) if window >= batch => after = last,
@@ -74,7 +69,7 @@ fn id_at(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enqueue::{enqueue_many, NewJob};
+    use crate::enqueue::{NewJob, enqueue_many};
     use crate::output::{self, Chunk};
     use molecule_domain::testing::fresh_db;
 
@@ -103,7 +98,11 @@ mod tests {
             async move { sqlx::query(sql).bind(ids).execute(&db).await.unwrap() }
         };
         set(0..6, "UPDATE apalis.jobs SET status = 'Done', done_at = now() - interval '8 days' WHERE id = ANY($1)").await;
-        set(6..10, "UPDATE apalis.jobs SET status = 'Killed', outcome = 'interrupted', done_at = now() - interval '8 days' WHERE id = ANY($1)").await;
+        set(
+            6..10,
+            "UPDATE apalis.jobs SET status = 'Killed', outcome = 'interrupted', done_at = now() - interval '8 days' WHERE id = ANY($1)",
+        )
+        .await;
         set(10..15, "UPDATE apalis.jobs SET status = 'Done', done_at = now() WHERE id = ANY($1)").await;
         set(15..20, "UPDATE apalis.jobs SET status = 'Failed', run_at = now() - interval '8 days' WHERE id = ANY($1)").await;
         set(20..21, "UPDATE apalis.jobs SET status = 'Done', done_at = now() - interval '8 days' WHERE id = ANY($1)").await;

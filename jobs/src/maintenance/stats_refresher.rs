@@ -36,9 +36,8 @@ pub async fn refresh_if_outgrown(db: &PgPool) -> Result<bool, sqlx::Error> {
         return Ok(false);
     }
     let mut tx = db.begin().await?;
-    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('molecule.jobs.stats_refresher'))")
-        .fetch_one(&mut *tx)
-        .await?;
+    let ours: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('molecule.jobs.stats_refresher'))").fetch_one(&mut *tx).await?;
     // Asked again under the lock: another process may have analyzed it meanwhile.
     if !ours || !sqlx::query_scalar::<_, bool>(OUTGROWN).fetch_one(&mut *tx).await? {
         return Ok(false);
@@ -53,14 +52,13 @@ pub async fn refresh_if_outgrown(db: &PgPool) -> Result<bool, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enqueue::{enqueue_many, NewJob};
+    use crate::enqueue::{NewJob, enqueue_many};
     use molecule_domain::testing::fresh_db;
 
     /// The generic plan of a claim, as a session that prepared it while the table was
     /// empty runs it.
     async fn claim_plan(conn: &mut sqlx::PgConnection) -> String {
-        let plan: Vec<String> =
-            sqlx::query_scalar("EXPLAIN EXECUTE claim('q', 10, 'w', 0)").fetch_all(&mut *conn).await.unwrap();
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE claim('q', 10, 'w', 0)").fetch_all(&mut *conn).await.unwrap();
         plan.join("\n")
     }
 

@@ -33,7 +33,18 @@ pub(super) struct Claim {
 }
 
 fn ack(c: Claim, state: JobState, outcome: Option<Outcome>) -> Ack {
-    Ack { id: c.id, fence: c.fence, state, outcome, delay_ms: 0, error: None, error_detail: None, result: None, batch: c.batch, tid: Some(c.tid) }
+    Ack {
+        id: c.id,
+        fence: c.fence,
+        state,
+        outcome,
+        delay_ms: 0,
+        error: None,
+        error_detail: None,
+        result: None,
+        batch: c.batch,
+        tid: Some(c.tid),
+    }
 }
 
 /// A pool's claimed batches that still have jobs without a written ack, and how many.
@@ -170,12 +181,8 @@ pub(super) async fn run(
                     counts.applied(buf.iter().zip(&applied).filter(|(_, ok)| **ok).map(|(a, _)| a));
                     shared.acks_applied.fetch_add(applied.iter().filter(|ok| **ok).count() as u64, Ordering::Relaxed);
                     if notify_finished && applied.contains(&true) {
-                        let finished: Vec<String> = buf
-                            .iter()
-                            .zip(&applied)
-                            .filter(|(a, ok)| **ok && a.state.is_terminal())
-                            .map(|(a, _)| a.id.clone())
-                            .collect();
+                        let finished: Vec<String> =
+                            buf.iter().zip(&applied).filter(|(a, ok)| **ok && a.state.is_terminal()).map(|(a, _)| a.id.clone()).collect();
                         if let Err(e) = store::ack::notify_finished(db, &finished).await {
                             // Followers fall back to their own polling.
                             tracing::warn!(worker_id, error = %e, "could not announce finished jobs");

@@ -31,12 +31,7 @@ pub(super) async fn run(hb: Heartbeat, held: watch::Sender<bool>, stop: watch::R
     tokio::join!(beat(&hb, &last_ok, &held, stop.clone()), watchdog(hb.lease, &last_ok, &held, stop));
 }
 
-async fn beat(
-    hb: &Heartbeat,
-    last_ok: &Mutex<Option<Instant>>,
-    held: &watch::Sender<bool>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn beat(hb: &Heartbeat, last_ok: &Mutex<Option<Instant>>, held: &watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
     // A connect or statement that hangs (a lock, a half-open socket) must not hold the
     // loop: each try is cut off and the next one starts on a new connection.
     let per_try = hb.interval.max(Duration::from_secs(1)).min(hb.lease / 4);
@@ -88,12 +83,7 @@ async fn beat(
 
 /// Flips `held` to false once the last written beat is older than half a lease (and back
 /// when beats are written again).
-async fn watchdog(
-    lease: Duration,
-    last_ok: &Mutex<Option<Instant>>,
-    held: &watch::Sender<bool>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn watchdog(lease: Duration, last_ok: &Mutex<Option<Instant>>, held: &watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
     let limit = lease / 2;
     let mut tick = tokio::time::interval((lease / 20).max(Duration::from_millis(20)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

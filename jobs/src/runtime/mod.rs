@@ -45,8 +45,8 @@ mod listener;
 mod pool;
 
 use sqlx::PgPool;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -100,9 +100,7 @@ impl Default for RuntimeConfig {
 }
 
 pub fn default_node() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
     format!("{host}:{}", std::process::id())
 }
 
@@ -217,27 +215,14 @@ impl Runtime {
             rows.push(row.clone());
             pools.push(tokio::spawn(pool::run(shared.clone(), spec, row.id, wake, lease_rx.clone(), pools_rx.clone())));
         }
-        let beat = heartbeat::Heartbeat {
-            options: options.clone(),
-            interval: shared.cfg.heartbeat,
-            lease: shared.cfg.lease,
-            rows,
-        };
+        let beat = heartbeat::Heartbeat { options: options.clone(), interval: shared.cfg.heartbeat, lease: shared.cfg.lease, rows };
         let heartbeat = tokio::spawn(heartbeat::run(beat, lease_tx, services_rx.clone()));
         let wakers = LocalWakers(Arc::new(wakers));
         let services = vec![
             tokio::spawn(listener::run(options, wakers.0.clone(), services_rx.clone())),
             tokio::spawn(run_rescuer(shared.clone(), pools_rx)),
         ];
-        Runtime {
-            pools_stop,
-            services_stop,
-            pools,
-            services,
-            heartbeat,
-            shared,
-            wakers,
-        }
+        Runtime { pools_stop, services_stop, pools, services, heartbeat, shared, wakers }
     }
 
     /// Its pools' wakers, for an [`crate::Announcer`] in the same process
@@ -348,9 +333,9 @@ impl ErrorBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enqueue::{enqueue, NewJob};
+    use crate::enqueue::{NewJob, enqueue};
     use crate::maintenance::lease_rescuer::claim_without_batch_row;
-    use crate::store::workers::{heartbeat, WorkerRow};
+    use crate::store::workers::{WorkerRow, heartbeat};
     use molecule_domain::testing::fresh_db;
     use std::sync::atomic::AtomicUsize;
 

@@ -8,15 +8,15 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::acker::{self, Claim, OpenBatches};
 use super::claim_start::ClaimStart;
 use super::{ErrorBackoff, PoolSpec, Shared};
-use crate::store::{Shard, CLAIM_SHARDS};
 use crate::handler::{Interrupt, JobContext, JobError};
 use crate::store;
+use crate::store::{CLAIM_SHARDS, Shard};
 
 #[derive(Debug, Default)]
 pub(super) struct PoolReport {
@@ -64,9 +64,8 @@ pub(super) async fn run(
         batches,
         wake,
     });
-    let fetchers: Vec<_> = Shard::all()
-        .map(|shard| tokio::spawn(fetch(pool.clone(), shard, ack_tx.clone(), lease.clone(), shutdown.clone())))
-        .collect();
+    let fetchers: Vec<_> =
+        Shard::all().map(|shard| tokio::spawn(fetch(pool.clone(), shard, ack_tx.clone(), lease.clone(), shutdown.clone()))).collect();
     // The acker ends when the last fetcher drops its sender (after its last ack).
     drop(ack_tx);
     let mut report = PoolReport::default();

@@ -199,11 +199,11 @@ pub async fn notify_finished(db: &PgPool, ids: &[String]) -> Result<(), sqlx::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enqueue::{NewJob, enqueue};
+    use crate::maintenance::{Scope, rescue_expired_leases};
+    use crate::store::workers::{WorkerRow, heartbeat};
+    use crate::store::{Claimed, Shard, claim, claim_each_shard};
     use crate::store::{executed_reads, table_reads};
-    use crate::enqueue::{enqueue, NewJob};
-    use crate::maintenance::{rescue_expired_leases, Scope};
-    use crate::store::{claim, claim_each_shard, Claimed, Shard};
-    use crate::store::workers::{heartbeat, WorkerRow};
     use molecule_domain::testing::fresh_db;
     use std::time::Duration;
 
@@ -232,7 +232,18 @@ mod tests {
     }
 
     fn done(id: &str, fence: i64, result: Value) -> Ack {
-        Ack { id: id.into(), fence, state: JobState::Done, outcome: Some(Outcome::Succeeded), delay_ms: 0, error: None, error_detail: None, result: Some(result), batch: 0, tid: None }
+        Ack {
+            id: id.into(),
+            fence,
+            state: JobState::Done,
+            outcome: Some(Outcome::Succeeded),
+            delay_ms: 0,
+            error: None,
+            error_detail: None,
+            result: Some(result),
+            batch: 0,
+            tid: None,
+        }
     }
 
     /// The bug this fences off: a worker's heartbeat lapses, the rescuer hands its job
@@ -271,7 +282,10 @@ mod tests {
 
         // Attempt 2's own ack lands — in one batch with attempt 1's late one, which does not,
         // and the answer says which of the two was refused (the fence tells them apart).
-        let both = [done(id.as_str(), first.fence, serde_json::json!("from attempt 1")), done(id.as_str(), second.fence, serde_json::json!("from attempt 2"))];
+        let both = [
+            done(id.as_str(), first.fence, serde_json::json!("from attempt 1")),
+            done(id.as_str(), second.fence, serde_json::json!("from attempt 2")),
+        ];
         let w2 = write_acks(&db, &both, &[]).await.unwrap();
         assert_eq!(w2.stale, vec![(id.as_str().to_string(), first.fence)]);
         let after = row(&db, id.as_str()).await;
@@ -374,9 +388,17 @@ mod tests {
         let cases = [
             ("done at its version", ACK_DONE, "text[], int8[], text[], int8[]", at, tid_or_key),
             ("done by key", ACK_DONE, "text[], int8[], text[], int8[]", no_tids, tid_or_key),
-            ("general", ACK, "text[], int8[], text[], text[], int8[], text[], jsonb[], text[], int8[]", general, ["Index Scan jobs_pkey"].as_slice()),
+            (
+                "general",
+                ACK,
+                "text[], int8[], text[], text[], int8[], text[], jsonb[], text[], int8[]",
+                general,
+                ["Index Scan jobs_pkey"].as_slice(),
+            ),
         ];
-        for ((name, sql, types, extra, read), mode) in cases.iter().flat_map(|c| ["force_custom_plan", "force_generic_plan"].map(|m| (c, m))) {
+        for ((name, sql, types, extra, read), mode) in
+            cases.iter().flat_map(|c| ["force_custom_plan", "force_generic_plan"].map(|m| (c, m)))
+        {
             let mut tx = db.begin().await.unwrap();
             sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL plan_cache_mode = {mode}"))).execute(&mut *tx).await.unwrap();
             // PREPARE + EXPLAIN EXECUTE: the plan a prepared statement really runs on.
@@ -393,7 +415,10 @@ mod tests {
             assert_eq!(update["Actual Rows"].as_u64(), Some(n as u64), "{name} ({mode}): every ack applies");
             assert_eq!(top["Actual Rows"].as_u64(), Some(0), "{name} ({mode}): none comes back as stale");
             let reads = table_reads(top);
-            assert!(!reads.is_empty() && reads.iter().all(|r| read.contains(&r.as_str())), "{name} ({mode}): the table is read by {read:?} only: {reads:?}\n{plan:#}");
+            assert!(
+                !reads.is_empty() && reads.iter().all(|r| read.contains(&r.as_str())),
+                "{name} ({mode}): the table is read by {read:?} only: {reads:?}\n{plan:#}"
+            );
             let mut filters = Vec::new();
             plan_filters(top, &mut filters);
             assert!(!filters.iter().any(|f| f.contains("ANY")), "{name} ({mode}): an array searched per row: {filters:?}\n{plan:#}");
@@ -401,12 +426,19 @@ mod tests {
                 assert!(executed_reads(top).iter().all(|r| r == "Tid Scan -"), "{name} ({mode}): no ack looked up by key\n{plan:#}");
             }
             let removed = max_join_filter_removed(top);
-            assert!(removed <= n as u64, "{name} ({mode}): a join threw {removed} rows away for {n} acks: the table drives the join\n{plan:#}");
+            assert!(
+                removed <= n as u64,
+                "{name} ({mode}): a join threw {removed} rows away for {n} acks: the table drives the join\n{plan:#}"
+            );
         }
         // And the acks do apply (the EXPLAINs were rolled back).
         let acks: Vec<Ack> = claimed.iter().map(|c| done(&c.id, c.fence, Value::Null)).collect();
         assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().stale, vec![]);
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Done' AND lock_by = $1").bind(&w.id).fetch_one(&db).await.unwrap();
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Done' AND lock_by = $1")
+            .bind(&w.id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
         assert_eq!(done, n as i64);
     }
 
@@ -419,7 +451,8 @@ mod tests {
     async fn success_acks_are_hot_updates_and_end_their_batch() {
         let (db, _) = fresh_db().await;
         // One connection: its statistics are flushed on request (pg_stat_force_next_flush).
-        let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(db.connect_options().as_ref().clone()).await.unwrap();
+        let one =
+            sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(db.connect_options().as_ref().clone()).await.unwrap();
         let mut conn = one.acquire().await.unwrap();
         let jobs: Vec<crate::enqueue::NewJob> = (0..2000).map(|_| crate::enqueue::NewJob::to_queue("q", &serde_json::json!({}))).collect();
         crate::enqueue::enqueue_many(&mut conn, &jobs).await.unwrap();
@@ -430,9 +463,11 @@ mod tests {
         for shard in Shard::all().flat_map(|s| [s, s]) {
             let claimed = claim(&one, "q", shard, 400, &w.id).await.unwrap();
             let batch = claimed[0].batch;
-            let rows: Vec<Vec<String>> = sqlx::query_scalar("SELECT ids FROM apalis.claims WHERE id = $1").bind(batch).fetch_all(&one).await.unwrap();
+            let rows: Vec<Vec<String>> =
+                sqlx::query_scalar("SELECT ids FROM apalis.claims WHERE id = $1").bind(batch).fetch_all(&one).await.unwrap();
             assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), vec![400], "the claim recorded its batch");
-            let acks: Vec<Ack> = claimed.iter().map(|c| Ack { batch, tid: Some(c.tid.clone()), ..done(&c.id, c.fence, Value::Null) }).collect();
+            let acks: Vec<Ack> =
+                claimed.iter().map(|c| Ack { batch, tid: Some(c.tid.clone()), ..done(&c.id, c.fence, Value::Null) }).collect();
             // Not its last ack: the row stays.
             assert_eq!(write_acks(&one, &acks[..100], &[]).await.unwrap().stale, vec![]);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&one).await.unwrap();
@@ -443,12 +478,11 @@ mod tests {
             acked += claimed.len();
         }
         sqlx::query("SELECT pg_stat_force_next_flush()").execute(&one).await.unwrap();
-        let (updates, hot): (i64, i64) = sqlx::query_as(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'apalis.jobs'::regclass",
-        )
-        .fetch_one(&one)
-        .await
-        .unwrap();
+        let (updates, hot): (i64, i64) =
+            sqlx::query_as("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'apalis.jobs'::regclass")
+                .fetch_one(&one)
+                .await
+                .unwrap();
         // Claims are never HOT (they set lock_at); so at most `acked` of them are.
         assert_eq!(updates, 2 * acked as i64, "one update per claim and per ack");
         assert!(hot * 2 >= acked as i64, "{hot} of {acked} acks were HOT updates");
@@ -471,8 +505,8 @@ mod tests {
         sqlx::query("UPDATE apalis.jobs SET attempt_log = attempt_log WHERE id = $1").bind(&c[0].id).execute(&db).await.unwrap();
         let at = |j: &Claimed, tid: &str| Ack { tid: Some(tid.into()), ..done(&j.id, j.fence, Value::Null) };
         let acks = [
-            at(&c[0], &c[0].tid),   // its old version: gone
-            at(&c[1], &c[2].tid),   // c's version is there
+            at(&c[0], &c[0].tid),    // its old version: gone
+            at(&c[1], &c[2].tid),    // c's version is there
             at(&c[3], "(999999,1)"), // nothing is there
         ];
         assert_eq!(write_acks(&db, &acks, &[]).await.unwrap().stale, vec![], "every ack applied, by id");

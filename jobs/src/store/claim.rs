@@ -171,7 +171,14 @@ pub async fn claim(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &
 
 /// [`claim`], of the jobs after `cursor` in claim order (of its priority) only. The others
 /// are left to a [`claim`] from the head: runtime/claim_start.rs says when one follows.
-pub async fn claim_after(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &str, cursor: &ClaimCursor) -> Result<Vec<Claimed>, sqlx::Error> {
+pub async fn claim_after(
+    db: &PgPool,
+    queue: &str,
+    shard: Shard,
+    limit: i64,
+    worker: &str,
+    cursor: &ClaimCursor,
+) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(CLAIM_AFTER)
         .bind(queue)
         .bind(limit)
@@ -222,16 +229,23 @@ WHERE job_type = $1 AND ",
 );
 
 pub async fn next_due_after_ms(db: &PgPool, queue: &str, shard: Shard, cursor: &ClaimCursor) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar(NEXT_DUE_AFTER).bind(queue).bind(cursor.priority).bind(cursor.run_at).bind(&cursor.id).bind(shard.0).fetch_one(db).await
+    sqlx::query_scalar(NEXT_DUE_AFTER)
+        .bind(queue)
+        .bind(cursor.priority)
+        .bind(cursor.run_at)
+        .bind(&cursor.id)
+        .bind(shard.0)
+        .fetch_one(db)
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enqueue::{NewJob, enqueue, enqueue_many};
     use crate::store::table_reads;
-    use crate::enqueue::{enqueue, enqueue_many, NewJob};
     use molecule_domain::testing::fresh_db;
-    use serde_json::{json, Value};
+    use serde_json::{Value, json};
 
     fn job(id: &str, priority: Option<i32>, run_at_s: i64) -> Claimed {
         Claimed::for_test(id, priority, run_at_s)
@@ -349,7 +363,11 @@ mod tests {
         let mut touched = Vec::new();
         for (sql, types, args) in [
             (CLAIM, "text, int8, text, int4", format!("'q', 50, 'w', {}", s.0)),
-            (CLAIM_AFTER, "text, int8, text, int4, int4, timestamptz, text", format!("'q', 50, 'w', {}, {}, '{}', '{}'", s.0, c.priority, c.run_at.to_rfc3339(), c.id)),
+            (
+                CLAIM_AFTER,
+                "text, int8, text, int4, int4, timestamptz, text",
+                format!("'q', 50, 'w', {}, {}, '{}', '{}'", s.0, c.priority, c.run_at.to_rfc3339(), c.id),
+            ),
         ] {
             for mode in ["force_custom_plan", "force_generic_plan"] {
                 let mut tx = db.begin().await.unwrap();
@@ -360,7 +378,8 @@ mod tests {
                 sqlx::raw_sql("DEALLOCATE claim_plan").execute(&mut *tx).await.unwrap();
                 tx.rollback().await.unwrap();
                 assert_eq!(plan[0]["Plan"]["Actual Rows"].as_u64(), Some(50), "{mode}: both claim 50: {plan:#}");
-                let (cond, buffers) = claim_index_scan(&plan[0]["Plan"]).unwrap_or_else(|| panic!("{mode}: no scan of the claim index: {plan:#}"));
+                let (cond, buffers) =
+                    claim_index_scan(&plan[0]["Plan"]).unwrap_or_else(|| panic!("{mode}: no scan of the claim index: {plan:#}"));
                 // The update takes the versions the scan locked by ctid: no primary key lookup.
                 let mut reads = table_reads(&plan[0]["Plan"]);
                 reads.sort();

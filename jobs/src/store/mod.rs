@@ -8,8 +8,8 @@ pub mod claim;
 pub mod stats;
 pub mod workers;
 
-pub use ack::{write_acks, Ack, AckWrite};
-pub use claim::{claim, claim_after, claim_each_shard, next_due_after_ms, next_due_ms, ClaimCursor, Claimed, Shard, CLAIM_SHARDS};
+pub use ack::{Ack, AckWrite, write_acks};
+pub use claim::{CLAIM_SHARDS, ClaimCursor, Claimed, Shard, claim, claim_after, claim_each_shard, next_due_after_ms, next_due_ms};
 
 /// How each read of the job table in an EXPLAIN (FORMAT JSON) plan is done ("<node type>
 /// <index or ->"), the update itself aside: the plan tests of claims and acks.
@@ -35,7 +35,11 @@ fn reads(plan: &serde_json::Value, executed_only: bool, out: &mut Vec<String>) {
         return;
     }
     if plan.get("Relation Name").and_then(Value::as_str) == Some("jobs") && plan["Node Type"] != "ModifyTable" {
-        out.push(format!("{} {}", plan["Node Type"].as_str().unwrap_or("?"), plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")));
+        out.push(format!(
+            "{} {}",
+            plan["Node Type"].as_str().unwrap_or("?"),
+            plan.get("Index Name").and_then(Value::as_str).unwrap_or("-")
+        ));
     }
     for p in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
         reads(p, executed_only, out);

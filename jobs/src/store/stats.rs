@@ -86,8 +86,7 @@ pub async fn queue_stats_of(db: &PgPool, org: Option<OrgId>) -> Result<Vec<Queue
         None => sqlx::query_as(WORKERS).fetch_all(db).await?,
         Some(_) => Vec::new(),
     };
-    let mut out: Vec<QueueStats> =
-        JobKind::ALL.iter().map(|k| QueueStats { queue: k.queue().to_string(), ..Default::default() }).collect();
+    let mut out: Vec<QueueStats> = JobKind::ALL.iter().map(|k| QueueStats { queue: k.queue().to_string(), ..Default::default() }).collect();
     let slot = |queue: &str, out: &mut Vec<QueueStats>| match out.iter().position(|q| q.queue == queue) {
         Some(i) => i,
         None => {

@@ -7,7 +7,7 @@
 //! Env: DATABASE_URL, TW_CONCURRENCY, TW_LEASE_MS, TW_GRACE_MS, TW_BASE_MS, TW_CAP_MS,
 //! TW_MAX_ATTEMPTS, TW_POLL_MS. SIGTERM → graceful shutdown, exit 0.
 
-use molecule_jobs::{handler_fn, JobError, PoolSpec, RetryPolicy, Runtime, RuntimeConfig};
+use molecule_jobs::{JobError, PoolSpec, RetryPolicy, Runtime, RuntimeConfig, handler_fn};
 use serde::Deserialize;
 use std::time::Duration;
 

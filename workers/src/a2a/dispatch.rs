@@ -24,18 +24,18 @@
 
 use molecule_domain::a2a::normalize::render_request;
 use molecule_domain::a2a::queue::{self, Outcome, QueueRow, QueueStatus};
-use molecule_domain::a2a::{card, wire, AgentVersion, Operation};
+use molecule_domain::a2a::{AgentVersion, Operation, card, wire};
 use molecule_domain::activity::{self, NewActivity};
 use molecule_domain::{OrgId, WorkspaceId, WorkspaceStatus};
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::client::CallError;
-use crate::provision::db_err;
 use crate::Deps;
+use crate::provision::db_err;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,7 +130,8 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: DispatchArgs) -> HandlerResult {
         conclude(d, &row, None, Ending::new(QueueStatus::Expired).error("expired before it could be delivered")).await?;
         return Ok(json!({ "status": "expired" }));
     }
-    let operation = Operation::of_method(row.body["method"].as_str().unwrap_or_default()).map(|(op, _)| op).unwrap_or(Operation::SendMessage);
+    let operation =
+        Operation::of_method(row.body["method"].as_str().unwrap_or_default()).map(|(op, _)| op).unwrap_or(Operation::SendMessage);
     let caller_id = row.body.get("id").cloned().unwrap_or(Value::Null);
 
     if agent.delivery_mode == "poll" {
@@ -216,7 +217,11 @@ async fn answered(
                 return retry(d, ctx, row, Some(attempt), "the agent does not know this method in A2A 0.3; reading its card again").await;
             }
             let message = e.get("message").and_then(Value::as_str).unwrap_or("");
-            let why = format!("the agent answered JSON-RPC error {}: {}", code.map(|c| c.to_string()).unwrap_or_default(), redacted(d, message, 500));
+            let why = format!(
+                "the agent answered JSON-RPC error {}: {}",
+                code.map(|c| c.to_string()).unwrap_or_default(),
+                redacted(d, message, 500)
+            );
             conclude(d, row, Some(attempt), Ending { response: Some(&rendered), ..ending(QueueStatus::Failed) }.error(why)).await?;
             return Ok(json!({ "status": "failed", "response_status": status }));
         }
@@ -247,13 +252,12 @@ async fn agent_is_dead(d: &Deps, row: &QueueRow, attempt: Attempt<'_>, status: u
     let org = OrgId(row.org_id);
     let ws = WorkspaceId(row.workspace_id);
     let mut tx = d.db.begin().await.map_err(db_err)?;
-    let current: Option<WorkspaceStatus> =
-        sqlx::query_scalar("SELECT status FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE")
-            .bind(ws.0)
-            .bind(org.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
+    let current: Option<WorkspaceStatus> = sqlx::query_scalar("SELECT status FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE")
+        .bind(ws.0)
+        .bind(org.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
     let mut restart_job = None;
     let restarting = match current {
         Some(WorkspaceStatus::Online | WorkspaceStatus::Degraded) => {
@@ -262,9 +266,15 @@ async fn agent_is_dead(d: &Deps, row: &QueueRow, attempt: Attempt<'_>, status: u
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
-            molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_OFFLINE", json!({ "reason": "agent_unreachable", "upstream_status": status }))
-                .await
-                .map_err(db_err)?;
+            molecule_domain::events::record(
+                &mut tx,
+                org,
+                ws.0,
+                "WORKSPACE_OFFLINE",
+                json!({ "reason": "agent_unreachable", "upstream_status": status }),
+            )
+            .await
+            .map_err(db_err)?;
             true
         }
         Some(WorkspaceStatus::Offline) => true,

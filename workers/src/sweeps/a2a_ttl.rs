@@ -6,7 +6,7 @@
 
 use molecule_domain::a2a::queue;
 use molecule_jobs::handler::HandlerResult;
-use molecule_jobs::{status, JobContext, JobError, JobStatus};
+use molecule_jobs::{JobContext, JobError, JobStatus, status};
 
 /// A row untouched this long is checked against its job (an attempt in flight updates
 /// its row when it starts and when it ends; agents may take minutes in between).
@@ -128,7 +128,8 @@ mod tests {
             let s: String = sqlx::query_scalar("SELECT status FROM a2a_queue WHERE queue_id = $1").bind(id).fetch_one(&db).await.unwrap();
             assert_eq!(s, want, "row {id}");
         }
-        let why: String = sqlx::query_scalar("SELECT last_error FROM a2a_queue WHERE queue_id = $1").bind(stuck).fetch_one(&db).await.unwrap();
+        let why: String =
+            sqlx::query_scalar("SELECT last_error FROM a2a_queue WHERE queue_id = $1").bind(stuck).fetch_one(&db).await.unwrap();
         assert!(why.contains("ended cancelled"), "{why}");
     }
 }

@@ -92,13 +92,15 @@ async fn offline_and_restart(db: &sqlx::PgPool, ws: WorkspaceId) -> Result<bool,
         tracing::warn!(event = "sweep.health", workspace_id = %ws, org_id = %org, "instance keeps dying: failed");
         return Ok(true);
     }
-    let org: Option<uuid::Uuid> =
-        sqlx::query_scalar("UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1 AND status = 'online' RETURNING org_id")
-            .bind(ws.0)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let org: Option<uuid::Uuid> = sqlx::query_scalar(
+        "UPDATE workspaces SET status = 'offline', updated_at = now() WHERE id = $1 AND status = 'online' RETURNING org_id",
+    )
+    .bind(ws.0)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(org) = org.map(OrgId) else { return Ok(false) };
-    molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_OFFLINE", serde_json::json!({ "reason": "instance_not_running" })).await?;
+    molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_OFFLINE", serde_json::json!({ "reason": "instance_not_running" }))
+        .await?;
     let r = molecule_jobs::restarts::request(&mut tx, org, ws, "instance_not_running").await?;
     tx.commit().await?;
     tracing::info!(event = "sweep.health", workspace_id = %ws, org_id = %org, restart_job = %r.job_id, "instance not running: offline, restart queued");
@@ -125,8 +127,13 @@ pub async fn await_silent_agents(db: &sqlx::PgPool, stale: Duration, batch: i64)
         .fetch_all(&mut *tx)
         .await?;
         for (ws, org) in &rows {
-            molecule_domain::events::record(&mut tx, OrgId(*org), *ws, "WORKSPACE_AWAITING_AGENT",
-                serde_json::json!({ "reason": "heartbeat_stale", "stale_s": stale.as_secs() }))
+            molecule_domain::events::record(
+                &mut tx,
+                OrgId(*org),
+                *ws,
+                "WORKSPACE_AWAITING_AGENT",
+                serde_json::json!({ "reason": "heartbeat_stale", "stale_s": stale.as_secs() }),
+            )
             .await?;
             tracing::info!(event = "sweep.health", workspace_id = %ws, org_id = %org, "external agent silent: awaiting_agent");
         }
@@ -159,7 +166,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_external_agents_await_their_agent() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let add = |runtime: &'static str, status: &'static str, beat_s_ago: Option<f64>| {
             let db = db.clone();
             async move {
@@ -182,18 +190,27 @@ mod tests {
         let offline = add("external", "offline", Some(600.0)).await;
         // Never heartbeated: judged from when it came online.
         let never = add("external", "online", None).await;
-        sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '1 hour' WHERE id = $1").bind(never).execute(&db).await.unwrap();
+        sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '1 hour' WHERE id = $1")
+            .bind(never)
+            .execute(&db)
+            .await
+            .unwrap();
 
         let mut got = await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap();
         got.sort_by_key(|w| w.0);
         let mut want = vec![WorkspaceId(silent), WorkspaceId(never)];
         want.sort_by_key(|w| w.0);
         assert_eq!(got, want, "in batches of one, all of them");
-        for (id, status) in [(silent, "awaiting_agent"), (never, "awaiting_agent"), (fresh, "online"), (docker, "online"), (offline, "offline")] {
+        for (id, status) in
+            [(silent, "awaiting_agent"), (never, "awaiting_agent"), (fresh, "online"), (docker, "online"), (offline, "offline")]
+        {
             let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
             assert_eq!(s, status, "{id}");
         }
-        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM structure_events WHERE event_type = 'WORKSPACE_AWAITING_AGENT'").fetch_one(&db).await.unwrap();
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM structure_events WHERE event_type = 'WORKSPACE_AWAITING_AGENT'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
         assert_eq!(events, 2);
         assert!(await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap().is_empty());
     }
@@ -213,9 +230,7 @@ mod tests {
         let ws = WorkspaceId(ws);
         let restarts = || {
             let db = db.clone();
-            async move {
-                molecule_jobs::store::stats::payloads_of(&db, molecule_jobs::JobKind::Restart, ws).await.unwrap().len() as i64
-            }
+            async move { molecule_jobs::store::stats::payloads_of(&db, molecule_jobs::JobKind::Restart, ws).await.unwrap().len() as i64 }
         };
         // A restart is running (J3's lock is held): its stop is not a death.
         let (release, held) = tokio::sync::oneshot::channel::<()>();

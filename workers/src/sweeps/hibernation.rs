@@ -7,7 +7,7 @@
 use molecule_domain::{OrgId, WorkspaceId};
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::SweepArgs;
-use molecule_jobs::{enqueue, JobContext, JobKind, NewJob};
+use molecule_jobs::{JobContext, JobKind, NewJob, enqueue};
 use std::time::Duration;
 
 /// The idle predicate over `workspaces` (`$1`: idle seconds). GREATEST skips a NULL
@@ -44,8 +44,13 @@ pub async fn sweep(db: &sqlx::PgPool, idle: Duration, batch: i64) -> Result<Vec<
             let (ws, org) = (WorkspaceId(*ws), OrgId(*org));
             let job = NewJob::new(JobKind::Stop, &serde_json::json!({ "workspace_id": ws, "reason": "hibernate" })).org(org).workspace(ws);
             let job_id = enqueue(&mut tx, &job).await?;
-            molecule_domain::events::record(&mut tx, org, ws.0, "WORKSPACE_HIBERNATING",
-                serde_json::json!({ "idle_s": idle.as_secs(), "job_id": job_id.to_string() }))
+            molecule_domain::events::record(
+                &mut tx,
+                org,
+                ws.0,
+                "WORKSPACE_HIBERNATING",
+                serde_json::json!({ "idle_s": idle.as_secs(), "job_id": job_id.to_string() }),
+            )
             .await?;
             tracing::info!(event = "sweep.hibernation", workspace_id = %ws, org_id = %org, job_id = %job_id, "idle: hibernating");
         }
@@ -74,7 +79,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_idle_online_workspaces_hibernate_each_with_one_stop_job() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         // (runtime, status, online since s ago, last active s ago)
         let add = |runtime: &'static str, status: &'static str, since: f64, active: Option<f64>| {
             let db = db.clone();
@@ -119,8 +125,15 @@ mod tests {
         let mut want = vec![WorkspaceId(idle), WorkspaceId(never_used)];
         want.sort_by_key(|w| w.0);
         assert_eq!(got, want);
-        for (id, status, stops) in [(idle, "hibernating", 1), (never_used, "hibernating", 1), (busy, "online", 0), (awaited, "online", 0),
-                                    (just_online, "online", 0), (external, "online", 0), (removed, "removed", 0)] {
+        for (id, status, stops) in [
+            (idle, "hibernating", 1),
+            (never_used, "hibernating", 1),
+            (busy, "online", 0),
+            (awaited, "online", 0),
+            (just_online, "online", 0),
+            (external, "online", 0),
+            (removed, "removed", 0),
+        ] {
             let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(id).fetch_one(&db).await.unwrap();
             let stops_of = molecule_jobs::store::stats::payloads_of(&db, molecule_jobs::JobKind::Stop, WorkspaceId(id)).await.unwrap();
             let n = stops_of.iter().filter(|p| p["reason"] == "hibernate").count() as i64;

@@ -22,7 +22,7 @@ pub mod retention;
 pub mod stale_tokens;
 
 use molecule_jobs::sweeper::{SweepArgs, Sweeper};
-use molecule_jobs::{typed_handler, Handler, JobError};
+use molecule_jobs::{Handler, JobError, typed_handler};
 
 use crate::Deps;
 

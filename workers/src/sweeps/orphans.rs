@@ -74,7 +74,8 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
         Err(BackendError::NoBackend) => return Ok(Report::default()),
         Err(e) => return Err(JobError::retryable("sweep", format!("listing managed instances: {e}"))),
     };
-    let volumes = d.backend.list_managed_volumes().await.map_err(|e| JobError::retryable("sweep", format!("listing managed volumes: {e}")))?;
+    let volumes =
+        d.backend.list_managed_volumes().await.map_err(|e| JobError::retryable("sweep", format!("listing managed volumes: {e}")))?;
     let mut report = Report::default();
     let mut held: BTreeMap<uuid::Uuid, Held> = BTreeMap::new();
     let mut take = |m: &ManagedInstance, volume: bool, report: &mut Report| {
@@ -133,12 +134,8 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
             Some((_, _, Some(recorded))) if d.backend.assigns_instance_ids() => {
                 // A workspace that stays: only instances other than the one its row
                 // records, launched long enough ago that the record had time to land.
-                let strays: Vec<ManagedInstance> = h
-                    .instances
-                    .iter()
-                    .filter(|m| m.name != *recorded && m.created_at.is_some_and(|c| c < stray_before))
-                    .cloned()
-                    .collect();
+                let strays: Vec<ManagedInstance> =
+                    h.instances.iter().filter(|m| m.name != *recorded && m.created_at.is_some_and(|c| c < stray_before)).cloned().collect();
                 if strays.is_empty() {
                     continue;
                 }
@@ -204,8 +201,16 @@ mod tests {
         let id = "0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f";
         assert_eq!(workspace_id(id).map(|w| w.to_string()), Some(id.to_string()));
         assert!(workspace_id(&id.to_uppercase()).is_some());
-        for bad in ["", "ws-0b9e4c6e8f1a", "0b9e4c6e%", "0b9e4c6e_8f1a", "' OR 1=1 --", "0b9e4c6e8f1a4f5e9c2d3a4b5c6d7e8f",
-                    "{0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f}", "urn:uuid:0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f"] {
+        for bad in [
+            "",
+            "ws-0b9e4c6e8f1a",
+            "0b9e4c6e%",
+            "0b9e4c6e_8f1a",
+            "' OR 1=1 --",
+            "0b9e4c6e8f1a4f5e9c2d3a4b5c6d7e8f",
+            "{0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f}",
+            "urn:uuid:0b9e4c6e-8f1a-4f5e-9c2d-3a4b5c6d7e8f",
+        ] {
             assert!(workspace_id(bad).is_none(), "{bad:?}");
         }
     }
@@ -265,7 +270,8 @@ mod tests {
     #[tokio::test]
     async fn strays_beside_the_recorded_instance_are_reaped() {
         let (db, _) = molecule_domain::testing::fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let (online, docker) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         for (id, instance) in [(online, Some("i-recorded")), (docker, None)] {
             sqlx::query("INSERT INTO workspaces (id, org_id, name, runtime, tier, status, instance_id) VALUES ($1, $2, 'w', 'echo', 2, 'online', $3)")

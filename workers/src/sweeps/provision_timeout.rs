@@ -7,7 +7,7 @@
 use molecule_domain::WorkspaceId;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::SweepArgs;
-use molecule_jobs::{verdicts, JobContext};
+use molecule_jobs::{JobContext, verdicts};
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,7 +50,8 @@ pub fn message(timeout: Duration) -> String {
 
 /// Fails the workspaces provisioning for longer than their timeout: the ids that flipped.
 pub async fn sweep(db: &PgPool, timeouts: &Timeouts, batch: i64) -> Result<Vec<WorkspaceId>, sqlx::Error> {
-    let per_runtime: serde_json::Map<String, serde_json::Value> = timeouts.per_runtime.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_secs_f64()))).collect();
+    let per_runtime: serde_json::Map<String, serde_json::Value> =
+        timeouts.per_runtime.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_secs_f64()))).collect();
     let candidates: Vec<(uuid::Uuid, String)> = sqlx::query_as(
         "SELECT id, runtime FROM workspaces WHERE status = 'provisioning' \
            AND status_changed_at <= now() - make_interval(secs => COALESCE(($1::jsonb ->> runtime)::float8, $2)) \
@@ -120,7 +121,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn provision_timeout_fails_only_workspaces_provisioning_too_long() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let stuck = workspace(&db, org, "provisioning", 700).await;
         let young = workspace(&db, org, "provisioning", 30).await;
         let online = workspace(&db, org, "online", 700).await;
@@ -139,7 +141,11 @@ mod tests {
         assert_eq!(rescue.len(), 1);
         assert_eq!(rescue[0]["trigger"], "provision_timeout");
         let ev: Vec<(String, serde_json::Value)> =
-            sqlx::query_as("SELECT event_type, payload FROM structure_events WHERE workspace_id = $1").bind(stuck).fetch_all(&db).await.unwrap();
+            sqlx::query_as("SELECT event_type, payload FROM structure_events WHERE workspace_id = $1")
+                .bind(stuck)
+                .fetch_all(&db)
+                .await
+                .unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!((ev[0].0.as_str(), &ev[0].1["source"]), ("WORKSPACE_PROVISION_FAILED", &serde_json::json!("provision_timeout")));
 
@@ -153,7 +159,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn provision_timeout_leaves_rows_that_changed_after_selection() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let timeout = Duration::from_secs(600);
         let went_online = workspace(&db, org, "provisioning", 700).await;
         let restarted = workspace(&db, org, "provisioning", 700).await;
@@ -183,7 +190,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_runtime_may_have_its_own_timeout() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let quick = workspace(&db, org, "provisioning", 120).await; // echo, 2 minutes in
         let slow: uuid::Uuid = sqlx::query_scalar(
             "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', 'claude-code', 3, 'provisioning') RETURNING id",
@@ -192,7 +200,11 @@ mod tests {
         .fetch_one(&db)
         .await
         .unwrap();
-        sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '700 seconds' WHERE id = $1").bind(slow).execute(&db).await.unwrap();
+        sqlx::query("UPDATE workspaces SET status_changed_at = now() - interval '700 seconds' WHERE id = $1")
+            .bind(slow)
+            .execute(&db)
+            .await
+            .unwrap();
         let timeouts = Timeouts {
             default: Duration::from_secs(600),
             per_runtime: [("echo".to_string(), Duration::from_secs(60)), ("claude-code".to_string(), Duration::from_secs(900))].into(),

@@ -6,7 +6,7 @@
 
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::{Retention, SweepArgs};
-use molecule_jobs::{maintenance, JobContext};
+use molecule_jobs::{JobContext, maintenance};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -74,27 +74,31 @@ mod tests {
                 format!("INSERT INTO activity_logs (workspace_id, org_id, type, created_at) VALUES ($1, $2, 'a2a_receive', {at})"),
                 format!("INSERT INTO structure_events (workspace_id, org_id, event_type, created_at) VALUES ($1, $2, 'X', {at})"),
                 format!("INSERT INTO audit_events (workspace_id, org_id, actor, action, created_at) VALUES ($1, $2, 'a', 'exec', {at})"),
-                format!("INSERT INTO rescue_bundles (workspace_id, org_id, trigger, sections, captured_at) VALUES ($1, $2, 'bootstrap_failed', '{{}}', {at})"),
-                format!("INSERT INTO a2a_queue (workspace_id, org_id, method, body, status, updated_at) VALUES ($1, $2, 'message/send', '{{}}', 'completed', {at})"),
+                format!(
+                    "INSERT INTO rescue_bundles (workspace_id, org_id, trigger, sections, captured_at) VALUES ($1, $2, 'bootstrap_failed', '{{}}', {at})"
+                ),
+                format!(
+                    "INSERT INTO a2a_queue (workspace_id, org_id, method, body, status, updated_at) VALUES ($1, $2, 'message/send', '{{}}', 'completed', {at})"
+                ),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ws).bind(org).bind(age).execute(&db).await.unwrap();
             }
         }
         // An old A2A row still waiting is not finished: it stays.
-        sqlx::query("INSERT INTO a2a_queue (workspace_id, org_id, method, body, status, updated_at) \
-                     VALUES ($1, $2, 'message/send', '{}', 'queued', now() - interval '100 days')")
-            .bind(ws)
-            .bind(org)
-            .execute(&db)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO a2a_queue (workspace_id, org_id, method, body, status, updated_at) \
+                     VALUES ($1, $2, 'message/send', '{}', 'queued', now() - interval '100 days')",
+        )
+        .bind(ws)
+        .bind(org)
+        .execute(&db)
+        .await
+        .unwrap();
         let day = 86400;
-        let r = Retention { jobs_s: 7 * day, activity_s: 30 * day, a2a_s: 7 * day, audit_s: 90 * day, events_s: 30 * day, rescue_s: 30 * day };
+        let r =
+            Retention { jobs_s: 7 * day, activity_s: 30 * day, a2a_s: 7 * day, audit_s: 90 * day, events_s: 30 * day, rescue_s: 30 * day };
         let pruned = sweep(&db, &r, 2).await.unwrap();
-        assert_eq!(
-            pruned,
-            Pruned { activity: 5, a2a: 5, audit: 5, events: 5, rescue_bundles: 5, ..Pruned::default() }
-        );
+        assert_eq!(pruned, Pruned { activity: 5, a2a: 5, audit: 5, events: 5, rescue_bundles: 5, ..Pruned::default() });
         for (table, left) in [("activity_logs", 2), ("structure_events", 2), ("audit_events", 2), ("rescue_bundles", 2), ("a2a_queue", 3)] {
             let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(&db).await.unwrap();
             assert_eq!(n, left, "{table}");

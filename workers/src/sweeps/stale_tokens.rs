@@ -10,9 +10,9 @@
 //! running at all" is the case this sweep exists for; a backend that cannot be listed
 //! ends the sweep without revoking anything, and with no backend it does nothing.
 
+use molecule_jobs::JobContext;
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::sweeper::SweepArgs;
-use molecule_jobs::JobContext;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -30,7 +30,12 @@ macro_rules! stale {
 }
 
 /// Revokes stale tokens of workspaces not in `running`; returns (workspace, tokens revoked).
-pub async fn sweep(db: &sqlx::PgPool, running: &HashSet<uuid::Uuid>, grace: Duration, batch: i64) -> Result<Vec<(uuid::Uuid, u64)>, sqlx::Error> {
+pub async fn sweep(
+    db: &sqlx::PgPool,
+    running: &HashSet<uuid::Uuid>,
+    grace: Duration,
+    batch: i64,
+) -> Result<Vec<(uuid::Uuid, u64)>, sqlx::Error> {
     // The running ones are left out in the query, so a batch is never filled with them.
     let running: Vec<uuid::Uuid> = running.iter().copied().collect();
     let candidates: Vec<uuid::Uuid> = sqlx::query_scalar(concat!(
@@ -76,20 +81,26 @@ pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult
 mod tests {
     use super::*;
     use molecule_domain::testing::fresh_db;
-    use molecule_domain::{tokens, WorkspaceId};
+    use molecule_domain::{WorkspaceId, tokens};
 
     async fn workspace(db: &sqlx::PgPool, org: uuid::Uuid, status: &str, runtime: &str) -> uuid::Uuid {
-        sqlx::query_scalar("INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', $3, 2, $2::workspace_status) RETURNING id")
-            .bind(org)
-            .bind(status)
-            .bind(runtime)
-            .fetch_one(db)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'w', $3, 2, $2::workspace_status) RETURNING id",
+        )
+        .bind(org)
+        .bind(status)
+        .bind(runtime)
+        .fetch_one(db)
+        .await
+        .unwrap()
     }
 
     async fn live(db: &sqlx::PgPool, ws: uuid::Uuid) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL").bind(ws).fetch_one(db).await.unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL")
+            .bind(ws)
+            .fetch_one(db)
+            .await
+            .unwrap()
     }
 
     /// Seed 004 against a real PostgreSQL: the predicate in the UPDATE spares a token
@@ -98,7 +109,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_stale_tokens_of_stopped_workspaces_are_revoked() {
         let (db, _) = fresh_db().await;
-        let org: uuid::Uuid = sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
         let stopped = workspace(&db, org, "online", "echo").await;
         let restarting = workspace(&db, org, "offline", "echo").await;
         let running = workspace(&db, org, "online", "echo").await;
@@ -112,8 +124,14 @@ mod tests {
         sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '10 minutes'").execute(&db).await.unwrap();
         // The restart mints its new token a second ago, after a sweep would have selected it.
         tokens::create_workspace_token(&mut c, WorkspaceId(restarting)).await.unwrap();
-        sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '1 second' WHERE workspace_id = $1 AND revoked_at IS NULL \
-                     AND created_at > now() - interval '1 minute'").bind(restarting).execute(&db).await.unwrap();
+        sqlx::query(
+            "UPDATE workspace_auth_tokens SET created_at = now() - interval '1 second' WHERE workspace_id = $1 AND revoked_at IS NULL \
+                     AND created_at > now() - interval '1 minute'",
+        )
+        .bind(restarting)
+        .execute(&db)
+        .await
+        .unwrap();
 
         let running_set = HashSet::from([running]);
         let revoked = sweep(&db, &running_set, DEFAULT_GRACE, 100).await.unwrap();
