@@ -101,6 +101,11 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable
             }
+            // Routes check the text they know of; this catches any other (a query filter, a
+            // field nested deep in a body).
+            sqlx::Error::Database(db) if molecule_domain::db::refused_nul(db.as_ref()) => {
+                ApiError::bad("invalid_text", "a text value contains a NUL character (\\u0000), which cannot be stored")
+            }
             sqlx::Error::Database(db) if molecule_domain::db::gave_up_on_lock(db.as_ref()) => {
                 tracing::warn!(error = %e, "gave up waiting for a lock");
                 ApiError::Busy

@@ -63,6 +63,13 @@ pub fn gave_up_on_lock(e: &dyn sqlx::error::DatabaseError) -> bool {
     e.code().as_deref() == Some(LOCK_NOT_AVAILABLE)
 }
 
+/// PostgreSQL refused a value it cannot store: a NUL character in `text` (22021) or a
+/// `\u0000` escape in `jsonb` (22P05). Always the caller's data, never the database's
+/// state: a bad request, not a fault.
+pub fn refused_nul(e: &dyn sqlx::error::DatabaseError) -> bool {
+    matches!(e.code().as_deref(), Some("22021" | "22P05"))
+}
+
 /// How long a pooled connection may sit idle before it is pinged before its next use.
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 

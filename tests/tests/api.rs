@@ -415,6 +415,9 @@ async fn every_documented_4xx() {
         ("GET", "/no/such/route".into(), None, None, 404, "not_found"),
         ("PUT", "/workspaces".into(), Some("{}".into()), None, 405, "method_not_allowed"),
         ("PATCH", format!("/jobs/{job}"), Some("{}".into()), None, 405, "method_not_allowed"),
+        // PostgreSQL stores no NUL in text: a filter with one is the caller's error (X6).
+        ("GET", format!("/workspaces/{ws}/activity?type=%00"), None, None, 400, "invalid_text"),
+        ("GET", format!("/workspaces/{ws}/activity?source=a%00b"), None, None, 400, "invalid_text"),
     ];
     for (m, path, body, ct, status, code) in cases {
         let r = http(&addr, m, &path, t, body.as_deref(), ct).await;
@@ -422,6 +425,13 @@ async fn every_documented_4xx() {
         assert_eq!(r.code(), code, "{m} {path}: {}", r.body);
         assert!(r.json()["detail"].as_str().is_some_and(|d| !d.is_empty()), "{m} {path}: no detail");
     }
+    // A NUL in an A2A message: a JSON-RPC error naming the field, nothing stored.
+    let nul = json!({"jsonrpc": "2.0", "id": 7, "method": "message/send",
+        "params": {"message": {"role": "user", "parts": [{"kind": "text", "text": "a\u{0}b"}]}}});
+    let r = post(&addr, &format!("/workspaces/{ws}/a2a"), t, nul).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["data"]["field"], "params.message.parts[0].text", "{}", r.body);
+    assert_eq!(count(&db, "SELECT count(*) FROM a2a_queue").await + count(&db, "SELECT count(*) FROM activity_logs").await, 0);
     // Over the 1 MiB body cap.
     let big = json!({"name": "x".repeat(1 << 20), "runtime": "echo"}).to_string();
     let r = http(&addr, "POST", "/workspaces", t, Some(&big), None).await;

@@ -136,7 +136,32 @@ pub fn normalize(body: &[u8]) -> Result<Normalized, RpcError> {
             Value::Object(params)
         }
     };
+    // PostgreSQL stores no NUL in text or jsonb (it refuses the row): say which field has
+    // one, as for any other bad field, instead of failing the insert.
+    let with_nul = match (&id, &idempotency_key) {
+        (Value::String(s), _) if s.contains('\0') => Some("id".to_string()),
+        (_, Some(k)) if k.contains('\0') => Some("params.idempotency_key".to_string()),
+        _ => first_nul(&params, "params"),
+    };
+    if let Some(field) = with_nul {
+        return Err(RpcError::invalid_params(&field, format!("{field} contains a NUL character (\\u0000), which cannot be relayed")));
+    }
     Ok(Normalized { id, method, operation, generation, params, expires_in_seconds, idempotency_key })
+}
+
+/// The path of the first string (or object key) in `v` that holds a NUL character.
+fn first_nul(v: &Value, path: &str) -> Option<String> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| first_nul(item, &format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, item)| {
+            if k.contains('\0') {
+                return Some(path.to_string());
+            }
+            first_nul(item, &format!("{path}.{k}"))
+        }),
+        _ => None,
+    }
 }
 
 fn take_expires_in(params: &mut Map<String, Value>) -> Result<Option<i64>, RpcError> {
@@ -386,5 +411,21 @@ mod tests {
         let e = normalize(b"  ").unwrap_err();
         assert_eq!(e.code, -32700);
         assert_eq!(e.to_response(&Value::Null)["error"]["code"], -32700);
+    }
+
+    #[test]
+    fn a_nul_anywhere_is_named_not_stored() {
+        // PostgreSQL refuses NUL in text and jsonb: the caller hears which field has one.
+        let text = |t: &str| json!({"method": "message/send", "params": {"message": {"parts": [{"kind": "text", "text": "ok"}, {"kind": "text", "text": t}]}}});
+        let e = norm(text("a\u{0}b")).unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), (-32602, Some("params.message.parts[1].text")));
+        assert!(norm(text("a\u{1}b")).is_ok(), "other control characters are stored as they are");
+        let e = norm(json!({"id": "x\u{0}", "method": "message/send", "params": {"message": {"parts": [{"kind": "text", "text": "ok"}]}}}))
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("id"));
+        let e = norm(json!({"method": "message/send", "params": {"idempotency_key": "k\u{0}", "message": {"parts": [{"kind": "text", "text": "ok"}]}}})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("params.idempotency_key"));
+        let e = norm(json!({"method": "message/send", "params": {"message": {"metadata": {"a\u{0}": 1}, "parts": [{"kind": "text", "text": "ok"}]}}})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("params.message.metadata"));
     }
 }
