@@ -111,12 +111,13 @@ pub async fn resolve_image(d: &Deps, runtime: &str) -> Result<String, JobError> 
 }
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
-    if !d.backend.assigns_instance_ids() {
-        return provision(d, ctx, ws).await;
-    }
-    // Launches take turns with restarts (the workspace's restart lock): a restart accepted
-    // while the workspace is still provisioning must not launch a second instance beside
-    // this one — on EC2 nothing like Docker's container name makes two impossible.
+    // Launches take turns with restarts (the workspace's restart lock, J3) on every
+    // backend: a restart accepted while the workspace is still provisioning must not
+    // interleave with this launch. On EC2 it would launch a second instance; on Docker it
+    // would mint new secrets (revoking ours) and then have its container replaced by ours,
+    // or removed between our create and start — either way a revoked token or a failed
+    // workspace. `provision` re-reads the row under the lock, so a launch that waited for a
+    // restart finds the instance started and leaves it be.
     match crate::restart::one_at_a_time(&d.db, ws, provision(d, ctx, ws)).await? {
         Some(r) => r,
         None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),

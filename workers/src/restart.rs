@@ -18,7 +18,8 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 }
 
 /// Runs `work` holding the workspace's restart lock, or answers None when another
-/// restart holds it ([`crate::exclusive`]).
+/// holds it ([`crate::exclusive`]): a restart, a launch (J1, on every backend) or a
+/// restart's or hibernation's stop.
 pub async fn one_at_a_time<T>(
     db: &sqlx::PgPool,
     ws: WorkspaceId,

@@ -1,0 +1,182 @@
+//! A provision (J1) and a restart (J3) of one workspace take turns on every backend, and
+//! the one that comes second does not undo the other's work: the token the instance ends
+//! up with is the workspace's live token (seed 004: a revoked one is a 401 forever).
+//! A fake backend whose first start blocks until the test lets it go stands in for a
+//! slow first image pull.
+
+use molecule_backends::{Backend, BackendError, ChunkSink, ExecOutcome, ExecRequest, ManagedInstance, StartSpec, Started};
+use molecule_domain::tokens::{self, TokenOwner};
+use molecule_domain::{OrgId, WorkspaceId};
+use molecule_jobs::{JobContext, JobError};
+use molecule_tests::fresh_db;
+use molecule_workers::Deps;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Like Docker (no instance ids). The first start waits for `release`; every start then
+/// "writes" its token into the volume: the last write wins, as on a real volume.
+#[derive(Default)]
+struct SlowFirstStart {
+    first_taken: AtomicBool,
+    entered: Notify,
+    release: Notify,
+    written: Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl Backend for SlowFirstStart {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
+        if !self.first_taken.swap(true, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        *self.written.lock().unwrap() = Some(spec.secrets().token().to_string());
+        Ok(Started { container_name: "ws-fake".into(), image_digest: None, instance_id: None, agent_url: None })
+    }
+    async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
+        (true, None)
+    }
+    async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+        Ok(vec![])
+    }
+    async fn exec(&self, _: WorkspaceId, _: &ExecRequest, _: ChunkSink<'_>) -> Result<ExecOutcome, BackendError> {
+        unreachable!("not used")
+    }
+    async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        unreachable!("not used")
+    }
+    async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+        unreachable!("not used")
+    }
+}
+
+struct Rig {
+    db: PgPool,
+    deps: Deps,
+    fake: Arc<SlowFirstStart>,
+    ws: WorkspaceId,
+}
+
+async fn rig() -> Rig {
+    let (db, _) = fresh_db().await;
+    let mut c = db.acquire().await.unwrap();
+    let (org, _) = tokens::create_org(&mut c, "races").await.unwrap();
+    drop(c);
+    let ws: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO workspaces (org_id, name, runtime, tier, status) VALUES ($1, 'race', 'echo', 3, 'provisioning') RETURNING id",
+    )
+    .bind(org.0)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let fake = Arc::new(SlowFirstStart::default());
+    let deps = Deps::minimal(db.clone(), fake.clone()).unwrap();
+    Rig { db, deps, fake, ws: WorkspaceId(ws) }
+}
+
+fn ctx(db: &PgPool, queue: &str, org: Option<OrgId>, ws: WorkspaceId) -> JobContext {
+    JobContext {
+        id: molecule_domain::JobId::generate(),
+        queue: queue.into(),
+        attempt: 1,
+        max_attempts: 5,
+        org_id: org,
+        workspace_id: Some(ws),
+        payload: Arc::from(&b"{}"[..]),
+        db: db.clone(),
+        interrupt: molecule_jobs::Interrupt::never(),
+    }
+}
+
+fn refused_for_a_restart(r: &Result<serde_json::Value, JobError>) -> bool {
+    matches!(r, Err(e) if e.code() == "restart_in_progress")
+}
+
+/// The token the instance was left with authenticates as the workspace, and it is the
+/// workspace's only live token; the workspace is still waiting for its agent.
+async fn the_instance_holds_the_live_token(r: &Rig) {
+    let written = r.fake.written.lock().unwrap().clone().expect("a start wrote a token");
+    let mut c = r.db.acquire().await.unwrap();
+    let owner = tokens::lookup(&mut c, &written).await.unwrap();
+    assert!(
+        matches!(owner, Some(TokenOwner::Workspace { workspace_id, .. }) if workspace_id == r.ws),
+        "the token in the instance's volume is revoked: its agent would get 401 forever"
+    );
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL")
+        .bind(r.ws.0)
+        .fetch_one(&r.db)
+        .await
+        .unwrap();
+    assert_eq!(live, 1);
+    let status: String =
+        sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(r.ws.0).fetch_one(&r.db).await.unwrap();
+    assert_eq!(status, "provisioning");
+}
+
+async fn entered(fake: &SlowFirstStart) {
+    tokio::time::timeout(Duration::from_secs(10), fake.entered.notified()).await.expect("the first start began");
+}
+
+/// The reviewer's sequence: the provision's start is slow, a restart comes meanwhile.
+/// The restart waits its turn (the job runtime retries it), then replaces the instance
+/// with fresh secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_slow_provision_waits_and_the_instance_keeps_a_live_token() {
+    let r = rig().await;
+    let provision = tokio::spawn({
+        let (deps, ctx) = (r.deps.clone(), ctx(&r.db, "provision", None, r.ws));
+        let ws = r.ws;
+        async move { molecule_workers::provision::run(&deps, &ctx, ws).await }
+    });
+    entered(&r.fake).await;
+    let restart_ctx = ctx(&r.db, "restart", None, r.ws);
+    let first = molecule_workers::restart::run(&r.deps, &restart_ctx, r.ws).await;
+    r.fake.release.notify_one();
+    let p = provision.await.unwrap();
+    assert!(p.is_ok(), "{p:?}");
+    if refused_for_a_restart(&first) {
+        // The runtime's retry of the restart, now that the provision is done.
+        let again = molecule_workers::restart::run(&r.deps, &restart_ctx, r.ws).await;
+        assert!(again.is_ok(), "{again:?}");
+    } else {
+        assert!(first.is_ok(), "{first:?}");
+    }
+    the_instance_holds_the_live_token(&r).await;
+}
+
+/// The other order: a restart's start is slow and the provision job (queued at create)
+/// comes meanwhile. It waits its turn, then finds the instance started and leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provision_during_a_slow_restart_waits_then_leaves_the_restarted_instance_alone() {
+    let r = rig().await;
+    let restart = tokio::spawn({
+        let (deps, ctx) = (r.deps.clone(), ctx(&r.db, "restart", None, r.ws));
+        let ws = r.ws;
+        async move { molecule_workers::restart::run(&deps, &ctx, ws).await }
+    });
+    entered(&r.fake).await;
+    let provision_ctx = ctx(&r.db, "provision", None, r.ws);
+    let first = molecule_workers::provision::run(&r.deps, &provision_ctx, r.ws).await;
+    r.fake.release.notify_one();
+    let done = restart.await.unwrap();
+    assert!(done.is_ok(), "{done:?}");
+    if refused_for_a_restart(&first) {
+        let again = molecule_workers::provision::run(&r.deps, &provision_ctx, r.ws).await.expect("the retry succeeds");
+        assert!(again["skipped"].as_str().is_some_and(|s| s.contains("already started")), "{again}");
+    } else {
+        assert!(first.is_ok(), "{first:?}");
+    }
+    the_instance_holds_the_live_token(&r).await;
+}
