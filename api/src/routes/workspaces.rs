@@ -184,7 +184,11 @@ async fn create_all(db: PgPool, lock_wait: std::time::Duration, reqs: &[CreateRe
     let parents: Vec<Uuid> = reqs.iter().filter_map(|r| r.parent).collect();
     let live_parents: HashSet<(Uuid, Uuid)> = match parents.is_empty() {
         true => HashSet::new(),
-        false => sqlx::query_as("SELECT id, org_id FROM workspaces WHERE id = ANY($1) AND status <> 'removed'")
+        // KEY SHARE, the lock the child's foreign key takes anyway, taken here so a parent
+        // whose delete is in flight is waited for and then re-read as `removed` (READ
+        // COMMITTED re-checks the predicate on the row a wait ends at); a plain read let
+        // the child in under a parent the delete had already answered for.
+        false => sqlx::query_as("SELECT id, org_id FROM workspaces WHERE id = ANY($1) AND status <> 'removed' FOR KEY SHARE")
             .bind(&parents)
             .fetch_all(&mut *tx)
             .await?
