@@ -46,6 +46,15 @@ pub async fn provision_timed_out(
     flip(conn, ws, Trigger::ProvisionTimeout, last_sample_error, Some(timeout.as_secs_f64())).await
 }
 
+/// Queues the rescue capture (J4) of a workspace that just flipped `provisioning →
+/// failed` in the caller's transaction: for flips made elsewhere (J1's provision giving
+/// up), which record their own event. Call it only when the row actually flipped.
+pub async fn queue_rescue(conn: &mut PgConnection, org: OrgId, ws: WorkspaceId, trigger: Trigger) -> Result<JobId, sqlx::Error> {
+    let job =
+        NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": ws, "trigger": trigger.as_str() })).org(org).workspace(ws);
+    enqueue(conn, &job).await
+}
+
 async fn flip(
     conn: &mut PgConnection,
     ws: WorkspaceId,
@@ -66,9 +75,7 @@ async fn flip(
     .await?;
     let Some(org) = flipped else { return Ok(None) };
     let org = OrgId(org);
-    let job =
-        NewJob::new(JobKind::RescueCapture, &serde_json::json!({ "workspace_id": ws, "trigger": trigger.as_str() })).org(org).workspace(ws);
-    let job_id = enqueue(&mut *conn, &job).await?;
+    let job_id = queue_rescue(&mut *conn, org, ws, trigger).await?;
     molecule_domain::events::record(
         conn,
         org,

@@ -298,6 +298,17 @@ async fn a_missing_image_retries_then_fails_with_a_canned_error() {
     let retries: Vec<&Value> = ev.as_array().unwrap().iter().filter(|e| e["event_type"] == "WORKSPACE_PROVISION_RETRYING").collect();
     assert_eq!(retries.len(), 2, "{ev}");
     assert!(retries.iter().all(|e| e["payload"]["reason"] == "image_missing"));
+    // J1: giving up also queues exactly one rescue capture, a boot failure's (J4).
+    let rescues: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT id, job FROM apalis.jobs WHERE job_type = 'rescue_capture' AND workspace_id = $1")
+            .bind(ws)
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(rescues.len(), 1, "one rescue capture for the failed provision");
+    let args: Value = serde_json::from_slice(&rescues[0].1).unwrap();
+    assert_eq!(args["trigger"], "bootstrap_failed");
+    assert_eq!(ev[0]["payload"]["rescue_job_id"], rescues[0].0);
     for e in ev.as_array().unwrap() {
         let payload = e["payload"].to_string();
         assert!(!payload.contains("127.0.0.1") && !payload.contains("hermes"), "event leaks detail: {payload}");

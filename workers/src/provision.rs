@@ -1,7 +1,7 @@
 //! J1 provision: mint both secrets (the one shared function), resolve the image, start
 //! the instance. The workspace stays `provisioning` until its agent registers (A12).
 //! Out of attempts (or a definite failure) → `failed` with a canned message and a
-//! `WORKSPACE_PROVISION_FAILED` event that carry no internal detail.
+//! `WORKSPACE_PROVISION_FAILED` event that carry no internal detail, and a rescue capture.
 
 use molecule_backends::{BackendError, StartSpec, image};
 use molecule_domain::tokens::mint_workspace_secrets;
@@ -271,7 +271,8 @@ async fn note_retry(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, why
     Ok(())
 }
 
-/// `provisioning → failed` (only that transition), with the canned message and an event.
+/// `provisioning → failed` (only that transition), with the canned message, an event and
+/// a rescue capture (J1), all in one transaction and only when the row flipped.
 pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, why: StartFailure) -> Result<(), JobError> {
     let mut tx = d.db.begin().await.map_err(db_err)?;
     let flipped = sqlx::query(
@@ -285,12 +286,18 @@ pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org
     .map_err(db_err)?
     .rows_affected();
     if flipped == 1 {
+        // Trigger bootstrap_failed, not provision_timeout: J4 allows only these two, and
+        // this is a definite failure to start the instance (the backend refused, or the
+        // attempts ran out), not S1's verdict that a started agent never registered in time.
+        let rescue = molecule_jobs::verdicts::queue_rescue(&mut tx, org, ws, molecule_jobs::verdicts::Trigger::BootstrapFailed)
+            .await
+            .map_err(db_err)?;
         molecule_domain::events::record(
             &mut tx,
             org,
             ws.0,
             "WORKSPACE_PROVISION_FAILED",
-            json!({ "job_id": ctx.id.as_str(), "reason": why.code() }),
+            json!({ "job_id": ctx.id.as_str(), "reason": why.code(), "rescue_job_id": rescue.as_str() }),
         )
         .await
         .map_err(db_err)?;
