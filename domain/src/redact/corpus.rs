@@ -246,6 +246,110 @@ mod tests {
         }
     }
 
+    /// A key whose BEGIN line was cut off (a log's tail) is removed up to its END line
+    /// whatever its last lines look like: PGP's short checksum line, a PEM body's short
+    /// last line. Base64 lines before no END line, or before a certificate's, stay.
+    #[test]
+    fn a_key_tail_with_short_last_lines_is_removed() {
+        let r = Redactor::new();
+        let pgp = r.redact("up\nlQOYBF0y5kABCADcp1z2xYb0HqA8ZXmA\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----\n");
+        assert!(!pgp.contains("lQOYBF0y") && !pgp.contains("Qs3J") && pgp.contains(MARK), "{pgp:?}");
+        let pem = r.redact(
+            "tail:\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nVGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM0\nAbCd3Q==\n-----END RSA PRIVATE KEY-----\nexit 0\n",
+        );
+        assert_eq!(pem, "tail:\n[REDACTED]\nexit 0\n");
+        for text in [
+            "=abcd\nnext line\n",
+            "checksum\n=abcd\n",
+            "QmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nAbCd3Q==\n",
+            "MIIBszCCAVmgAwIBAgIUQ\nAbCd==\n-----END CERTIFICATE-----\n",
+            "-----END RSA PRIVATE KEY-----\n",
+        ] {
+            assert_eq!(r.redact(text), text);
+        }
+    }
+
+    /// A key's tail at a large text's segment boundary (no BEGIN line to keep the segment
+    /// whole) is removed like in a small text.
+    #[test]
+    fn a_key_tail_across_a_segment_boundary_is_removed() {
+        let r = Redactor::new();
+        let mut text = String::new();
+        while text.len() < SEGMENT - 100 {
+            text.push_str("filler\n");
+        }
+        for i in 0..8 {
+            text.push_str(&format!("S2V5Qm9keUxpbmU{i}{}\n", "A".repeat(48)));
+        }
+        text.push_str("AbCd3Q==\n-----END RSA PRIVATE KEY-----\nafter\n");
+        let out = r.redact(&text);
+        assert!(!out.contains("S2V5Qm9keUxpbmU") && !out.contains("AbCd3Q"), "{:?}", &out[out.len() - 400..]);
+        assert!(out.ends_with("filler\n[REDACTED]\nafter\n"), "{:?}", &out[out.len() - 100..]);
+    }
+
+    /// A key is held by its own size, not the buffer's: a batch of output larger than the
+    /// hold that ends mid-key releases the text before the key and keeps the key.
+    #[test]
+    fn a_key_after_a_large_batch_is_held_until_it_ends() {
+        let r = Redactor::new();
+        let one = format!("TGluZU9uZU9mQUtleQ{}", "B".repeat(46));
+        let two = format!("TGluZVR3b09mQUtleQ{}", "C".repeat(46));
+        let mut first = "filler\n".repeat(70 * 1024 / 7);
+        first.push_str(&format!("-----BEGIN RSA PRIVATE KEY-----\n{one}\n"));
+        let mut s = StreamRedactor::new(&r);
+        let mut out = s.push(first.as_bytes());
+        assert!(out.ends_with("filler\n") && s.held.starts_with(b"-----BEGIN"), "the key is held");
+        out.push_str(&s.push(format!("{two}\nAbCd3Q==\n-----END RSA PRIVATE KEY-----\n").as_bytes()));
+        out.push_str(&s.finish());
+        assert!(!out.contains("TGluZU9uZU9m") && !out.contains("TGluZVR3b09m") && !out.contains("AbCd3Q"), "{:?}", &out[out.len() - 200..]);
+        assert!(out.ends_with("filler\n[REDACTED]\n"), "{:?}", &out[out.len() - 200..]);
+    }
+
+    /// A key larger than the hold is not held whole: past the hold its part so far leaves
+    /// redacted, and its further body lines are dropped until its END line, so the stream
+    /// holds bounded memory and nothing of the key leaves. A BEGIN line followed by
+    /// ordinary text lets that text through.
+    #[test]
+    fn a_key_larger_than_the_hold_is_removed_with_bounded_memory() {
+        let r = Redactor::new();
+        let mut key = String::from("before\n-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: 1\n\n");
+        let mut i = 0;
+        while key.len() < 3 * STREAM_HOLD {
+            key.push_str(&format!("UEdQQm9keUxpbmU{i:08}{}\n", "x".repeat(40)));
+            i += 1;
+        }
+        key.push_str("AbCd3Q==\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----\nafter\n");
+        for chunk_size in [1000, 4096, 70_000] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = String::new();
+            for chunk in key.as_bytes().chunks(chunk_size) {
+                out.push_str(&s.push(chunk));
+                assert!(s.held.len() <= STREAM_HOLD + chunk_size, "held {} bytes", s.held.len());
+            }
+            out.push_str(&s.finish());
+            assert!(!out.contains("UEdQQm9keUxpbmU") && !out.contains("AbCd3Q") && !out.contains("Qs3J"), "chunks of {chunk_size}");
+            assert_eq!(out, "before\n[REDACTED]\nafter\n", "chunks of {chunk_size}");
+        }
+        // Cut off before its END: the rest is dropped too, a partial last line included.
+        let mut s = StreamRedactor::new(&r);
+        let mut out = s.push(&key.as_bytes()[..2 * STREAM_HOLD + 30]);
+        out.push_str(&s.finish());
+        assert!(!out.contains("UEdQQm9keUxpbmU"), "{:?}", &out[..out.len().min(200)]);
+        // A stray BEGIN line: the text after the base64 lines comes through.
+        let mut stray = String::from("-----BEGIN RSA PRIVATE KEY-----\n");
+        while stray.len() < 2 * STREAM_HOLD {
+            stray.push_str(&format!("{}\n", "QUJD".repeat(16)));
+        }
+        stray.push_str("INFO agent started on port 8000\nmore log\n");
+        let mut s = StreamRedactor::new(&r);
+        let mut out = String::new();
+        for chunk in stray.as_bytes().chunks(4096) {
+            out.push_str(&s.push(chunk));
+        }
+        out.push_str(&s.finish());
+        assert!(!out.contains("QUJD") && out.ends_with("INFO agent started on port 8000\nmore log\n"), "{out:?}");
+    }
+
     /// A private key printed one line at a time leaves as one `[REDACTED]`: nothing of it
     /// is released before its END line.
     #[test]

@@ -122,7 +122,9 @@ pub const REDACTIONS: &str = "molecule_redactions_total";
 const SEGMENT: usize = 64 * 1024;
 
 /// Where the first segment of `text` ends: after the last line end within [`SEGMENT`]
-/// (or the first one after it, for a longer line), and never inside a private key block.
+/// (or the first one after it, for a longer line), and never inside a private key block
+/// — nor among the body lines of one whose BEGIN line is not there (a log's tail): those
+/// are known for a key only at their END line.
 fn segment_end(text: &str) -> usize {
     if text.len() <= SEGMENT {
         return text.len();
@@ -139,37 +141,74 @@ fn segment_end(text: &str) -> usize {
             None => bytes.len(),
         };
     }
-    cut
+    match key_body_end(bytes, cut) {
+        (_, Some(marker)) => bytes[marker..].iter().position(|b| *b == b'\n').map(|p| marker + p + 1).unwrap_or(bytes.len()),
+        (body, None) => body,
+    }
 }
 
-/// Most text a [`StreamRedactor`] holds back waiting for a line's end.
+/// The lines of a key's body from `at` on (base64 only; the buffer's end ends a line):
+/// where they end and, if an END line follows them, where its `-----END …-----` ends.
+fn key_body_end(buf: &[u8], mut at: usize) -> (usize, Option<usize>) {
+    while at < buf.len() {
+        let end = buf[at..].iter().position(|b| *b == b'\n').map(|p| at + p + 1).unwrap_or(buf.len());
+        let line = &buf[at..end];
+        let start = at + line.len() - line.trim_ascii_start().len();
+        if buf[start..end].starts_with(b"-----END") {
+            let close = buf[start + 8..end].windows(5).position(|w| w == b"-----").map(|p| start + 8 + p + 5).unwrap_or(end);
+            return (at, Some(close));
+        }
+        let body = line.trim_ascii();
+        if body.is_empty() || !body.iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b)) {
+            break;
+        }
+        at = end;
+    }
+    (at, None)
+}
+
+/// Most text a [`StreamRedactor`] holds back waiting for a line's end, and most of a
+/// private key it holds waiting for the key's END line.
 pub const STREAM_HOLD: usize = 64 * 1024;
 
 /// Redacts a stream as it arrives without letting a secret out in pieces: a chunk is
 /// released only up to its last complete line (tokens never span lines), and an armoured
 /// private key is held from its BEGIN line until its END line arrives — so a key printed
-/// one line per second leaves as one `[REDACTED]`, never line by line. A line longer than
+/// one line per second leaves as one `[REDACTED]`, never line by line. A key larger than
+/// [`STREAM_HOLD`] (or a stray BEGIN line) leaves redacted as a key cut short, and its
+/// further body lines are dropped through its END line. A line longer than
 /// [`STREAM_HOLD`] is released at a space once that much has piled up.
 pub struct StreamRedactor<'r> {
     redactor: &'r Redactor,
     held: Vec<u8>,
+    /// Inside a key whose beginning has left (redacted): its body lines are dropped.
+    in_key: bool,
 }
 
 impl<'r> StreamRedactor<'r> {
     pub fn new(redactor: &'r Redactor) -> Self {
-        StreamRedactor { redactor, held: Vec::new() }
+        StreamRedactor { redactor, held: Vec::new(), in_key: false }
     }
 
     /// Takes a chunk; returns the redacted text that may leave now (possibly empty).
     pub fn push(&mut self, chunk: &[u8]) -> String {
         self.held.extend_from_slice(chunk);
-        let last_line_end = self.held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        let line_end = |held: &[u8]| held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        if self.in_key {
+            // A body line longer than the hold is dropped in parts, like a long line.
+            self.drop_key_body(if self.held.len() > STREAM_HOLD { self.held.len() } else { line_end(&self.held) });
+        }
+        let last_line_end = line_end(&self.held);
         let mut cut = last_line_end;
         if let Some(open) = open_private_key(&self.held) {
-            // Held until its END line — unless that never comes (a stray BEGIN line): past
-            // the hold, its lines leave (redacted as a key cut short).
-            if self.held.len() <= STREAM_HOLD {
+            // Held until its END line — by the key's own size, not the buffer's (a batch
+            // of output may end mid-key): past the hold (a stray BEGIN line, or a key
+            // larger than any real one) its lines so far leave redacted as a key cut short
+            // and the rest of its body is dropped, so the hold stays bounded.
+            if self.held.len() - open <= STREAM_HOLD {
                 cut = cut.min(open);
+            } else if cut > open {
+                self.in_key = true;
             }
         }
         if cut == 0 && self.held.len() > STREAM_HOLD {
@@ -201,8 +240,21 @@ impl<'r> StreamRedactor<'r> {
         out
     }
 
+    /// Drops the key body lines (and the END line's marker) that start the held text,
+    /// within `limit`; the key ends at its END line or at a line that is not of it.
+    fn drop_key_body(&mut self, limit: usize) {
+        let (body, marker) = key_body_end(&self.held[..limit], 0);
+        if marker.is_some() || body < limit {
+            self.in_key = false;
+        }
+        self.held.drain(..marker.unwrap_or(body));
+    }
+
     /// The rest, at the stream's end (a key cut off before its END is still redacted).
     pub fn finish(mut self) -> String {
+        if self.in_key {
+            self.drop_key_body(self.held.len());
+        }
         let rest = std::mem::take(&mut self.held);
         self.text(&rest)
     }

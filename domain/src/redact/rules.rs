@@ -48,8 +48,12 @@ pub fn all() -> Vec<Rule> {
             r"-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----(?:(?:\r?\n|\\r?\\n)[ \t]*(?:[A-Za-z][A-Za-z0-9-]*: [^\r\n]*|[A-Za-z0-9+/=]*)[ \t]*)*(?:(?:\r?\n|\\r?\\n)?[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----)?",
         ),
         // A key whose beginning was cut off (the tail of a log): its body lines up to its
-        // END line.
-        whole("private_key", r"(?m)(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----"),
+        // END line — full-length lines, then up to two short ones (a body's last line, and
+        // PGP's `=Qs3J` checksum), so a word on the line above the key stays.
+        whole(
+            "private_key",
+            r"(?m)(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+(?:^[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n){0,2}[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
+        ),
         // --- Provider tokens.
         whole("aws", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[0-9A-Z]{16}\b"),
         whole("github", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b"),
