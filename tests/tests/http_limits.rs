@@ -146,6 +146,71 @@ async fn shutdown_gives_an_open_stream_its_final_frame_and_is_bounded() {
     assert!(TcpStream::connect(&addr).await.is_err(), "no longer accepting");
 }
 
+/// A5: a stream whose read of the output fails just as its job ends does not end as if
+/// the output were empty: it follows on and sends the output before the end frame. The
+/// output table is renamed away while the job ends (each read fails, a rollback each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_output_read_fails_at_the_end_still_sends_the_output() {
+    let (db, _) = fresh_db().await;
+    let (org, token) = org(&db).await;
+    let ws = WorkspaceId::new();
+    sqlx::query("INSERT INTO workspaces (id, org_id, name, runtime, tier, status) VALUES ($1, $2, 'w', 'echo', 3, 'online')")
+        .bind(ws.0)
+        .bind(org.0)
+        .execute(&db)
+        .await
+        .unwrap();
+    let addr = start_api(db.clone(), strict_auth()).await;
+    sqlx::query("ALTER TABLE exec_output RENAME TO exec_output_away").execute(&db).await.unwrap();
+    let stream = tokio::spawn({
+        let (addr, token) = (addr.clone(), token.clone());
+        async move {
+            let body = json!({"argv": ["echo", "hi"]}).to_string();
+            let accept = [("Accept", "application/x-ndjson")];
+            http_full(&addr, "POST", &format!("/workspaces/{ws}/exec"), Some(&token), Some(&body), &accept, Duration::from_secs(60)).await
+        }
+    });
+    let claimed = eventually(Duration::from_secs(10), "the exec to be claimed", || async {
+        let c = store::claim_each_shard(&db, JobKind::Exec.queue(), 1, "test-worker").await.unwrap();
+        c.into_iter().next()
+    })
+    .await;
+    let rollbacks = || async {
+        let n: i64 = sqlx::query_scalar("SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        n
+    };
+    let before = rollbacks().await;
+    let ack = Ack {
+        id: claimed.id.clone(),
+        fence: claimed.fence,
+        state: JobState::Done,
+        outcome: None,
+        delay_ms: 0,
+        error: None,
+        error_detail: None,
+        result: Some(json!({ "exit_code": 0 })),
+        batch: claimed.batch,
+        tid: Some(claimed.tid.clone()),
+    };
+    assert_eq!(store::write_acks(&db, &[ack], &[]).await.unwrap().stale, vec![]);
+    // The follower has seen the job ended and failed to read its output (twice, at least).
+    eventually(Duration::from_secs(20), "reads of the output to fail after the job ended", || async {
+        (rollbacks().await >= before + 2).then_some(())
+    })
+    .await;
+    assert!(!stream.is_finished(), "the stream ended while its output could not be read");
+    sqlx::query("ALTER TABLE exec_output_away RENAME TO exec_output").execute(&db).await.unwrap();
+    let chunk = molecule_jobs::output::Chunk { seq: 1, stream: "stdout".into(), data: "hi\n".into() };
+    molecule_jobs::output::append(&db, &claimed.id, &[chunk]).await.unwrap();
+    let r = stream.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let frames = frames(&r.body);
+    assert_eq!(frames, vec![json!({"stream": "stdout", "data": "hi\n"}), json!({"exit_code": 0})], "{}", r.body);
+}
+
 /// 200 exec jobs that each returned 1 MiB of output.
 async fn jobs_with_big_results(db: &PgPool, org: OrgId, ws: WorkspaceId) -> Vec<String> {
     let big = "x".repeat(1 << 20);

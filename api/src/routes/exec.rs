@@ -253,7 +253,14 @@ impl Follower {
                 Err(_) => None,
             };
             // Chunks are all written before the job's outcome is: read them after the status.
-            let chunks = output::read_after(&self.db, self.job.as_str(), last).await.unwrap_or_default();
+            // A failed read is not "no more output": the end frame waits for a read that works.
+            let (chunks, terminal) = match output::read_after(&self.db, self.job.as_str(), last).await {
+                Ok(chunks) => (chunks, terminal),
+                Err(e) => {
+                    tracing::warn!(job_id = %self.job, error = %e, "exec output read failed; following on");
+                    (Vec::new(), None)
+                }
+            };
             for c in chunks {
                 last = c.seq;
                 if !self.send(&tx, deadline, serde_json::json!({ "stream": c.stream, "data": c.data })).await {
