@@ -535,6 +535,100 @@ async fn refused_connections_retry_with_backoff_then_expire_or_deliver_once_back
     relay.stop().await;
 }
 
+/// The relay as production runs it: loopback agent URLs refused (X5) by the API and by the
+/// dispatcher alike, except the one the platform assigned (trusted). Dispatch pool only.
+async fn strict_relay() -> Relay {
+    let (db, _) = molecule_tests::fresh_db().await;
+    let addr = molecule_tests::start_api(db.clone(), molecule_tests::strict_auth()).await;
+    let mut c = db.acquire().await.unwrap();
+    let (_, org) = tokens::create_org(&mut c, "platform").await.unwrap();
+    drop(c);
+    let deps = molecule_workers::Deps {
+        agents: molecule_workers::a2a::AgentClient::new(false).expect("agent client"),
+        ..molecule_workers::Deps::minimal(db.clone(), Arc::new(molecule_backends::NoBackend)).unwrap()
+    };
+    let concurrency = [(JobKind::A2aDispatch, JobKind::A2aDispatch.default_concurrency())].into_iter().collect();
+    let specs = molecule_workers::handlers::pool_specs(&deps, &concurrency);
+    let cfg =
+        molecule_jobs::RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
+    let rt = Runtime::start(db.clone(), cfg, specs);
+    Relay { db, addr, org, rt: Some(rt) }
+}
+
+/// J6 with X5 as in production: a restart writes the new `assigned_url` (and `provisioning`)
+/// before the new agent registers, so `url` still names the old instance — untrusted, on
+/// loopback. A message sent then waits for the new agent instead of failing as refused; a
+/// workspace online with its registration current and an untrusted loopback URL is still
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_while_its_workspace_restarts_waits_for_the_new_agent() {
+    let relay = strict_relay().await;
+    // A container workspace; no provision pool runs, so its row is set up as a start would.
+    let r = relay.req("POST", "/workspaces", &relay.org, Some(&json!({"name": "restarts", "runtime": "echo"})), &[]).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ws = r.json()["workspace"]["id"].as_str().unwrap().to_string();
+    let t = relay.req("POST", &format!("/workspaces/{ws}/tokens"), &relay.org, None, &[]).await;
+    assert_eq!(t.status, 201, "{}", t.body);
+    let token = t.json()["token"].as_str().unwrap().to_string();
+    let assign = |url: String| {
+        let db = relay.db.clone();
+        let ws = ws.clone();
+        async move {
+            sqlx::query("UPDATE workspaces SET assigned_url = $2 WHERE id = $1::uuid").bind(ws).bind(url).execute(&db).await.unwrap();
+        }
+    };
+    let first = free_port();
+    let first_url = format!("http://127.0.0.1:{first}");
+    assign(first_url.clone()).await;
+    let reg = relay.register(&token, json!({"url": first_url, "a2a_version": "0.3"})).await;
+    assert_eq!(reg["status"], "online", "{reg}");
+    let secret = reg["platform_inbound_secret"].as_str().unwrap().to_string();
+    let mut agent = sdk_agent("v03", first, &secret);
+    wait_listening(first).await;
+    let q = relay.queue(&relay.org, &ws, &message_send("before")).await;
+    assert_eq!(relay.wait_for(&ws, &q, &["completed", "failed"], Duration::from_secs(30)).await["status"], "completed");
+
+    // The restart: the old agent is stopped, the new assignment written, not registered yet.
+    agent.kill9();
+    let second = free_port();
+    let second_url = format!("http://127.0.0.1:{second}");
+    sqlx::query("UPDATE workspaces SET assigned_url = $2, status = 'provisioning' WHERE id = $1::uuid")
+        .bind(&ws)
+        .bind(&second_url)
+        .execute(&relay.db)
+        .await
+        .unwrap();
+    let q = relay.queue(&relay.org, &ws, &message_send("during the restart")).await;
+    let d = eventually(Duration::from_secs(30), "a second attempt or an ending", || async {
+        let v = relay.lookup(&relay.org, &ws, &q).await.json();
+        (v["attempts"].as_i64().unwrap_or(0) >= 2 || !matches!(v["status"].as_str(), Some("queued" | "dispatched"))).then_some(v)
+    })
+    .await;
+    assert!(matches!(d["status"].as_str(), Some("queued" | "dispatched")), "waits for the new agent: {d}");
+    assert!(!d["last_error"].as_str().unwrap_or("").contains("refused"), "{d}");
+
+    // The new agent comes up and registers its assigned URL: the message reaches it.
+    let _agent = sdk_agent("v03", second, &secret);
+    wait_listening(second).await;
+    let reg = relay.register(&token, json!({"url": second_url, "a2a_version": "0.3"})).await;
+    assert_eq!(reg["status"], "online", "{reg}");
+    let d = relay.wait_for(&ws, &q, &["completed", "failed", "expired"], Duration::from_secs(60)).await;
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(seen_by_agent(d["response"]["result"]["parts"][0]["text"].as_str().unwrap())["text"], "during the restart");
+    let refused = relay.count(&format!("SELECT count(*) FROM activity_logs WHERE queue_id = '{q}' AND status = 'refused'")).await;
+    assert_eq!(refused, 0);
+
+    // Online, registration current, and a URL the platform did not assign on loopback:
+    // refused at once, as before.
+    sqlx::query("UPDATE workspaces SET url = $2 WHERE id = $1::uuid").bind(&ws).bind(&first_url).execute(&relay.db).await.unwrap();
+    let q = relay.queue(&relay.org, &ws, &message_send("to a url nobody assigned")).await;
+    let d = relay.wait_for(&ws, &q, &["completed", "failed"], Duration::from_secs(30)).await;
+    assert_eq!(d["status"], "failed", "{d}");
+    assert!(d["last_error"].as_str().unwrap().contains("refused"), "{d}");
+    assert_eq!(d["attempts"], 1, "{d}");
+    relay.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Idempotency: one row, one delivery.
 

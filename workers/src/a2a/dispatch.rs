@@ -13,7 +13,10 @@
 //!   running or unknown → the status is recorded unchanged (a live agent is never
 //!   recycled on one 5xx);
 //! - transport errors → retried with the job core's backoff until the attempts or the
-//!   row's `expires_at` run out; X5 refusing the address → `failed` at once.
+//!   row's `expires_at` run out; X5 refusing the address → `failed` at once;
+//! - a workspace still starting (`provisioning`: a first start or a restart whose agent
+//!   has not registered yet) → nothing sent, retried like a transport error: its `url` is
+//!   the previous instance's, no longer the one the platform assigned.
 //!
 //! Every attempt is recorded in the target's `activity_logs` (`a2a_dispatch`; request and
 //! answer redacted and bounded), in the transaction that writes its outcome.
@@ -137,6 +140,14 @@ pub async fn run(d: &Deps, ctx: &JobContext, a: DispatchArgs) -> HandlerResult {
     if agent.delivery_mode == "poll" {
         // The workspace switched to poll mode after this was queued: into its inbox.
         return deliver_to_inbox(d, &row, &agent, operation, &caller_id).await;
+    }
+    if agent.status == WorkspaceStatus::Provisioning {
+        // A start is under way (J1, or J3 from a user, S4 or the dead-agent path below) and
+        // its agent has not registered (that flips the row online). A restart has written
+        // the new `assigned_url` already, so the old `url` is untrusted now: X5 would
+        // refuse its loopback or private address for good, and that port may be free or
+        // another workspace's. The message waits for the new agent instead.
+        return retry(d, ctx, &row, None, "the workspace is starting; its agent has not registered yet").await;
     }
     let Some(url) = agent.url.clone() else {
         return retry(d, ctx, &row, None, "the agent has not registered a URL yet").await;
