@@ -203,22 +203,40 @@ impl DockerBackend {
         self.docker.upload_to_container(container, Some(upload), bollard::body_full(archive.into())).await.map_err(classify)
     }
 
-    /// Kills a timed-out exec. The engine has no kill for an exec, so its process (the
-    /// host pid the engine reports) is killed directly — this needs the engine on this
-    /// host, which is how the Docker backend is deployed (local installs and tests).
-    async fn kill_exec(&self, exec_id: &str) {
-        match self.docker.inspect_exec(exec_id).await {
-            Ok(info) => match info.pid.filter(|p| *p > 1) {
-                Some(pid) => {
-                    // SAFETY: kill(2) on a pid; no memory is shared.
-                    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    if rc != 0 {
-                        tracing::warn!(pid, "could not kill the timed-out exec process");
-                    }
-                }
-                None => tracing::warn!("timed-out exec has no pid to kill"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot inspect the timed-out exec"),
+    /// Kills a timed-out (or interrupted) exec: every process it started (J5), not only
+    /// the first — a shell's children would outlive it. The engine has no kill for an exec,
+    /// so the processes (host pids, as the engine reports them) are killed directly: this
+    /// needs the engine on this host, which is how the Docker backend is deployed (local
+    /// installs and tests).
+    ///
+    /// The engine starts an exec's process as a session leader, so everything it starts
+    /// carries its pid as session id, even once orphaned to the container's init; a pid
+    /// cannot be reused while a process still carries it as session id. Only processes in
+    /// the container's pid namespace are touched. When the exec itself has ended (a
+    /// background child kept the output open), its pid may already belong to another
+    /// process: it is never killed then, only what is left of its session.
+    async fn kill_exec(&self, container: &str, exec_id: &str) {
+        let info = match self.docker.inspect_exec(exec_id).await {
+            Ok(info) => info,
+            Err(e) => return tracing::warn!(error = %e, "cannot inspect the timed-out exec"),
+        };
+        let Some(leader) = info.pid.filter(|p| *p > 1).map(|p| p as i32) else {
+            return tracing::warn!("timed-out exec has no pid to kill");
+        };
+        // Unknown counts as ended: never kill a pid that may have been reused.
+        let running = info.running == Some(true);
+        let init = match self.docker.inspect_container(container, None).await {
+            Ok(c) => c.state.and_then(|s| s.pid).filter(|p| *p > 0).map(|p| p as i32),
+            // The container is gone, and its processes with it.
+            Err(e) if status_of(&e) == Some(404) => return,
+            Err(e) => return tracing::warn!(error = %e, "cannot inspect the container of a timed-out exec"),
+        };
+        let Some(init) = init else { return };
+        let killed = tokio::task::spawn_blocking(move || proc_tree::kill_session(init, leader, running)).await;
+        match killed {
+            Ok(Ok(n)) => tracing::info!(event = "exec.killed", processes = n, leader_running = running),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not kill the timed-out exec's processes"),
+            Err(e) => tracing::warn!(error = %e, "killing the timed-out exec's processes panicked"),
         }
     }
 
@@ -423,7 +441,7 @@ impl Backend for DockerBackend {
             End::TimedOut | End::Stopped => {
                 out.timed_out = matches!(end, End::TimedOut);
                 out.interrupted = matches!(end, End::Stopped);
-                self.kill_exec(&created.id).await;
+                self.kill_exec(&name, &created.id).await;
                 return Ok(out);
             }
         }
@@ -547,5 +565,77 @@ impl Backend for DockerBackend {
                 running: false,
             })
             .collect())
+    }
+}
+
+/// The processes of a timed-out exec, found through this host's /proc (see
+/// [`DockerBackend::kill_exec`]).
+mod proc_tree {
+    use std::collections::{HashMap, HashSet};
+    use std::path::Path;
+
+    /// (ppid, session id) of a live process, from /proc/<pid>/stat (the command name, in
+    /// parentheses, may itself contain spaces and parentheses: fields are read after the
+    /// last one). None for a zombie: already dead, waiting for a parent that may never reap it.
+    fn stat(pid: i32) -> Option<(i32, i32)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &text[text.rfind(')')? + 1..];
+        let mut f = rest.split_whitespace();
+        if matches!(f.next()?, "Z" | "X" | "x") {
+            return None;
+        }
+        let ppid = f.next()?.parse().ok()?;
+        let sid = f.nth(1)?.parse().ok()?;
+        Some((ppid, sid))
+    }
+
+    fn pid_ns(pid: i32) -> Option<std::path::PathBuf> {
+        std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+    }
+
+    /// The processes to kill: in `init`'s pid namespace (the container's), not `init`
+    /// itself, members of `leader`'s session (the leader only while it runs) and their
+    /// descendants (one may have started a session of its own).
+    fn targets(init: i32, leader: i32, leader_running: bool) -> std::io::Result<Vec<i32>> {
+        let ns = pid_ns(init).ok_or_else(|| std::io::Error::other("the container's pid namespace is not readable on this host"))?;
+        let mut procs: HashMap<i32, (i32, i32)> = HashMap::new();
+        for entry in std::fs::read_dir(Path::new("/proc"))? {
+            let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if let Some(st) = stat(pid) {
+                procs.insert(pid, st);
+            }
+        }
+        let mut set: HashSet<i32> =
+            procs.iter().filter(|(pid, (_, sid))| *sid == leader && (leader_running || **pid != leader)).map(|(pid, _)| *pid).collect();
+        loop {
+            let more: Vec<i32> =
+                procs.iter().filter(|(pid, (ppid, _))| set.contains(ppid) && !set.contains(pid)).map(|(pid, _)| *pid).collect();
+            if more.is_empty() {
+                break;
+            }
+            set.extend(more);
+        }
+        set.remove(&init);
+        Ok(set.into_iter().filter(|pid| pid_ns(*pid).as_ref() == Some(&ns)).collect())
+    }
+
+    /// SIGKILLs the targets until none is left (one may fork while the others die; its
+    /// child keeps the session); answers how many were killed.
+    pub(super) fn kill_session(init: i32, leader: i32, leader_running: bool) -> std::io::Result<usize> {
+        let mut killed = HashSet::new();
+        for _ in 0..20 {
+            let now = targets(init, leader, leader_running)?;
+            if now.is_empty() {
+                return Ok(killed.len());
+            }
+            for pid in now {
+                // SAFETY: kill(2) on a pid; no memory is shared.
+                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                    killed.insert(pid);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(std::io::Error::other("processes of the exec were still being started after 20 rounds of kills"))
     }
 }

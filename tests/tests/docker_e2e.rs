@@ -494,6 +494,30 @@ async fn exec_runs_argv_separates_streams_caps_output_and_kills_on_timeout() {
     env.stop().await;
 }
 
+/// J5 timeout → killed: the whole command, not only its first process. A shell's child
+/// outlives a kill of the shell alone; a background child of a shell that already exited
+/// keeps the output open until the timeout, and is the exec's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_exec_kills_every_process_it_started() {
+    let env = Env::new("127.0.0.1:9/none").await;
+    let (ws, _) = create(&env, json!({"name": "tree", "runtime": "echo", "tier": 3})).await;
+    env.wait_status(&ws, "online", Duration::from_secs(30)).await;
+    let container = container_name(ws_id(&ws));
+    for (argv, left) in
+        [(json!(["sh", "-c", "sleep 200; echo done"]), "sleep 200"), (json!(["sh", "-c", "sleep 201 & exit 0"]), "sleep 201")]
+    {
+        let j = exec_result(&env, &ws, json!({"argv": argv, "timeout_s": 2})).await;
+        assert_eq!(j["result"]["outcome"], "timeout", "{argv}: {j}");
+        eventually(Duration::from_secs(10), &format!("no {left:?} left in the container after {argv}"), || async {
+            let (ok, ps) = docker(&["exec", &container, "ps"]);
+            (ok && !ps.contains(left)).then_some(())
+        })
+        .await;
+    }
+    env.delete(&ws).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_refuses_bad_requests_low_tiers_and_other_orgs_without_queueing() {
     let env = Env::new("127.0.0.1:9/none").await;
