@@ -175,10 +175,11 @@ fn remove(name: &str) {
     docker(&["volume", "rm", "-f", &format!("{name}-configs")]);
 }
 
-/// S2: a removed row's container and volume, a failed row's past the rescue grace, and a
-/// labelled container with no row (its volume once past the grace) are reaped; an
-/// unlabelled `ws-…` container, a failed workspace's within the grace and an online one's
-/// are untouched, and a label that is not a workspace id is never queried.
+/// S2: a removed row's container and volume, and a labelled container with no row (its
+/// volume once past the grace) are reaped; an unlabelled `ws-…` container, a failed
+/// workspace's — however long ago it failed, with no grace left too (J4: kept for rescue,
+/// seed 000) — and an online one's are untouched, and a label that is not a workspace id
+/// is never queried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_reaped_and_nothing_else() {
     let (db, _) = fresh_db().await;
@@ -241,26 +242,25 @@ async fn orphans_are_reaped_and_nothing_else() {
         v
     };
     let report = orphans::sweep(&deps, orphans::RESCUE_VOLUME_GRACE).await.unwrap();
-    assert_eq!(sorted(report.reaped.clone()), sorted(vec![removed.to_string(), failed_long_ago.to_string()]), "{report:?}");
+    assert_eq!(report.reaped, vec![removed.to_string()], "{report:?}");
     assert_eq!(report.volume_kept, vec![no_row.to_string()], "a fresh volume with no row waits out the grace");
     assert_eq!(report.ignored, 2, "the bad label, on its container and its volume");
-    for id in [removed, failed_long_ago] {
-        assert!(!exists("container", &name(id)) && !exists("volume", &volume_name(WorkspaceId(id))), "{id} reaped");
-    }
+    assert!(!exists("container", &name(removed)) && !exists("volume", &volume_name(WorkspaceId(removed))), "{removed} reaped");
     assert!(!exists("container", &name(no_row)) && exists("volume", &volume_name(WorkspaceId(no_row))));
-    for n in [name(failed), name(online), name(unlabelled), bad_name.clone()] {
-        assert!(exists("container", &n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
+    let kept = [name(failed_long_ago), name(failed), name(online), name(unlabelled), bad_name.clone()];
+    for n in &kept {
+        assert!(exists("container", n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
     }
-    // With no grace left: the orphan volume goes, and so does the younger failed workspace.
+    // With no grace left: the orphan volume goes; the failed workspaces still stay.
     let report = orphans::sweep(&deps, Duration::ZERO).await.unwrap();
-    assert_eq!(sorted(report.reaped.clone()), sorted(vec![no_row.to_string(), failed.to_string()]), "{report:?}");
+    assert_eq!(report.reaped, vec![no_row.to_string()], "{report:?}");
     assert!(!exists("volume", &volume_name(WorkspaceId(no_row))));
-    for n in [name(online), name(unlabelled), bad_name.clone()] {
-        assert!(exists("container", &n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
+    for n in &kept {
+        assert!(exists("container", n) && exists("volume", &format!("{n}-configs")), "{n} untouched");
     }
     assert_eq!(orphans::sweep(&deps, Duration::ZERO).await.unwrap().reaped, Vec::<String>::new(), "nothing left to reap");
-    for n in [name(online), name(unlabelled), bad_name] {
-        remove(&n);
+    for n in &kept {
+        remove(n);
     }
     p.stop().await;
 }

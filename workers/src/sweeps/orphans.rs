@@ -3,8 +3,8 @@
 //! - a managed instance or volume whose workspace row is `removed` (its stop job failed,
 //!   or never ran) → the instance is stopped, then its volume removed — the volume only
 //!   after a successful stop;
-//! - a `failed` workspace's instance and volume are kept for rescue for the grace
-//!   (`RESCUE_VOLUME_GRACE`, 24 h, from when it failed), then reaped the same way;
+//! - a `failed` workspace's instances and volume are never touched, however long ago it
+//!   failed (SPEC S2, J4: kept for rescue; seed 000 pins the reaper to `removed`);
 //! - a managed instance whose workspace id has no row at all (the database was wiped and
 //!   recreated, seed 002) → stopped at once; its volume is removed only once it is older
 //!   than the grace (a database restored from an older backup has not lost its workspaces'
@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use crate::Deps;
 
-/// SPEC J4: failed workspaces' instances and volumes are kept this long.
+/// SPEC J4's rescue grace (24 h): how long a volume with no row at all is kept. (A
+/// `failed` row's are kept for good: S2 never reaps them.)
 pub const RESCUE_VOLUME_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Most workspaces reaped per sweep.
@@ -103,18 +104,16 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
         return Ok(report);
     }
     let ids: Vec<uuid::Uuid> = held.keys().copied().collect();
-    // Per row: its status, whether it has been in it for longer than the grace, and the
-    // instance it records (EC2's id; none on Docker).
-    let rows: HashMap<uuid::Uuid, (String, bool, Option<String>)> = sqlx::query_as::<_, (uuid::Uuid, String, bool, Option<String>)>(
-        "SELECT id, status::text, status_changed_at < now() - make_interval(secs => $2), instance_id FROM workspaces WHERE id = ANY($1)",
+    // Per row: its status and the instance it records (EC2's id; none on Docker).
+    let rows: HashMap<uuid::Uuid, (String, Option<String>)> = sqlx::query_as::<_, (uuid::Uuid, String, Option<String>)>(
+        "SELECT id, status::text, instance_id FROM workspaces WHERE id = ANY($1)",
     )
     .bind(&ids)
-    .bind(grace.as_secs_f64())
     .fetch_all(&d.db)
     .await
     .map_err(super::db)?
     .into_iter()
-    .map(|(id, status, old, instance)| (id, (status, old, instance)))
+    .map(|(id, status, instance)| (id, (status, instance)))
     .collect();
     let stray_before = Utc::now() - chrono::Duration::from_std(STRAY_AGE).unwrap_or_default();
     let grace_ago = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
@@ -129,9 +128,10 @@ pub async fn sweep(d: &Deps, grace: Duration) -> Result<Report, JobError> {
                 let old_volume = h.volume_created.is_some_and(|c| c.is_none_or(|c| c < grace_ago));
                 ("no_row", old_volume)
             }
-            Some((status, _, _)) if status == "removed" => ("removed", true),
-            Some((status, true, _)) if status == "failed" => ("failed_past_grace", true),
-            Some((_, _, Some(recorded))) if d.backend.assigns_instance_ids() => {
+            Some((status, _)) if status == "removed" => ("removed", true),
+            // Kept for rescue (J4), strays included: no reaper touches a failed row.
+            Some((status, _)) if status == "failed" => continue,
+            Some((_, Some(recorded))) if d.backend.assigns_instance_ids() => {
                 // A workspace that stays: only instances other than the one its row
                 // records, launched long enough ago that the record had time to land.
                 let strays: Vec<ManagedInstance> =
@@ -265,22 +265,28 @@ mod tests {
     }
 
     /// A live workspace's instances other than the recorded one are reaped once they are
-    /// older than STRAY_AGE, alone; the recorded one, young strays, and workspaces with no
-    /// recorded instance (Docker) are left.
+    /// older than STRAY_AGE, alone; the recorded one, young strays, workspaces with no
+    /// recorded instance (Docker) and everything of a failed one (J4) are left.
     #[tokio::test]
     async fn strays_beside_the_recorded_instance_are_reaped() {
         let (db, _) = molecule_domain::testing::fresh_db().await;
         let org: uuid::Uuid =
             sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
-        let (online, docker) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-        for (id, instance) in [(online, Some("i-recorded")), (docker, None)] {
-            sqlx::query("INSERT INTO workspaces (id, org_id, name, runtime, tier, status, instance_id) VALUES ($1, $2, 'w', 'echo', 2, 'online', $3)")
-                .bind(id)
-                .bind(org)
-                .bind(instance)
-                .execute(&db)
-                .await
-                .unwrap();
+        let (online, docker, failed) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for (id, status, instance) in
+            [(online, "online", Some("i-recorded")), (docker, "online", None), (failed, "failed", Some("i-failed"))]
+        {
+            sqlx::query(
+                "INSERT INTO workspaces (id, org_id, name, runtime, tier, status, instance_id) \
+                 VALUES ($1, $2, 'w', 'echo', 2, $4::workspace_status, $3)",
+            )
+            .bind(id)
+            .bind(org)
+            .bind(instance)
+            .bind(status)
+            .execute(&db)
+            .await
+            .unwrap();
         }
         let at = |name: &str, ws: uuid::Uuid, age_s: i64| ManagedInstance {
             name: name.into(),
@@ -295,6 +301,8 @@ mod tests {
                 at("i-stray-old", online, old),
                 at("i-stray-young", online, 30),
                 at("ws-docker", docker, old),
+                at("i-failed", failed, old),
+                at("i-failed-stray", failed, old),
             ],
             reaped: Default::default(),
         });
