@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::acker::{self, Claim, OpenBatches};
@@ -123,7 +123,8 @@ struct Pool {
 }
 
 /// One fetcher: claims the jobs of one shard of the pool's queue, runs them, and at
-/// shutdown or a lost lease ends the attempts it started.
+/// shutdown or a lost lease ends the attempts it started (a lost lease: its
+/// [`guard_lease`], whatever the fetcher is awaiting then).
 async fn fetch(
     pool: Arc<Pool>,
     shard: Shard,
@@ -133,22 +134,25 @@ async fn fetch(
 ) -> Arc<Ended> {
     let Pool { shared, spec, worker_id, counts, slots, share, batches, wake } = &*pool;
     let (cfg, queue, notify) = (&shared.cfg, spec.queue.as_str(), wake.shard(shard));
-    let mut attempts = Attempts::new(spec.runs_once);
+    // Half a lease without a written heartbeat: others will soon take our jobs. Run-once
+    // kinds get a moment to stop what they started, well within the other half.
+    let lost_wait = if spec.runs_once { cfg.interrupt_wait.min(cfg.lease / 4) } else { Duration::ZERO };
+    let attempts = Arc::new(tokio::sync::Mutex::new(Attempts::new(spec.runs_once)));
+    let (guard_done, guard_stop) = oneshot::channel();
+    let guard = tokio::spawn(guard_lease(attempts.clone(), lease.clone(), lost_wait, ack_tx.clone(), guard_stop));
     let mut backoff = ErrorBackoff::new();
     let mut start = ClaimStart::new(Instant::now());
 
     while !*shutdown.borrow() {
         if !*lease.borrow() {
-            // Half a lease without a written heartbeat: others will soon take our jobs.
-            let wait = if spec.runs_once { cfg.interrupt_wait.min(cfg.lease / 4) } else { Duration::ZERO };
-            attempts.stop(wait, &ack_tx).await;
+            // The guard ends the running attempts; no claim until beats are written again.
             tokio::select! {
                 r = lease.wait_for(|held| *held) => { if r.is_err() { break; } }
                 _ = shutdown.changed() => {}
             }
             continue;
         }
-        attempts.reap();
+        attempts.lock().await.reap();
         // The slots are taken before the claim: the other fetcher cannot fill them meanwhile.
         let mut permits = tokio::select! {
             p = take_slots(slots, cfg.batch.max(1).min(*share)) => match p {
@@ -166,6 +170,9 @@ async fn fetch(
         }
         let want = permits.num_permits();
         let from_cursor = start.next(Instant::now());
+        // Not cut short by a lost lease: a claim dropped mid-flight may have committed, and
+        // its jobs would stay Running under this worker. What it returns after the lease
+        // went is handed back below, unstarted; what runs meanwhile, the guard ends.
         let claim = match &from_cursor {
             Some(c) => store::claim_after(&shared.core, queue, shard, want as i64, worker_id, c).await,
             None => store::claim(&shared.core, queue, shard, want as i64, worker_id).await,
@@ -179,13 +186,26 @@ async fn fetch(
             Err(e) => {
                 drop(permits);
                 tracing::warn!(queue, error = %e, "claim failed; backing off");
-                backoff.wait(&mut shutdown).await;
+                tokio::select! {
+                    _ = backoff.wait(&mut shutdown) => {}
+                    _ = lease.wait_for(|held| !*held) => {}
+                }
                 continue;
             }
         };
         let n = claimed.len();
         if let Some(first) = claimed.first() {
             batches.opened(first.batch, n);
+        }
+        // Under the lock, so the guard either sees these attempts or we see the lease lost.
+        let mut running = attempts.lock().await;
+        if !*lease.borrow() {
+            // The lease went while the claim was in flight: nothing starts, all goes back.
+            for job in claimed {
+                let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
+                let _ = ack_tx.send(if job.expired { acker::expired(claim) } else { acker::release(claim) });
+            }
+            continue;
         }
         counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
@@ -201,7 +221,7 @@ async fn fetch(
                 continue;
             };
             let id = claim.id.clone();
-            let key = attempts.start(claim);
+            let key = running.start(claim);
             let ctx = JobContext {
                 id: JobId::from_db(id),
                 queue: queue.to_string(),
@@ -211,17 +231,17 @@ async fn fetch(
                 workspace_id: job.workspace_id.map(WorkspaceId),
                 payload: job.job.into(),
                 db: shared.db.clone(),
-                interrupt: attempts.signal(),
+                interrupt: running.signal(),
             };
             let handler = spec.handler.clone();
             let retry = spec.retry;
             let runs_once = spec.runs_once;
             let ack_tx = ack_tx.clone();
-            let unacked = attempts.unacked.clone();
-            let ended = attempts.ended.clone();
+            let unacked = running.unacked.clone();
+            let ended = running.ended.clone();
             let (attempt, max_attempts) = (job.attempts, job.max_attempts);
             let counts = counts.clone();
-            attempts.tasks.spawn(async move {
+            running.tasks.spawn(async move {
                 let began = std::time::Instant::now();
                 let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
                 // Out of the in-flight set before the ack leaves (no await between the two):
@@ -249,15 +269,23 @@ async fn fetch(
                 drop(permit);
             });
         }
+        drop(running);
         // Slots the claim did not fill go back now.
         drop(permits);
         if n < want && !start.head_next() {
             // After the cursor, only its priority's next due job is looked for (a range scan;
             // over the whole queue, `min(run_at)` reads the entries of every job claimed
             // since the last vacuum); the others are found by the next claim from the head.
-            let next = match start.cursor() {
-                Some(c) => store::next_due_after_ms(&shared.core, queue, shard, c).await,
-                None => store::next_due_ms(&shared.core, queue, shard).await,
+            let read = async {
+                match start.cursor() {
+                    Some(c) => store::next_due_after_ms(&shared.core, queue, shard, c).await,
+                    None => store::next_due_ms(&shared.core, queue, shard).await,
+                }
+            };
+            let next = tokio::select! {
+                n = read => n,
+                // A read that hangs (a partition) must not keep the fetcher from noticing.
+                _ = lease.wait_for(|held| !*held) => continue,
             };
             let wait = match next {
                 Ok(Some(ms)) if ms > 0.0 => Duration::from_micros((ms * 1000.0) as u64).min(cfg.poll_interval),
@@ -275,7 +303,11 @@ async fn fetch(
     }
 
     // Shutdown: no more claims. Running jobs get the grace period to finish; meanwhile
-    // the heartbeat goes on, so their leases hold and nobody else runs them.
+    // the heartbeat goes on, so their leases hold and nobody else runs them. A lease lost
+    // now is watched for below (the guard, if stopping attempts, finishes first).
+    let _ = guard_done.send(());
+    let _ = guard.await;
+    let mut attempts = attempts.lock().await;
     if !attempts.tasks.is_empty() {
         tracing::info!(queue, in_flight = attempts.tasks.len(), grace_s = cfg.grace.as_secs(), "waiting for running jobs");
     }
@@ -288,10 +320,42 @@ async fn fetch(
         tracing::warn!(queue, still_running = attempts.tasks.len(), runs_once = spec.runs_once, "grace period over; interrupting");
         // Kinds that must not run twice get a moment to stop what they started (exec kills
         // its command and completes its audit row); the others go back to the queue now.
-        let wait = if spec.runs_once { cfg.interrupt_wait } else { Duration::ZERO };
+        let wait = if !*lease.borrow() {
+            lost_wait
+        } else if spec.runs_once {
+            cfg.interrupt_wait
+        } else {
+            Duration::ZERO
+        };
         attempts.stop(wait, &ack_tx).await;
     }
-    attempts.ended
+    attempts.ended.clone()
+}
+
+/// Ends a fetcher's running attempts as soon as the lease is lost, whatever the fetcher is
+/// awaiting then: a claim or a read that hangs (a partition drops packets and resets
+/// nothing, so a statement waits for TCP to give up, minutes) must not let them run on
+/// past the lease, into the time another process's rescuer runs them again. Until `done`.
+async fn guard_lease(
+    attempts: Arc<tokio::sync::Mutex<Attempts>>,
+    mut lease: watch::Receiver<bool>,
+    wait: Duration,
+    ack_tx: mpsc::UnboundedSender<store::Ack>,
+    mut done: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            r = lease.wait_for(|held| !*held) => if r.is_err() { return },
+            _ = &mut done => return,
+        }
+        attempts.lock().await.stop(wait, &ack_tx).await;
+        // Whatever changed since it was seen lost (held again, perhaps lost again) is
+        // looked at anew; attempts started while it was held are stopped at the next loss.
+        tokio::select! {
+            r = lease.changed() => if r.is_err() { return },
+            _ = &mut done => return,
+        }
+    }
 }
 
 /// Up to `most` of the pool's slots (at least one): one, waited for if need be and kept,
