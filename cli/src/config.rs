@@ -306,8 +306,9 @@ pub struct SchedulerArgs {
     #[arg(long, env = "MOLECULE_PROVISION_TIMEOUTS", value_name = "MOLECULE_PROVISION_TIMEOUTS", value_delimiter = ',',
           value_parser = parse_runtime_secs)]
     pub provision_timeouts: Vec<(String, u64)>,
-    /// S2: a failed workspace's container and volume are kept this long for rescue (SPEC
-    /// RESCUE_VOLUME_GRACE), as is the volume of a container with no workspace row.
+    /// S2: the volume of a container with no workspace row (a wiped database) is kept this
+    /// long (SPEC RESCUE_VOLUME_GRACE). A failed workspace's container and volume are never
+    /// reaped.
     #[arg(long, env = "MOLECULE_RESCUE_VOLUME_GRACE_SECS", value_name = "MOLECULE_RESCUE_VOLUME_GRACE_SECS", default_value_t = 86_400)]
     pub rescue_volume_grace_secs: u64,
     /// S3: tokens younger than this are never revoked (a restart's fresh token).

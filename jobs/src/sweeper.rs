@@ -88,8 +88,8 @@ pub struct SweepArgs {
     /// S1: per-runtime timeouts that replace `timeout_s`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub runtime_timeout_s: BTreeMap<String, u64>,
-    /// S2: how long a failed workspace's instance and volume, and a volume with no row,
-    /// are kept (SPEC J4's RESCUE_VOLUME_GRACE).
+    /// S2: how long the volume of a container with no workspace row is kept (SPEC J4's
+    /// RESCUE_VOLUME_GRACE). A failed workspace's instance and volume are never reaped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_grace_s: Option<u64>,
     /// S3: tokens younger than this are never revoked (a restart's new token).
