@@ -27,14 +27,18 @@ pub enum Scope {
     WholeTable,
 }
 
-/// `$stale`: a CTE named `stale` (preceded by any it needs), the ids of the jobs to take.
+/// `$stale`: a CTE named `stale` (preceded by any it needs), the ids of the jobs to take
+/// and the fences of the claims it found them under, as of the statement's snapshot. The
+/// UPDATE re-checks that claim on each row's newest version: a job released and claimed
+/// again since (by the same worker id, recovered meanwhile: the rescuer's snapshot still
+/// has it silent) is a newer attempt, never failed for the older one's lapse.
 macro_rules! rescue_sql {
     ($stale:literal) => {
         concat!(
             "WITH ",
             $stale,
             ", verdict AS (
-    SELECT j.id,
+    SELECT j.id, s.fence,
            CASE WHEN j.job_type = ANY($2) THEN 'interrupted'
                 WHEN j.attempts >= j.max_attempts THEN 'dead' END AS outcome
     FROM apalis.jobs j JOIN stale s ON s.id = j.id
@@ -55,16 +59,18 @@ SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
         'attempt', j.attempts, 'started_at', j.started_at, 'failed_at', now(),
         'error', CASE WHEN v.outcome = 'interrupted' THEN $4 ELSE $3 END))
 FROM verdict v
-WHERE j.id = v.id
+WHERE j.id = v.id AND j.fence = v.fence AND j.status IN ('Queued', 'Running')
 RETURNING j.job_type, v.outcome"
         )
     };
 }
 
 /// Batch rows another rescuer holds are skipped (it takes their jobs; two rescuers waiting
-/// for each other's rows would deadlock). The jobs are locked without SKIP LOCKED: their
-/// batch rows go with this statement, so a job skipped here would be left to the
-/// whole-table scan. A job row it waits for (a late ack's) is re-checked once it has it.
+/// for each other's rows would deadlock). The jobs are locked by the UPDATE, without SKIP
+/// LOCKED: their batch rows go with this statement, so a job skipped here would be left to
+/// the whole-table scan. A job row it waits for (a late ack's, a new claim's) is re-checked
+/// once it has it. `stale` locks nothing: a locking read returns the newest version of a
+/// row, whose fence would be the new claim's.
 const RESCUE_CLAIMED: &str = rescue_sql!(
     "ended AS (
     DELETE FROM apalis.claims c
@@ -76,22 +82,21 @@ const RESCUE_CLAIMED: &str = rescue_sql!(
     ))
     RETURNING c.worker_id, c.ids
 ), stale AS (
-    SELECT j.id
+    SELECT j.id, j.fence
     FROM ended e CROSS JOIN LATERAL unnest(e.ids) AS u(id)
     JOIN apalis.jobs j ON j.id = u.id AND j.lock_by = e.worker_id
     WHERE j.status IN ('Queued', 'Running')
-    FOR UPDATE OF j
 )"
 );
 
+/// A locked job row (a late ack's, a claim's) is waited for by the UPDATE, as above.
 const RESCUE_WHOLE_TABLE: &str = rescue_sql!(
     "stale AS (
-    SELECT j.id
+    SELECT j.id, j.fence
     FROM apalis.jobs j
     LEFT JOIN apalis.workers w ON w.id = j.lock_by
     WHERE j.status IN ('Queued', 'Running')
       AND (w.id IS NULL OR w.last_seen < now() - $1 * interval '1 millisecond')
-    FOR UPDATE OF j SKIP LOCKED
 )"
 );
 
@@ -204,6 +209,44 @@ mod tests {
         assert_eq!(rescue_expired_leases(&db, Duration::from_secs(30), &["once"], Scope::ClaimedBatches).await.unwrap(), 0);
         let (_, _, lock, attempts) = state(&db, &by("q@alive").unwrap()).await;
         assert_eq!((lock.as_deref(), attempts), (Some("q@alive"), 1));
+    }
+
+    /// The silent worker recovers while a rescue runs: it released the job and claimed it
+    /// again under the same worker id (a new fence, a new batch row), committing after the
+    /// rescue's snapshot. The rescue, waiting for the row, must leave the newer attempt
+    /// alone (it failed it: the job ran twice at once, here and after its retry elsewhere).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rescue_waiting_for_a_job_claimed_again_leaves_the_newer_attempt_alone() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let w = WorkerRow { id: "q@recovering".into(), queue: "q".into(), concurrency: 1 };
+        heartbeat(&mut conn, std::slice::from_ref(&w)).await.unwrap();
+        let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        let first = store::claim_each_shard(&db, "q", 1, &w.id).await.unwrap().remove(0);
+        age_worker(&db, &w.id, 60).await;
+        // The hand-back and the new claim, in one transaction left open: the row is locked.
+        let mut again = db.begin().await.unwrap();
+        sqlx::query("UPDATE apalis.jobs SET fence = fence + 1, lock_at = now(), started_at = now() WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *again)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO apalis.claims (worker_id, ids) VALUES ($1, ARRAY[$2])")
+            .bind(&w.id)
+            .bind(id.as_str())
+            .execute(&mut *again)
+            .await
+            .unwrap();
+        let db2 = db.clone();
+        let rescue = tokio::spawn(async move { rescue_expired_leases(&db2, Duration::from_secs(30), &[], Scope::ClaimedBatches).await });
+        molecule_domain::testing::until_a_statement_waits_on_a_lock(&db, "%DELETE FROM apalis.claims c%").await;
+        again.commit().await.unwrap();
+        assert_eq!(rescue.await.unwrap().unwrap(), 0, "the claim it found is over; the newer one is not its to take");
+        let (status, fence): (String, i64) =
+            sqlx::query_as("SELECT status, fence FROM apalis.jobs WHERE id = $1").bind(id.as_str()).fetch_one(&db).await.unwrap();
+        assert_eq!((status.as_str(), fence), ("Running", first.fence + 1));
+        let (_, _, lock, attempts) = state(&db, id.as_str()).await;
+        assert_eq!((lock.as_deref(), attempts), (Some(w.id.as_str()), 1));
     }
 
     /// A job running with no batch row (claimed by a version from before apalis.claims, or
