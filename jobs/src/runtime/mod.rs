@@ -385,4 +385,62 @@ mod tests {
         assert_eq!(attempts, 2, "rescued once, then run here");
         assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
+
+    /// With no shutdown grace (MOLECULE_SHUTDOWN_GRACE_SECS=0), the hand-back written at
+    /// shutdown meets faults of the moment (two serialization failures): it is retried, not
+    /// dropped. Dropped, the job stayed Running under a worker that had left, for some
+    /// rescuer to count the attempt — its last: dead, never having finished.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_at_shutdown_outlives_a_fault_of_the_moment_with_no_grace() {
+        let (db, _) = fresh_db().await;
+        let (started_tx, mut started) = watch::channel(false);
+        let started_tx = Arc::new(started_tx);
+        let handler = crate::handler_fn(move |ctx: crate::JobContext| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.send_replace(true);
+                ctx.interrupt.wait().await;
+                Err(crate::JobError::Interrupted)
+            }
+        });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(4),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(100),
+            grace: Duration::ZERO,
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 1 };
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("nograce", 1, policy, handler)]);
+        let mut conn = db.acquire().await.unwrap();
+        let id = enqueue(&mut conn, &NewJob::to_queue("nograce", &serde_json::json!({})).max_attempts(1)).await.unwrap();
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(15), started.wait_for(|s| *s)).await.expect("the job started").unwrap();
+        // From now on, the first two writes of a job row fail as a serialization failure
+        // would (a sequence: its count survives the failed statements' rollback).
+        sqlx::raw_sql(
+            "CREATE SEQUENCE ack_faults;
+             CREATE FUNCTION fail_twice() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('ack_faults') <= 2 THEN RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER fail_twice BEFORE UPDATE ON apalis.jobs FOR EACH ROW EXECUTE FUNCTION fail_twice();",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(20), rt.shutdown()).await.expect("shut down");
+        assert_eq!(report.released, 1);
+        let tries: i64 = sqlx::query_scalar("SELECT last_value FROM ack_faults").fetch_one(&db).await.unwrap();
+        assert!(tries >= 3, "the faults were met ({tries} writes)");
+        let (status, lock_by, attempts): (String, Option<String>, i32) =
+            sqlx::query_as("SELECT status, lock_by, attempts FROM apalis.jobs WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), lock_by, attempts), ("Pending", None, 0), "handed back, its attempt not counted");
+    }
 }
