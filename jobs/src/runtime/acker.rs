@@ -61,6 +61,11 @@ impl OpenBatches {
         lock(&self.0).insert(batch, jobs);
     }
 
+    /// The batches still open.
+    pub(super) fn known(&self) -> Vec<i64> {
+        lock(&self.0).keys().copied().collect()
+    }
+
     /// The batches whose remaining jobs all have their ack in `acks`.
     fn ending(&self, acks: &[Ack]) -> Vec<i64> {
         let open = lock(&self.0);

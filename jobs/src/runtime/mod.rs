@@ -443,4 +443,97 @@ mod tests {
                 .unwrap();
         assert_eq!((status.as_str(), lock_by, attempts), ("Pending", None, 0), "handed back, its attempt not counted");
     }
+
+    /// A claim commits but its answer never reaches the pool (here: the pool's claim fails,
+    /// and an earlier claim of the same worker whose answer was lost is in the table): its
+    /// jobs must not stay Running under a live worker for ever. The fetcher settles its
+    /// shard's unknown batches before it claims again; the job runs, its lost attempt not
+    /// counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_jobs_of_a_claim_whose_answer_was_lost_are_handed_back() {
+        let (db, _) = fresh_db().await;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let handler = crate::handler_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(serde_json::Value::Null)
+            }
+        });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(100),
+            grace: Duration::from_secs(5),
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("lostreply", 2, policy, handler)]);
+        let worker: String = loop {
+            let w: Option<String> =
+                sqlx::query_scalar("SELECT id FROM apalis.workers WHERE worker_type = 'lostreply'").fetch_optional(&db).await.unwrap();
+            if let Some(w) = w {
+                break w;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut conn = db.acquire().await.unwrap();
+        // Not due: the pool leaves it alone until the claim below takes it.
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        let lost = enqueue(&mut conn, &NewJob::to_queue("lostreply", &serde_json::json!({})).run_at(later)).await.unwrap();
+        // The claim whose answer was lost: committed under the pool's worker id.
+        sqlx::query(
+            "WITH j AS (UPDATE apalis.jobs SET status = 'Running', lock_by = $2, lock_at = now(), started_at = now(), \
+             run_at = now(), attempts = attempts + 1, fence = fence + 1 WHERE id = $1 RETURNING id) \
+             INSERT INTO apalis.claims (worker_id, ids) SELECT $2, array_agg(id) FROM j",
+        )
+        .bind(lost.as_str())
+        .bind(&worker)
+        .execute(&db)
+        .await
+        .unwrap();
+        // The pool's next claim in that shard fails (once), as the lost one did.
+        let shard = crate::store::Shard::of(&db, lost.as_str()).await.unwrap().index();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SEQUENCE claim_faults;
+             CREATE FUNCTION fail_a_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF (hashtext(NEW.ids[1]) & 1) = {shard} AND nextval('claim_faults') = 1 THEN
+                 RAISE EXCEPTION 'injected' USING ERRCODE = '40001';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER fail_a_claim BEFORE INSERT ON apalis.claims FOR EACH ROW EXECUTE FUNCTION fail_a_claim();"
+        )))
+        .execute(&db)
+        .await
+        .unwrap();
+        // Jobs in that shard, for the pool to claim.
+        let mut others = Vec::new();
+        while others.len() < 2 {
+            let id = enqueue(&mut conn, &NewJob::to_queue("lostreply", &serde_json::json!({}))).await.unwrap();
+            if crate::store::Shard::of(&db, id.as_str()).await.unwrap().index() == shard {
+                others.push(id);
+            }
+        }
+        drop(conn);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
+        let (status, attempts) = loop {
+            let (status, attempts): (String, i32) =
+                sqlx::query_as("SELECT status, attempts FROM apalis.jobs WHERE id = $1").bind(lost.as_str()).fetch_one(&db).await.unwrap();
+            if status == "Done" || tokio::time::Instant::now() >= give_up {
+                break (status, attempts);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        rt.shutdown().await;
+        let faults: i64 = sqlx::query_scalar("SELECT last_value FROM claim_faults").fetch_one(&db).await.unwrap();
+        assert!(faults >= 1, "a claim failed");
+        assert_eq!(status, "Done", "the lost claim's job still {status} after 15 s");
+        assert_eq!(attempts, 1, "the lost claim's attempt is not counted");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&db).await.unwrap();
+        assert_eq!(left, 0, "no batch row left behind");
+    }
 }

@@ -142,6 +142,9 @@ async fn fetch(
     let guard = tokio::spawn(guard_lease(attempts.clone(), lease.clone(), lost_wait, ack_tx.clone(), guard_stop));
     let mut backoff = ErrorBackoff::new();
     let mut start = ClaimStart::new(Instant::now());
+    // A claim failed: it may have committed all the same, its jobs Running under our name
+    // with nobody to run them (our heartbeat keeps rescuers away). Settled before the next.
+    let mut unsure = false;
 
     while !*shutdown.borrow() {
         if !*lease.borrow() {
@@ -153,6 +156,30 @@ async fn fetch(
             continue;
         }
         attempts.lock().await.reap();
+        if unsure {
+            let known = batches.known();
+            let released = tokio::select! {
+                r = store::claim::release_unknown_batches(&shared.core, worker_id, shard, &known) => r,
+                // Cut short, it is simply done again (nothing else claims for us in this shard).
+                _ = lease.wait_for(|held| !*held) => continue,
+            };
+            match released {
+                Ok(n) => {
+                    unsure = false;
+                    if n > 0 {
+                        tracing::warn!(queue, released = n, "handed back the jobs of a claim whose answer was lost");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue, error = %e, "settling a failed claim failed; backing off");
+                    tokio::select! {
+                        _ = backoff.wait(&mut shutdown) => {}
+                        _ = lease.wait_for(|held| !*held) => {}
+                    }
+                    continue;
+                }
+            }
+        }
         // The slots are taken before the claim: the other fetcher cannot fill them meanwhile.
         let mut permits = tokio::select! {
             p = take_slots(slots, cfg.batch.max(1).min(*share)) => match p {
@@ -185,6 +212,7 @@ async fn fetch(
             }
             Err(e) => {
                 drop(permits);
+                unsure = true;
                 tracing::warn!(queue, error = %e, "claim failed; backing off");
                 tokio::select! {
                     _ = backoff.wait(&mut shutdown) => {}

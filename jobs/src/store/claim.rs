@@ -206,6 +206,38 @@ pub async fn claim_each_shard(db: &PgPool, queue: &str, limit: i64, worker: &str
     Ok(claimed)
 }
 
+/// The batches of `worker`'s claims in `shard` whose rows exist but which the worker does
+/// not know (not among `known`): a claim that committed but whose answer never came (a
+/// connection cut after the commit, a row that did not decode). Their jobs are handed back
+/// (the attempt not counted) and their rows removed: the worker's heartbeat keeps them
+/// from every rescuer, so nobody else ever would. Only the shard's own fetcher, between
+/// its claims, may call this: the other shard's claims are never touched.
+const RELEASE_UNKNOWN: &str = concat!(
+    "WITH orphan AS (
+    DELETE FROM apalis.claims c
+    WHERE c.worker_id = $1 AND c.id <> ALL($3::int8[])
+      AND (SELECT ",
+    shard_of_id!(),
+    " FROM (SELECT c.ids[1] AS id) AS first) = $2
+    RETURNING c.ids
+)
+UPDATE apalis.jobs AS j
+SET status = 'Pending', run_at = now(), attempts = greatest(j.attempts - 1, 0),
+    lock_by = NULL, lock_at = NULL, started_at = NULL
+FROM (SELECT DISTINCT u.id FROM orphan CROSS JOIN LATERAL unnest(orphan.ids) AS u(id)) AS o
+WHERE j.id = o.id AND j.lock_by = $1 AND j.status = 'Running'
+  -- Claimed again since by a batch the worker knows (its attempt runs): not this claim's.
+  AND NOT EXISTS (SELECT 1 FROM apalis.claims k WHERE k.worker_id = $1 AND k.id = ANY($3::int8[]) AND j.id = ANY(k.ids))
+RETURNING j.id"
+);
+
+/// Hands back the jobs of `worker`'s batches in `shard` other than `known` ([`RELEASE_UNKNOWN`]);
+/// how many.
+pub async fn release_unknown_batches(db: &PgPool, worker: &str, shard: Shard, known: &[i64]) -> Result<u64, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(RELEASE_UNKNOWN).bind(worker).bind(shard.0).bind(known).fetch_all(db).await?;
+    Ok(ids.len() as u64)
+}
+
 /// Milliseconds until the queue's shard's next job is due (negative: due now), NULL when empty.
 const NEXT_DUE: &str = concat!(
     "SELECT (EXTRACT(EPOCH FROM (min(run_at) - now())) * 1000)::float8
