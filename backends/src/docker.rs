@@ -619,8 +619,8 @@ mod proc_tree {
         Ok(set.into_iter().filter(|pid| pid_ns(*pid).as_ref() == Some(&ns)).collect())
     }
 
-    /// SIGKILLs the targets until none is left (one may fork while the others die; its
-    /// child keeps the session); answers how many were killed.
+    /// SIGKILLs the targets until none is left (one may fork meanwhile; its child keeps
+    /// the session); answers how many were killed.
     pub(super) fn kill_session(init: i32, leader: i32, leader_running: bool) -> std::io::Result<usize> {
         let mut killed = HashSet::new();
         for _ in 0..20 {
@@ -628,8 +628,14 @@ mod proc_tree {
             if now.is_empty() {
                 return Ok(killed.len());
             }
-            for pid in now {
+            // Stopped first, all of them: a shell whose child dies before it would go on
+            // with its script (`sleep 200; echo done`) and start the next command.
+            for &pid in &now {
                 // SAFETY: kill(2) on a pid; no memory is shared.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+            }
+            for pid in now {
+                // SAFETY: as above.
                 if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
                     killed.insert(pid);
                 }
@@ -637,5 +643,78 @@ mod proc_tree {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Err(std::io::Error::other("processes of the exec were still being started after 20 rounds of kills"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+
+        /// A shell in a session of its own, as the engine starts an exec.
+        fn session(script: &str) -> std::process::Child {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script]).stdout(Stdio::piped());
+            // SAFETY: setsid(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+            }
+            cmd.spawn().unwrap()
+        }
+
+        fn gone(pid: i32, within: Duration) -> bool {
+            let t0 = Instant::now();
+            while t0.elapsed() < within {
+                if stat(pid).is_none() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        }
+
+        fn first_line(child: &mut std::process::Child) -> i32 {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+            line.trim().parse().unwrap()
+        }
+
+        #[test]
+        fn the_stat_of_a_process_is_read_after_its_name() {
+            let me = std::process::id() as i32;
+            // SAFETY: plain getters.
+            let (ppid, sid) = unsafe { (libc::getppid(), libc::getsid(0)) };
+            assert_eq!(stat(me), Some((ppid, sid)));
+        }
+
+        /// A running leader: it and everything it started go, children of children too.
+        #[test]
+        fn a_running_session_is_killed_whole() {
+            let mut sh = session("sleep 300 & echo $!; sh -c 'sleep 301'");
+            let leader = sh.id() as i32;
+            let background = first_line(&mut sh);
+            std::thread::sleep(Duration::from_millis(200));
+            // This process stands for the container's init: same namespace, never killed.
+            let init = std::process::id() as i32;
+            assert!(kill_session(init, leader, true).unwrap() >= 3);
+            let status = sh.wait().unwrap();
+            assert!(status.code().is_none(), "the leader was killed: {status:?}");
+            assert!(gone(background, Duration::from_secs(5)), "its background child was killed");
+        }
+
+        /// An ended leader: its pid is left alone, what is left of its session is killed.
+        #[test]
+        fn an_ended_leader_is_not_killed_but_its_session_is() {
+            let mut sh = session("sleep 302 & echo $!; exit 0");
+            let leader = sh.id() as i32;
+            let background = first_line(&mut sh);
+            assert_eq!(sh.wait().unwrap().code(), Some(0));
+            let init = std::process::id() as i32;
+            assert_eq!(targets(init, leader, false).unwrap(), vec![background]);
+            assert_eq!(kill_session(init, leader, false).unwrap(), 1);
+            assert!(gone(background, Duration::from_secs(5)));
+        }
     }
 }
