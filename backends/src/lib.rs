@@ -231,8 +231,9 @@ pub trait Backend: Send + Sync {
     }
     /// Whether instances are known by an id the backend assigns at launch (EC2's `i-…`),
     /// recorded on the row: then two launches for one workspace are possible (nothing
-    /// like a container name forbids them), starts must take turns, and an instance other
-    /// than the recorded one is a stray. False: one name per workspace (Docker).
+    /// like a container name forbids them), and an instance other than the recorded one is
+    /// a stray. False: one name per workspace (Docker). Starts take turns on every backend
+    /// (workers/src/provision.rs: the restart lock).
     fn assigns_instance_ids(&self) -> bool {
         false
     }
