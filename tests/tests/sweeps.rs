@@ -330,7 +330,9 @@ async fn a_dead_container_is_restarted_and_stale_tokens_of_stopped_workspaces_go
     assert!(docker(&["rm", "-f", &container_name(id)]).0);
     let restarted = health::restart_dead(&deps, 100).await.unwrap();
     assert_eq!(restarted, vec![id]);
-    assert_eq!(p.status(&ws).await, "offline", "until its restart runs");
+    // `offline` until the restart this serve's pool may already have picked up starts it.
+    let now = p.status(&ws).await;
+    assert!(now == "offline" || now == "provisioning", "marked down, then restarted: {now}");
     p.wait_status(&ws, "online", Duration::from_secs(60)).await;
     let (_, second) = docker(&["inspect", "-f", "{{.Id}}", &container_name(id)]);
     assert!(!second.is_empty() && second != first, "a new container");
