@@ -149,19 +149,54 @@ pub fn normalize(body: &[u8]) -> Result<Normalized, RpcError> {
     Ok(Normalized { id, method, operation, generation, params, expires_in_seconds, idempotency_key })
 }
 
-/// The path of the first string (or object key) in `v` that holds a NUL character.
-fn first_nul(v: &Value, path: &str) -> Option<String> {
-    match v {
-        Value::String(s) if s.contains('\0') => Some(path.to_string()),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| first_nul(item, &format!("{path}[{i}]"))),
-        Value::Object(fields) => fields.iter().find_map(|(k, item)| {
-            if k.contains('\0') {
-                return Some(path.to_string());
-            }
-            first_nul(item, &format!("{path}.{k}"))
-        }),
-        _ => None,
+/// The path of the first string (or object key) in `v` that holds a NUL character. The
+/// path is kept as borrowed segments and written out only for a hit: a body of a million
+/// items under a long key must cost a walk, not a million copies of the key.
+fn first_nul(v: &Value, root: &str) -> Option<String> {
+    enum Seg<'a> {
+        Key(&'a str),
+        Index(usize),
     }
+    fn walk<'a>(v: &'a Value, path: &mut Vec<Seg<'a>>) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                path.push(Seg::Index(i));
+                let hit = walk(item, path);
+                if !hit {
+                    path.pop();
+                }
+                hit
+            }),
+            Value::Object(fields) => fields.iter().any(|(k, item)| {
+                if k.contains('\0') {
+                    return true;
+                }
+                path.push(Seg::Key(k));
+                let hit = walk(item, path);
+                if !hit {
+                    path.pop();
+                }
+                hit
+            }),
+            _ => false,
+        }
+    }
+    let mut path = Vec::new();
+    if !walk(v, &mut path) {
+        return None;
+    }
+    let mut out = root.to_string();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    Some(out)
 }
 
 fn take_expires_in(params: &mut Map<String, Value>) -> Result<Option<i64>, RpcError> {
@@ -427,5 +462,18 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("params.idempotency_key"));
         let e = norm(json!({"method": "message/send", "params": {"message": {"metadata": {"a\u{0}": 1}, "parts": [{"kind": "text", "text": "ok"}]}}})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("params.message.metadata"));
+    }
+
+    #[test]
+    fn the_nul_check_walks_a_wide_body_without_copying_its_paths() {
+        // A million items under a 2 MiB key: a path written per item would copy 2 TB.
+        let key = "k".repeat(2 << 20);
+        let body = format!(
+            r#"{{"method": "message/send", "params": {{"message": {{"parts": [{{"kind": "text", "text": "ok"}}]}}, "{key}": [{}0]}}}}"#,
+            "0,".repeat(1_000_000)
+        );
+        let t0 = std::time::Instant::now();
+        assert!(normalize(body.as_bytes()).is_ok());
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
     }
 }
