@@ -28,20 +28,31 @@ pub enum Scope {
 }
 
 /// `$stale`: a CTE named `stale` (preceded by any it needs), the ids of the jobs to take
-/// and the fences of the claims it found them under, as of the statement's snapshot. The
-/// UPDATE re-checks that claim on each row's newest version: a job released and claimed
-/// again since (by the same worker id, recovered meanwhile: the rescuer's snapshot still
-/// has it silent) is a newer attempt, never failed for the older one's lapse.
+/// and the fences of the claims it found them under, as of the statement's snapshot.
+/// `locked` then locks them in id order — one order for every rescuer, so two never hold
+/// rows the other waits for — `$wait` saying how ("" waits, "SKIP LOCKED" skips). A row
+/// updated since the snapshot is re-checked on its newest version as the lock is taken:
+/// a job released and claimed again since (by the same worker id, recovered meanwhile:
+/// the rescuer's snapshot still has it silent) is a newer attempt, never failed for the
+/// older one's lapse. The UPDATE takes only what `locked` holds, so it waits for nothing.
 macro_rules! rescue_sql {
-    ($stale:literal) => {
+    ($stale:literal, $wait:literal) => {
         concat!(
             "WITH ",
             $stale,
-            ", verdict AS (
-    SELECT j.id, s.fence,
+            ", locked AS (
+    SELECT j.id, s.fence
+    FROM apalis.jobs j JOIN stale s ON s.id = j.id
+    WHERE j.fence = s.fence AND j.status IN ('Queued', 'Running')
+    ORDER BY j.id
+    FOR UPDATE OF j ",
+            $wait,
+            "
+), verdict AS (
+    SELECT j.id, l.fence,
            CASE WHEN j.job_type = ANY($2) THEN 'interrupted'
                 WHEN j.attempts >= j.max_attempts THEN 'dead' END AS outcome
-    FROM apalis.jobs j JOIN stale s ON s.id = j.id
+    FROM apalis.jobs j JOIN locked l ON l.id = j.id
 )
 UPDATE apalis.jobs AS j
 SET status  = CASE WHEN v.outcome IS NULL THEN 'Failed' ELSE 'Killed' END,
@@ -66,11 +77,14 @@ RETURNING j.job_type, v.outcome"
 }
 
 /// Batch rows another rescuer holds are skipped (it takes their jobs; two rescuers waiting
-/// for each other's rows would deadlock). The jobs are locked by the UPDATE, without SKIP
-/// LOCKED: their batch rows go with this statement, so a job skipped here would be left to
-/// the whole-table scan. A job row it waits for (a late ack's, a new claim's) is re-checked
-/// once it has it. `stale` locks nothing: a locking read returns the newest version of a
-/// row, whose fence would be the new claim's.
+/// for each other's rows would deadlock). The jobs are waited for, not skipped: their
+/// batch rows go with this statement, so a job skipped here would be left to the
+/// whole-table scan. A job row it waits for (a late ack's, a new claim's) is re-checked
+/// once it has it. Other rescuers lock in the same order or skip; an ack batch of the
+/// recovering worker locks in its own, and a deadlock with it aborts one of the two
+/// statements, each retried (the rescue with its batch rows, a third of a lease later).
+/// `stale` locks nothing: a locking read returns the newest version of a row, whose fence
+/// would be the new claim's.
 const RESCUE_CLAIMED: &str = rescue_sql!(
     "ended AS (
     DELETE FROM apalis.claims c
@@ -86,10 +100,13 @@ const RESCUE_CLAIMED: &str = rescue_sql!(
     FROM ended e CROSS JOIN LATERAL unnest(e.ids) AS u(id)
     JOIN apalis.jobs j ON j.id = u.id AND j.lock_by = e.worker_id
     WHERE j.status IN ('Queued', 'Running')
-)"
+)",
+    ""
 );
 
-/// A locked job row (a late ack's, a claim's) is waited for by the UPDATE, as above.
+/// A locked job row (a late ack's, a claim's, another rescue's) is skipped, left to the
+/// next scan: every process runs this scan, and waiting in scan order for rows a batch
+/// rescue, an ack batch or another scan holds could deadlock, aborting the whole rescue.
 const RESCUE_WHOLE_TABLE: &str = rescue_sql!(
     "stale AS (
     SELECT j.id, j.fence
@@ -97,7 +114,8 @@ const RESCUE_WHOLE_TABLE: &str = rescue_sql!(
     LEFT JOIN apalis.workers w ON w.id = j.lock_by
     WHERE j.status IN ('Queued', 'Running')
       AND (w.id IS NULL OR w.last_seen < now() - $1 * interval '1 millisecond')
-)"
+)",
+    "SKIP LOCKED"
 );
 
 /// Hands back the jobs of workers silent for longer than `lease`, among those `scope`
@@ -247,6 +265,35 @@ mod tests {
         assert_eq!((status.as_str(), fence), ("Running", first.fence + 1));
         let (_, _, lock, attempts) = state(&db, id.as_str()).await;
         assert_eq!((lock.as_deref(), attempts), (Some(w.id.as_str()), 1));
+    }
+
+    /// Every process runs the whole-table scan: one waiting for a row another statement
+    /// holds (a batch rescue, an ack batch, another scan locking in another order) could
+    /// deadlock and lose the whole rescue. A held row is skipped, taken by a later scan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_whole_table_scan_skips_a_job_another_statement_holds() {
+        let (db, _) = fresh_db().await;
+        let mut conn = db.acquire().await.unwrap();
+        let old = WorkerRow { id: "q@gone".into(), queue: "q".into(), concurrency: 2 };
+        heartbeat(&mut conn, std::slice::from_ref(&old)).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let id = enqueue(&mut conn, &NewJob::to_queue("q", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+            claim_without_batch_row(&db, id.as_str(), &old.id).await;
+            ids.push(id);
+        }
+        age_worker(&db, &old.id, 60).await;
+        let mut holder = db.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM apalis.jobs WHERE id = $1 FOR UPDATE").bind(ids[0].as_str()).execute(&mut *holder).await.unwrap();
+        let lease = Duration::from_secs(30);
+        let scan = rescue_expired_leases(&db, lease, &[], Scope::WholeTable);
+        let n = tokio::time::timeout(Duration::from_secs(10), scan).await.expect("the scan waited for the held row").unwrap();
+        assert_eq!(n, 1, "the free job only");
+        assert_eq!(state(&db, ids[0].as_str()).await.0, "Running");
+        assert_eq!(state(&db, ids[1].as_str()).await.0, "Failed");
+        holder.commit().await.unwrap();
+        assert_eq!(rescue_expired_leases(&db, lease, &[], Scope::WholeTable).await.unwrap(), 1, "the next scan takes it");
+        assert_eq!(state(&db, ids[0].as_str()).await.0, "Failed");
     }
 
     /// A job running with no batch row (claimed by a version from before apalis.claims, or
