@@ -77,7 +77,11 @@ impl ApiError {
                 "this server has no organization configured (MOLECULE_ORG_ID is set but empty); refusing to serve tenant data".into(),
             ),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is not reachable; retry shortly".into()),
-            Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy", "the database is busy (a wait for a lock timed out); retry shortly".into()),
+            Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the database is busy (a lock wait timed out or was cut short); retry shortly".into(),
+            ),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; it has been logged".into()),
         }
     }
@@ -108,6 +112,11 @@ impl From<sqlx::Error> for ApiError {
             }
             sqlx::Error::Database(db) if molecule_domain::db::gave_up_on_lock(db.as_ref()) => {
                 tracing::warn!(error = %e, "gave up waiting for a lock");
+                ApiError::Busy
+            }
+            // E.g. a delete locking a tree that grew while a create batch took its parents.
+            sqlx::Error::Database(db) if molecule_domain::db::deadlock_victim(db.as_ref()) => {
+                tracing::warn!(error = %e, "deadlock victim");
                 ApiError::Busy
             }
             _ => {

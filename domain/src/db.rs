@@ -63,6 +63,12 @@ pub fn gave_up_on_lock(e: &dyn sqlx::error::DatabaseError) -> bool {
     e.code().as_deref() == Some(LOCK_NOT_AVAILABLE)
 }
 
+/// The statement was chosen as a deadlock's victim (40P01): its transaction is rolled
+/// back, and running it again is the answer.
+pub fn deadlock_victim(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code().as_deref() == Some("40P01")
+}
+
 /// PostgreSQL refused a value it cannot store: a NUL character in `text` (22021) or a
 /// `\u0000` escape in `jsonb` (22P05). Always the caller's data, never the database's
 /// state: a bad request, not a fault.

@@ -270,14 +270,14 @@ async fn delete_removes_the_tree_once_with_one_stop_job_each() {
 }
 
 /// A3: a child created while its parent's delete is in flight is refused, not left live
-/// under a removed parent (the delete answered without it). The delete is held inside its
-/// transaction, after it locked the parent, by a lock on the job table taken here.
+/// under a removed parent (the delete answered without it) — under the deleted workspace
+/// and under any of its descendants. The delete is held inside its transaction, after it
+/// locked the tree, by a lock on the job table taken here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_created_while_its_parent_is_deleted_is_refused() {
     let (db, _) = fresh_db().await;
     let addr = start_api(db.clone(), open_auth()).await;
     let (_o, t) = org(&db, "a").await;
-    let (parent, _) = create_ws(&addr, &t, json!({"name": "parent", "runtime": "echo"})).await;
     let waiting = |n: i64| {
         let db = db.clone();
         async move {
@@ -286,26 +286,31 @@ async fn a_child_created_while_its_parent_is_deleted_is_refused() {
             (w >= n).then_some(())
         }
     };
+    for under_root in [true, false] {
+        let (root, _) = create_ws(&addr, &t, json!({"name": "root", "runtime": "echo"})).await;
+        let (child, _) = create_ws(&addr, &t, json!({"name": "child", "runtime": "echo", "parent_id": root})).await;
+        let parent = if under_root { root.clone() } else { child };
 
-    let mut blocker = db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE apalis.jobs IN SHARE MODE").execute(&mut *blocker).await.unwrap();
-    let delete = {
-        let (addr, t, parent) = (addr.clone(), t.clone(), parent.clone());
-        tokio::spawn(async move { http(&addr, "DELETE", &format!("/workspaces/{parent}"), Some(&t), None, None).await })
-    };
-    molecule_tests::eventually(Duration::from_secs(20), "the delete waits on the job table", || waiting(1)).await;
-    let create = {
-        let (addr, t) = (addr.clone(), t.clone());
-        let body = json!({"name": "late", "runtime": "echo", "parent_id": parent});
-        tokio::spawn(async move { post(&addr, "/workspaces", Some(&t), body).await })
-    };
-    molecule_tests::eventually(Duration::from_secs(20), "the create waits on the parent", || waiting(2)).await;
-    blocker.commit().await.unwrap();
+        let mut blocker = db.begin().await.unwrap();
+        sqlx::query("LOCK TABLE apalis.jobs IN SHARE MODE").execute(&mut *blocker).await.unwrap();
+        let delete = {
+            let (addr, t, root) = (addr.clone(), t.clone(), root.clone());
+            tokio::spawn(async move { http(&addr, "DELETE", &format!("/workspaces/{root}"), Some(&t), None, None).await })
+        };
+        molecule_tests::eventually(Duration::from_secs(20), "the delete waits on the job table", || waiting(1)).await;
+        let create = {
+            let (addr, t) = (addr.clone(), t.clone());
+            let body = json!({"name": "late", "runtime": "echo", "parent_id": parent});
+            tokio::spawn(async move { post(&addr, "/workspaces", Some(&t), body).await })
+        };
+        molecule_tests::eventually(Duration::from_secs(20), "the create waits", || waiting(2)).await;
+        blocker.commit().await.unwrap();
 
-    let (deleted, created) = (delete.await.unwrap(), create.await.unwrap());
-    assert_eq!(deleted.status, 202, "{}", deleted.body);
-    assert_eq!((created.status, created.code().as_str()), (400, "invalid_parent"), "{}", created.body);
-    assert_eq!(count(&db, "SELECT count(*) FROM workspaces WHERE status <> 'removed'").await, 0);
+        let (deleted, created) = (delete.await.unwrap(), create.await.unwrap());
+        assert_eq!(deleted.status, 202, "{}", deleted.body);
+        assert_eq!((created.status, created.code().as_str()), (400, "invalid_parent"), "under the root: {under_root}: {}", created.body);
+        assert_eq!(count(&db, "SELECT count(*) FROM workspaces WHERE status <> 'removed'").await, 0, "under the root: {under_root}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

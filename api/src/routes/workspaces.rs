@@ -188,7 +188,7 @@ async fn create_all(db: PgPool, lock_wait: std::time::Duration, reqs: &[CreateRe
         // whose delete is in flight is waited for and then re-read as `removed` (READ
         // COMMITTED re-checks the predicate on the row a wait ends at); a plain read let
         // the child in under a parent the delete had already answered for.
-        false => sqlx::query_as("SELECT id, org_id FROM workspaces WHERE id = ANY($1) AND status <> 'removed' FOR KEY SHARE")
+        false => sqlx::query_as("SELECT id, org_id FROM workspaces WHERE id = ANY($1) AND status <> 'removed' ORDER BY id FOR KEY SHARE")
             .bind(&parents)
             .fetch_all(&mut *tx)
             .await?
@@ -377,6 +377,17 @@ pub struct Removed {
 }
 
 /// The workspace and every descendant, in the caller's organization, that are not yet removed.
+/// Locks a workspace and every descendant, in id order (the order a create batch locks its
+/// parents in, so the two do not deadlock each other).
+const LOCK_TREE: &str = r#"
+WITH RECURSIVE tree AS (
+    SELECT id FROM workspaces WHERE id = $1 AND org_id = $2
+    UNION
+    SELECT w.id FROM workspaces w JOIN tree t ON w.parent_id = t.id WHERE w.org_id = $2
+)
+SELECT id FROM workspaces WHERE id IN (SELECT id FROM tree) ORDER BY id FOR UPDATE
+"#;
+
 const REMOVE_TREE: &str = r#"
 WITH RECURSIVE tree AS (
     SELECT id FROM workspaces WHERE id = $1 AND org_id = $2
@@ -403,13 +414,22 @@ pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<Str
     let id = parse_workspace_id(&id)?;
     let org = p.require_org()?;
     let mut tx = st.db.begin().await?;
-    // Serializes concurrent deletes of the same tree.
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 AND org_id = $2 FOR UPDATE")
-        .bind(id.0)
-        .bind(org.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if exists.is_none() {
+    // The whole tree is locked before it is marked, until no new descendant shows up: a
+    // create under any of its workspaces either committed before (the next read sees its
+    // child, which is locked and removed too) or waits for this delete and then finds its
+    // parent removed (its parent check takes KEY SHARE). Locking the root alone left a
+    // child created under a descendant live under a removed parent. Serializes concurrent
+    // deletes of one tree too.
+    let mut locked: HashSet<Uuid> = HashSet::new();
+    loop {
+        let tree: Vec<Uuid> = sqlx::query_scalar(LOCK_TREE).bind(id.0).bind(org.0).fetch_all(&mut *tx).await?;
+        let before = locked.len();
+        locked.extend(tree);
+        if locked.len() == before {
+            break;
+        }
+    }
+    if !locked.contains(&id.0) {
         return Err(ApiError::NotFound("workspace"));
     }
     let removed: Vec<Uuid> = sqlx::query_scalar(REMOVE_TREE).bind(id.0).bind(org.0).fetch_all(&mut *tx).await?;
