@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything an attempt knows: ids (never whole rows: a job re-reads state at start),
 /// the attempt number (1-based, persisted), and a database pool.
@@ -92,6 +93,13 @@ pub enum JobError {
     /// not run twice end `interrupted`; the others are handed back.
     #[error("interrupted: its worker stopped it before it finished (shutdown grace over, or heartbeat lost)")]
     Interrupted,
+    /// Not now: the job goes back to the queue, due `after` from now, and this attempt
+    /// does not count (Oban's snooze). For a turn to wait for (a lock another job holds),
+    /// never for a failure. Its `expires_at` still holds. The core does not cap snoozes:
+    /// a handler that snoozes must bound the wait itself (say, by the job's age) and fail
+    /// once past it, or the job never ends.
+    #[error("snoozed for {after:?}: {}: {}", .why.code, .why.detail)]
+    Snooze { after: Duration, why: Failure },
 }
 
 impl JobError {
@@ -103,14 +111,20 @@ impl JobError {
         JobError::Permanent(Failure { code, detail: detail.into() })
     }
 
+    /// Run again after `after`, this attempt not counted ([`JobError::Snooze`]); `code`
+    /// and `detail` say why it waits (the code's sentence is the job's `last_error` meanwhile).
+    pub fn snooze(after: Duration, code: &'static str, detail: impl Into<String>) -> Self {
+        JobError::Snooze { after, why: Failure { code, detail: detail.into() } }
+    }
+
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, JobError::Retryable(_) | JobError::Interrupted)
+        !matches!(self, JobError::Retryable(_) | JobError::Interrupted | JobError::Snooze { .. })
     }
 
     /// The stable code of this failure.
     pub fn code(&self) -> &'static str {
         match self {
-            JobError::Retryable(f) | JobError::Permanent(f) => f.code,
+            JobError::Retryable(f) | JobError::Permanent(f) | JobError::Snooze { why: f, .. } => f.code,
             JobError::Undecodable(_) => "undecodable_payload",
             JobError::NoBackend => "no_backend",
             JobError::Interrupted => "interrupted",

@@ -21,8 +21,9 @@ pub const DURATION: &str = "molecule_job_duration_seconds";
 pub const STALE_ACKS: &str = "molecule_jobs_stale_acks_total";
 
 /// How an attempt ended. `failed` counts every failed attempt: each is also `retried`
-/// (it runs again) or `dead` (it does not).
-pub const EVENTS: [&str; 7] = ["succeeded", "failed", "retried", "dead", "interrupted", "expired", "released"];
+/// (it runs again) or `dead` (it does not). `released` (handed back, due at once) and
+/// `snoozed` (handed back due later, [`crate::JobError::Snooze`]) do not count as attempts.
+pub const EVENTS: [&str; 8] = ["succeeded", "failed", "retried", "dead", "interrupted", "expired", "released", "snoozed"];
 const FAILED: usize = 1;
 
 /// Counted when the insert runs: a caller's transaction that rolls back afterwards still
@@ -104,6 +105,7 @@ fn event(ack: &Ack) -> usize {
         (JobState::Killed, Some(Outcome::Interrupted)) => "interrupted",
         (JobState::Killed, Some(Outcome::Expired)) => "expired",
         (JobState::Killed, _) => "dead",
+        (JobState::Pending, _) if ack.delay_ms > 0 => "snoozed",
         (JobState::Pending | JobState::Queued | JobState::Running, _) => "released",
     };
     EVENTS.iter().position(|e| *e == name).unwrap_or(0)
@@ -137,5 +139,6 @@ mod tests {
         assert_eq!(name(&ack(JobState::Killed, Some(Outcome::Interrupted), true)), "interrupted");
         assert_eq!(name(&ack(JobState::Killed, Some(Outcome::Expired), true)), "expired");
         assert_eq!(name(&ack(JobState::Pending, None, false)), "released");
+        assert_eq!(name(&Ack { delay_ms: 5000, ..ack(JobState::Pending, None, true) }), "snoozed");
     }
 }

@@ -182,6 +182,64 @@ async fn a_panicking_handler_fails_the_attempt_not_the_pool() {
     assert!(v.attempt_log[0]["error"].as_str().unwrap().starts_with("handler_panicked: "));
 }
 
+/// A snooze (SPEC §4: a turn to wait for, not a failure) puts the job back due after its
+/// delay with the attempt refunded: two snoozes of a job with one attempt, then it runs
+/// and succeeds as attempt 1, nothing in its attempt log. Meanwhile it reads as scheduled,
+/// its last error saying why it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snoozed_job_runs_again_after_the_delay_without_using_an_attempt() {
+    let (db, _) = fresh_db().await;
+    let snooze = Duration::from_millis(1200);
+    let runs = Arc::new(std::sync::Mutex::new(Vec::<(std::time::Instant, i32)>::new()));
+    let r = runs.clone();
+    let handler = handler_fn(move |ctx| {
+        let r = r.clone();
+        async move {
+            let n = {
+                let mut runs = r.lock().unwrap();
+                runs.push((std::time::Instant::now(), ctx.attempt));
+                runs.len()
+            };
+            if n <= 2 { Err(JobError::snooze(snooze, "restart_in_progress", format!("held ({n})"))) } else { Ok(json!({"ran": n})) }
+        }
+    });
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("sleepy", 1, policy(50), handler)]);
+    let id = push(&db, NewJob::to_queue("sleepy", &json!({})).max_attempts(1)).await;
+    let waiting = wait_status(&db, &id, JobStatus::Scheduled, Duration::from_secs(10)).await;
+    assert_eq!(waiting.attempts, 0, "the snoozed attempt is refunded");
+    assert!(waiting.last_error.as_deref().is_some_and(|e| e.starts_with("restart_in_progress: ")), "{:?}", waiting.last_error);
+    let v = wait_status(&db, &id, JobStatus::Succeeded, Duration::from_secs(20)).await;
+    rt.shutdown().await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3);
+    assert!(runs.iter().all(|(_, attempt)| *attempt == 1), "every run is attempt 1: {runs:?}");
+    for w in runs.windows(2) {
+        let gap = w[1].0 - w[0].0;
+        assert!(gap >= snooze, "ran again after {gap:?}, before its snooze of {snooze:?} was over");
+    }
+    assert_eq!((v.attempts, v.result), (1, Some(json!({"ran": 3}))));
+    assert_eq!(v.attempt_log.as_array().map(Vec::len), Some(0), "a snooze is no failed attempt");
+}
+
+/// A job that snoozes for ever still ends when its `expires_at` passes (at claim time,
+/// as any other job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_snoozing_past_its_expiry_ends_expired() {
+    let (db, _) = fresh_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let handler = handler_fn(move |_ctx| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Err(JobError::snooze(Duration::from_millis(300), "restart_in_progress", "held")) }
+    });
+    let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("forever", 1, policy(50), handler)]);
+    let id = push(&db, NewJob::to_queue("forever", &json!({})).expires_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
+    let v = wait_status(&db, &id, JobStatus::Expired, Duration::from_secs(10)).await;
+    rt.shutdown().await;
+    assert!(runs.load(Ordering::SeqCst) >= 2, "it snoozed and ran again before it expired");
+    assert!(v.last_error.unwrap().starts_with("expired: "));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
     let (db, _) = fresh_db().await;

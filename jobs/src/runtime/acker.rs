@@ -15,7 +15,7 @@ use super::pool::PoolWake;
 
 use super::Shared;
 use crate::backoff::retry_delay;
-use crate::handler::JobError;
+use crate::handler::{Failure, JobError};
 use crate::kinds::RetryPolicy;
 use crate::metrics::QueueMetrics;
 use crate::state::{JobState, Outcome};
@@ -109,6 +109,16 @@ pub(super) fn expired(c: Claim) -> Ack {
 /// Handed back: runs again at once elsewhere, the attempt not counted.
 pub(super) fn release(c: Claim) -> Ack {
     ack(c, JobState::Pending, None)
+}
+
+/// Snoozed ([`JobError::Snooze`]): a hand-back due `after` from now, the attempt not
+/// counted, with why it waits as the job's last error (not in its attempt log). At least
+/// 1 ms: a delay is what tells it from a release (metrics); at most 2³² ms (49 days), so
+/// `now() + delay` stays a timestamp. Expiry is checked at claim.
+pub(super) fn snoozed(c: Claim, why: &Failure, after: Duration) -> Ack {
+    let delay_ms = after.as_millis().clamp(1, u32::MAX as u128) as i64;
+    let error_detail = Some(truncate(&format!("{}: {}", why.code, why.detail), 2000));
+    Ack { error: Some(crate::failures::public(why.code)), error_detail, delay_ms, ..release(c) }
 }
 
 pub(super) fn interrupted(c: Claim) -> Ack {

@@ -282,6 +282,10 @@ async fn fetch(
                         ended.count(runs_once);
                         if runs_once { acker::interrupted(claim) } else { acker::release(claim) }
                     }
+                    Ok(Err(JobError::Snooze { after, why })) => {
+                        tracing::debug!(job_id = %claim.id, code = why.code, after_ms = after.as_millis() as u64, attempt, "attempt snoozed");
+                        acker::snoozed(claim, &why, after)
+                    }
                     Ok(Err(e)) => {
                         // The detail goes here, and to operators; tenants read the code.
                         tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed");
