@@ -350,6 +350,100 @@ mod tests {
         assert!(!out.contains("QUJD") && out.ends_with("INFO agent started on port 8000\nmore log\n"), "{out:?}");
     }
 
+    /// A stray BEGIN line followed by more than the hold of ordinary log lines (no END)
+    /// leaves redacted, and the stream is not left dropping lines: the next lines come
+    /// through even when they are made only of base64 characters.
+    #[test]
+    fn lines_after_a_stray_begin_line_past_the_hold_come_through() {
+        let r = Redactor::new();
+        let mut log = String::from("-----BEGIN RSA PRIVATE KEY-----\n");
+        let mut i = 0;
+        while log.len() < 70 * 1024 {
+            log.push_str(&format!("INFO request {i} served in 3 ms\n"));
+            i += 1;
+        }
+        for chunk_size in [4096, 70 * 1024 + 100] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = String::new();
+            for chunk in log.as_bytes().chunks(chunk_size) {
+                out.push_str(&s.push(chunk));
+            }
+            let next = s.push(b"OK\n200\ndone\ntrue\npassword=hunter2x\n");
+            assert_eq!(next, "OK\n200\ndone\ntrue\npassword=[REDACTED]\n", "chunks of {chunk_size}");
+            out.push_str(&next);
+            out.push_str(&s.finish());
+            assert!(out.starts_with(MARK) && !out.contains("-----BEGIN"), "chunks of {chunk_size}");
+            assert!(out.contains("request 0 served in 3 ms\nINFO request 1 served"), "chunks of {chunk_size}");
+            assert!(out.contains(&format!("INFO request {} served", i - 1)), "chunks of {chunk_size}");
+        }
+    }
+
+    /// Once a key larger than the hold is being dropped, dropping stops at the first line
+    /// that is not of its body: a word after the body's base64 lines comes through, while
+    /// the key's own short last lines (before its END line) never do, however they arrive.
+    #[test]
+    fn dropping_a_large_key_stops_at_the_first_line_not_of_it() {
+        let r = Redactor::new();
+        let mut key = String::from("-----BEGIN RSA PRIVATE KEY-----\n");
+        let mut i = 0;
+        while key.len() < 2 * STREAM_HOLD {
+            key.push_str(&format!("S2V5Qm9keQ{i:08}{}\n", "z".repeat(46)));
+            i += 1;
+        }
+        // No END line: the log goes on with words made of base64 characters.
+        for chunk_size in [1000, 4096, 70_000] {
+            let text = format!("{key}done\ntrue\nexit 0\n");
+            let mut s = StreamRedactor::new(&r);
+            let mut out = String::new();
+            for chunk in text.as_bytes().chunks(chunk_size) {
+                out.push_str(&s.push(chunk));
+            }
+            out.push_str(&s.finish());
+            assert!(!out.contains("S2V5Qm9keQ"), "chunks of {chunk_size}");
+            assert_eq!(out, "[REDACTED]\ndone\ntrue\nexit 0\n", "chunks of {chunk_size}");
+        }
+        // The key's short last lines, a line per push, are dropped through its END line.
+        for tail in [&["AbCd3Q==\n", "-----END RSA PRIVATE KEY-----\n"][..], &["AbCd3Q==\n", "=Qs3J\n", "-----END RSA PRIVATE KEY-----\n"]]
+        {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = s.push(key.as_bytes());
+            for line in tail {
+                out.push_str(&s.push(line.as_bytes()));
+            }
+            out.push_str(&s.push(b"after\n"));
+            out.push_str(&s.finish());
+            assert_eq!(out, "[REDACTED]\nafter\n", "{tail:?}");
+        }
+        // A stray BEGIN line before header-like lines (an HTTP dump): they end no key.
+        let mut dump = String::from("-----BEGIN RSA PRIVATE KEY-----\n");
+        while dump.len() < 70 * 1024 {
+            dump.push_str("Content-Type: text/plain\n");
+        }
+        let mut s = StreamRedactor::new(&r);
+        s.push(dump.as_bytes());
+        assert_eq!(s.push(b"Accept: */*\nOK\n"), "Accept: */*\nOK\n");
+        // A key's body on one line longer than the hold, after its headers: dropped whole.
+        let long = format!(
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: 1\n\n{}\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----\nafter\n",
+            "TG9uZw".repeat(40_000)
+        );
+        for chunk_size in [4096, 70_000] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = String::new();
+            for chunk in long.as_bytes().chunks(chunk_size) {
+                out.push_str(&s.push(chunk));
+                assert!(s.held.len() <= STREAM_HOLD + chunk_size, "held {} bytes", s.held.len());
+            }
+            out.push_str(&s.finish());
+            assert_eq!(out, "[REDACTED]\nafter\n", "chunks of {chunk_size}");
+        }
+        // Cut off after a short last line (no END, nothing after): still dropped.
+        let mut s = StreamRedactor::new(&r);
+        let mut out = s.push(format!("{key}AbCd3Q==\n").as_bytes());
+        out.push_str(&s.finish());
+        assert_eq!(out, "[REDACTED]\n");
+    }
+
     /// A private key printed one line at a time leaves as one `[REDACTED]`: nothing of it
     /// is released before its END line.
     #[test]

@@ -175,28 +175,105 @@ pub const STREAM_HOLD: usize = 64 * 1024;
 /// released only up to its last complete line (tokens never span lines), and an armoured
 /// private key is held from its BEGIN line until its END line arrives — so a key printed
 /// one line per second leaves as one `[REDACTED]`, never line by line. A key larger than
-/// [`STREAM_HOLD`] (or a stray BEGIN line) leaves redacted as a key cut short, and its
-/// further body lines are dropped through its END line. A line longer than
-/// [`STREAM_HOLD`] is released at a space once that much has piled up.
+/// [`STREAM_HOLD`] (or a stray BEGIN line) leaves redacted as a key cut short, and if its
+/// body lines ran up to there, its further body lines are dropped through its END line —
+/// up to the first line that is not of a key's body, which comes through. A line longer
+/// than [`STREAM_HOLD`] is released at a space once that much has piled up.
 pub struct StreamRedactor<'r> {
     redactor: &'r Redactor,
     held: Vec<u8>,
-    /// Inside a key whose beginning has left (redacted): its body lines are dropped.
-    in_key: bool,
+    /// Inside a key whose beginning has left (redacted): where in it, its lines dropped.
+    in_key: Option<KeyPart>,
+}
+
+/// Where a stream is inside a private key whose beginning has left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyPart {
+    /// Its header lines (`Version: …`, `Proc-Type: …`) and the blank line after them.
+    Headers,
+    /// Its full body lines, all this long. A shorter line may be its last (a PEM body's
+    /// last line, PGP's `=Qs3J` checksum, up to two): one is the key's only if its END
+    /// line follows, so it is held until the line after it shows which.
+    Body(usize),
+    /// Inside a body line longer than the hold, dropped in parts.
+    Long,
+}
+
+/// What the lines from some point on are, for a key a stream is inside.
+enum KeyLines {
+    /// The key's, through its END line's `-----END …-----`, which ends here.
+    Ended(usize),
+    /// The key's up to here; the line here (or a short line held before it) is not.
+    Left(usize),
+    /// The key's up to here, then (up to two) short lines that may be its last: the text
+    /// ran out before it showed which, and the key is at this part.
+    Open(KeyPart, usize),
+}
+
+/// Reads the lines of `buf` from `at` on (its end ends a line) as those of a key at `part`.
+fn key_lines(buf: &[u8], mut at: usize, mut part: KeyPart) -> KeyLines {
+    let is_base64 = |l: &[u8]| !l.is_empty() && l.iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b));
+    let is_header = |l: &[u8]| match l.windows(2).position(|w| w == b": ") {
+        Some(p) => l[0].is_ascii_alphabetic() && l[..p].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-'),
+        None => false,
+    };
+    let mut known = at;
+    let mut short = 0;
+    while at < buf.len() {
+        let end = buf[at..].iter().position(|b| *b == b'\n').map(|p| at + p + 1).unwrap_or(buf.len());
+        let line = buf[at..end].trim_ascii();
+        if line.starts_with(b"-----END") {
+            let start = end - buf[at..end].trim_ascii_start().len();
+            let close = buf[start + 8..end].windows(5).position(|w| w == b"-----").map(|p| start + 8 + p + 5).unwrap_or(end);
+            // The rest of the END line goes too when it is blank: the key left as a line.
+            return KeyLines::Ended(if buf[close..end].trim_ascii().is_empty() { end } else { close });
+        }
+        match part {
+            KeyPart::Headers if line.is_empty() || is_header(line) => {}
+            // A key's body lines are long (64 characters for PEM and PGP, 70 for OpenSSH).
+            KeyPart::Headers if is_base64(line) && line.len() >= 16 => part = KeyPart::Body(line.len()),
+            KeyPart::Long if line.is_empty() || is_base64(line) => part = KeyPart::Body(usize::MAX),
+            KeyPart::Body(width) if is_base64(line) && line.len() == width && short == 0 => {}
+            KeyPart::Body(width) if is_base64(line) && line.len() < width && short < 2 => {
+                short += 1;
+                at = end;
+                continue;
+            }
+            _ => return KeyLines::Left(known),
+        }
+        at = end;
+        known = at;
+    }
+    KeyLines::Open(part, known)
 }
 
 impl<'r> StreamRedactor<'r> {
     pub fn new(redactor: &'r Redactor) -> Self {
-        StreamRedactor { redactor, held: Vec::new(), in_key: false }
+        StreamRedactor { redactor, held: Vec::new(), in_key: None }
     }
 
     /// Takes a chunk; returns the redacted text that may leave now (possibly empty).
     pub fn push(&mut self, chunk: &[u8]) -> String {
         self.held.extend_from_slice(chunk);
         let line_end = |held: &[u8]| held.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
-        if self.in_key {
-            // A body line longer than the hold is dropped in parts, like a long line.
-            self.drop_key_body(if self.held.len() > STREAM_HOLD { self.held.len() } else { line_end(&self.held) });
+        if let Some(part) = self.in_key {
+            let limit = line_end(&self.held);
+            self.drop_key_lines(part, limit);
+        }
+        if self.in_key.is_some() {
+            // What is held is a line not yet ended, after the short lines that may be the
+            // key's last: held until a line shows whether they are. A body line longer
+            // than the hold is dropped in parts; any other line that long is not the key's.
+            let long_body = matches!(self.in_key, Some(KeyPart::Headers | KeyPart::Long))
+                || matches!(self.in_key, Some(KeyPart::Body(width)) if width > STREAM_HOLD);
+            if self.held.len() <= STREAM_HOLD {
+                return String::new();
+            } else if long_body && self.held.iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b)) {
+                self.held.clear();
+                self.in_key = Some(KeyPart::Long);
+                return String::new();
+            }
+            self.in_key = None;
         }
         let last_line_end = line_end(&self.held);
         let mut cut = last_line_end;
@@ -204,11 +281,25 @@ impl<'r> StreamRedactor<'r> {
             // Held until its END line — by the key's own size, not the buffer's (a batch
             // of output may end mid-key): past the hold (a stray BEGIN line, or a key
             // larger than any real one) its lines so far leave redacted as a key cut short
-            // and the rest of its body is dropped, so the hold stays bounded.
+            // and the rest of its body is dropped, so the hold stays bounded — only if its
+            // body lines run up to the cut: a stray BEGIN line's ordinary lines end it.
             if self.held.len() - open <= STREAM_HOLD {
                 cut = cut.min(open);
             } else if cut > open {
-                self.in_key = true;
+                let begin_end = self.held[open..].iter().position(|b| *b == b'\n').map_or(cut, |p| open + p + 1);
+                match key_lines(&self.held[..cut], begin_end, KeyPart::Headers) {
+                    // No body line yet: a key's only if one longer than the hold is under way
+                    // (a real key's few header lines do not fill the hold).
+                    KeyLines::Open(KeyPart::Headers, _)
+                        if self.held.len() - cut <= STREAM_HOLD / 2
+                            || !self.held[cut..].iter().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(b)) => {}
+                    KeyLines::Open(part, known) => {
+                        // Short lines that may be its last stay held, to be dropped with it.
+                        self.in_key = Some(part);
+                        cut = known;
+                    }
+                    _ => {}
+                }
             }
         }
         if cut == 0 && self.held.len() > STREAM_HOLD {
@@ -218,6 +309,12 @@ impl<'r> StreamRedactor<'r> {
             return String::new();
         }
         let out: Vec<u8> = self.held.drain(..cut).collect();
+        if self.in_key.is_some() {
+            // The key's rule takes the line end after its last line: the line stays one.
+            let mut text = self.text(&out[..out.len() - 1]);
+            text.push('\n');
+            return text;
+        }
         self.text(&out)
     }
 
@@ -240,20 +337,26 @@ impl<'r> StreamRedactor<'r> {
         out
     }
 
-    /// Drops the key body lines (and the END line's marker) that start the held text,
-    /// within `limit`; the key ends at its END line or at a line that is not of it.
-    fn drop_key_body(&mut self, limit: usize) {
-        let (body, marker) = key_body_end(&self.held[..limit], 0);
-        if marker.is_some() || body < limit {
-            self.in_key = false;
-        }
-        self.held.drain(..marker.unwrap_or(body));
+    /// Drops the lines of the key the stream is inside (through its END line) that start
+    /// the held text, within `limit`; the key ends at its END line or at a line not of it.
+    fn drop_key_lines(&mut self, part: KeyPart, limit: usize) {
+        let (drop, part) = match key_lines(&self.held[..limit], 0, part) {
+            KeyLines::Ended(end) => (end, None),
+            KeyLines::Left(known) => (known, None),
+            KeyLines::Open(part, known) => (known, Some(part)),
+        };
+        self.in_key = part;
+        self.held.drain(..drop);
     }
 
-    /// The rest, at the stream's end (a key cut off before its END is still redacted).
+    /// The rest, at the stream's end (a key cut off before its END is still redacted:
+    /// short lines that may be its last go with it, nothing having shown they are not).
     pub fn finish(mut self) -> String {
-        if self.in_key {
-            self.drop_key_body(self.held.len());
+        if let Some(part) = self.in_key {
+            self.drop_key_lines(part, self.held.len());
+            if self.in_key.is_some() {
+                self.held.clear();
+            }
         }
         let rest = std::mem::take(&mut self.held);
         self.text(&rest)
