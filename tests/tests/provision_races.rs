@@ -180,3 +180,89 @@ async fn a_provision_during_a_slow_restart_waits_then_leaves_the_restarted_insta
     }
     the_instance_holds_the_live_token(&r).await;
 }
+
+/// The regression of 1259b4e: a restart queued while a provision holds the workspace's
+/// restart lock (its start slow, as a first image pull) failed each time it found the
+/// lock held, a retryable failure that used one of its attempts, and died long before the
+/// provision was done. Now it snoozes (J3: it waits its turn, no attempt used): with
+/// three attempts and retries every few hundred milliseconds, held several times as long
+/// as those retries take, it still runs when the provision is done, and ends done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_queued_during_a_long_provision_waits_without_using_its_attempts() {
+    use molecule_jobs::status::{self, JobView};
+    use molecule_jobs::{JobKind, JobStatus, NewJob, Runtime, RuntimeConfig};
+    let r = rig().await;
+    let provision = tokio::spawn({
+        let (deps, ctx) = (r.deps.clone(), ctx(&r.db, "provision", None, r.ws));
+        let ws = r.ws;
+        async move { molecule_workers::provision::run(&deps, &ctx, ws).await }
+    });
+    entered(&r.fake).await;
+    let mut specs = molecule_workers::handlers::pool_specs(&r.deps, &[(JobKind::Restart, 1)].into_iter().collect());
+    for s in &mut specs {
+        // Retries that would use up three attempts in well under a second.
+        s.retry.base = Duration::from_millis(100);
+        s.retry.cap = Duration::from_millis(200);
+    }
+    let cfg = RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
+    let rt = Runtime::start(r.db.clone(), cfg, specs);
+    let id = {
+        let mut c = r.db.acquire().await.unwrap();
+        let job = NewJob::to_queue("restart", &serde_json::json!({ "workspace_id": r.ws.0 })).workspace(r.ws).max_attempts(3);
+        molecule_jobs::enqueue(&mut c, &job).await.unwrap()
+    };
+    let view = |db: PgPool, id: molecule_domain::JobId| async move { status::get(&db, &id).await.unwrap().expect("the job") };
+    // It ran, and found the lock held.
+    let waiting: JobView = molecule_tests::eventually(Duration::from_secs(10), "the restart to find the lock held", || {
+        let f = view(r.db.clone(), id.clone());
+        async move { Some(f.await).filter(|v| v.last_error.as_deref().is_some_and(|e| e.starts_with("restart_in_progress"))) }
+    })
+    .await;
+    assert_eq!(waiting.attempts, 0, "waiting its turn uses no attempt");
+    // Held for longer than three retries take.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = view(r.db.clone(), id.clone()).await;
+    assert!(!still.status.is_final(), "the restart ended while it waited its turn: {:?} after {} attempts", still.status, still.attempts);
+    assert_eq!(still.attempts, 0);
+    r.fake.release.notify_one();
+    assert!(provision.await.unwrap().is_ok());
+    let done: JobView = molecule_tests::eventually(Duration::from_secs(15), "the restart to end", || {
+        let f = view(r.db.clone(), id.clone());
+        async move { Some(f.await).filter(|v| v.status.is_final()) }
+    })
+    .await;
+    rt.shutdown().await;
+    assert_eq!((done.status, done.attempts), (JobStatus::Succeeded, 1), "{done:?}");
+    the_instance_holds_the_live_token(&r).await;
+}
+
+/// The wait is bounded: a job that finds the lock held once it is ten minutes old
+/// (`TURN_WAIT`) fails retryably, using an attempt, so a lock that stays taken ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_its_turn_too_long_uses_its_attempts_again() {
+    let r = rig().await;
+    let provision = tokio::spawn({
+        let (deps, ctx) = (r.deps.clone(), ctx(&r.db, "provision", None, r.ws));
+        let ws = r.ws;
+        async move { molecule_workers::provision::run(&deps, &ctx, ws).await }
+    });
+    entered(&r.fake).await;
+    let mut young = ctx(&r.db, "restart", None, r.ws);
+    let mut old = ctx(&r.db, "restart", None, r.ws);
+    for (ctx, age) in [(&mut young, "1 minute"), (&mut old, "11 minutes")] {
+        let mut c = r.db.acquire().await.unwrap();
+        let id = molecule_jobs::enqueue(&mut c, &molecule_jobs::NewJob::to_queue("parked", &serde_json::json!({}))).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE apalis.jobs SET created_at = now() - interval '{age}' WHERE id = $1")))
+            .bind(id.as_str())
+            .execute(&r.db)
+            .await
+            .unwrap();
+        ctx.id = id;
+    }
+    let y = molecule_workers::restart::run(&r.deps, &young, r.ws).await;
+    assert!(matches!(y, Err(JobError::Snooze { .. })), "{y:?}");
+    let o = molecule_workers::restart::run(&r.deps, &old, r.ws).await;
+    assert!(matches!(&o, Err(JobError::Retryable(f)) if f.code == "restart_in_progress"), "{o:?}");
+    r.fake.release.notify_one();
+    assert!(provision.await.unwrap().is_ok());
+}

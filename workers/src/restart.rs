@@ -6,14 +6,45 @@ use molecule_domain::{WorkspaceId, WorkspaceStatus};
 use molecule_jobs::handler::HandlerResult;
 use molecule_jobs::{JobContext, JobError};
 use serde_json::json;
+use std::time::Duration;
 
 use crate::Deps;
 use crate::provision::{db_err, load};
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
+    if let Ok(Some(row)) = load(d, ws).await
+        && row.status != WorkspaceStatus::Removed
+    {
+        crate::provision::pull_ahead(d, ctx, ws, &row.runtime).await;
+    }
     match one_at_a_time(&d.db, ws, restart(d, ctx, ws)).await? {
         Some(res) => res,
-        None => Err(JobError::retryable("restart_in_progress", "another restart of this workspace is running")),
+        None => Err(wait_turn(d, ctx, "another restart of this workspace is running").await),
+    }
+}
+
+/// How soon a job that found the restart lock held looks again.
+pub const TURN_RETRY: Duration = Duration::from_secs(5);
+/// How long after its enqueue a job may keep waiting its turn without using attempts.
+pub const TURN_WAIT: Duration = Duration::from_secs(600);
+
+/// The answer of a job that found the workspace's restart lock held (J1, J3): its turn
+/// comes when the holder is done, which is no failure of its own, so it snoozes (the
+/// attempt does not count: a restart queued during a first image pull must not run out
+/// of attempts). Snoozes are not capped by the job core: once the job is [`TURN_WAIT`]
+/// old, it fails retryably instead, so a lock that stays taken ends it after its attempts.
+pub(crate) async fn wait_turn(d: &Deps, ctx: &JobContext, detail: &'static str) -> JobError {
+    // No row (a job run outside the queue): young.
+    let waited_long: Result<Option<bool>, _> =
+        sqlx::query_scalar("SELECT created_at < now() - $2::float8 * interval '1 second' FROM apalis.jobs WHERE id = $1")
+            .bind(ctx.id.as_str())
+            .bind(TURN_WAIT.as_secs_f64())
+            .fetch_optional(&d.db)
+            .await;
+    match waited_long {
+        Ok(Some(true)) => JobError::retryable("restart_in_progress", format!("{detail}; waited its turn {TURN_WAIT:?} already")),
+        Ok(_) => JobError::snooze(TURN_RETRY, "restart_in_progress", detail),
+        Err(e) => db_err(e),
     }
 }
 

@@ -31,7 +31,7 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId, reason: Option<&st
         };
         return match crate::restart::one_at_a_time(&d.db, ws, work).await? {
             Some(r) => r,
-            None => Err(JobError::retryable("restart_in_progress", "a restart of this workspace is running")),
+            None => Err(crate::restart::wait_turn(d, ctx, "a restart of this workspace is running").await),
         };
     }
     d.backend.stop(ws).await.map_err(backend_err)?;
