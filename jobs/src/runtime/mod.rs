@@ -336,6 +336,7 @@ mod tests {
     use crate::enqueue::{NewJob, enqueue};
     use crate::maintenance::lease_rescuer::claim_without_batch_row;
     use crate::store::workers::{WorkerRow, heartbeat};
+    use molecule_domain::JobId;
     use molecule_domain::testing::fresh_db;
     use std::sync::atomic::AtomicUsize;
 
@@ -447,8 +448,9 @@ mod tests {
     /// A claim commits but its answer never reaches the pool (here: the pool's claim fails,
     /// and an earlier claim of the same worker whose answer was lost is in the table): its
     /// jobs must not stay Running under a live worker for ever. The fetcher settles its
-    /// shard's unknown batches before it claims again; the job runs, its lost attempt not
-    /// counted.
+    /// shard's unknown batches before it claims again; the job runs, its lost attempt
+    /// counted. A claim that commits just after that settling (staged: by a trigger, in the
+    /// settling's own transaction, after its snapshot) is settled after the next claim.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_jobs_of_a_claim_whose_answer_was_lost_are_handed_back() {
         let (db, _) = fresh_db().await;
@@ -510,29 +512,129 @@ mod tests {
         .execute(&db)
         .await
         .unwrap();
-        // Jobs in that shard, for the pool to claim.
+        // Jobs in that shard, for the pool to claim; and one (not due) for the late claim.
         let mut others = Vec::new();
-        while others.len() < 2 {
-            let id = enqueue(&mut conn, &NewJob::to_queue("lostreply", &serde_json::json!({}))).await.unwrap();
+        let late = loop {
+            let job = NewJob::to_queue("lostreply", &serde_json::json!({}));
+            let job = if others.len() < 2 { job } else { job.run_at(later) };
+            let id = enqueue(&mut conn, &job).await.unwrap();
             if crate::store::Shard::of(&db, id.as_str()).await.unwrap().index() == shard {
+                if others.len() == 2 {
+                    break id;
+                }
                 others.push(id);
             }
-        }
+        };
+        // The late claim: committed with the settling that hands `lost` back.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE FUNCTION claim_late() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               UPDATE apalis.jobs SET status = 'Running', lock_by = '{worker}', lock_at = now(), started_at = now(),
+                 run_at = now(), attempts = attempts + 1, fence = fence + 1 WHERE id = '{late}';
+               INSERT INTO apalis.claims (worker_id, ids) VALUES ('{worker}', ARRAY['{late}']);
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER claim_late AFTER UPDATE ON apalis.jobs FOR EACH ROW
+               WHEN (OLD.id = '{lost}' AND OLD.status = 'Running' AND NEW.lock_by IS NULL)
+               EXECUTE FUNCTION claim_late();",
+            late = late.as_str(),
+            lost = lost.as_str(),
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
         drop(conn);
         let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
-        let (status, attempts) = loop {
-            let (status, attempts): (String, i32) =
-                sqlx::query_as("SELECT status, attempts FROM apalis.jobs WHERE id = $1").bind(lost.as_str()).fetch_one(&db).await.unwrap();
-            if status == "Done" || tokio::time::Instant::now() >= give_up {
-                break (status, attempts);
+        let read = |id: JobId| {
+            let db = db.clone();
+            async move {
+                let row: (String, i32, serde_json::Value) =
+                    sqlx::query_as("SELECT status, attempts, attempt_log FROM apalis.jobs WHERE id = $1")
+                        .bind(id.as_str())
+                        .fetch_one(&db)
+                        .await
+                        .unwrap();
+                row
+            }
+        };
+        let (lost_row, late_row) = loop {
+            let (a, b) = (read(lost.clone()).await, read(late.clone()).await);
+            if (a.0 == "Done" && b.0 == "Done") || tokio::time::Instant::now() >= give_up {
+                break (a, b);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         rt.shutdown().await;
         let faults: i64 = sqlx::query_scalar("SELECT last_value FROM claim_faults").fetch_one(&db).await.unwrap();
         assert!(faults >= 1, "a claim failed");
-        assert_eq!(status, "Done", "the lost claim's job still {status} after 15 s");
-        assert_eq!(attempts, 1, "the lost claim's attempt is not counted");
+        for (what, (status, attempts, log)) in [("lost", lost_row), ("late", late_row)] {
+            assert_eq!(status, "Done", "the {what} claim's job still {status} after 15 s");
+            // Counted: refunded, a row that never decodes went round for ever.
+            assert_eq!(attempts, 2, "the {what} claim's attempt counts");
+            assert!(log[0]["error"].as_str().unwrap().starts_with("claim_lost: "), "{what}: {log}");
+        }
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&db).await.unwrap();
+        assert_eq!(left, 0, "no batch row left behind");
+    }
+
+    /// A row that fails to decode fails every claim that takes it, and the settling hands
+    /// it back each time. Its attempts count there: it ends `dead` once they are used up,
+    /// instead of going round for ever (claim, fail, hand back); the other job runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_that_never_decodes_ends_dead_instead_of_going_round() {
+        let (db, _) = fresh_db().await;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let handler = crate::handler_fn(move |_ctx| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(serde_json::Value::Null)
+            }
+        });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(100),
+            grace: Duration::from_secs(5),
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
+        // A payload no claim can decode (`job` is not an Option).
+        sqlx::query("ALTER TABLE apalis.jobs ALTER COLUMN job DROP NOT NULL").execute(&db).await.unwrap();
+        let mut conn = db.acquire().await.unwrap();
+        let poison = enqueue(&mut conn, &NewJob::to_queue("poison", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        sqlx::query("UPDATE apalis.jobs SET job = NULL WHERE id = $1").bind(poison.as_str()).execute(&mut *conn).await.unwrap();
+        let healthy = enqueue(&mut conn, &NewJob::to_queue("poison", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        drop(conn);
+        // Two slots, one a fetcher: each claim takes one job.
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("poison", 2, policy, handler)]);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
+        let read = |id: JobId| {
+            let db = db.clone();
+            async move {
+                let row: (String, Option<String>, i32, Option<String>) =
+                    sqlx::query_as("SELECT status, outcome, attempts, last_error FROM apalis.jobs WHERE id = $1")
+                        .bind(id.as_str())
+                        .fetch_one(&db)
+                        .await
+                        .unwrap();
+                row
+            }
+        };
+        let (bad, good) = loop {
+            let (a, b) = (read(poison.clone()).await, read(healthy.clone()).await);
+            if (a.0 == "Killed" && b.0 == "Done") || tokio::time::Instant::now() >= give_up {
+                break (a, b);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        rt.shutdown().await;
+        assert_eq!((bad.0.as_str(), bad.1.as_deref(), bad.2), ("Killed", Some("dead"), 3), "the poison row after 15 s: {bad:?}");
+        assert!(bad.3.as_deref().unwrap_or_default().starts_with("claim_lost: "), "{bad:?}");
+        assert_eq!((good.0.as_str(), good.2), ("Done", 1), "the healthy job: {good:?}");
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&db).await.unwrap();
         assert_eq!(left, 0, "no batch row left behind");
     }

@@ -145,6 +145,9 @@ async fn fetch(
     // A claim failed: it may have committed all the same, its jobs Running under our name
     // with nobody to run them (our heartbeat keeps rescuers away). Settled before the next.
     let mut unsure = false;
+    // A claim failed since the last settling: settled once more after the next claim, for
+    // a failed claim whose commit landed after the settling (its server end still running).
+    let mut settle_again = false;
 
     while !*shutdown.borrow() {
         if !*lease.borrow() {
@@ -166,8 +169,8 @@ async fn fetch(
             match released {
                 Ok(n) => {
                     unsure = false;
-                    if n > 0 {
-                        tracing::warn!(queue, released = n, "handed back the jobs of a claim whose answer was lost");
+                    if n.again + n.dead > 0 {
+                        tracing::warn!(queue, released = n.again, dead = n.dead, "handed back the jobs of a claim whose answer was lost");
                     }
                 }
                 Err(e) => {
@@ -208,11 +211,12 @@ async fn fetch(
             Ok(rows) => {
                 backoff.reset();
                 start.claimed(from_cursor.is_some(), &rows, want);
+                unsure |= std::mem::take(&mut settle_again);
                 rows
             }
             Err(e) => {
                 drop(permits);
-                unsure = true;
+                (unsure, settle_again) = (true, true);
                 tracing::warn!(queue, error = %e, "claim failed; backing off");
                 tokio::select! {
                     _ = backoff.wait(&mut shutdown) => {}

@@ -209,9 +209,11 @@ pub async fn claim_each_shard(db: &PgPool, queue: &str, limit: i64, worker: &str
 /// The batches of `worker`'s claims in `shard` whose rows exist but which the worker does
 /// not know (not among `known`): a claim that committed but whose answer never came (a
 /// connection cut after the commit, a row that did not decode). Their jobs are handed back
-/// (the attempt not counted) and their rows removed: the worker's heartbeat keeps them
-/// from every rescuer, so nobody else ever would. Only the shard's own fetcher, between
-/// its claims, may call this: the other shard's claims are never touched.
+/// and their rows removed: the worker's heartbeat keeps them from every rescuer, so nobody
+/// else ever would. The claim's attempt counts, as a rescue's does: refunded, a row that
+/// never decodes went round for ever (claim, fail, hand back), its batch-mates with it; a
+/// job whose last attempt it was ends `dead`. Only the shard's own fetcher, between its
+/// claims, may call this: the other shard's claims are never touched.
 const RELEASE_UNKNOWN: &str = concat!(
     "WITH orphan AS (
     DELETE FROM apalis.claims c
@@ -222,20 +224,44 @@ const RELEASE_UNKNOWN: &str = concat!(
     RETURNING c.ids
 )
 UPDATE apalis.jobs AS j
-SET status = 'Pending', run_at = now(), attempts = greatest(j.attempts - 1, 0),
-    lock_by = NULL, lock_at = NULL, started_at = NULL
+SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'Killed' ELSE 'Failed' END,
+    outcome = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' END,
+    done_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    run_at = now(),
+    lock_by = NULL,
+    -- Claimable again (the claim index holds rows without lock_at) only when it runs again.
+    lock_at = CASE WHEN j.attempts >= j.max_attempts THEN j.lock_at END,
+    last_error = $4,
+    last_error_detail = 'the answer to its claim was lost (a connection cut, a row that did not decode)',
+    last_result = jsonb_build_object('Err', $4),
+    attempt_log = j.attempt_log || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts, 'started_at', j.started_at, 'failed_at', now(), 'error', $4))
 FROM (SELECT DISTINCT u.id FROM orphan CROSS JOIN LATERAL unnest(orphan.ids) AS u(id)) AS o
 WHERE j.id = o.id AND j.lock_by = $1 AND j.status = 'Running'
   -- Claimed again since by a batch the worker knows (its attempt runs): not this claim's.
   AND NOT EXISTS (SELECT 1 FROM apalis.claims k WHERE k.worker_id = $1 AND k.id = ANY($3::int8[]) AND j.id = ANY(k.ids))
-RETURNING j.id"
+RETURNING j.status = 'Killed'"
 );
 
-/// Hands back the jobs of `worker`'s batches in `shard` other than `known` ([`RELEASE_UNKNOWN`]);
-/// how many.
-pub async fn release_unknown_batches(db: &PgPool, worker: &str, shard: Shard, known: &[i64]) -> Result<u64, sqlx::Error> {
-    let ids: Vec<String> = sqlx::query_scalar(RELEASE_UNKNOWN).bind(worker).bind(shard.0).bind(known).fetch_all(db).await?;
-    Ok(ids.len() as u64)
+/// What [`release_unknown_batches`] did: jobs handed back to run again, and jobs ended
+/// `dead` (that was their last attempt).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    pub again: u64,
+    pub dead: u64,
+}
+
+/// Hands back the jobs of `worker`'s batches in `shard` other than `known` ([`RELEASE_UNKNOWN`]).
+pub async fn release_unknown_batches(db: &PgPool, worker: &str, shard: Shard, known: &[i64]) -> Result<Released, sqlx::Error> {
+    let ended: Vec<bool> = sqlx::query_scalar(RELEASE_UNKNOWN)
+        .bind(worker)
+        .bind(shard.0)
+        .bind(known)
+        .bind(crate::failures::public("claim_lost"))
+        .fetch_all(db)
+        .await?;
+    let dead = ended.iter().filter(|d| **d).count() as u64;
+    Ok(Released { again: ended.len() as u64 - dead, dead })
 }
 
 /// Milliseconds until the queue's shard's next job is due (negative: due now), NULL when empty.
