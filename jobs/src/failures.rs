@@ -12,7 +12,7 @@ pub fn sentence(code: &str) -> &'static str {
         "image_missing" => "The workspace's runtime image is not available on this platform.",
         "engine_unavailable" => "The platform's workspace backend (container engine or cloud API) did not answer.",
         "engine_refused" => "The platform's workspace backend (container engine or cloud API) refused the operation.",
-        "restart_in_progress" => "Another restart of this workspace is running; this job waits its turn.",
+        "restart_in_progress" => "Another start, restart or stop of this workspace is running; this job waits its turn.",
         "invalid_input" => "The job's input is not valid for its kind.",
         "undecodable_payload" => "The job's input could not be read.",
         "handler_panicked" => "The job failed unexpectedly; the platform's log has the details.",
