@@ -237,6 +237,32 @@ def check_references(objs, errors):
     if len(images) > 1:
         errors.add("infra/k8s", f"containers run different images: {sorted(images, key=str)}")
 
+    # A worker's shutdown: the grace for running jobs, 5 s for an exec to stop, acks retried
+    # through a fault for half a lease (jobs/src/runtime/acker.rs), and a margin. Killed
+    # sooner, its pending acks are lost: each job waits for a rescue that counts its attempt.
+    def env_secs(c, name, default):
+        for e in c.get("env", []):
+            if e["name"] == name and "value" in e:
+                return int(e["value"])
+        for ef in c.get("envFrom", []):
+            cm = by.get("ConfigMap", {}).get(ef.get("configMapRef", {}).get("name"))
+            if cm and name in (cm[1].get("data") or {}):
+                return int(cm[1]["data"][name])
+        return default
+
+    for where, d in by.get("Deployment", {}).values():
+        spec, _ = pod_spec(d)
+        for c in spec["containers"]:
+            if (c.get("args") or [None])[0] not in ("worker", "serve"):
+                continue
+            grace = env_secs(c, "MOLECULE_SHUTDOWN_GRACE_SECS", 30)
+            lease = env_secs(c, "MOLECULE_JOB_LEASE_SECS", 30)
+            need = grace + 5 + lease // 2 + 5
+            have = spec.get("terminationGracePeriodSeconds", 30)
+            if have < need:
+                errors.add(where, f"terminationGracePeriodSeconds {have}: a shutdown needs {need} "
+                                  f"(grace {grace} + interrupt wait 5 + half the lease {lease // 2} + margin 5)")
+
     # Services: selector and ports reach a Deployment's pods.
     for where, svc in by.get("Service", {}).values():
         sel = svc["spec"].get("selector", {})

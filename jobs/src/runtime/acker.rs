@@ -176,10 +176,12 @@ pub(super) async fn run(
         }
         let ending = batches.ending(&buf);
         let mut delay = Duration::from_millis(50);
-        // Counted from the first failure seen while shutting down, and never shorter than
-        // half a lease, whatever the grace (0 is allowed): a fault of the moment must not
-        // drop the pending acks — each would become a rescue that counts its attempt (a
-        // last attempt ends dead, a success runs again). The heartbeat goes on meanwhile.
+        // Half a lease from the first failure seen while shutting down, whatever the grace
+        // (0 is allowed): a fault of the moment must not drop the pending acks — each would
+        // become a rescue that counts its attempt (a last attempt ends dead, a success runs
+        // again) — and a fixed bound keeps the whole shutdown within grace, interrupt wait,
+        // half a lease and a margin (terminationGracePeriodSeconds in infra/k8s). The
+        // heartbeat goes on meanwhile.
         let mut give_up_at = None;
         loop {
             let res = match store::write_acks(db, &buf, &ending).await {
@@ -216,8 +218,7 @@ pub(super) async fn run(
                 Err(e) => {
                     tracing::warn!(worker_id, pending = buf.len(), error = %e, "ack failed; retrying");
                     let now = tokio::time::Instant::now();
-                    let retry_for = shared.cfg.grace.max(shared.cfg.lease / 2);
-                    if rx.is_closed() && now >= *give_up_at.get_or_insert(now + retry_for) {
+                    if rx.is_closed() && now >= *give_up_at.get_or_insert(now + shared.cfg.lease / 2) {
                         // Shutting down with the database gone: the jobs stay Running under
                         // our name and the lease rescuer takes them once our rows expire.
                         tracing::warn!(worker_id, lost_acks = buf.len(), "giving up on acks at shutdown");

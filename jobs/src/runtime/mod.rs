@@ -445,6 +445,54 @@ mod tests {
         assert_eq!((status.as_str(), lock_by, attempts), ("Pending", None, 0), "handed back, its attempt not counted");
     }
 
+    /// Acks that keep failing at shutdown are given up half a lease after the first failure,
+    /// whatever the grace: retried for the grace instead, a shutdown could run a whole
+    /// grace past the kubelet's terminationGracePeriodSeconds (then SIGKILL).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_failing_at_shutdown_are_given_up_after_half_a_lease_whatever_the_grace() {
+        let (db, _) = fresh_db().await;
+        let (started_tx, mut started) = watch::channel(false);
+        let (finish_tx, finish) = watch::channel(false);
+        let started_tx = Arc::new(started_tx);
+        let handler = crate::handler_fn(move |_ctx: crate::JobContext| {
+            let (started_tx, mut finish) = (started_tx.clone(), finish.clone());
+            async move {
+                started_tx.send_replace(true);
+                let _ = finish.wait_for(|f| *f).await;
+                Ok(serde_json::Value::Null)
+            }
+        });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(4),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(100),
+            grace: Duration::from_secs(20),
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("longgrace", 1, policy, handler)]);
+        let mut conn = db.acquire().await.unwrap();
+        enqueue(&mut conn, &NewJob::to_queue("longgrace", &serde_json::json!({}))).await.unwrap();
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(15), started.wait_for(|s| *s)).await.expect("the job started").unwrap();
+        // Every write of a job row fails from now on, as in an outage.
+        sqlx::raw_sql(
+            "CREATE FUNCTION fail_always() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END $$;
+             CREATE TRIGGER fail_always BEFORE UPDATE ON apalis.jobs FOR EACH ROW EXECUTE FUNCTION fail_always();",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        finish_tx.send_replace(true);
+        let began = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), rt.shutdown()).await.expect("shut down");
+        let took = began.elapsed();
+        // Half a lease (2 s) after the first failure seen at shutdown, not the 20 s grace.
+        assert!(took < Duration::from_secs(8), "shutdown took {took:?}");
+    }
+
     /// A claim commits but its answer never reaches the pool (here: the pool's claim fails,
     /// and an earlier claim of the same worker whose answer was lost is in the table): its
     /// jobs must not stay Running under a live worker for ever. The fetcher settles its
