@@ -26,7 +26,6 @@ pub fn sentence(code: &str) -> &'static str {
         "interrupted" => "Its worker stopped before it finished (shutdown, or a lost heartbeat); it is not run again.",
         "expired" => "It expired before it could run.",
         "worker_lost" => "Its worker stopped heartbeating while it ran; it runs again if it may.",
-        "claim_lost" => "Its worker lost track of it as it was handed out; it runs again if it may.",
         "result_not_stored" => "Its result could not be stored.",
         "job_failed" => "The job failed; the platform's log has the details.",
         _ => "The job failed; the platform's log has the details.",

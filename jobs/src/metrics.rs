@@ -92,6 +92,13 @@ impl QueueMetrics {
         }
     }
 
+    /// Jobs handed back outside an ack (a lost claim's, settled by its fetcher).
+    pub fn released(&self, n: u64) {
+        if n > 0 {
+            self.ended[EVENTS.iter().position(|e| *e == "released").unwrap_or(0)].increment(n);
+        }
+    }
+
     pub fn stale(&self, n: usize) {
         self.stale.increment(n as u64);
     }

@@ -237,10 +237,6 @@ async fn orphans_are_reaped_and_nothing_else() {
         loki_url: None,
         agents: molecule_workers::a2a::AgentClient::new(true).unwrap(),
     };
-    let sorted = |mut v: Vec<String>| {
-        v.sort();
-        v
-    };
     let report = orphans::sweep(&deps, orphans::RESCUE_VOLUME_GRACE).await.unwrap();
     assert_eq!(report.reaped, vec![removed.to_string()], "{report:?}");
     assert_eq!(report.volume_kept, vec![no_row.to_string()], "a fresh volume with no row waits out the grace");

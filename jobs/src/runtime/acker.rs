@@ -121,6 +121,13 @@ pub(super) fn snoozed(c: Claim, why: &Failure, after: Duration) -> Ack {
     Ack { error: Some(crate::failures::public(why.code)), error_detail, delay_ms, ..release(c) }
 }
 
+/// A claimed row whose columns did not decode ([`crate::store::Claimed::unreadable`]): dead
+/// at once, as a payload its handler cannot read is.
+pub(super) fn unreadable(c: Claim, why: &str) -> Ack {
+    let e = JobError::Undecodable(format!("the job's row: {why}"));
+    Ack { error: Some(e.public()), error_detail: Some(truncate(&e.detail(), 2000)), ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
+}
+
 pub(super) fn interrupted(c: Claim) -> Ack {
     Ack { error: Some(JobError::Interrupted.public()), ..ack(c, JobState::Killed, Some(Outcome::Interrupted)) }
 }

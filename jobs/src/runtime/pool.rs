@@ -169,8 +169,9 @@ async fn fetch(
             match released {
                 Ok(n) => {
                     unsure = false;
-                    if n.again + n.dead > 0 {
-                        tracing::warn!(queue, released = n.again, dead = n.dead, "handed back the jobs of a claim whose answer was lost");
+                    counts.released(n);
+                    if n > 0 {
+                        tracing::warn!(queue, released = n, "handed back the jobs of a claim whose answer was lost");
                     }
                 }
                 Err(e) => {
@@ -235,13 +236,22 @@ async fn fetch(
             // The lease went while the claim was in flight: nothing starts, all goes back.
             for job in claimed {
                 let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
-                let _ = ack_tx.send(if job.expired { acker::expired(claim) } else { acker::release(claim) });
+                let _ = ack_tx.send(match (&job.unreadable, job.expired) {
+                    (Some(why), _) => acker::unreadable(claim, why),
+                    (None, true) => acker::expired(claim),
+                    (None, false) => acker::release(claim),
+                });
             }
             continue;
         }
-        counts.started(claimed.iter().filter(|j| !j.expired).count());
+        counts.started(claimed.iter().filter(|j| !j.expired && j.unreadable.is_none()).count());
         for job in claimed {
             let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
+            if let Some(why) = &job.unreadable {
+                tracing::error!(queue, job_id = %claim.id, error = %why, "a claimed job's row does not decode; it ends dead");
+                let _ = ack_tx.send(acker::unreadable(claim, why));
+                continue;
+            }
             if job.expired {
                 let _ = ack_tx.send(acker::expired(claim));
                 continue;

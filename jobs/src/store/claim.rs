@@ -30,6 +30,9 @@ pub struct Claimed {
     pub batch: i64,
     /// Where the claim left the row version (its ctid as text): the ack's way straight to it.
     pub tid: String,
+    /// Its columns did not decode (why): not to be run, it ends `dead` ([`decode`]).
+    #[sqlx(skip)]
+    pub unreadable: Option<String>,
 }
 
 #[cfg(test)]
@@ -49,6 +52,7 @@ impl Claimed {
             run_at: DateTime::from_timestamp(run_at_s, 0).expect("a valid timestamp"),
             batch: 1,
             tid: "(0,1)".into(),
+            unreadable: None,
         }
     }
 }
@@ -166,7 +170,36 @@ const CLAIM_AFTER: &str = claim_sql!("\n      AND priority = $5 AND (run_at, id)
 
 /// Claims up to `limit` due jobs of `queue`'s `shard` for `worker`.
 pub async fn claim(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &str) -> Result<Vec<Claimed>, sqlx::Error> {
-    sqlx::query_as(CLAIM).bind(queue).bind(limit).bind(worker).bind(shard.0).fetch_all(db).await
+    decode(sqlx::query(CLAIM).bind(queue).bind(limit).bind(worker).bind(shard.0).fetch_all(db).await?)
+}
+
+/// The claimed rows, each decoded on its own: a row whose columns do not decode (a column
+/// altered by hand, a NULL where none belongs) is handed over [`Claimed::unreadable`], with
+/// what its ack needs, to end `dead` — not made the whole claim's error, which its
+/// batch-mates would share, and which would take it again after every hand-back.
+fn decode(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<Claimed>, sqlx::Error> {
+    use sqlx::{FromRow, Row};
+    rows.iter()
+        .map(|row| match Claimed::from_row(row) {
+            Ok(c) => Ok(c),
+            Err(e) => Ok(Claimed {
+                id: row.try_get("id")?,
+                fence: row.try_get("fence")?,
+                batch: row.try_get("batch")?,
+                tid: row.try_get("tid")?,
+                attempts: row.try_get("attempts").unwrap_or(1),
+                max_attempts: row.try_get("max_attempts").unwrap_or(1),
+                run_at: row.try_get("run_at").unwrap_or_default(),
+                // No priority: never the claim cursor (ClaimCursor::after skips NULL).
+                priority: None,
+                job: Vec::new(),
+                org_id: None,
+                workspace_id: None,
+                expired: false,
+                unreadable: Some(e.to_string()),
+            }),
+        })
+        .collect()
 }
 
 /// [`claim`], of the jobs after `cursor` in claim order (of its priority) only. The others
@@ -179,16 +212,18 @@ pub async fn claim_after(
     worker: &str,
     cursor: &ClaimCursor,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
-    sqlx::query_as(CLAIM_AFTER)
-        .bind(queue)
-        .bind(limit)
-        .bind(worker)
-        .bind(shard.0)
-        .bind(cursor.priority)
-        .bind(cursor.run_at)
-        .bind(&cursor.id)
-        .fetch_all(db)
-        .await
+    decode(
+        sqlx::query(CLAIM_AFTER)
+            .bind(queue)
+            .bind(limit)
+            .bind(worker)
+            .bind(shard.0)
+            .bind(cursor.priority)
+            .bind(cursor.run_at)
+            .bind(&cursor.id)
+            .fetch_all(db)
+            .await?,
+    )
 }
 
 /// Claims up to `limit` due jobs of `queue` for `worker`, from each shard in turn until
@@ -208,12 +243,13 @@ pub async fn claim_each_shard(db: &PgPool, queue: &str, limit: i64, worker: &str
 
 /// The batches of `worker`'s claims in `shard` whose rows exist but which the worker does
 /// not know (not among `known`): a claim that committed but whose answer never came (a
-/// connection cut after the commit, a row that did not decode). Their jobs are handed back
-/// and their rows removed: the worker's heartbeat keeps them from every rescuer, so nobody
-/// else ever would. The claim's attempt counts, as a rescue's does: refunded, a row that
-/// never decodes went round for ever (claim, fail, hand back), its batch-mates with it; a
-/// job whose last attempt it was ends `dead`. Only the shard's own fetcher, between its
-/// claims, may call this: the other shard's claims are never touched.
+/// connection cut after the commit). Their jobs are handed back (the attempt not counted:
+/// none of them started, and an exec, which has one attempt, must not end for it) and
+/// their rows removed: the worker's heartbeat keeps them from every rescuer, so nobody
+/// else ever would. A row that does not decode does not fail its claim ([`claim`] hands it
+/// over as [`Claimed::unreadable`]), so it cannot bring its batch back here again and
+/// again. Only the shard's own fetcher, between its claims, may call this: the other
+/// shard's claims are never touched.
 const RELEASE_UNKNOWN: &str = concat!(
     "WITH orphan AS (
     DELETE FROM apalis.claims c
@@ -224,44 +260,20 @@ const RELEASE_UNKNOWN: &str = concat!(
     RETURNING c.ids
 )
 UPDATE apalis.jobs AS j
-SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'Killed' ELSE 'Failed' END,
-    outcome = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' END,
-    done_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-    run_at = now(),
-    lock_by = NULL,
-    -- Claimable again (the claim index holds rows without lock_at) only when it runs again.
-    lock_at = CASE WHEN j.attempts >= j.max_attempts THEN j.lock_at END,
-    last_error = $4,
-    last_error_detail = 'the answer to its claim was lost (a connection cut, a row that did not decode)',
-    last_result = jsonb_build_object('Err', $4),
-    attempt_log = j.attempt_log || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'started_at', j.started_at, 'failed_at', now(), 'error', $4))
+SET status = 'Pending', run_at = now(), attempts = greatest(j.attempts - 1, 0),
+    lock_by = NULL, lock_at = NULL, started_at = NULL
 FROM (SELECT DISTINCT u.id FROM orphan CROSS JOIN LATERAL unnest(orphan.ids) AS u(id)) AS o
 WHERE j.id = o.id AND j.lock_by = $1 AND j.status = 'Running'
   -- Claimed again since by a batch the worker knows (its attempt runs): not this claim's.
   AND NOT EXISTS (SELECT 1 FROM apalis.claims k WHERE k.worker_id = $1 AND k.id = ANY($3::int8[]) AND j.id = ANY(k.ids))
-RETURNING j.status = 'Killed'"
+RETURNING j.id"
 );
 
-/// What [`release_unknown_batches`] did: jobs handed back to run again, and jobs ended
-/// `dead` (that was their last attempt).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Released {
-    pub again: u64,
-    pub dead: u64,
-}
-
-/// Hands back the jobs of `worker`'s batches in `shard` other than `known` ([`RELEASE_UNKNOWN`]).
-pub async fn release_unknown_batches(db: &PgPool, worker: &str, shard: Shard, known: &[i64]) -> Result<Released, sqlx::Error> {
-    let ended: Vec<bool> = sqlx::query_scalar(RELEASE_UNKNOWN)
-        .bind(worker)
-        .bind(shard.0)
-        .bind(known)
-        .bind(crate::failures::public("claim_lost"))
-        .fetch_all(db)
-        .await?;
-    let dead = ended.iter().filter(|d| **d).count() as u64;
-    Ok(Released { again: ended.len() as u64 - dead, dead })
+/// Hands back the jobs of `worker`'s batches in `shard` other than `known` ([`RELEASE_UNKNOWN`]);
+/// how many.
+pub async fn release_unknown_batches(db: &PgPool, worker: &str, shard: Shard, known: &[i64]) -> Result<u64, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(RELEASE_UNKNOWN).bind(worker).bind(shard.0).bind(known).fetch_all(db).await?;
+    Ok(ids.len() as u64)
 }
 
 /// Milliseconds until the queue's shard's next job is due (negative: due now), NULL when empty.
