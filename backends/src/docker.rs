@@ -299,10 +299,6 @@ impl Backend for DockerBackend {
         Ok(Some(AgentEndpoint { url: format!("http://127.0.0.1:{port}"), port }))
     }
 
-    async fn prepare(&self, image: &str) -> Result<(), BackendError> {
-        self.ensure_image(image).await.map(drop)
-    }
-
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
         let ws = spec.workspace_id;
         let name = container_name(ws);

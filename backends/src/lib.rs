@@ -237,13 +237,6 @@ pub trait Backend: Send + Sync {
     fn assigns_instance_ids(&self) -> bool {
         false
     }
-    /// Fetches ahead what a start of `image` needs (Docker: pulls it), so the start itself,
-    /// run under the workspace's restart lock, is short: a first multi-GB pull must not
-    /// keep a restart waiting. Idempotent and harmless twice at once; a failure is left for
-    /// the start to meet and report. By default nothing.
-    async fn prepare(&self, _image: &str) -> Result<(), BackendError> {
-        Ok(())
-    }
     /// Starts (or replaces) the workspace's instance, with its secrets written into its
     /// config volume before it starts.
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError>;

@@ -185,12 +185,25 @@ async fn a_provision_during_a_slow_restart_waits_then_leaves_the_restarted_insta
 /// restart lock (its start slow, as a first image pull) failed each time it found the
 /// lock held, a retryable failure that used one of its attempts, and died long before the
 /// provision was done. Now it snoozes (J3: it waits its turn, no attempt used): with
-/// three attempts and retries every few hundred milliseconds, held several times as long
-/// as those retries take, it still runs when the provision is done, and ends done.
+/// three attempts and retries every few hundred milliseconds, it finds the lock held more
+/// times than it has attempts, runs each time as attempt 1, and still runs when the
+/// provision is done, and ends done. The test waits on what the handler answered, not on
+/// the clock: a wrapper around the restart handler records each answer and shortens its
+/// snooze from `TURN_RETRY` (5 s) to a few hundred milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_queued_during_a_long_provision_waits_without_using_its_attempts() {
+    use molecule_jobs::handler::HandlerFuture;
     use molecule_jobs::status::{self, JobView};
     use molecule_jobs::{JobKind, JobStatus, NewJob, Runtime, RuntimeConfig};
+    use molecule_workers::restart::TURN_RETRY;
+    /// What the restart handler answered when it found the lock held.
+    #[derive(Clone, Debug)]
+    struct Turn {
+        attempt: i32,
+        /// The snooze it asked for; None: it failed instead.
+        snoozed_for: Option<Duration>,
+    }
+    const SHORT_TURN: Duration = Duration::from_millis(250);
     let r = rig().await;
     let provision = tokio::spawn({
         let (deps, ctx) = (r.deps.clone(), ctx(&r.db, "provision", None, r.ws));
@@ -198,11 +211,30 @@ async fn a_restart_queued_during_a_long_provision_waits_without_using_its_attemp
         async move { molecule_workers::provision::run(&deps, &ctx, ws).await }
     });
     entered(&r.fake).await;
+    let turns: Arc<Mutex<Vec<Turn>>> = Arc::default();
     let mut specs = molecule_workers::handlers::pool_specs(&r.deps, &[(JobKind::Restart, 1)].into_iter().collect());
     for s in &mut specs {
         // Retries that would use up three attempts in well under a second.
         s.retry.base = Duration::from_millis(100);
         s.retry.cap = Duration::from_millis(200);
+        let (inner, turns) = (s.handler.clone(), turns.clone());
+        s.handler = Arc::new(move |ctx: JobContext| -> HandlerFuture {
+            let (inner, turns) = (inner.clone(), turns.clone());
+            Box::pin(async move {
+                let attempt = ctx.attempt;
+                match inner(ctx).await {
+                    Err(JobError::Snooze { after, why }) if why.code == "restart_in_progress" => {
+                        turns.lock().unwrap().push(Turn { attempt, snoozed_for: Some(after) });
+                        Err(JobError::Snooze { after: after.min(SHORT_TURN), why })
+                    }
+                    Err(e) if e.code() == "restart_in_progress" => {
+                        turns.lock().unwrap().push(Turn { attempt, snoozed_for: None });
+                        Err(e)
+                    }
+                    other => other,
+                }
+            })
+        });
     }
     let cfg = RuntimeConfig { poll_interval: Duration::from_millis(200), grace: Duration::from_secs(5), ..Default::default() };
     let rt = Runtime::start(r.db.clone(), cfg, specs);
@@ -212,18 +244,30 @@ async fn a_restart_queued_during_a_long_provision_waits_without_using_its_attemp
         molecule_jobs::enqueue(&mut c, &job).await.unwrap()
     };
     let view = |db: PgPool, id: molecule_domain::JobId| async move { status::get(&db, &id).await.unwrap().expect("the job") };
-    // It ran, and found the lock held.
-    let waiting: JobView = molecule_tests::eventually(Duration::from_secs(10), "the restart to find the lock held", || {
+    // It found the lock held more times than it has attempts (or it ended: checked below).
+    let seen: JobView = molecule_tests::eventually(Duration::from_secs(30), "the restart to find the lock held 4 times", || {
+        let held = turns.lock().unwrap().len();
         let f = view(r.db.clone(), id.clone());
-        async move { Some(f.await).filter(|v| v.last_error.as_deref().is_some_and(|e| e.starts_with("restart_in_progress"))) }
+        async move { Some(f.await).filter(|v| held >= 4 || v.status.is_final()) }
     })
     .await;
-    assert_eq!(waiting.attempts, 0, "waiting its turn uses no attempt");
-    // Held for longer than three retries take.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let still = view(r.db.clone(), id.clone()).await;
-    assert!(!still.status.is_final(), "the restart ended while it waited its turn: {:?} after {} attempts", still.status, still.attempts);
-    assert_eq!(still.attempts, 0);
+    let so_far = turns.lock().unwrap().clone();
+    assert!(
+        so_far.iter().all(|t| t.snoozed_for == Some(TURN_RETRY) && t.attempt == 1),
+        "waiting its turn used attempts: {so_far:?} (the job: {:?} after {} attempts)",
+        seen.status,
+        seen.attempts
+    );
+    assert!(!seen.status.is_final(), "the restart ended while it waited its turn: {seen:?}");
+    // Between two claims, the row counts no attempt and says why it waits.
+    let between: JobView = molecule_tests::eventually(Duration::from_secs(10), "the restart between two claims", || {
+        let f = view(r.db.clone(), id.clone());
+        async move { Some(f.await).filter(|v| v.status != JobStatus::Running) }
+    })
+    .await;
+    assert!(!between.status.is_final(), "{between:?}");
+    assert_eq!(between.attempts, 0, "waiting its turn uses no attempt: {between:?}");
+    assert!(between.last_error.as_deref().is_some_and(|e| e.starts_with("restart_in_progress")), "{between:?}");
     r.fake.release.notify_one();
     assert!(provision.await.unwrap().is_ok());
     let done: JobView = molecule_tests::eventually(Duration::from_secs(15), "the restart to end", || {

@@ -117,26 +117,12 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
     // would mint new secrets (revoking ours) and then have its container replaced by ours,
     // or removed between our create and start — either way a revoked token or a failed
     // workspace. `provision` re-reads the row under the lock, so a launch that waited for a
-    // restart finds the instance started and leaves it be. The image is pulled before, so
-    // the lock is held for the launch only.
-    if let Ok(Some(row)) = load(d, ws).await
-        && row.status == WorkspaceStatus::Provisioning
-        && !row.started
-    {
-        pull_ahead(d, ctx, ws, &row.runtime).await;
-    }
+    // restart finds the instance started and leaves it be. The image is pulled inside the
+    // lock, by its holder (a moving tag is re-pulled at each start anyway): a job that
+    // finds the lock held snoozes and pulls nothing.
     match crate::restart::one_at_a_time(&d.db, ws, provision(d, ctx, ws)).await? {
         Some(r) => r,
         None => Err(crate::restart::wait_turn(d, ctx, "a restart of this workspace is running").await),
-    }
-}
-
-/// Fetches the runtime's image before the restart lock is taken ([`molecule_backends::Backend::prepare`]).
-/// Best effort: the start pulls what is still missing, and reports a failure itself.
-pub(crate) async fn pull_ahead(d: &Deps, ctx: &JobContext, ws: WorkspaceId, runtime: &str) {
-    let Ok(image) = resolve_image(d, runtime).await else { return };
-    if let Err(e) = d.backend.prepare(&image).await {
-        tracing::info!(workspace_id = %ws, job_id = %ctx.id, error = %e, "pulling the image ahead failed; the start will try again");
     }
 }
 

@@ -12,11 +12,6 @@ use crate::Deps;
 use crate::provision::{db_err, load};
 
 pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
-    if let Ok(Some(row)) = load(d, ws).await
-        && row.status != WorkspaceStatus::Removed
-    {
-        crate::provision::pull_ahead(d, ctx, ws, &row.runtime).await;
-    }
     match one_at_a_time(&d.db, ws, restart(d, ctx, ws)).await? {
         Some(res) => res,
         None => Err(wait_turn(d, ctx, "another restart of this workspace is running").await),
@@ -30,9 +25,10 @@ pub const TURN_WAIT: Duration = Duration::from_secs(600);
 
 /// The answer of a job that found the workspace's restart lock held (J1, J3): its turn
 /// comes when the holder is done, which is no failure of its own, so it snoozes (the
-/// attempt does not count: a restart queued during a first image pull must not run out
-/// of attempts). Snoozes are not capped by the job core: once the job is [`TURN_WAIT`]
-/// old, it fails retryably instead, so a lock that stays taken ends it after its attempts.
+/// attempt does not count: a restart queued during a first image pull, which the holder
+/// runs under the lock, must not run out of attempts). It pulls nothing while it waits.
+/// Snoozes are not capped by the job core: once the job is [`TURN_WAIT`] old, it fails
+/// retryably instead, so a lock that stays taken ends it after its attempts.
 pub(crate) async fn wait_turn(d: &Deps, ctx: &JobContext, detail: &'static str) -> JobError {
     // No row (a job run outside the queue): young.
     let waited_long: Result<Option<bool>, _> =
