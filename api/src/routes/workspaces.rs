@@ -376,9 +376,11 @@ pub struct Removed {
     pub job_ids: Vec<String>,
 }
 
-/// The workspace and every descendant, in the caller's organization, that are not yet removed.
-/// Locks a workspace and every descendant, in id order (the order a create batch locks its
-/// parents in, so the two do not deadlock each other).
+/// Locks a workspace and every descendant (removed ones too), in id order, the order a
+/// create batch locks its parents in. A later pass of [`delete`]'s loop locks descendants
+/// found since, which may sort before rows already held: a create batch can then be in a
+/// deadlock with it, which PostgreSQL breaks (the delete is run again, a batch re-runs
+/// its requests one by one).
 const LOCK_TREE: &str = r#"
 WITH RECURSIVE tree AS (
     SELECT id FROM workspaces WHERE id = $1 AND org_id = $2
@@ -388,6 +390,7 @@ WITH RECURSIVE tree AS (
 SELECT id FROM workspaces WHERE id IN (SELECT id FROM tree) ORDER BY id FOR UPDATE
 "#;
 
+/// The workspace and every descendant, in the caller's organization, that are not yet removed.
 const REMOVE_TREE: &str = r#"
 WITH RECURSIVE tree AS (
     SELECT id FROM workspaces WHERE id = $1 AND org_id = $2
@@ -413,6 +416,20 @@ RETURNING id
 pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Removed>)> {
     let id = parse_workspace_id(&id)?;
     let org = p.require_org()?;
+    // A deadlock's victim (503 busy: only a deadlock gives that here, nothing sets a lock
+    // timeout) is rolled back whole: run again, a few times, before the caller hears of it.
+    let mut tries = 0;
+    let removed = loop {
+        tries += 1;
+        match remove_tree(&st, id, org).await {
+            Err(ApiError::Busy) if tries < 3 => continue,
+            r => break r?,
+        }
+    };
+    Ok((StatusCode::ACCEPTED, Json(removed)))
+}
+
+async fn remove_tree(st: &AppState, id: WorkspaceId, org: OrgId) -> ApiResult<Removed> {
     let mut tx = st.db.begin().await?;
     // The whole tree is locked before it is marked, until no new descendant shows up: a
     // create under any of its workspaces either committed before (the next read sees its
@@ -451,7 +468,7 @@ pub async fn delete(State(st): State<AppState>, p: Principal, Path(id): Path<Str
         st.announcer.announce(JobKind::Stop.queue());
     }
     tracing::info!(event = "workspace.removed", workspace_id = %id, org_id = %org, count = removed.len());
-    Ok((StatusCode::ACCEPTED, Json(Removed { removed, job_ids })))
+    Ok(Removed { removed, job_ids })
 }
 
 #[derive(Serialize, ToSchema)]
