@@ -86,10 +86,17 @@ pub fn part_to_v03(p: &Value, at: &str) -> Result<Value, RpcError> {
             out.insert("file".into(), Value::Object(file));
         }
         None if obj.contains_key("data") => {
-            // v1.0 data may be any JSON value; v0.3 wants an object.
+            // v1.0 data may be any JSON value; v0.3 wants an object. A value that is not one
+            // is wrapped, and the wrapping marked, so a v1.0 agent gets the value as sent.
             let data = match &obj["data"] {
                 Value::Object(_) => obj["data"].clone(),
-                other => serde_json::json!({ "value": other }),
+                other => {
+                    // A metadata that is not an object is left as sent; the value stays wrapped.
+                    if let Value::Object(m) = out.entry("metadata").or_insert_with(|| Value::Object(Map::new())) {
+                        m.insert(WRAPPED.into(), true.into());
+                    }
+                    serde_json::json!({ "value": other })
+                }
             };
             out.insert("kind".into(), "data".into());
             out.insert("data".into(), data);
@@ -119,6 +126,10 @@ fn str_field(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<Str
 }
 
 /// A canonical (v0.3) part in v1.0's shape.
+/// The metadata key that marks a v1.0 `data` value that is not an object, wrapped as
+/// `{"value": …}` for v0.3 (whose `data` must be an object): unwrapped again for v1.0.
+pub const WRAPPED: &str = "molecule.wrapped";
+
 pub fn part_to_v10(p: &Value) -> Value {
     let Some(obj) = p.as_object() else { return p.clone() };
     let mut out = Map::new();
@@ -144,7 +155,22 @@ pub fn part_to_v10(p: &Value) -> Value {
             }
         }
         Some("data") => {
-            out.insert("data".into(), obj.get("data").cloned().unwrap_or_default());
+            let data = obj.get("data").cloned().unwrap_or_default();
+            let wrapped = obj.get("metadata").and_then(|m| m.get(WRAPPED)) == Some(&Value::Bool(true));
+            match (wrapped, data) {
+                (true, Value::Object(mut d)) if d.len() == 1 && d.contains_key("value") => {
+                    out.insert("data".into(), d.remove("value").unwrap_or_default());
+                    if let Some(Value::Object(m)) = out.get_mut("metadata") {
+                        m.remove(WRAPPED);
+                        if m.is_empty() {
+                            out.remove("metadata");
+                        }
+                    }
+                }
+                (_, data) => {
+                    out.insert("data".into(), data);
+                }
+            }
         }
         // Already v1.0 (or unknown): as is.
         _ => return p.clone(),
@@ -336,6 +362,19 @@ mod tests {
             assert_eq!(part_to_v03(&v10, "p").unwrap(), v03, "v1.0 → v0.3 of {v10}");
             assert_eq!(part_to_v03(&v03, "p").unwrap(), v03, "v0.3 kept: {v03}");
         }
+        // v1.0 data that is not an object: wrapped (and marked) for v0.3, as sent for v1.0.
+        for value in [json!([1, 2]), json!(5), json!("s"), json!(null)] {
+            let v10 = json!({"data": value});
+            let v03 = part_to_v03(&v10, "p").unwrap();
+            assert_eq!(v03, json!({"kind": "data", "data": {"value": value}, "metadata": {WRAPPED: true}}));
+            assert_eq!(part_to_v10(&v03), v10, "{value} round trip");
+            assert_eq!(part_to_v10(&part_to_v03(&v03, "p").unwrap()), v10, "{value} through v0.3 twice");
+        }
+        let with_meta = json!({"data": [1], "metadata": {"m": 1}});
+        assert_eq!(part_to_v10(&part_to_v03(&with_meta, "p").unwrap()), with_meta);
+        // An object that only looks wrapped is left alone.
+        let plain = json!({"kind": "data", "data": {"value": [1, 2]}});
+        assert_eq!(part_to_v10(&plain), json!({"data": {"value": [1, 2]}}));
     }
 
     #[test]
