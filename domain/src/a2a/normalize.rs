@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::wire::{message_to, part_to_v03};
+use super::wire::{WRAPPED, message_to, part_to_v03};
 use super::{AgentVersion, Generation, Operation};
 
 /// A JSON-RPC error for the caller (answered with HTTP 400).
@@ -278,8 +278,21 @@ fn canonical_message(m: Option<Value>) -> Result<(Value, bool), RpcError> {
     if parts.is_empty() {
         return Err(RpcError::invalid_params("params.message.parts", "params.message.parts is empty"));
     }
-    let parts =
-        parts.iter().enumerate().map(|(i, p)| part_to_v03(p, &format!("params.message.parts[{i}]"))).collect::<Result<Vec<_>, _>>()?;
+    let parts = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = format!("params.message.parts[{i}]");
+            // The relay's own mark (wire::WRAPPED): a caller's would be taken for it.
+            if p.get("metadata").and_then(|m| m.get(WRAPPED)).is_some() {
+                return Err(RpcError::invalid_params(
+                    &format!("{at}.metadata"),
+                    format!("{at}.metadata key {WRAPPED:?} is reserved by the relay"),
+                ));
+            }
+            part_to_v03(p, &at)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     msg.insert("parts".into(), Value::Array(parts));
     match msg.get("messageId") {
         None | Some(Value::Null) => {
@@ -446,6 +459,17 @@ mod tests {
         let e = normalize(b"  ").unwrap_err();
         assert_eq!(e.code, -32700);
         assert_eq!(e.to_response(&Value::Null)["error"]["code"], -32700);
+    }
+
+    #[test]
+    fn the_relays_metadata_mark_is_reserved() {
+        let part = json!({"kind": "data", "data": {"value": [1]}, "metadata": {super::WRAPPED: true}});
+        let e =
+            norm(json!({"method": "message/send", "params": {"message": {"parts": [{"kind": "text", "text": "ok"}, part]}}})).unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), (-32602, Some("params.message.parts[1].metadata")));
+        // Marked by the relay itself: a v1.0 value that is not an object.
+        let n = norm(json!({"method": "SendMessage", "params": {"message": {"parts": [{"data": [1]}]}}})).unwrap();
+        assert_eq!(n.params["message"]["parts"][0]["metadata"][super::WRAPPED], true);
     }
 
     #[test]

@@ -91,7 +91,11 @@ pub fn part_to_v03(p: &Value, at: &str) -> Result<Value, RpcError> {
             let data = match &obj["data"] {
                 Value::Object(_) => obj["data"].clone(),
                 other => {
-                    // A metadata that is not an object is left as sent; the value stays wrapped.
+                    // A metadata that is not an object is left as sent (the value stays
+                    // wrapped), but null is no metadata at all.
+                    if out.get("metadata") == Some(&Value::Null) {
+                        out.remove("metadata");
+                    }
                     if let Value::Object(m) = out.entry("metadata").or_insert_with(|| Value::Object(Map::new())) {
                         m.insert(WRAPPED.into(), true.into());
                     }
@@ -372,6 +376,8 @@ mod tests {
         }
         let with_meta = json!({"data": [1], "metadata": {"m": 1}});
         assert_eq!(part_to_v10(&part_to_v03(&with_meta, "p").unwrap()), with_meta);
+        let null_meta = json!({"data": 5, "metadata": null});
+        assert_eq!(part_to_v10(&part_to_v03(&null_meta, "p").unwrap()), json!({"data": 5}));
         // An object that only looks wrapped is left alone.
         let plain = json!({"kind": "data", "data": {"value": [1, 2]}});
         assert_eq!(part_to_v10(&plain), json!({"data": {"value": [1, 2]}}));
