@@ -625,6 +625,56 @@ mod tests {
         assert_eq!(left, 0, "no batch row left behind");
     }
 
+    /// A column of a type this build does not read (a newer version's migration, mid
+    /// rolling deploy) fails every row alike: that fails the claim, and its jobs go back
+    /// uncounted, for a process that reads them — none ends `dead` for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_column_type_this_build_does_not_read_fails_the_claim_not_the_jobs() {
+        let (db, _) = fresh_db().await;
+        let handler = crate::handler_fn(|_ctx| async { Ok(serde_json::Value::Null) });
+        let cfg = RuntimeConfig {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(100),
+            grace: Duration::from_secs(5),
+            node: "test".into(),
+            ..Default::default()
+        };
+        let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 1 };
+        sqlx::raw_sql(
+            "ALTER TABLE apalis.jobs ALTER COLUMN priority TYPE int8;
+             CREATE SEQUENCE claims_made;
+             CREATE FUNCTION count_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM nextval('claims_made'); RETURN NULL; END $$;
+             CREATE TRIGGER count_claims AFTER INSERT ON apalis.claims FOR EACH ROW EXECUTE FUNCTION count_claims();",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let mut conn = db.acquire().await.unwrap();
+        let job = enqueue(&mut conn, &NewJob::to_queue("newer", &serde_json::json!({})).max_attempts(1)).await.unwrap();
+        drop(conn);
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("newer", 2, policy, handler)]);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Claimed three times: handed back twice in between, not ended.
+        loop {
+            let n: i64 =
+                sqlx::query_scalar("SELECT last_value FROM claims_made WHERE is_called").fetch_optional(&db).await.unwrap().unwrap_or(0);
+            if n >= 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < give_up, "claimed {n} times in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM apalis.jobs WHERE id = $1").bind(job.as_str()).fetch_one(&db).await.unwrap();
+        assert_ne!(status, "Killed", "the job ended for a type its worker could not read");
+        rt.shutdown().await;
+        let (status, attempts): (String, i32) =
+            sqlx::query_as("SELECT status, attempts FROM apalis.jobs WHERE id = $1").bind(job.as_str()).fetch_one(&db).await.unwrap();
+        assert_eq!((status.as_str(), attempts), ("Pending", 0), "back, uncounted, for a process that reads it");
+    }
+
     /// A row that fails to decode does not fail the claim that takes it (which would take it
     /// again after every hand-back, its batch-mates with it): it alone ends `dead` at once,
     /// and the other job runs.
@@ -654,10 +704,28 @@ mod tests {
         let mut conn = db.acquire().await.unwrap();
         let poison = enqueue(&mut conn, &NewJob::to_queue("poison", &serde_json::json!({})).max_attempts(3)).await.unwrap();
         sqlx::query("UPDATE apalis.jobs SET job = NULL WHERE id = $1").bind(poison.as_str()).execute(&mut *conn).await.unwrap();
-        let healthy = enqueue(&mut conn, &NewJob::to_queue("poison", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+        // A healthy job in the poison's shard: one claim takes both, so the batch mixes them.
+        let shard = crate::store::Shard::of(&db, poison.as_str()).await.unwrap();
+        let healthy = loop {
+            let id = enqueue(&mut conn, &NewJob::to_queue("poison", &serde_json::json!({})).max_attempts(3)).await.unwrap();
+            if crate::store::Shard::of(&db, id.as_str()).await.unwrap() == shard {
+                break id;
+            }
+            sqlx::query("DELETE FROM apalis.jobs WHERE id = $1").bind(id.as_str()).execute(&mut *conn).await.unwrap();
+        };
+        // Which batch each of them was claimed in.
+        sqlx::raw_sql(
+            "CREATE TABLE claimed_in (job text, batch int8);
+             CREATE FUNCTION note_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO claimed_in SELECT unnest(NEW.ids), NEW.id; RETURN NULL; END $$;
+             CREATE TRIGGER note_claims AFTER INSERT ON apalis.claims FOR EACH ROW EXECUTE FUNCTION note_claims();",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
         drop(conn);
-        // Two slots, one a fetcher: each claim takes one job.
-        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("poison", 2, policy, handler)]);
+        // Four slots, two a fetcher.
+        let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("poison", 4, policy, handler)]);
         let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
         let read = |id: JobId| {
             let db = db.clone();
@@ -683,6 +751,9 @@ mod tests {
         assert!(bad.3.as_deref().unwrap_or_default().starts_with("undecodable_payload: "), "{bad:?}");
         assert_eq!((good.0.as_str(), good.2), ("Done", 1), "the healthy job: {good:?}");
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+        let batches: Vec<(String, i64)> = sqlx::query_as("SELECT job, batch FROM claimed_in").fetch_all(&db).await.unwrap();
+        assert_eq!(batches.len(), 2, "each claimed once: {batches:?}");
+        assert_eq!(batches[0].1, batches[1].1, "in one batch: {batches:?}");
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.claims").fetch_one(&db).await.unwrap();
         assert_eq!(left, 0, "no batch row left behind");
     }

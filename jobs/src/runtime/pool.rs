@@ -244,7 +244,8 @@ async fn fetch(
             }
             continue;
         }
-        counts.started(claimed.iter().filter(|j| !j.expired && j.unreadable.is_none()).count());
+        // An unreadable row counts: its attempt is counted, and it ends as a failed one.
+        counts.started(claimed.iter().filter(|j| !j.expired).count());
         for job in claimed {
             let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
             if let Some(why) = &job.unreadable {
@@ -345,6 +346,18 @@ async fn fetch(
                 r = shutdown.changed() => if r.is_err() { break },
                 r = lease.changed() => if r.is_err() { break },
             }
+        }
+    }
+
+    // A failed claim not yet settled: its jobs would otherwise wait for the rescuer, which
+    // counts their attempt (an exec, one attempt, would end dead without having started).
+    if unsure || settle_again {
+        let known = batches.known();
+        let settle = store::claim::release_unknown_batches(&shared.core, worker_id, shard, &known);
+        match tokio::time::timeout(cfg.lease / 4, settle).await {
+            Ok(Ok(n)) => counts.released(n),
+            Ok(Err(e)) => tracing::warn!(queue, error = %e, "settling a failed claim at shutdown failed; the rescuer will"),
+            Err(_) => tracing::warn!(queue, "settling a failed claim at shutdown timed out; the rescuer will"),
         }
     }
 

@@ -173,16 +173,19 @@ pub async fn claim(db: &PgPool, queue: &str, shard: Shard, limit: i64, worker: &
     decode(sqlx::query(CLAIM).bind(queue).bind(limit).bind(worker).bind(shard.0).fetch_all(db).await?)
 }
 
-/// The claimed rows, each decoded on its own: a row whose columns do not decode (a column
-/// altered by hand, a NULL where none belongs) is handed over [`Claimed::unreadable`], with
-/// what its ack needs, to end `dead` — not made the whole claim's error, which its
-/// batch-mates would share, and which would take it again after every hand-back.
+/// The claimed rows, each decoded on its own: a row with a NULL where none belongs (a
+/// column altered by hand) is handed over [`Claimed::unreadable`], with what its ack
+/// needs, to end `dead` — not made the whole claim's error, which its batch-mates would
+/// share, and which would take it again after every hand-back. Any other decode error
+/// is the claim's: a column whose type is not the one this build reads (a migration
+/// of a newer version, mid rolling deploy) fails every row alike, and the claim's jobs
+/// go back uncounted (the fetcher settles a failed claim) for a process that reads them.
 fn decode(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<Claimed>, sqlx::Error> {
     use sqlx::{FromRow, Row};
     rows.iter()
         .map(|row| match Claimed::from_row(row) {
             Ok(c) => Ok(c),
-            Err(e) => Ok(Claimed {
+            Err(sqlx::Error::ColumnDecode { source, .. }) if source.is::<sqlx::error::UnexpectedNullError>() => Ok(Claimed {
                 id: row.try_get("id")?,
                 fence: row.try_get("fence")?,
                 batch: row.try_get("batch")?,
@@ -196,8 +199,9 @@ fn decode(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<Claimed>, sqlx::Error>
                 org_id: None,
                 workspace_id: None,
                 expired: false,
-                unreadable: Some(e.to_string()),
+                unreadable: Some(format!("a NULL where this build reads a value: {source}")),
             }),
+            Err(e) => Err(e),
         })
         .collect()
 }
