@@ -283,8 +283,13 @@ fn canonical_message(m: Option<Value>) -> Result<(Value, bool), RpcError> {
         .enumerate()
         .map(|(i, p)| {
             let at = format!("params.message.parts[{i}]");
-            // The relay's own mark (wire::WRAPPED): a caller's would be taken for it.
-            if p.get("metadata").and_then(|m| m.get(WRAPPED)).is_some() {
+            // The relay's own mark (wire::WRAPPED), in another form than the relay's:
+            // it would be taken for the relay's. In the relay's form (a part the relay
+            // wrapped, sent on by an agent) it means what it says, and is kept.
+            let mark = p.get("metadata").and_then(|m| m.get(WRAPPED));
+            let relays_form = mark == Some(&Value::Bool(true))
+                && p.get("data").and_then(Value::as_object).is_some_and(|d| d.len() == 1 && d.contains_key("value"));
+            if mark.is_some() && !relays_form {
                 return Err(RpcError::invalid_params(
                     &format!("{at}.metadata"),
                     format!("{at}.metadata key {WRAPPED:?} is reserved by the relay"),
@@ -463,10 +468,22 @@ mod tests {
 
     #[test]
     fn the_relays_metadata_mark_is_reserved() {
-        let part = json!({"kind": "data", "data": {"value": [1]}, "metadata": {super::WRAPPED: true}});
-        let e =
-            norm(json!({"method": "message/send", "params": {"message": {"parts": [{"kind": "text", "text": "ok"}, part]}}})).unwrap_err();
-        assert_eq!((e.code, e.field.as_deref()), (-32602, Some("params.message.parts[1].metadata")));
+        let send =
+            |part: Value| norm(json!({"method": "message/send", "params": {"message": {"parts": [{"kind": "text", "text": "ok"}, part]}}}));
+        for part in [
+            json!({"kind": "data", "data": {"value": [1], "other": 2}, "metadata": {super::WRAPPED: true}}),
+            json!({"kind": "data", "data": {"value": [1]}, "metadata": {super::WRAPPED: false}}),
+            json!({"kind": "text", "text": "x", "metadata": {super::WRAPPED: true}}),
+        ] {
+            let e = send(part.clone()).unwrap_err();
+            assert_eq!((e.code, e.field.as_deref()), (-32602, Some("params.message.parts[1].metadata")), "{part}");
+        }
+        // A part the relay wrapped, sent on by an agent: kept, and unwrapped for v1.0.
+        let relayed = json!({"kind": "data", "data": {"value": 5}, "metadata": {super::WRAPPED: true}});
+        let n = send(relayed.clone()).unwrap();
+        assert_eq!(n.params["message"]["parts"][1], relayed);
+        let v10 = render_request(&n.id, n.operation, &n.params, AgentVersion::V10);
+        assert_eq!(v10["params"]["message"]["parts"][1], json!({"data": 5}));
         // Marked by the relay itself: a v1.0 value that is not an object.
         let n = norm(json!({"method": "SendMessage", "params": {"message": {"parts": [{"data": [1]}]}}})).unwrap();
         assert_eq!(n.params["message"]["parts"][0]["metadata"][super::WRAPPED], true);
