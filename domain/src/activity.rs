@@ -304,21 +304,13 @@ mod tests {
         let first = at(&mut conn, ws).await.expect("marked: it never was");
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         assert_eq!(at(&mut conn, ws).await, Some(first), "within the second: not written again");
-        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1")
-            .bind(ws)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        backdate(&mut conn, ws).await;
         let old = at(&mut conn, ws).await;
         mark_active(&mut conn, &[WorkspaceId(ws)]).await.unwrap();
         assert!(at(&mut conn, ws).await > old, "older than a second: marked again");
 
         // A row another transaction holds is skipped at once, not waited for.
-        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1")
-            .bind(ws)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        backdate(&mut conn, ws).await;
         let old = at(&mut conn, ws).await;
         let mut holder = db.begin().await.unwrap();
         sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(ws).execute(&mut *holder).await.unwrap();
@@ -328,5 +320,14 @@ mod tests {
             .unwrap();
         holder.rollback().await.unwrap();
         assert_eq!(at(&mut conn, ws).await, old, "the held row was left for the next mark");
+    }
+
+    /// Marked two seconds ago: older than the mark's one-second threshold.
+    async fn backdate(conn: &mut PgConnection, ws: Uuid) {
+        sqlx::query("UPDATE workspaces SET last_active_at = now() - interval '2 seconds' WHERE id = $1")
+            .bind(ws)
+            .execute(conn)
+            .await
+            .unwrap();
     }
 }

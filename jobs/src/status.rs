@@ -190,6 +190,15 @@ fn view(r: ViewRow) -> JobView {
     r.into()
 }
 
+/// Whether the job was enqueued more than `age` ago (None: no such job).
+pub async fn enqueued_before(db: &PgPool, id: &JobId, age: std::time::Duration) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT created_at < now() - $2::float8 * interval '1 second' FROM apalis.jobs WHERE id = $1")
+        .bind(id.as_str())
+        .bind(age.as_secs_f64())
+        .fetch_optional(db)
+        .await
+}
+
 /// A failed attempt's detail (engine or SDK text, hosts, worker ids): for operators only,
 /// never in a tenant's view of the job.
 pub async fn error_detail(db: &PgPool, id: &JobId) -> Result<Option<String>, sqlx::Error> {

@@ -31,13 +31,7 @@ pub const TURN_WAIT: Duration = Duration::from_secs(600);
 /// retryably instead, so a lock that stays taken ends it after its attempts.
 pub(crate) async fn wait_turn(d: &Deps, ctx: &JobContext, detail: &'static str) -> JobError {
     // No row (a job run outside the queue): young.
-    let waited_long: Result<Option<bool>, _> =
-        sqlx::query_scalar("SELECT created_at < now() - $2::float8 * interval '1 second' FROM apalis.jobs WHERE id = $1")
-            .bind(ctx.id.as_str())
-            .bind(TURN_WAIT.as_secs_f64())
-            .fetch_optional(&d.db)
-            .await;
-    match waited_long {
+    match molecule_jobs::status::enqueued_before(&d.db, &ctx.id, TURN_WAIT).await {
         Ok(Some(true)) => JobError::retryable("restart_in_progress", format!("{detail}; waited its turn {TURN_WAIT:?} already")),
         Ok(_) => JobError::snooze(TURN_RETRY, "restart_in_progress", detail),
         Err(e) => db_err(e),

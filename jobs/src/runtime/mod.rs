@@ -340,6 +340,11 @@ mod tests {
     use molecule_domain::testing::fresh_db;
     use std::sync::atomic::AtomicUsize;
 
+    /// A runtime for one test: a heartbeat of 300 ms, the rest as the test needs.
+    fn test_cfg(lease: Duration, poll_interval: Duration, grace: Duration) -> RuntimeConfig {
+        RuntimeConfig { lease, heartbeat: Duration::from_millis(300), poll_interval, grace, node: "test".into(), ..Default::default() }
+    }
+
     /// A job claimed without a batch row (by a version from before them) whose worker died
     /// just before this process started: at the start its lease still holds; the runtime's
     /// first whole-table rescue comes a lease after its start, and takes it then (read only
@@ -362,14 +367,7 @@ mod tests {
                 Ok(serde_json::Value::Null)
             }
         });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(2),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(500),
-            grace: Duration::from_secs(5),
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(2), Duration::from_millis(500), Duration::from_secs(5));
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(30), max_attempts: 10 };
         let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("upgrade", 2, policy, handler)]);
         let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -404,14 +402,7 @@ mod tests {
                 Err(crate::JobError::Interrupted)
             }
         });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(4),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(100),
-            grace: Duration::ZERO,
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(4), Duration::from_millis(100), Duration::ZERO);
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 1 };
         let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("nograce", 1, policy, handler)]);
         let mut conn = db.acquire().await.unwrap();
@@ -462,14 +453,7 @@ mod tests {
                 Ok(serde_json::Value::Null)
             }
         });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(4),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(100),
-            grace: Duration::from_secs(20),
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(4), Duration::from_millis(100), Duration::from_secs(20));
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
         let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("longgrace", 1, policy, handler)]);
         let mut conn = db.acquire().await.unwrap();
@@ -511,14 +495,7 @@ mod tests {
                 Ok(serde_json::Value::Null)
             }
         });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(30),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(100),
-            grace: Duration::from_secs(5),
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(30), Duration::from_millis(100), Duration::from_secs(5));
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
         let rt = Runtime::start(db.clone(), cfg, vec![PoolSpec::new("lostreply", 2, policy, handler)]);
         let worker: String = loop {
@@ -632,14 +609,7 @@ mod tests {
     async fn a_column_type_this_build_does_not_read_fails_the_claim_not_the_jobs() {
         let (db, _) = fresh_db().await;
         let handler = crate::handler_fn(|_ctx| async { Ok(serde_json::Value::Null) });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(30),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(100),
-            grace: Duration::from_secs(5),
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(30), Duration::from_millis(100), Duration::from_secs(5));
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 1 };
         sqlx::raw_sql(
             "ALTER TABLE apalis.jobs ALTER COLUMN priority TYPE int8;
@@ -690,14 +660,7 @@ mod tests {
                 Ok(serde_json::Value::Null)
             }
         });
-        let cfg = RuntimeConfig {
-            lease: Duration::from_secs(30),
-            heartbeat: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(100),
-            grace: Duration::from_secs(5),
-            node: "test".into(),
-            ..Default::default()
-        };
+        let cfg = test_cfg(Duration::from_secs(30), Duration::from_millis(100), Duration::from_secs(5));
         let policy = RetryPolicy { base: Duration::from_millis(50), cap: Duration::from_secs(1), max_attempts: 3 };
         // A payload no claim can decode (`job` is not an Option).
         sqlx::query("ALTER TABLE apalis.jobs ALTER COLUMN job DROP NOT NULL").execute(&db).await.unwrap();

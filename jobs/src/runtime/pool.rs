@@ -160,20 +160,13 @@ async fn fetch(
         }
         attempts.lock().await.reap();
         if unsure {
-            let known = batches.known();
-            let released = tokio::select! {
-                r = store::claim::release_unknown_batches(&shared.core, worker_id, shard, &known) => r,
+            let settled = tokio::select! {
+                r = pool.settle_lost_claims(shard) => r,
                 // Cut short, it is simply done again (nothing else claims for us in this shard).
                 _ = lease.wait_for(|held| !*held) => continue,
             };
-            match released {
-                Ok(n) => {
-                    unsure = false;
-                    counts.released(n);
-                    if n > 0 {
-                        tracing::warn!(queue, released = n, "handed back the jobs of a claim whose answer was lost");
-                    }
-                }
+            match settled {
+                Ok(()) => unsure = false,
                 Err(e) => {
                     tracing::warn!(queue, error = %e, "settling a failed claim failed; backing off");
                     tokio::select! {
@@ -352,10 +345,8 @@ async fn fetch(
     // A failed claim not yet settled: its jobs would otherwise wait for the rescuer, which
     // counts their attempt (an exec, one attempt, would end dead without having started).
     if unsure || settle_again {
-        let known = batches.known();
-        let settle = store::claim::release_unknown_batches(&shared.core, worker_id, shard, &known);
-        match tokio::time::timeout(cfg.lease / 4, settle).await {
-            Ok(Ok(n)) => counts.released(n),
+        match tokio::time::timeout(cfg.lease / 4, pool.settle_lost_claims(shard)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(queue, error = %e, "settling a failed claim at shutdown failed; the rescuer will"),
             Err(_) => tracing::warn!(queue, "settling a failed claim at shutdown timed out; the rescuer will"),
         }
@@ -389,6 +380,19 @@ async fn fetch(
         attempts.stop(wait, &ack_tx).await;
     }
     attempts.ended.clone()
+}
+
+impl Pool {
+    /// Hands back the jobs of `shard`'s claims that committed but whose answer was lost
+    /// (the batches of ours it does not know): see store::claim::release_unknown_batches.
+    async fn settle_lost_claims(&self, shard: Shard) -> Result<(), sqlx::Error> {
+        let n = store::claim::release_unknown_batches(&self.shared.core, &self.worker_id, shard, &self.batches.known()).await?;
+        self.counts.released(n);
+        if n > 0 {
+            tracing::warn!(queue = self.spec.queue.as_str(), released = n, "handed back the jobs of a claim whose answer was lost");
+        }
+        Ok(())
+    }
 }
 
 /// Ends a fetcher's running attempts as soon as the lease is lost, whatever the fetcher is
