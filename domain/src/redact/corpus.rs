@@ -258,6 +258,14 @@ mod tests {
             "tail:\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nVGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM0\nAbCd3Q==\n-----END RSA PRIVATE KEY-----\nexit 0\n",
         );
         assert_eq!(pem, "tail:\n[REDACTED]\nexit 0\n");
+        // A tail that starts at the short last lines: nothing above them tells them apart.
+        for (text, secret) in [
+            ("AbCd3Q==\n-----END RSA PRIVATE KEY-----\nexit 0\n", "AbCd3Q"),
+            ("AbCd3Q==\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----\n", "Qs3J"),
+        ] {
+            let out = r.redact(text);
+            assert!(!out.contains(secret) && out.starts_with(MARK), "{out:?}");
+        }
         for text in [
             "=abcd\nnext line\n",
             "checksum\n=abcd\n",
