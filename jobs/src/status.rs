@@ -190,9 +190,10 @@ fn view(r: ViewRow) -> JobView {
     r.into()
 }
 
-/// Whether the job was enqueued more than `age` ago (None: no such job).
-pub async fn enqueued_before(db: &PgPool, id: &JobId, age: std::time::Duration) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar("SELECT created_at < now() - $2::float8 * interval '1 second' FROM apalis.jobs WHERE id = $1")
+/// Whether the job was enqueued, or last retried by hand, more than `age` ago (None: no
+/// such job).
+pub async fn queued_before(db: &PgPool, id: &JobId, age: std::time::Duration) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce(retried_at, created_at) < now() - $2::float8 * interval '1 second' FROM apalis.jobs WHERE id = $1")
         .bind(id.as_str())
         .bind(age.as_secs_f64())
         .fetch_optional(db)
@@ -336,7 +337,7 @@ pub async fn retry_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Transi
 const RETRY: &str = r#"
 WITH r AS (
     UPDATE apalis.jobs
-    SET status = 'Pending', outcome = NULL, done_at = NULL, run_at = now(), lock_by = NULL,
+    SET status = 'Pending', outcome = NULL, done_at = NULL, run_at = now(), retried_at = now(), lock_by = NULL,
         lock_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)
     WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled', 'interrupted')))
     RETURNING job_type

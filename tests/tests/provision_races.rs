@@ -282,6 +282,7 @@ async fn a_restart_queued_during_a_long_provision_waits_without_using_its_attemp
 
 /// The wait is bounded: a job that finds the lock held once it is ten minutes old
 /// (`TURN_WAIT`) fails retryably, using an attempt, so a lock that stays taken ends it.
+/// A retry by hand starts the wait anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_its_turn_too_long_uses_its_attempts_again() {
     let r = rig().await;
@@ -307,6 +308,15 @@ async fn a_job_waiting_its_turn_too_long_uses_its_attempts_again() {
     assert!(matches!(y, Err(JobError::Snooze { .. })), "{y:?}");
     let o = molecule_workers::restart::run(&r.deps, &old, r.ws).await;
     assert!(matches!(&o, Err(JobError::Retryable(f)) if f.code == "restart_in_progress"), "{o:?}");
+    // Dead, then retried by hand while the lock is still held: it waits its turn again.
+    sqlx::query("UPDATE apalis.jobs SET status = 'Killed', outcome = 'dead' WHERE id = $1")
+        .bind(old.id.as_str())
+        .execute(&r.db)
+        .await
+        .unwrap();
+    assert!(matches!(molecule_jobs::status::retry(&r.db, &old.id).await.unwrap(), molecule_jobs::status::Transition::Done));
+    let again = molecule_workers::restart::run(&r.deps, &old, r.ws).await;
+    assert!(matches!(again, Err(JobError::Snooze { .. })), "{again:?}");
     r.fake.release.notify_one();
     assert!(provision.await.unwrap().is_ok());
 }

@@ -20,7 +20,8 @@ pub async fn run(d: &Deps, ctx: &JobContext, ws: WorkspaceId) -> HandlerResult {
 
 /// How soon a job that found the restart lock held looks again.
 pub const TURN_RETRY: Duration = Duration::from_secs(5);
-/// How long after its enqueue a job may keep waiting its turn without using attempts.
+/// How long after its enqueue (or its last retry by hand) a job may keep waiting its turn
+/// without using attempts.
 pub const TURN_WAIT: Duration = Duration::from_secs(600);
 
 /// The answer of a job that found the workspace's restart lock held (J1, J3): its turn
@@ -31,7 +32,7 @@ pub const TURN_WAIT: Duration = Duration::from_secs(600);
 /// retryably instead, so a lock that stays taken ends it after its attempts.
 pub(crate) async fn wait_turn(d: &Deps, ctx: &JobContext, detail: &'static str) -> JobError {
     // No row (a job run outside the queue): young.
-    match molecule_jobs::status::enqueued_before(&d.db, &ctx.id, TURN_WAIT).await {
+    match molecule_jobs::status::queued_before(&d.db, &ctx.id, TURN_WAIT).await {
         Ok(Some(true)) => JobError::retryable("restart_in_progress", format!("{detail}; waited its turn {TURN_WAIT:?} already")),
         Ok(_) => JobError::snooze(TURN_RETRY, "restart_in_progress", detail),
         Err(e) => db_err(e),
