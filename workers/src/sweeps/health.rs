@@ -147,9 +147,12 @@ pub async fn await_silent_agents(db: &sqlx::PgPool, stale: Duration, batch: i64)
 }
 
 pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult {
-    let restarted = restart_dead(d, super::BATCH).await?;
+    // Both halves, whatever the other's fate: an engine that cannot list its instances
+    // says nothing about external agents' heartbeats. Its error fails the sweep after.
+    let restarted = restart_dead(d, super::BATCH).await;
     let stale = args.heartbeat_stale_s.map(Duration::from_secs).unwrap_or(DEFAULT_HEARTBEAT_STALE);
     let waiting = await_silent_agents(&d.db, stale, super::BATCH).await.map_err(super::db)?;
+    let restarted = restarted?;
     Ok(serde_json::json!({
         "restarted": restarted.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
         "awaiting_agent": waiting.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
@@ -159,6 +162,7 @@ pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult
 #[cfg(test)]
 mod tests {
     use super::*;
+    use molecule_backends::BackendError;
     use molecule_domain::testing::fresh_db;
 
     /// External agents: silent past the window → awaiting_agent (with an event); recent
@@ -213,6 +217,78 @@ mod tests {
             .unwrap();
         assert_eq!(events, 2);
         assert!(await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap().is_empty());
+    }
+
+    /// An engine that cannot list its instances (down, or answering 500s).
+    struct Unlistable;
+
+    #[async_trait::async_trait]
+    impl molecule_backends::Backend for Unlistable {
+        fn name(&self) -> &'static str {
+            "unlistable"
+        }
+        async fn start(&self, _: &molecule_backends::StartSpec) -> Result<molecule_backends::Started, BackendError> {
+            unreachable!("not used")
+        }
+        async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            unreachable!("not used")
+        }
+        async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+            unreachable!("not used")
+        }
+        async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
+            unreachable!("nothing is asked about before the list")
+        }
+        async fn list_managed(&self) -> Result<Vec<molecule_backends::ManagedInstance>, BackendError> {
+            Err(BackendError::EngineUnavailable("connection refused".into()))
+        }
+        async fn exec(
+            &self,
+            _: WorkspaceId,
+            _: &molecule_backends::ExecRequest,
+            _: molecule_backends::ChunkSink<'_>,
+        ) -> Result<molecule_backends::ExecOutcome, BackendError> {
+            unreachable!("not used")
+        }
+        async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
+            unreachable!("not used")
+        }
+        async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
+            unreachable!("not used")
+        }
+    }
+
+    /// S4's two halves are independent: while the engine cannot be listed, a silent
+    /// external agent still goes `awaiting_agent` (its heartbeat is in the database), and
+    /// the sweep then fails retryably for the half it could not do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_external_agents_are_marked_while_the_engine_cannot_be_listed() {
+        let (db, _) = fresh_db().await;
+        let ws: uuid::Uuid = sqlx::query_scalar(
+            "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
+             INSERT INTO workspaces (org_id, name, runtime, tier, status, last_heartbeat_at) \
+             SELECT id, 'w', 'external', 2, 'online', now() - interval '10 minutes' FROM o RETURNING id",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let deps = Deps::minimal(db.clone(), std::sync::Arc::new(Unlistable)).unwrap();
+        let ctx = JobContext {
+            id: molecule_domain::JobId::generate(),
+            queue: "sweep".into(),
+            attempt: 1,
+            max_attempts: 1,
+            org_id: None,
+            workspace_id: None,
+            payload: std::sync::Arc::from(&b"{}"[..]),
+            db: db.clone(),
+            interrupt: molecule_jobs::Interrupt::never(),
+        };
+        let args = SweepArgs::new(molecule_jobs::sweeper::Sweeper::Health);
+        let out = run(&deps, &ctx, &args).await;
+        assert!(matches!(&out, Err(JobError::Retryable(f)) if f.code == "sweep"), "{out:?}");
+        let s: String = sqlx::query_scalar("SELECT status::text FROM workspaces WHERE id = $1").bind(ws).fetch_one(&db).await.unwrap();
+        assert_eq!(s, "awaiting_agent");
     }
 
     /// The guards of a restart: none while a restart holds the workspace's lock, and after
