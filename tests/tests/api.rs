@@ -313,6 +313,70 @@ async fn a_child_created_while_its_parent_is_deleted_is_refused() {
     }
 }
 
+/// A5: an exec without `timeout_s` runs with the default 30 s, one over the cap with
+/// 120 s: in the answer and in the job the worker reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_without_a_timeout_gets_the_default_and_a_long_one_the_cap() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (ws, _) = create_ws(&addr, &t, json!({"name": "w", "runtime": "echo", "tier": 3})).await;
+    sqlx::query("UPDATE workspaces SET status = 'online' WHERE id = $1::uuid").bind(&ws).execute(&db).await.unwrap();
+    for (body, want) in [(json!({"argv": ["true"]}), 30), (json!({"argv": ["true"], "timeout_s": 86400}), 120)] {
+        let r = post(&addr, &format!("/workspaces/{ws}/exec"), Some(&t), body).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.json()["timeout_s"], want, "{}", r.body);
+        let job: i64 = sqlx::query_scalar("SELECT (convert_from(job, 'UTF8')::jsonb ->> 'timeout_s')::int8 FROM apalis.jobs WHERE id = $1")
+            .bind(r.json()["job_id"].as_str().unwrap())
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(job, want);
+    }
+}
+
+/// A3: a delete chosen as a deadlock's victim (40P01: here a transaction that holds the
+/// tree's later row, then waits for its first) runs again instead of answering 503: its
+/// transaction was rolled back whole, so the second run removes the tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_chosen_as_a_deadlock_victim_runs_again() {
+    let (db, _) = fresh_db().await;
+    let addr = start_api(db.clone(), open_auth()).await;
+    let (_o, t) = org(&db, "a").await;
+    let (root, _) = create_ws(&addr, &t, json!({"name": "root", "runtime": "echo"})).await;
+    let (child, _) = create_ws(&addr, &t, json!({"name": "child", "runtime": "echo", "parent_id": root})).await;
+    let mut ids: Vec<uuid::Uuid> = [&root, &child].iter().map(|s| s.parse().unwrap()).collect();
+    ids.sort();
+    let (first, last) = (ids[0], ids[1]);
+
+    let mut other = db.begin().await.unwrap();
+    // This side never checks for the deadlock first: the delete's session finds it.
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'").execute(&mut *other).await.unwrap();
+    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(last).execute(&mut *other).await.unwrap();
+    let delete = {
+        let (addr, t, root) = (addr.clone(), t.clone(), root.clone());
+        tokio::spawn(async move { http(&addr, "DELETE", &format!("/workspaces/{root}"), Some(&t), None, None).await })
+    };
+    // The delete holds the first row and waits for the last.
+    molecule_tests::eventually(Duration::from_secs(20), "the delete waits for the last row", || {
+        let db = db.clone();
+        async move {
+            let w =
+                count(&db, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await;
+            (w >= 1).then_some(())
+        }
+    })
+    .await;
+    // Waiting for the first row closes the cycle; the delete is rolled back, so this gets it.
+    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE").bind(first).execute(&mut *other).await.unwrap();
+    other.commit().await.unwrap();
+
+    let deleted = delete.await.unwrap();
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+    assert_eq!(deleted.json()["removed"].as_array().map(Vec::len), Some(2), "{}", deleted.body);
+    assert_eq!(count(&db, "SELECT count(*) FROM workspaces WHERE status <> 'removed'").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_restarts_coalesce_into_one_job() {
     let (db, _) = fresh_db().await;
