@@ -154,3 +154,36 @@ pub async fn readiness(pool: &PgPool) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// §2: an applied migration is never edited. sqlx refuses to migrate a database whose
+    /// recorded checksum of a migration differs from the file's, so an edited file breaks
+    /// every install that applied it. `migrations/CHECKSUMS` holds each migration's
+    /// checksum as sqlx records it; a new migration adds its line (the failure says which).
+    #[test]
+    fn no_applied_migration_is_edited() {
+        let listed: std::collections::HashMap<i64, String> = include_str!("../../migrations/CHECKSUMS")
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (v, sum) = l.split_once(' ').expect("`<version> <sha384>` lines");
+                (v.parse().expect("a version"), sum.trim().to_string())
+            })
+            .collect();
+        for m in super::MIGRATOR.iter() {
+            let sum = hex::encode(&m.checksum);
+            match listed.get(&m.version) {
+                Some(want) => assert_eq!(
+                    &sum, want,
+                    "migration {} ({}) was edited after it was listed: add a new migration instead",
+                    m.version, m.description
+                ),
+                None => {
+                    panic!("migration {} ({}) is not in migrations/CHECKSUMS: add the line `{} {sum}`", m.version, m.description, m.version)
+                }
+            }
+        }
+        assert_eq!(listed.len(), super::MIGRATOR.iter().count(), "CHECKSUMS lists a migration that is gone");
+    }
+}
