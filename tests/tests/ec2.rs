@@ -661,7 +661,17 @@ async fn an_ec2_workspace_from_create_to_delete() {
     }
     // No secret of the workspace in the server's log.
     let log = std::fs::read_to_string(&serve.log).unwrap();
-    assert!(log.contains("provision.instance_launched"), "the log is the server's");
+    // §8: the launch's event, with the ids of its workspace, org and job (the job's span).
+    let launches: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "provision.ec2_started")
+        .collect();
+    assert!(!launches.is_empty(), "the log is the server's");
+    for e in &launches {
+        assert!(e["workspace_id"].is_string() && e["org_id"].is_string() && e["span"]["job_id"].is_string(), "{e}");
+    }
+    assert!(launches.iter().any(|e| e["span"]["job_id"] == provision.as_str() && e["workspace_id"] == brief.as_str()), "{launches:?}");
     for secret in [&user_data.token, &user_data.inbound_secret] {
         assert!(!log.contains(secret.as_str()), "a workspace secret reached the server log");
     }

@@ -307,7 +307,7 @@ impl Backend for Ec2Backend {
         let instance = out.instances().first().ok_or_else(|| BackendError::engine(502, "RunInstances returned no instance"))?;
         let id = instance.instance_id().ok_or_else(|| BackendError::engine(502, "RunInstances returned no instance id"))?;
         let agent_url = instance.private_ip_address().map(|ip| format!("http://{ip}:{}", self.cfg.agent_port));
-        tracing::info!(event = "provision.instance_launched", workspace_id = %ws, org_id = %spec.org_id, instance_id = id);
+        tracing::info!(event = "provision.ec2_started", workspace_id = %ws, org_id = %spec.org_id, instance_id = id);
         Ok(Started { container_name: instance_name(ws), image_digest: None, instance_id: Some(id.to_string()), agent_url })
     }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::acker::{self, Claim, OpenBatches};
 use super::claim_start::ClaimStart;
@@ -277,9 +278,18 @@ async fn fetch(
             let ended = running.ended.clone();
             let (attempt, max_attempts) = (job.attempts, job.max_attempts);
             let counts = counts.clone();
+            // Every event a handler (or the backend under it) logs carries the job's ids.
+            let span = tracing::info_span!(
+                "job",
+                job_id = %ctx.id,
+                queue = %ctx.queue,
+                attempt,
+                org_id = ctx.org_id.map(|o| tracing::field::display(o.0)),
+                workspace_id = ctx.workspace_id.map(|w| tracing::field::display(w.0)),
+            );
             running.tasks.spawn(async move {
                 let began = std::time::Instant::now();
-                let outcome = AssertUnwindSafe(handler(ctx)).catch_unwind().await;
+                let outcome = AssertUnwindSafe(handler(ctx).instrument(span)).catch_unwind().await;
                 // Out of the in-flight set before the ack leaves (no await between the two):
                 // whatever is still in it after an abort never produced one. Never gone
                 // here: stop() empties the set only once every attempt ended or was aborted.
