@@ -83,7 +83,7 @@ pub enum JobError {
     /// Will never succeed: the job is dead at once.
     #[error("{}: {}", .0.code, .0.detail)]
     Permanent(Failure),
-    /// The payload is not what this queue's handler reads: dead at once.
+    /// The payload is not what this queue's handler reads: failed at once.
     #[error("undecodable payload: {0}")]
     Undecodable(String),
     /// No workspace backend is configured in this process (MOLECULE_BACKEND=none).

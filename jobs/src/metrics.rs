@@ -21,7 +21,7 @@ pub const DURATION: &str = "molecule_job_duration_seconds";
 pub const STALE_ACKS: &str = "molecule_jobs_stale_acks_total";
 
 /// How an attempt ended. `failed` counts every failed attempt: each is also `retried`
-/// (it runs again) or `dead` (it does not). `released` (handed back, due at once) and
+/// (it runs again) or `dead` (it does not: out of attempts, or failed permanently). `released` (handed back, due at once) and
 /// `snoozed` (handed back due later, [`crate::JobError::Snooze`]) do not count as attempts.
 pub const EVENTS: [&str; 8] = ["succeeded", "failed", "retried", "dead", "interrupted", "expired", "released", "snoozed"];
 const FAILED: usize = 1;

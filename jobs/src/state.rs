@@ -16,7 +16,7 @@ pub enum JobState {
     Running,
     /// Succeeded.
     Done,
-    /// The last attempt failed; it runs again at `run_at`.
+    /// The last attempt failed; it runs again at `run_at` (shown `retrying`).
     Failed,
     /// Terminal without success: `outcome` says why.
     Killed,
@@ -45,8 +45,10 @@ impl JobState {
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Succeeded,
-    /// Out of attempts, or failed permanently.
+    /// Out of attempts.
     Dead,
+    /// Failed permanently: its handler said another attempt would fail the same way.
+    Failed,
     /// Past its `expires_at` before it could run.
     Expired,
     Cancelled,
@@ -59,6 +61,7 @@ impl Outcome {
         match self {
             Self::Succeeded => "succeeded",
             Self::Dead => "dead",
+            Self::Failed => "failed",
             Self::Expired => "expired",
             Self::Cancelled => "cancelled",
             Self::Interrupted => "interrupted",

@@ -17,8 +17,10 @@ pub enum JobStatus {
     Running,
     Succeeded,
     /// The last attempt failed; it will run again at `run_at`.
+    Retrying,
+    /// Failed permanently (another attempt would fail the same way): not run again.
     Failed,
-    /// Out of attempts, or failed permanently.
+    /// Out of attempts: not run again.
     Dead,
     /// Not run: past its `expires_at`.
     Expired,
@@ -29,11 +31,12 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 9] = [
+    pub const ALL: [JobStatus; 10] = [
         Self::Pending,
         Self::Scheduled,
         Self::Running,
         Self::Succeeded,
+        Self::Retrying,
         Self::Failed,
         Self::Dead,
         Self::Expired,
@@ -47,6 +50,7 @@ impl JobStatus {
             Self::Scheduled => "scheduled",
             Self::Running => "running",
             Self::Succeeded => "succeeded",
+            Self::Retrying => "retrying",
             Self::Failed => "failed",
             Self::Dead => "dead",
             Self::Expired => "expired",
@@ -57,7 +61,7 @@ impl JobStatus {
 
     /// The job will not change any more on its own.
     pub fn is_final(self) -> bool {
-        !matches!(self, Self::Pending | Self::Scheduled | Self::Running | Self::Failed)
+        !matches!(self, Self::Pending | Self::Scheduled | Self::Running | Self::Retrying)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -66,6 +70,7 @@ impl JobStatus {
             "scheduled" => Self::Scheduled,
             "running" => Self::Running,
             "succeeded" => Self::Succeeded,
+            "retrying" => Self::Retrying,
             "failed" => Self::Failed,
             "dead" => Self::Dead,
             "expired" => Self::Expired,
@@ -85,7 +90,7 @@ macro_rules! job_status_sql {
             WHEN j.status = 'Done' THEN 'succeeded' \
             WHEN j.status = 'Killed' THEN COALESCE(j.outcome, 'dead') \
             WHEN j.status IN ('Queued', 'Running') THEN 'running' \
-            WHEN j.status = 'Failed' THEN 'failed' \
+            WHEN j.status = 'Failed' THEN 'retrying' \
             WHEN j.run_at > now() THEN 'scheduled' \
             ELSE 'pending' END"
     };
@@ -311,7 +316,7 @@ SET status = 'Killed', outcome = 'cancelled', done_at = now(), last_error = 'can
 WHERE id = $1 AND status IN ('Pending', 'Failed')
 "#;
 
-/// Cancels a job that is waiting (pending, scheduled, or failed awaiting its retry).
+/// Cancels a job that is waiting (pending, scheduled, or retrying: awaiting its retry).
 pub async fn cancel(db: &PgPool, id: &JobId) -> Result<Transition, sqlx::Error> {
     let n = sqlx::query(CANCEL).bind(id.as_str()).execute(db).await?.rows_affected();
     settle(db, id, n).await
@@ -333,13 +338,13 @@ pub async fn retry_for_org(db: &PgPool, id: &JobId, org: OrgId) -> Result<Transi
     retry(db, id).await
 }
 
-/// Runs a dead, cancelled, interrupted or failed job again now, with at least one attempt left.
+/// Runs a retrying, failed, dead, cancelled or interrupted job again now, with at least one attempt left.
 const RETRY: &str = r#"
 WITH r AS (
     UPDATE apalis.jobs
     SET status = 'Pending', outcome = NULL, done_at = NULL, run_at = now(), retried_at = now(), lock_by = NULL,
         lock_at = NULL, max_attempts = greatest(max_attempts, attempts + 1)
-    WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('dead', 'cancelled', 'interrupted')))
+    WHERE id = $1 AND (status = 'Failed' OR (status = 'Killed' AND outcome IN ('failed', 'dead', 'cancelled', 'interrupted')))
     RETURNING job_type
 )
 SELECT pg_notify($2, json_build_object('job_type', job_type, 'id', $1::text)::text) FROM r

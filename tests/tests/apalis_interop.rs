@@ -202,7 +202,8 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
     // Rows in every state our core writes, enqueued and run by our core.
     let sweep = |s: Sweeper| NewJob::new(JobKind::Sweep, &SweepArgs::new(s));
     let succeeded = push(&db, sweep(Sweeper::A2aTtl)).await;
-    let dead = push(&db, sweep(Sweeper::Orphans)).await;
+    // No backend here: the orphan sweep fails permanently (no_backend).
+    let no_backend = push(&db, sweep(Sweeper::Orphans)).await;
     let retrying = push(&db, sweep(Sweeper::StaleTokens)).await;
     let running = push(&db, sweep(Sweeper::Hibernation)).await;
     let scheduled = push(&db, sweep(Sweeper::ProvisionTimeout).run_at(Utc::now() + chrono::Duration::hours(1))).await;
@@ -214,8 +215,8 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
     let p = wait_status(&db, &pushed_id, JobStatus::Succeeded).await;
     let t = wait_status(&db, &in_tx_id, JobStatus::Succeeded).await;
     wait_status(&db, succeeded.as_str(), JobStatus::Succeeded).await;
-    wait_status(&db, dead.as_str(), JobStatus::Dead).await;
-    let r = wait_status(&db, retrying.as_str(), JobStatus::Failed).await;
+    wait_status(&db, no_backend.as_str(), JobStatus::Failed).await;
+    let r = wait_status(&db, retrying.as_str(), JobStatus::Retrying).await;
     wait_status(&db, running.as_str(), JobStatus::Running).await;
     wait_status(&db, scheduled.as_str(), JobStatus::Scheduled).await;
     wait_status(&db, expired.as_str(), JobStatus::Expired).await;
@@ -249,7 +250,7 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
     let expect: [(Status, BTreeSet<String>); 6] = [
         (Status::Done, set(&[&pushed_id, &in_tx_id, succeeded.as_str()])),
         (Status::Failed, set(&[retrying.as_str()])),
-        (Status::Killed, set(&[dead.as_str(), expired.as_str()])),
+        (Status::Killed, set(&[no_backend.as_str(), expired.as_str()])),
         (Status::Running, set(&[running.as_str()])),
         (Status::Pending, set(&[scheduled.as_str()])),
         (Status::Queued, set(&[])),
@@ -285,7 +286,7 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
 
     // apalis' FetchById reads our rows too, and knows nothing of an id we never wrote.
     let mut by_id = apalis_sweep.clone();
-    let fetched = by_id.fetch_by_id(&TaskId::from_ulid(dead.as_str().parse().unwrap())).await.unwrap().unwrap();
+    let fetched = by_id.fetch_by_id(&TaskId::from_ulid(no_backend.as_str().parse().unwrap())).await.unwrap().unwrap();
     assert_eq!(fetched.status(), Status::Killed);
     assert_eq!(fetched.lock_by(), Some(worker.id.as_str()));
     assert!(by_id.fetch_by_id(&TaskId::from_ulid(ulid::Ulid::generate())).await.unwrap().is_none());
@@ -294,7 +295,7 @@ async fn apalis_pushes_run_in_our_pool_and_apalis_reads_our_rows() {
     let pending = apalis_sweep.list_all_tasks(&filter(Status::Pending)).await.unwrap();
     assert_eq!(ids(&pending), set(&[scheduled.as_str(), waiting.as_str()]));
     let killed = apalis_console.list_all_tasks(&filter(Status::Killed)).await.unwrap();
-    assert_eq!(ids(&killed), set(&[dead.as_str(), expired.as_str()]));
+    assert_eq!(ids(&killed), set(&[no_backend.as_str(), expired.as_str()]));
     assert!(apalis_console.list_tasks(&filter(Status::Done)).await.unwrap().is_empty());
 
     // apalis' ListQueues: both of our queues, with their counts and our worker.

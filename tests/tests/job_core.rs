@@ -143,7 +143,7 @@ struct Args {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
+async fn an_undecodable_payload_fails_and_the_pool_goes_on() {
     let (db, _) = fresh_db().await;
     let handler = typed_handler(|_ctx, a: Args| async move { Ok(json!({"n": a.n})) });
     let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("typed", 2, policy(100), handler)]);
@@ -152,8 +152,8 @@ async fn an_undecodable_payload_is_dead_and_the_pool_goes_on() {
     let bad = push(&db, bad).await;
     let wrong_shape = push(&db, NewJob::to_queue("typed", &json!({"n": "seven"}))).await;
     let good = push(&db, NewJob::to_queue("typed", &json!({"n": 7}))).await;
-    let b = wait_status(&db, &bad, JobStatus::Dead, Duration::from_secs(10)).await;
-    let w = wait_status(&db, &wrong_shape, JobStatus::Dead, Duration::from_secs(10)).await;
+    let b = wait_status(&db, &bad, JobStatus::Failed, Duration::from_secs(10)).await;
+    let w = wait_status(&db, &wrong_shape, JobStatus::Failed, Duration::from_secs(10)).await;
     let g = wait_status(&db, &good, JobStatus::Succeeded, Duration::from_secs(10)).await;
     // The pool still takes new work after the bad ones.
     let later = push(&db, NewJob::to_queue("typed", &json!({"n": 8}))).await;
@@ -241,7 +241,7 @@ async fn a_job_snoozing_past_its_expiry_ends_expired() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
+async fn cancel_a_scheduled_job_and_retry_a_dead_one_and_a_failed_one() {
     let (db, _) = fresh_db().await;
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
@@ -249,11 +249,16 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
     // handler looks at a flag the test flips.
     let allow = Arc::new(AtomicUsize::new(0));
     let a = allow.clone();
-    let handler = handler_fn(move |_ctx| {
+    let handler = handler_fn(move |ctx| {
         let (r, a) = (r.clone(), a.clone());
         async move {
             r.fetch_add(1, Ordering::SeqCst);
-            if a.load(Ordering::SeqCst) == 0 { Err(JobError::permanent("test", "not yet")) } else { Ok(json!("done")) }
+            let permanent = serde_json::from_slice::<serde_json::Value>(&ctx.payload).unwrap()["permanent"] == true;
+            match (a.load(Ordering::SeqCst), permanent) {
+                (0, true) => Err(JobError::permanent("test", "not this way")),
+                (0, false) => Err(JobError::retryable("test", "not yet")),
+                _ => Ok(json!("done")),
+            }
         }
     });
     let rt = Runtime::start(db.clone(), cfg(), vec![PoolSpec::new("ops", 2, policy(50), handler)]);
@@ -261,25 +266,32 @@ async fn cancel_a_scheduled_job_and_retry_a_dead_one() {
     let scheduled = push(&db, NewJob::to_queue("ops", &json!({})).run_at(Utc::now() + chrono::Duration::milliseconds(1500))).await;
     assert_eq!(status::get(&db, &scheduled).await.unwrap().unwrap().status, JobStatus::Scheduled);
     assert_eq!(status::cancel(&db, &scheduled).await.unwrap(), Transition::Done);
+    // A13: out of attempts is `dead`; a permanent failure, attempts left, is `failed`.
     let dead = push(&db, NewJob::to_queue("ops", &json!({})).max_attempts(1)).await;
     wait_status(&db, &dead, JobStatus::Dead, Duration::from_secs(10)).await;
+    let failed = push(&db, NewJob::to_queue("ops", &json!({"permanent": true})).max_attempts(5)).await;
+    let f = wait_status(&db, &failed, JobStatus::Failed, Duration::from_secs(10)).await;
+    assert_eq!((f.attempts, f.last_error.as_deref().map(|e| e.starts_with("test: "))), (1, Some(true)), "{f:?}");
     // Past the cancelled job's run_at: it must not have run.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let c = status::get(&db, &scheduled).await.unwrap().unwrap();
     assert_eq!(c.status, JobStatus::Cancelled);
     assert_eq!(c.attempts, 0);
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the dead job ran");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "only the dead and the failed job ran");
 
-    // Cancel does not apply to a dead job; retry does not apply to an unknown one.
+    // Cancel does not apply to a dead or failed job; retry does not apply to an unknown one.
     assert_eq!(status::cancel(&db, &dead).await.unwrap(), Transition::Conflict(JobStatus::Dead));
+    assert_eq!(status::cancel(&db, &failed).await.unwrap(), Transition::Conflict(JobStatus::Failed));
     assert_eq!(status::retry(&db, &JobId::generate()).await.unwrap(), Transition::NotFound);
 
     allow.store(1, Ordering::SeqCst);
     assert_eq!(status::retry(&db, &dead).await.unwrap(), Transition::Done);
+    assert_eq!(status::retry(&db, &failed).await.unwrap(), Transition::Done);
     let v = wait_status(&db, &dead, JobStatus::Succeeded, Duration::from_secs(10)).await;
+    let f = wait_status(&db, &failed, JobStatus::Succeeded, Duration::from_secs(10)).await;
     rt.shutdown().await;
-    assert_eq!(v.attempts, 2);
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!((v.attempts, f.attempts), (2, 2));
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +318,7 @@ async fn a_provision_job_without_a_backend_fails_with_no_backend() {
     assert_eq!(specs.len(), 1);
     let rt = Runtime::start(db.clone(), cfg(), specs);
     let id = push(&db, NewJob::new(JobKind::Provision, &json!({"workspace_id": ws}))).await;
-    let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
+    let v = wait_status(&db, &id, JobStatus::Failed, Duration::from_secs(10)).await;
     rt.shutdown().await;
     assert!(v.last_error.unwrap().starts_with("no_backend: "));
     let (status, err): (String, String) =
@@ -352,7 +364,7 @@ async fn a_result_the_database_cannot_store_fails_that_job_only() {
     }
     for (bad, id) in &ids {
         if *bad {
-            let v = wait_status(&db, id, JobStatus::Dead, Duration::from_secs(10)).await;
+            let v = wait_status(&db, id, JobStatus::Failed, Duration::from_secs(10)).await;
             assert!(v.last_error.unwrap().starts_with("result_not_stored: "));
         } else {
             let v = wait_status(&db, id, JobStatus::Succeeded, Duration::from_secs(10)).await;
@@ -385,9 +397,9 @@ async fn rescue_capture_without_a_redactor_stores_and_ships_nothing() {
     let specs = molecule_workers::handlers::pool_specs(&deps, &[(JobKind::RescueCapture, 1)].into_iter().collect());
     let rt = Runtime::start(db.clone(), cfg(), specs);
     let id = push(&db, NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "bootstrap_failed"}))).await;
-    let v = wait_status(&db, &id, JobStatus::Dead, Duration::from_secs(10)).await;
+    let v = wait_status(&db, &id, JobStatus::Failed, Duration::from_secs(10)).await;
     let normal = push(&db, NewJob::new(JobKind::RescueCapture, &json!({"workspace_id": ws, "trigger": "deprovision"}))).await;
-    let n = wait_status(&db, &normal, JobStatus::Dead, Duration::from_secs(10)).await;
+    let n = wait_status(&db, &normal, JobStatus::Failed, Duration::from_secs(10)).await;
     rt.shutdown().await;
     assert!(v.last_error.unwrap().starts_with("no_redactor: "));
     assert!(n.last_error.unwrap().starts_with("invalid_input: "), "never on a normal teardown");
@@ -637,12 +649,15 @@ async fn a_claimed_batch_keeps_its_row_until_its_last_ack_whatever_the_outcomes(
     // Every job but the slow one ends.
     for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 5) {
         let v = eventually(Duration::from_secs(15), &format!("job {i} to end"), || async {
-            status::get(&db, id).await.unwrap().filter(|v| matches!(v.status, JobStatus::Succeeded | JobStatus::Dead | JobStatus::Expired))
+            status::get(&db, id)
+                .await
+                .unwrap()
+                .filter(|v| matches!(v.status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Expired))
         })
         .await;
         let want = match kinds.get(i) {
             None => JobStatus::Expired,
-            Some(&"fail") | Some(&"nul") => JobStatus::Dead,
+            Some(&"fail") | Some(&"nul") => JobStatus::Failed,
             Some(_) => JobStatus::Succeeded,
         };
         assert_eq!(v.status, want, "job {i} ({:?})", kinds.get(i));

@@ -206,8 +206,8 @@ async fn tenants() -> Tenants {
     let o = enqueue(&mut conn, &NewJob::to_queue("d_fail", &json!({})).org(other)).await.unwrap();
     drop(conn);
     for id in [&a, &o] {
-        eventually(Duration::from_secs(20), "the job to be dead", || async {
-            molecule_jobs::status::get(&db, id).await.unwrap().filter(|v| v.status == JobStatus::Dead)
+        eventually(Duration::from_secs(20), "the job to be failed", || async {
+            molecule_jobs::status::get(&db, id).await.unwrap().filter(|v| v.status == JobStatus::Failed)
         })
         .await;
     }
@@ -245,7 +245,7 @@ async fn the_dashboard_is_behind_auth_and_shows_each_viewer_its_own() {
     assert_eq!(http(&t.addr, "GET", "/dashboard", Some(&ws_token), None, None).await.status, 401);
 
     // The operator (bearer) sees both orgs' failed jobs, and the detail on the job's page.
-    let jobs = http(&t.addr, "GET", "/dashboard/jobs?status=dead", Some(ADMIN), None, None).await;
+    let jobs = http(&t.addr, "GET", "/dashboard/jobs?status=failed", Some(ADMIN), None, None).await;
     assert_eq!(jobs.status, 200);
     assert!(jobs.header("content-type").unwrap().starts_with("text/html"));
     assert!(jobs.body.contains(&t.acme_failed_job) && jobs.body.contains(&t.other_failed_job));
@@ -360,7 +360,7 @@ async fn a_person_logs_in_with_chromium_and_reads_a_failed_jobs_error() {
     assert_eq!(session["httpOnly"], true);
     assert_eq!(b.script_visible_cookies().await, "", "the page's scripts cannot read the session");
 
-    b.goto(&format!("{base}/dashboard/jobs?status=dead")).await;
+    b.goto(&format!("{base}/dashboard/jobs?status=failed")).await;
     let jobs = b.text("#jobs").await;
     let public = molecule_jobs::failures::public("image_missing");
     assert!(jobs.contains(&t.acme_failed_job), "{jobs}");
@@ -369,7 +369,7 @@ async fn a_person_logs_in_with_chromium_and_reads_a_failed_jobs_error() {
 
     b.goto(&format!("{base}/dashboard/jobs/{}", t.acme_failed_job)).await;
     let page = b.text("#job").await;
-    assert!(page.contains("dead") && page.contains(&public), "{page}");
+    assert!(page.contains("failed") && page.contains(&public), "{page}");
 
     b.click("header button").await;
     let login = format!("{base}/dashboard/login");

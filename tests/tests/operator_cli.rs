@@ -215,12 +215,16 @@ async fn workspaces_come_online_are_listed_and_deleted_through_the_cli() {
     let out = s.cli(&["jobs", "cancel", &provision_job]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
-        out.stderr.contains("the job is succeeded; only pending, scheduled or failed jobs can be cancelled") && out.stderr.contains("409"),
+        out.stderr.contains("the job is succeeded; only pending, scheduled or retrying jobs can be cancelled")
+            && out.stderr.contains("409"),
         "{out:?}"
     );
     let out = s.cli(&["jobs", "retry", &provision_job]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(out.stderr.contains("the job is succeeded; only dead, cancelled or failed jobs can be retried"), "{out:?}");
+    assert!(
+        out.stderr.contains("the job is succeeded; only retrying, failed, dead, cancelled or interrupted jobs can be retried"),
+        "{out:?}"
+    );
     let out = s.cli(&["jobs", "show", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]).await;
     assert_eq!((out.code, out.stderr.trim()), (Some(1), "molecule: job not found (HTTP 404, not_found)"), "{out:?}");
 
@@ -324,7 +328,7 @@ async fn a_workspace_that_cannot_start_fails_the_wait_with_its_reason_and_its_jo
     let job = created["job_id"].as_str().unwrap().to_string();
     assert_eq!(created["workspace"]["status"], "provisioning");
     eventually(Duration::from_secs(60), "the provision job's first attempt to fail", || async {
-        (s.get(&format!("/jobs/{job}")).await["status"] == "failed").then_some(())
+        (s.get(&format!("/jobs/{job}")).await["status"] == "retrying").then_some(())
     })
     .await;
     let out = s.cli(&["jobs", "cancel", &job]).await;

@@ -56,7 +56,7 @@ async fn backoff_survives_a_sigkill_between_attempts() {
     let mut w1 = testworker(&url, &env);
     let id = push(&db, json!({"fail_times": 2}), 5).await;
     // First attempt failed and its retry is scheduled: kill the worker now.
-    wait_for(&db, &id, JobStatus::Failed, Duration::from_secs(15)).await;
+    wait_for(&db, &id, JobStatus::Retrying, Duration::from_secs(15)).await;
     w1.kill9();
     let _w2 = testworker(&url, &env);
     let v = wait_for(&db, &id, JobStatus::Succeeded, Duration::from_secs(30)).await;

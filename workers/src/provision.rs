@@ -234,7 +234,9 @@ async fn failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, e: Back
     tracing::warn!(workspace_id = %ws, job_id = %ctx.id, attempt = ctx.attempt, error = %e, final_attempt = last, "provision failed");
     if last {
         mark_failed(d, ctx, ws, org, why).await?;
-        Err(permanent(e))
+        // A fault another attempt could fix, out of attempts: the job is `dead` (A13); a
+        // fault none fixes: `failed`.
+        if e.is_retryable() { Err(JobError::retryable(why.code(), e.to_string())) } else { Err(permanent(e)) }
     } else {
         note_retry(d, ctx, ws, org, why).await?;
         Err(JobError::retryable(StartFailure::of(&e).code(), e.to_string()))

@@ -90,7 +90,7 @@ pub fn overview(v: Viewer, stats: &[QueueStats], workers: Option<&[LiveWorker]>)
             p = link("pending", q.pending),
             s = link("scheduled", q.scheduled),
             r = link("running", q.running),
-            rt = link("failed", q.retrying),
+            rt = link("retrying", q.retrying),
             f = q.failed_last_hour,
             d = link("dead", q.dead_last_hour),
             age = q.oldest_pending_age_s,

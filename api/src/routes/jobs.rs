@@ -73,7 +73,7 @@ pub struct JobsQuery {
     /// Only this workspace's jobs.
     #[param(value_type = Option<uuid::Uuid>)]
     pub workspace_id: Option<String>,
-    /// pending, scheduled, running, succeeded, failed, dead, expired, cancelled or interrupted.
+    /// pending, scheduled, running, retrying, succeeded, failed, dead, expired, cancelled or interrupted.
     #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
     /// provision, stop, restart, rescue_capture, exec, a2a_dispatch, sweep or console.
@@ -116,7 +116,7 @@ pub async fn list(State(st): State<AppState>, p: Principal, ApiQuery(q): ApiQuer
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
             ApiError::bad(
                 "invalid_query",
-                "status must be one of pending, scheduled, running, succeeded, failed, dead, expired, cancelled, interrupted",
+                "status must be one of pending, scheduled, running, retrying, succeeded, failed, dead, expired, cancelled, interrupted",
             )
         })?),
     };
@@ -155,15 +155,15 @@ async fn transition(st: &AppState, p: &Principal, id: &str, cancel: bool) -> Api
         Transition::Conflict(s) => Err(ApiError::Conflict {
             code: "invalid_state",
             detail: if cancel {
-                format!("the job is {}; only pending, scheduled or failed jobs can be cancelled", s.as_str())
+                format!("the job is {}; only pending, scheduled or retrying jobs can be cancelled", s.as_str())
             } else {
-                format!("the job is {}; only dead, cancelled or failed jobs can be retried", s.as_str())
+                format!("the job is {}; only retrying, failed, dead, cancelled or interrupted jobs can be retried", s.as_str())
             },
         }),
     }
 }
 
-/// A14: cancel a waiting job (pending, scheduled, or failed awaiting its retry).
+/// A14: cancel a waiting job (pending, scheduled, or retrying: awaiting its retry).
 #[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
@@ -179,7 +179,7 @@ pub async fn cancel(State(st): State<AppState>, p: Principal, Path(id): Path<Str
     transition(&st, &p, &id, true).await
 }
 
-/// A14: run a dead, cancelled or failed job again now.
+/// A14: run a retrying, failed, dead, cancelled or interrupted job again now.
 #[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id (ULID)", pattern = "^[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(

@@ -90,17 +90,17 @@ pub enum JobsCommand {
     /// One job with its attempts and result (GET /jobs/{id}).
     #[command(after_help = AFTER_HELP)]
     Show(JobId),
-    /// Runs a dead, cancelled or failed job again now (POST /jobs/{id}/retry).
+    /// Runs a retrying, failed, dead, cancelled or interrupted job again now (POST /jobs/{id}/retry).
     #[command(after_help = AFTER_HELP)]
     Retry(JobId),
-    /// Cancels a pending, scheduled or failed (awaiting its retry) job (POST /jobs/{id}/cancel).
+    /// Cancels a pending, scheduled or retrying (awaiting its retry) job (POST /jobs/{id}/cancel).
     #[command(after_help = AFTER_HELP)]
     Cancel(JobId),
 }
 
 #[derive(Args, Debug)]
 pub struct JobsList {
-    /// Only jobs in this status: pending, scheduled, running, succeeded, failed, dead,
+    /// Only jobs in this status: pending, scheduled, running, retrying, succeeded, failed, dead,
     /// expired, cancelled or interrupted.
     #[arg(long)]
     pub status: Option<String>,

@@ -121,11 +121,11 @@ pub(super) fn snoozed(c: Claim, why: &Failure, after: Duration) -> Ack {
     Ack { error: Some(crate::failures::public(why.code)), error_detail, delay_ms, ..release(c) }
 }
 
-/// A claimed row whose columns did not decode ([`crate::store::Claimed::unreadable`]): dead
-/// at once, as a payload its handler cannot read is.
+/// A claimed row whose columns did not decode ([`crate::store::Claimed::unreadable`]):
+/// failed at once, as a payload its handler cannot read is.
 pub(super) fn unreadable(c: Claim, why: &str) -> Ack {
     let e = JobError::Undecodable(format!("the job's row: {why}"));
-    Ack { error: Some(e.public()), error_detail: Some(truncate(&e.detail(), 2000)), ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
+    Ack { error: Some(e.public()), error_detail: Some(truncate(&e.detail(), 2000)), ..ack(c, JobState::Killed, Some(Outcome::Failed)) }
 }
 
 pub(super) fn interrupted(c: Claim) -> Ack {
@@ -136,7 +136,9 @@ pub(super) fn interrupted(c: Claim) -> Ack {
 pub(super) fn failed(c: Claim, e: &JobError, attempt: i32, max_attempts: i32, retry: &RetryPolicy) -> Ack {
     let error = Some(e.public());
     let error_detail = Some(truncate(&e.detail(), 2000));
-    if e.is_permanent() || attempt >= max_attempts {
+    if e.is_permanent() {
+        Ack { error, error_detail, ..ack(c, JobState::Killed, Some(Outcome::Failed)) }
+    } else if attempt >= max_attempts {
         Ack { error, error_detail, ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
     } else {
         let delay_ms = retry_delay(retry, attempt).as_millis() as i64;
@@ -290,7 +292,8 @@ async fn write_one_by_one(db: &PgPool, buf: &mut [Ack], ending: &[i64]) -> Resul
             Ok(w) => stale.extend(w.stale),
             Err(sqlx::Error::Database(e)) if !transient(e.as_ref()) => {
                 a.state = JobState::Killed;
-                a.outcome = Some(Outcome::Dead);
+                // Another attempt would produce the same result: failed, not out of attempts.
+                a.outcome = Some(Outcome::Failed);
                 a.result = None;
                 a.delay_ms = 0;
                 a.error = Some(crate::failures::public("result_not_stored"));

@@ -649,7 +649,7 @@ mod tests {
     /// again after every hand-back, its batch-mates with it): it alone ends `dead` at once,
     /// and the other job runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_row_that_never_decodes_ends_dead_instead_of_going_round() {
+    async fn a_row_that_never_decodes_ends_failed_instead_of_going_round() {
         let (db, _) = fresh_db().await;
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
@@ -710,7 +710,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         rt.shutdown().await;
-        assert_eq!((bad.0.as_str(), bad.1.as_deref(), bad.2), ("Killed", Some("dead"), 1), "the poison row after 15 s: {bad:?}");
+        assert_eq!((bad.0.as_str(), bad.1.as_deref(), bad.2), ("Killed", Some("failed"), 1), "the poison row after 15 s: {bad:?}");
         assert!(bad.3.as_deref().unwrap_or_default().starts_with("undecodable_payload: "), "{bad:?}");
         assert_eq!((good.0.as_str(), good.2), ("Done", 1), "the healthy job: {good:?}");
         assert_eq!(ran.load(Ordering::SeqCst), 1);
