@@ -258,8 +258,10 @@ mod tests {
             "tail:\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nVGFpbE9mQUtleVRoYXRXYXNDdXRPZmYxMjM0\nAbCd3Q==\n-----END RSA PRIVATE KEY-----\nexit 0\n",
         );
         assert_eq!(pem, "tail:\n[REDACTED]\nexit 0\n");
-        // A tail that starts at the short last lines: nothing above them tells them apart.
+        // A tail that starts at the short last lines, or inside a body line (cut by size):
+        // nothing above them tells them apart.
         for (text, secret) in [
+            ("Zm9vYmFy\nQmFzZTY0Qm9keUxpbmVPbmVBYmNkZWZnaA==\nAbCd3Q==\n-----END RSA PRIVATE KEY-----\n", "Zm9vYmFy"),
             ("AbCd3Q==\n-----END RSA PRIVATE KEY-----\nexit 0\n", "AbCd3Q"),
             ("AbCd3Q==\n=Qs3J\n-----END PGP PRIVATE KEY BLOCK-----\n", "Qs3J"),
         ] {

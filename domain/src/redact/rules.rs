@@ -49,11 +49,12 @@ pub fn all() -> Vec<Rule> {
         ),
         // A key whose beginning was cut off (the tail of a log): its body lines up to its
         // END line — full-length lines, then up to two short ones (a body's last line, and
-        // PGP's `=Qs3J` checksum), so a word on the line above the key stays. A tail that
-        // starts at those short lines has no line above to tell them by: they go too.
+        // PGP's `=Qs3J` checksum), so a word on the line above the key stays. A tail cut
+        // by size starts inside a line: a short first line before full-length ones, or
+        // the short last lines alone, has no line above to tell it by: it goes too.
         whole(
             "private_key",
-            r"(?m)(?:(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+(?:^[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n){0,2}|\A(?:[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n){1,2})[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
+            r"(?m)(?:(?:\A[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n)?(?:^[ \t]*[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+(?:^[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n){0,2}|\A(?:[ \t]*[A-Za-z0-9+/=]+[ \t]*\r?\n){1,2})[ \t]*-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----",
         ),
         // --- Provider tokens.
         whole("aws", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[0-9A-Z]{16}\b"),
