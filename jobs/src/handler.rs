@@ -80,7 +80,7 @@ pub enum JobError {
     /// Worth another attempt after backoff (dead once attempts run out).
     #[error("{}: {}", .0.code, .0.detail)]
     Retryable(Failure),
-    /// Will never succeed: the job is dead at once.
+    /// Will never succeed: the job is failed at once (A13 `failed`).
     #[error("{}: {}", .0.code, .0.detail)]
     Permanent(Failure),
     /// The payload is not what this queue's handler reads: failed at once.
@@ -156,7 +156,7 @@ where
     Arc::new(move |ctx| Box::pin(f(ctx)))
 }
 
-/// A handler that first decodes the payload into `T` (undecodable → dead, and the pool goes on).
+/// A handler that first decodes the payload into `T` (undecodable → failed, and the pool goes on).
 pub fn typed_handler<T, F, Fut>(f: F) -> Handler
 where
     T: DeserializeOwned + Send + 'static,

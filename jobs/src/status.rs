@@ -215,7 +215,7 @@ pub async fn error_detail(db: &PgPool, id: &JobId) -> Result<Option<String>, sql
         .flatten())
 }
 
-/// Of these jobs, the ones that have ended (succeeded, dead, expired, cancelled,
+/// Of these jobs, the ones that have ended (succeeded, failed, dead, expired, cancelled,
 /// interrupted), with how. For maintenance that settles rows whose job ended without
 /// writing them (the A2A TTL sweep).
 pub async fn ended(db: &PgPool, ids: &[String]) -> Result<Vec<(String, JobStatus)>, sqlx::Error> {

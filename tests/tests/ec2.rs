@@ -399,7 +399,7 @@ async fn the_orphan_sweep_terminates_removed_workspaces_instances_only() {
 async fn wait_job(addr: &str, token: &str, job: &str, within: Duration) -> Value {
     eventually(within, &format!("job {job} to finish"), || async {
         let j = http(addr, "GET", &format!("/jobs/{job}"), Some(token), None, None).await.json();
-        // `failed` is an attempt that failed and will run again: not an end.
+        // `retrying` is an attempt that failed and will run again: not an end.
         matches!(j["status"].as_str(), Some("succeeded" | "failed" | "dead" | "interrupted" | "cancelled" | "expired")).then_some(j)
     })
     .await

@@ -114,7 +114,12 @@ fn write_queue_gauges(out: &mut String, stats: &[QueueStats]) {
         "Jobs of the queue with a failed attempt in the last hour",
         &as_refs(&per_queue(&|s| s.failed_last_hour as f64)),
     );
-    gauge(out, DEAD_HOUR, "Jobs of the queue that ended dead in the last hour", &as_refs(&per_queue(&|s| s.dead_last_hour as f64)));
+    gauge(
+        out,
+        DEAD_HOUR,
+        "Jobs of the queue that ran out of attempts (dead) in the last hour",
+        &as_refs(&per_queue(&|s| s.dead_last_hour as f64)),
+    );
     gauge(out, WORKERS, "Live workers (pools of every process) of the queue", &as_refs(&per_queue(&|s| s.workers_alive as f64)));
     gauge(out, CONCURRENCY, "Sum of the live workers' concurrency", &as_refs(&per_queue(&|s| s.concurrency as f64)));
 }

@@ -181,7 +181,7 @@ impl Api {
             let path = format!("/jobs/{}", j.as_str().unwrap_or_default());
             self.until(Duration::from_secs(60), "workspace removed", async |a| {
                 let s = a.json(reqwest::Method::GET, &path, None).await?;
-                Ok(matches!(s["status"].as_str(), Some("succeeded" | "dead" | "cancelled")).then_some(()))
+                Ok(matches!(s["status"].as_str(), Some("succeeded" | "failed" | "dead" | "cancelled")).then_some(()))
             })
             .await?;
         }
@@ -210,7 +210,7 @@ impl Api {
                     check_stdout(v["result"]["stdout"].as_str())?;
                     return Ok(took);
                 }
-                Some("pending" | "scheduled" | "running" | "failed") => tokio::time::sleep(POLL_EVERY).await,
+                Some("pending" | "scheduled" | "running" | "retrying") => tokio::time::sleep(POLL_EVERY).await,
                 _ => return Err(format!("exec job ended {v}")),
             }
         }

@@ -300,7 +300,9 @@ async fn wait_stopped(c: &Client, jobs: &[String], w: Wait) -> Result<(), Failur
             p.update(format!("waiting for the API: {f}"));
         } else {
             let status = |v: &Value| v["status"].as_str().unwrap_or("unknown").to_string();
-            if let Some(bad) = states.iter().find(|v| matches!(status(v).as_str(), "dead" | "cancelled" | "expired" | "interrupted")) {
+            if let Some(bad) =
+                states.iter().find(|v| matches!(status(v).as_str(), "failed" | "dead" | "cancelled" | "expired" | "interrupted"))
+            {
                 let msg = format!("stop job {} ended {}: {}", text(&bad["id"]), status(bad), text(&bad["last_error"]));
                 p.finish(&format!("removed; {msg}"));
                 return Err(Failure::Failed(format!("the workspace is removed, but its {msg}")));

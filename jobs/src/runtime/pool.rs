@@ -243,7 +243,7 @@ async fn fetch(
         for job in claimed {
             let claim = Claim { id: job.id, fence: job.fence, batch: job.batch, tid: job.tid };
             if let Some(why) = &job.unreadable {
-                tracing::error!(queue, job_id = %claim.id, error = %why, "a claimed job's row does not decode; it ends dead");
+                tracing::error!(queue, job_id = %claim.id, error = %why, "a claimed job's row does not decode; it ends failed");
                 let _ = ack_tx.send(acker::unreadable(claim, why));
                 continue;
             }
@@ -289,7 +289,7 @@ async fn fetch(
             );
             running.tasks.spawn(async move {
                 let began = std::time::Instant::now();
-                let outcome = AssertUnwindSafe(handler(ctx).instrument(span)).catch_unwind().await;
+                let outcome = AssertUnwindSafe(handler(ctx).instrument(span.clone())).catch_unwind().await;
                 // Out of the in-flight set before the ack leaves (no await between the two):
                 // whatever is still in it after an abort never produced one. Never gone
                 // here: stop() empties the set only once every attempt ended or was aborted.
@@ -306,11 +306,11 @@ async fn fetch(
                     }
                     Ok(Err(e)) => {
                         // The detail goes here, and to operators; tenants read the code.
-                        tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed");
+                        span.in_scope(|| tracing::warn!(job_id = %claim.id, code = e.code(), error = %e.detail(), attempt, "attempt failed"));
                         acker::failed(claim, &e, attempt, max_attempts, &retry)
                     }
                     Err(_) => {
-                        tracing::error!(job_id = %claim.id, attempt, "handler panicked");
+                        span.in_scope(|| tracing::error!(job_id = %claim.id, attempt, "handler panicked"));
                         acker::failed(claim, &JobError::retryable("handler_panicked", "handler panicked"), attempt, max_attempts, &retry)
                     }
                 };

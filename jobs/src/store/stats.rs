@@ -20,7 +20,8 @@ pub struct QueueStats {
     pub retrying: i64,
     /// Failed attempts in the last hour (retried or not).
     pub failed_last_hour: i64,
-    /// Jobs that ended without success in the last hour: failed permanently, or dead.
+    /// Jobs that ran out of attempts (`dead`) in the last hour. Permanent failures count
+    /// in `failed_last_hour` (every failed attempt does).
     pub dead_last_hour: i64,
     /// Seconds the oldest due job has waited (0 when none).
     pub oldest_pending_age_s: f64,
@@ -50,7 +51,7 @@ SELECT job_type AS queue,
        count(*) FILTER (WHERE jsonb_array_length(attempt_log) > 0
                           AND (attempt_log -> -1 ->> 'failed_at')::timestamptz > now() - interval '1 hour')
            AS failed_last_hour,
-       count(*) FILTER (WHERE status = 'Killed' AND outcome IN ('failed', 'dead') AND done_at > now() - interval '1 hour')
+       count(*) FILTER (WHERE status = 'Killed' AND outcome = 'dead' AND done_at > now() - interval '1 hour')
            AS dead_last_hour,
        COALESCE(EXTRACT(EPOCH FROM now() - min(run_at) FILTER (
            WHERE status IN ('Pending', 'Failed') AND run_at <= now()))::float8, 0) AS oldest_pending_age_s
