@@ -136,3 +136,26 @@ impl FromRequestParts<AppState> for Admin {
         }
     }
 }
+
+/// A reader of operator figures that an organization may read about itself (A15
+/// `GET /queues`): the operator ([`Admin`]) sees every org's jobs, an org token its own.
+/// A workspace token is refused (403).
+pub enum OperatorOrOrg {
+    Operator,
+    Org(OrgId),
+}
+
+impl FromRequestParts<AppState> for OperatorOrOrg {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let admin_token =
+            matches!((bearer(parts), &st.auth.admin_token), (Some(given), Some(admin)) if tokens::constant_time_eq(given, admin));
+        if admin_token || bearer(parts).is_none() {
+            // No bearer: the operator's rules decide (dev mode without ADMIN_TOKEN: open).
+            return Admin::from_request_parts(parts, st).await.map(|_| OperatorOrOrg::Operator);
+        }
+        let p = Principal::from_request_parts(parts, st).await?;
+        Ok(OperatorOrOrg::Org(p.require_org()?))
+    }
+}

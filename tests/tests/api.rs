@@ -199,6 +199,64 @@ async fn an_empty_org_pin_fails_closed_before_any_query() {
     assert!(OrgPin::from_env_value(Some("not-a-uuid")).is_err());
 }
 
+/// A15: `GET /queues` counts each state of a pool's jobs, the age of its oldest due one and
+/// its live workers' concurrency; an org token reads its own org's jobs only (workers 0:
+/// they are the platform's), a workspace token nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_count_each_state_and_an_org_reads_its_own() {
+    let (db, _) = fresh_db().await;
+    let (a, a_token) = org(&db, "a").await;
+    let (b, _) = org(&db, "b").await;
+    let addr = start_api(db.clone(), AuthConfig { admin_token: Some("s3cret-admin".into()), ..open_auth() }).await;
+    let mut conn = db.acquire().await.unwrap();
+    // A job of pool q15 in `org`, then set as `set` says.
+    async fn job(db: &PgPool, org: OrgId, set: &str) {
+        let mut c = db.acquire().await.unwrap();
+        let id = molecule_jobs::enqueue(&mut c, &molecule_jobs::NewJob::to_queue("q15", &json!({})).org(org)).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE apalis.jobs SET {set} WHERE id = $1")))
+            .bind(id.as_str())
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+    let failed_now = "attempt_log = jsonb_build_array(jsonb_build_object('attempt', 1, 'failed_at', now(), 'error', 'x'))";
+    job(&db, a, "run_at = now() - interval '40 seconds'").await;
+    job(&db, a, "run_at = now() + interval '1 hour'").await;
+    job(&db, a, "status = 'Running', lock_at = now()").await;
+    job(&db, a, &format!("status = 'Failed', run_at = now() + interval '1 minute', {failed_now}")).await;
+    job(&db, a, &format!("status = 'Killed', outcome = 'failed', done_at = now(), {failed_now}")).await;
+    job(&db, a, &format!("status = 'Killed', outcome = 'dead', done_at = now(), {failed_now}")).await;
+    job(&db, b, "run_at = now() - interval '5 minutes'").await;
+    sqlx::query(
+        "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at) \
+         VALUES ('w-q15', 'q15', 'molecule', 'concurrency=4', now(), now())",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let q15 = |v: Value| v.as_array().unwrap().iter().find(|q| q["queue"] == "q15").cloned().unwrap_or_else(|| panic!("no q15: {v}"));
+
+    let all = q15(get(&addr, "/queues", Some("s3cret-admin")).await.json());
+    let counts = |q: &Value, k: &str| q[k].as_i64().unwrap_or(-1);
+    let keys = ["pending", "scheduled", "running", "retrying", "failed_last_hour", "dead_last_hour", "workers_alive", "concurrency"];
+    assert_eq!(keys.map(|k| counts(&all, k)), [2, 1, 1, 1, 3, 1, 1, 4], "{all}");
+    assert!(all["oldest_pending_age_s"].as_f64().unwrap() >= 300.0, "org b's job is the oldest: {all}");
+
+    let own = q15(get(&addr, "/queues", Some(&a_token)).await.json());
+    assert_eq!(keys.map(|k| counts(&own, k)), [1, 1, 1, 1, 3, 1, 0, 0], "{own}");
+    let age = own["oldest_pending_age_s"].as_f64().unwrap();
+    assert!((40.0..300.0).contains(&age), "org a's own oldest: {own}");
+
+    let ws: uuid::Uuid =
+        sqlx::query_scalar("INSERT INTO workspaces (org_id, name, runtime, tier) VALUES ($1, 'w', 'echo', 2) RETURNING id")
+            .bind(a.0)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let ws_token = tokens::create_workspace_token(&mut conn, WorkspaceId(ws)).await.unwrap();
+    assert_eq!(get(&addr, "/queues", Some(&ws_token)).await.status, 403);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_token_gate() {
     let (db, _) = fresh_db().await;
@@ -206,7 +264,8 @@ async fn admin_token_gate() {
     let off = start_api(db.clone(), open_auth()).await;
     let r = get(&off, "/queues", None).await;
     assert_eq!(r.status, 403, "unset ADMIN_TOKEN outside dev mode refuses");
-    assert_eq!(get(&off, "/queues", Some(&org_token)).await.status, 403, "an org token is no admin token");
+    assert_eq!(get(&off, "/queues", Some(&org_token)).await.status, 200, "an org token reads its own org's queues");
+    assert_eq!(get(&off, "/queues", Some("mol_org_nope")).await.status, 401);
 
     let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     assert_eq!(get(&dev, "/queues", None).await.status, 200);
@@ -218,7 +277,7 @@ async fn admin_token_gate() {
     .await;
     assert_eq!(get(&on, "/queues", None).await.status, 401);
     assert_eq!(get(&on, "/queues", Some("s3cret-admi")).await.status, 401);
-    assert_eq!(get(&on, "/queues", Some(&org_token)).await.status, 401);
+    assert_eq!(get(&on, "/queues", Some(&org_token)).await.status, 200);
     let r = get(&on, "/queues", Some("s3cret-admin")).await;
     assert_eq!(r.status, 200);
     let queues = r.json();
