@@ -309,3 +309,33 @@ pub(crate) async fn mark_failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org
     tx.commit().await.map_err(db_err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// J1: a runtime's image is the registry's template image, a recorded digest pin
+    /// replaces its tag (`<repository>@sha256:<digest>`), and WORKSPACE_IMAGE_LOCAL_OVERRIDE
+    /// ignores the pin.
+    #[tokio::test]
+    async fn a_recorded_pin_wins_unless_the_local_override_is_on() {
+        let (db, _) = molecule_domain::testing::fresh_db().await;
+        let mut d = Deps::minimal(db.clone(), std::sync::Arc::new(molecule_backends::NoBackend)).unwrap();
+        d.registry = "registry.example:5000/molecule".into();
+        let tagged = "registry.example:5000/molecule/workspace-template-hermes:latest";
+        assert_eq!(resolve_image(&d, "hermes").await.unwrap(), tagged);
+        let digest = "ab".repeat(32);
+        sqlx::query("INSERT INTO runtime_image_pins (runtime, sha256, pinned_by) VALUES ('hermes', $1, 'test')")
+            .bind(&digest)
+            .execute(&db)
+            .await
+            .unwrap();
+        assert_eq!(
+            resolve_image(&d, "hermes").await.unwrap(),
+            format!("registry.example:5000/molecule/workspace-template-hermes@sha256:{digest}")
+        );
+        assert_eq!(resolve_image(&d, "langgraph").await.unwrap(), "registry.example:5000/molecule/workspace-template-langgraph:latest");
+        d.image_local_override = true;
+        assert_eq!(resolve_image(&d, "hermes").await.unwrap(), tagged);
+    }
+}

@@ -162,7 +162,6 @@ pub async fn run(d: &Deps, _ctx: &JobContext, args: &SweepArgs) -> HandlerResult
 #[cfg(test)]
 mod tests {
     use super::*;
-    use molecule_backends::BackendError;
     use molecule_domain::testing::fresh_db;
 
     /// External agents: silent past the window → awaiting_agent (with an event); recent
@@ -219,45 +218,6 @@ mod tests {
         assert!(await_silent_agents(&db, Duration::from_secs(120), 1).await.unwrap().is_empty());
     }
 
-    /// An engine that cannot list its instances (down, or answering 500s).
-    struct Unlistable;
-
-    #[async_trait::async_trait]
-    impl molecule_backends::Backend for Unlistable {
-        fn name(&self) -> &'static str {
-            "unlistable"
-        }
-        async fn start(&self, _: &molecule_backends::StartSpec) -> Result<molecule_backends::Started, BackendError> {
-            unreachable!("not used")
-        }
-        async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
-            unreachable!("not used")
-        }
-        async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
-            unreachable!("not used")
-        }
-        async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
-            unreachable!("nothing is asked about before the list")
-        }
-        async fn list_managed(&self) -> Result<Vec<molecule_backends::ManagedInstance>, BackendError> {
-            Err(BackendError::EngineUnavailable("connection refused".into()))
-        }
-        async fn exec(
-            &self,
-            _: WorkspaceId,
-            _: &molecule_backends::ExecRequest,
-            _: molecule_backends::ChunkSink<'_>,
-        ) -> Result<molecule_backends::ExecOutcome, BackendError> {
-            unreachable!("not used")
-        }
-        async fn read_file(&self, _: WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, BackendError> {
-            unreachable!("not used")
-        }
-        async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
-            unreachable!("not used")
-        }
-    }
-
     /// S4's two halves are independent: while the engine cannot be listed, a silent
     /// external agent still goes `awaiting_agent` (its heartbeat is in the database), and
     /// the sweep then fails retryably for the half it could not do.
@@ -272,7 +232,7 @@ mod tests {
         .fetch_one(&db)
         .await
         .unwrap();
-        let deps = Deps::minimal(db.clone(), std::sync::Arc::new(Unlistable)).unwrap();
+        let deps = Deps::minimal(db.clone(), std::sync::Arc::new(crate::sweeps::Unlistable)).unwrap();
         let ctx = JobContext {
             id: molecule_domain::JobId::generate(),
             queue: "sweep".into(),

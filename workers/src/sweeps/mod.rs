@@ -73,3 +73,44 @@ pub(crate) async fn running_workspaces(d: &Deps) -> Result<Option<std::collectio
 pub(crate) fn db(e: sqlx::Error) -> JobError {
     JobError::retryable("database", e.to_string())
 }
+
+/// For tests: an engine that cannot list its instances (down, or answering 500s).
+#[cfg(test)]
+pub(crate) struct Unlistable;
+
+#[cfg(test)]
+#[async_trait::async_trait]
+impl molecule_backends::Backend for Unlistable {
+    fn name(&self) -> &'static str {
+        "unlistable"
+    }
+    async fn start(&self, _: &molecule_backends::StartSpec) -> Result<molecule_backends::Started, molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+    async fn stop(&self, _: molecule_domain::WorkspaceId) -> Result<(), molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+    async fn remove_volume(&self, _: molecule_domain::WorkspaceId) -> Result<(), molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+    async fn is_running(&self, _: molecule_domain::WorkspaceId) -> (bool, Option<molecule_backends::BackendError>) {
+        unreachable!("nothing is asked about before the list")
+    }
+    async fn list_managed(&self) -> Result<Vec<molecule_backends::ManagedInstance>, molecule_backends::BackendError> {
+        Err(molecule_backends::BackendError::EngineUnavailable("connection refused".into()))
+    }
+    async fn exec(
+        &self,
+        _: molecule_domain::WorkspaceId,
+        _: &molecule_backends::ExecRequest,
+        _: molecule_backends::ChunkSink<'_>,
+    ) -> Result<molecule_backends::ExecOutcome, molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+    async fn read_file(&self, _: molecule_domain::WorkspaceId, _: &str) -> Result<Option<Vec<u8>>, molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+    async fn rescue_sections(&self, _: molecule_domain::WorkspaceId) -> Result<Vec<(String, String)>, molecule_backends::BackendError> {
+        unreachable!("not used")
+    }
+}

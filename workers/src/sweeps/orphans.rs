@@ -215,10 +215,15 @@ mod tests {
         }
     }
 
-    /// Lists what it is given; records what it is asked to reap.
+    /// Lists what it is given; records what it is asked to reap (or fails every reap) and
+    /// which volumes it removes.
+    #[derive(Default)]
     struct Listed {
         instances: Vec<ManagedInstance>,
+        volumes: Vec<ManagedInstance>,
+        reap_fails: bool,
         reaped: std::sync::Mutex<Vec<String>>,
+        volumes_removed: std::sync::Mutex<Vec<WorkspaceId>>,
     }
 
     #[async_trait::async_trait]
@@ -235,7 +240,8 @@ mod tests {
         async fn stop(&self, _: WorkspaceId) -> Result<(), BackendError> {
             unreachable!("the sweep reaps by the listed instances")
         }
-        async fn remove_volume(&self, _: WorkspaceId) -> Result<(), BackendError> {
+        async fn remove_volume(&self, ws: WorkspaceId) -> Result<(), BackendError> {
+            self.volumes_removed.lock().unwrap().push(ws);
             Ok(())
         }
         async fn is_running(&self, _: WorkspaceId) -> (bool, Option<BackendError>) {
@@ -244,7 +250,13 @@ mod tests {
         async fn list_managed(&self) -> Result<Vec<ManagedInstance>, BackendError> {
             Ok(self.instances.clone())
         }
+        async fn list_managed_volumes(&self) -> Result<Vec<ManagedInstance>, BackendError> {
+            Ok(self.volumes.clone())
+        }
         async fn reap(&self, _: WorkspaceId, listed: &[ManagedInstance]) -> Result<(), BackendError> {
+            if self.reap_fails {
+                return Err(BackendError::EngineUnavailable("the engine did not answer".into()));
+            }
             self.reaped.lock().unwrap().extend(listed.iter().map(|m| m.name.clone()));
             Ok(())
         }
@@ -304,12 +316,50 @@ mod tests {
                 at("i-failed", failed, old),
                 at("i-failed-stray", failed, old),
             ],
-            reaped: Default::default(),
+            ..Listed::default()
         });
         let deps = Deps::minimal(db, backend.clone()).unwrap();
         let report = sweep(&deps, RESCUE_VOLUME_GRACE).await.unwrap();
         assert_eq!(report.strays, vec!["i-stray-old".to_string()], "{report:?}");
         assert_eq!(*backend.reaped.lock().unwrap(), vec!["i-stray-old".to_string()]);
         assert!(report.reaped.is_empty() && report.stop_failed.is_empty());
+    }
+
+    /// S2(a): a removed workspace's instance is stopped, and its volume removed only if
+    /// the stop succeeded: a failed stop keeps the volume for the next sweep.
+    #[tokio::test]
+    async fn a_removed_workspaces_volume_goes_only_after_its_stop_succeeded() {
+        let (db, _) = molecule_domain::testing::fresh_db().await;
+        let ws: uuid::Uuid = sqlx::query_scalar(
+            "WITH o AS (INSERT INTO organizations (name) VALUES ('o') RETURNING id) \
+             INSERT INTO workspaces (org_id, name, runtime, tier, status) SELECT id, 'w', 'echo', 2, 'removed' FROM o RETURNING id",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        let listed = |name: &str| ManagedInstance {
+            name: name.into(),
+            workspace_id: Some(ws.to_string()),
+            running: true,
+            created_at: Some(Utc::now() - chrono::Duration::hours(1)),
+        };
+        for reap_fails in [true, false] {
+            let backend = std::sync::Arc::new(Listed {
+                instances: vec![listed("ws-container")],
+                volumes: vec![listed("ws-volume")],
+                reap_fails,
+                ..Listed::default()
+            });
+            let deps = Deps::minimal(db.clone(), backend.clone()).unwrap();
+            let report = sweep(&deps, RESCUE_VOLUME_GRACE).await.unwrap();
+            let removed = backend.volumes_removed.lock().unwrap().clone();
+            if reap_fails {
+                assert_eq!((report.stop_failed.clone(), removed), (vec![ws.to_string()], vec![]), "{report:?}");
+                assert!(report.reaped.is_empty(), "{report:?}");
+            } else {
+                assert_eq!((report.reaped.clone(), removed), (vec![ws.to_string()], vec![WorkspaceId(ws)]), "{report:?}");
+                assert_eq!(*backend.reaped.lock().unwrap(), vec!["ws-container".to_string()]);
+            }
+        }
     }
 }

@@ -147,4 +147,39 @@ mod tests {
         }
         assert!(sweep(&db, &running_set, DEFAULT_GRACE, 100).await.unwrap().is_empty());
     }
+
+    /// S3: with no backend wired the sweep does nothing; with an engine that cannot be
+    /// listed it fails retryably. Either way no token is revoked: "nothing runs" is never
+    /// assumed from a list it did not get.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_token_is_revoked_without_a_list_of_what_runs() {
+        let (db, _) = fresh_db().await;
+        let org: uuid::Uuid =
+            sqlx::query_scalar("INSERT INTO organizations (name) VALUES ('o') RETURNING id").fetch_one(&db).await.unwrap();
+        let stopped = workspace(&db, org, "offline", "echo").await;
+        let mut c = db.acquire().await.unwrap();
+        tokens::create_workspace_token(&mut c, WorkspaceId(stopped)).await.unwrap();
+        sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '1 hour'").execute(&mut *c).await.unwrap();
+        let ctx = molecule_jobs::JobContext {
+            id: molecule_domain::JobId::generate(),
+            queue: "sweep".into(),
+            attempt: 1,
+            max_attempts: 1,
+            org_id: None,
+            workspace_id: None,
+            payload: std::sync::Arc::from(&b"{}"[..]),
+            db: db.clone(),
+            interrupt: molecule_jobs::Interrupt::never(),
+        };
+        let args = SweepArgs::new(molecule_jobs::sweeper::Sweeper::StaleTokens);
+        let none = Deps::minimal(db.clone(), std::sync::Arc::new(molecule_backends::NoBackend)).unwrap();
+        assert_eq!(run(&none, &ctx, &args).await.unwrap()["skipped"], "no backend");
+        let down = Deps::minimal(db.clone(), std::sync::Arc::new(crate::sweeps::Unlistable)).unwrap();
+        let out = run(&down, &ctx, &args).await;
+        assert!(matches!(&out, Err(molecule_jobs::JobError::Retryable(f)) if f.code == "sweep"), "{out:?}");
+        assert_eq!(live(&db, stopped).await, 1);
+        // The same token, with a list that shows nothing running: revoked (the check bites).
+        let revoked = sweep(&db, &Default::default(), Duration::from_secs(300), 100).await.unwrap();
+        assert_eq!((revoked.len(), live(&db, stopped).await), (1, 0));
+    }
 }
