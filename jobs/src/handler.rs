@@ -59,6 +59,22 @@ impl Interrupt {
 }
 
 impl JobContext {
+    /// An attempt run outside the queue (a tool, a test driving one handler): a fresh id,
+    /// attempt 1 of 1, no org or workspace, an empty JSON payload, never interrupted.
+    pub fn outside_queue(db: PgPool, queue: &str) -> Self {
+        JobContext {
+            id: JobId::generate(),
+            queue: queue.to_string(),
+            attempt: 1,
+            max_attempts: 1,
+            org_id: None,
+            workspace_id: None,
+            payload: Arc::from(&b"{}"[..]),
+            db,
+            interrupt: Interrupt::never(),
+        }
+    }
+
     /// Decodes the payload; a payload that does not decode is a permanent failure.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, JobError> {
         serde_json::from_slice(&self.payload).map_err(|e| JobError::Undecodable(e.to_string()))

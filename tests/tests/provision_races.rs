@@ -87,17 +87,7 @@ async fn rig() -> Rig {
 }
 
 fn ctx(db: &PgPool, queue: &str, org: Option<OrgId>, ws: WorkspaceId) -> JobContext {
-    JobContext {
-        id: molecule_domain::JobId::generate(),
-        queue: queue.into(),
-        attempt: 1,
-        max_attempts: 5,
-        org_id: org,
-        workspace_id: Some(ws),
-        payload: Arc::from(&b"{}"[..]),
-        db: db.clone(),
-        interrupt: molecule_jobs::Interrupt::never(),
-    }
+    JobContext { max_attempts: 5, org_id: org, workspace_id: Some(ws), ..JobContext::outside_queue(db.clone(), queue) }
 }
 
 fn refused_for_a_restart(r: &Result<serde_json::Value, JobError>) -> bool {

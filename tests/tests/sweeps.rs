@@ -295,17 +295,7 @@ async fn a_dead_container_is_restarted_and_stale_tokens_of_stopped_workspaces_go
     molecule_domain::tokens::create_workspace_token(&mut c, WorkspaceId(stopped)).await.unwrap();
     drop(c);
     sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '1 hour'").execute(&p.db).await.unwrap();
-    let job = molecule_jobs::JobContext {
-        id: molecule_domain::JobId::generate(),
-        queue: "sweep".into(),
-        attempt: 1,
-        max_attempts: 1,
-        org_id: None,
-        workspace_id: None,
-        payload: Arc::from(&b"{}"[..]),
-        db: p.db.clone(),
-        interrupt: molecule_jobs::Interrupt::never(),
-    };
+    let job = molecule_jobs::JobContext::outside_queue(p.db.clone(), "sweep");
     let mut args = molecule_jobs::sweeper::SweepArgs::new(molecule_jobs::sweeper::Sweeper::StaleTokens);
     args.grace_s = Some(300);
     let out = stale_tokens::run(&deps, &job, &args).await.unwrap();

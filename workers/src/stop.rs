@@ -131,17 +131,7 @@ mod tests {
             loki_url: None,
             agents: crate::a2a::AgentClient::new(true).expect("agent client"),
         };
-        let ctx = molecule_jobs::JobContext {
-            id: molecule_domain::JobId::generate(),
-            queue: "stop".into(),
-            attempt: 1,
-            max_attempts: 10,
-            org_id: None,
-            workspace_id: None,
-            payload: Arc::from(&b"{}"[..]),
-            db,
-            interrupt: molecule_jobs::Interrupt::never(),
-        };
+        let ctx = molecule_jobs::JobContext { max_attempts: 10, ..molecule_jobs::JobContext::outside_queue(db, "stop") };
         let err = run(&deps, &ctx, WorkspaceId::new(), Some("delete")).await.unwrap_err();
         assert!(matches!(err, JobError::Retryable(_)), "{err:?}");
         assert_eq!(fake.volume_removals.load(Ordering::SeqCst), 0);

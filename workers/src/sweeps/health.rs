@@ -233,17 +233,7 @@ mod tests {
         .await
         .unwrap();
         let deps = Deps::minimal(db.clone(), std::sync::Arc::new(crate::sweeps::Unlistable)).unwrap();
-        let ctx = JobContext {
-            id: molecule_domain::JobId::generate(),
-            queue: "sweep".into(),
-            attempt: 1,
-            max_attempts: 1,
-            org_id: None,
-            workspace_id: None,
-            payload: std::sync::Arc::from(&b"{}"[..]),
-            db: db.clone(),
-            interrupt: molecule_jobs::Interrupt::never(),
-        };
+        let ctx = JobContext::outside_queue(db.clone(), "sweep");
         let args = SweepArgs::new(molecule_jobs::sweeper::Sweeper::Health);
         let out = run(&deps, &ctx, &args).await;
         assert!(matches!(&out, Err(JobError::Retryable(f)) if f.code == "sweep"), "{out:?}");

@@ -160,17 +160,7 @@ mod tests {
         let mut c = db.acquire().await.unwrap();
         tokens::create_workspace_token(&mut c, WorkspaceId(stopped)).await.unwrap();
         sqlx::query("UPDATE workspace_auth_tokens SET created_at = now() - interval '1 hour'").execute(&mut *c).await.unwrap();
-        let ctx = molecule_jobs::JobContext {
-            id: molecule_domain::JobId::generate(),
-            queue: "sweep".into(),
-            attempt: 1,
-            max_attempts: 1,
-            org_id: None,
-            workspace_id: None,
-            payload: std::sync::Arc::from(&b"{}"[..]),
-            db: db.clone(),
-            interrupt: molecule_jobs::Interrupt::never(),
-        };
+        let ctx = molecule_jobs::JobContext::outside_queue(db.clone(), "sweep");
         let args = SweepArgs::new(molecule_jobs::sweeper::Sweeper::StaleTokens);
         let none = Deps::minimal(db.clone(), std::sync::Arc::new(molecule_backends::NoBackend)).unwrap();
         assert_eq!(run(&none, &ctx, &args).await.unwrap()["skipped"], "no backend");
