@@ -269,6 +269,16 @@ async fn admin_token_gate() {
 
     let dev = start_api(db.clone(), AuthConfig { admin_token: None, dev: true, org_pin: OrgPin::Any, allow_loopback_agents: false }).await;
     assert_eq!(get(&dev, "/queues", None).await.status, 200);
+    // A bearer is still checked in dev mode: an org's own view, or 401.
+    assert_eq!(get(&dev, "/queues", Some(&org_token)).await.status, 200);
+    assert_eq!(get(&dev, "/queues", Some("mol_org_nope")).await.status, 401);
+
+    // A server pinned to one org: another org's token is refused, an empty pin fails closed.
+    let (other, _) = org(&db, "b").await;
+    let pinned = start_api(db.clone(), AuthConfig { org_pin: OrgPin::Only(other), ..open_auth() }).await;
+    assert_eq!(get(&pinned, "/queues", Some(&org_token)).await.status, 401);
+    let broken = start_api(db.clone(), AuthConfig { org_pin: OrgPin::Misconfigured, ..open_auth() }).await;
+    assert_eq!(get(&broken, "/queues", Some(&org_token)).await.status, 503);
 
     let on = start_api(
         db.clone(),

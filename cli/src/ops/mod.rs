@@ -27,7 +27,8 @@ Exit status:
 
 #[derive(Subcommand, Debug)]
 pub enum OpsCommand {
-    /// Queue depth, oldest waiting job and live workers per pool (GET /queues; ADMIN_TOKEN).
+    /// Queue depth, oldest waiting job and live workers per pool (GET /queues; ADMIN_TOKEN:
+    /// every org; an org token: its own jobs).
     #[command(after_help = AFTER_HELP)]
     Queues(QueuesArgs),
     /// Jobs of your organization: list, show, retry, cancel (an organization token).
@@ -74,7 +75,8 @@ pub struct QueuesArgs {
     /// The API's base URL.
     #[arg(long, env = "MOLECULE_URL", value_name = "URL", default_value = "http://127.0.0.1:8080", value_parser = parse_api_url)]
     pub url: Url,
-    /// The server's ADMIN_TOKEN [default: MOLECULE_TOKEN when ADMIN_TOKEN is unset].
+    /// The server's ADMIN_TOKEN (every org), or an org token (its own jobs) [default:
+    /// MOLECULE_TOKEN when ADMIN_TOKEN is unset].
     #[arg(long, env = "ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's JSON (one object per pool) instead of a table.

@@ -18,7 +18,7 @@ pub struct QueueStats {
     pub running: i64,
     /// Failed, waiting for their retry.
     pub retrying: i64,
-    /// Failed attempts in the last hour (retried or not).
+    /// Jobs whose last failed attempt was in the last hour (retried since or not).
     pub failed_last_hour: i64,
     /// Jobs that ran out of attempts (`dead`) in the last hour. Permanent failures count
     /// in `failed_last_hour` (every failed attempt does).
