@@ -48,8 +48,13 @@ impl BackendError {
         }
     }
 
+    /// An engine's or AWS's answer: redacted (X4: an upstream body can quote what it was
+    /// sent — an environment value, user-data — and this text reaches the server log and
+    /// the operators' job detail), then capped (§6).
     pub(crate) fn engine(status: u16, message: &str) -> Self {
-        let mut m = message.to_string();
+        static REDACTOR: std::sync::LazyLock<molecule_domain::redact::Redactor> =
+            std::sync::LazyLock::new(molecule_domain::redact::Redactor::new);
+        let mut m = REDACTOR.redact(message).into_owned();
         if m.len() > MAX_UPSTREAM_BODY {
             let mut end = MAX_UPSTREAM_BODY;
             while !m.is_char_boundary(end) {
@@ -318,5 +323,23 @@ impl Backend for NoBackend {
     }
     async fn rescue_sections(&self, _: WorkspaceId) -> Result<Vec<(String, String)>, BackendError> {
         Err(BackendError::NoBackend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// §6 and X4: an upstream answer that quotes a secret (here the engine echoing an
+    /// environment value) leaves the error redacted, and a huge one capped.
+    #[test]
+    fn an_upstream_answer_is_redacted_and_capped() {
+        let token = "mol_ws_0123456789abcdef0123456789abcdef";
+        let e = BackendError::engine(400, &format!("invalid environment variable: MOLECULE_WORKSPACE_TOKEN={token}"));
+        let shown = e.to_string();
+        assert!(!shown.contains(token) && !shown.contains("0123456789abcdef") && shown.contains("[REDACTED]"), "{shown}");
+        assert!(shown.contains("invalid environment variable"), "the engine's words stay: {shown}");
+        let BackendError::Engine { message, .. } = BackendError::engine(500, &"x".repeat(3 * MAX_UPSTREAM_BODY)) else { unreachable!() };
+        assert_eq!(message.len(), MAX_UPSTREAM_BODY);
     }
 }
