@@ -4,6 +4,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use molecule_domain::sessions::Viewer;
 use molecule_domain::tokens::{self, TokenOwner};
 use molecule_domain::{OrgId, WorkspaceId};
 
@@ -138,24 +139,19 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// A reader of operator figures that an organization may read about itself (A15
-/// `GET /queues`): the operator ([`Admin`]) sees every org's jobs, an org token its own.
-/// A workspace token is refused (403).
-pub enum OperatorOrOrg {
-    Operator,
-    Org(OrgId),
-}
+/// `GET /queues`), as the dashboard's viewers are: the operator ([`Admin`]) sees every
+/// org's jobs, an org token its own. A workspace token is refused (403).
+pub struct OperatorOrOrg(pub Viewer);
 
 impl FromRequestParts<AppState> for OperatorOrOrg {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let admin_token =
-            matches!((bearer(parts), &st.auth.admin_token), (Some(given), Some(admin)) if tokens::constant_time_eq(given, admin));
-        if admin_token || bearer(parts).is_none() {
+        match (bearer(parts), &st.auth.admin_token) {
+            (Some(given), Some(admin)) if tokens::constant_time_eq(given, admin) => Ok(OperatorOrOrg(Viewer::Operator)),
             // No bearer: the operator's rules decide (dev mode without ADMIN_TOKEN: open).
-            return Admin::from_request_parts(parts, st).await.map(|_| OperatorOrOrg::Operator);
+            (None, _) => Admin::from_request_parts(parts, st).await.map(|_| OperatorOrOrg(Viewer::Operator)),
+            (Some(_), _) => Ok(OperatorOrOrg(Viewer::Org(Principal::from_request_parts(parts, st).await?.require_org()?))),
         }
-        let p = Principal::from_request_parts(parts, st).await?;
-        Ok(OperatorOrOrg::Org(p.require_org()?))
     }
 }

@@ -52,9 +52,7 @@ impl BackendError {
     /// sent — an environment value, user-data — and this text reaches the server log and
     /// the operators' job detail), then capped (§6).
     pub(crate) fn engine(status: u16, message: &str) -> Self {
-        static REDACTOR: std::sync::LazyLock<molecule_domain::redact::Redactor> =
-            std::sync::LazyLock::new(molecule_domain::redact::Redactor::new);
-        let mut m = REDACTOR.redact(message).into_owned();
+        let mut m = molecule_domain::redact::shared().redact(message).into_owned();
         if m.len() > MAX_UPSTREAM_BODY {
             let mut end = MAX_UPSTREAM_BODY;
             while !m.is_char_boundary(end) {

@@ -360,7 +360,7 @@ async fn serve_roles(mut stop: Stop, roles: Roles, common: &Common) -> Result<()
                 platform_url: w.platform_url.clone().unwrap_or_else(|| "http://127.0.0.1:8080".into()),
                 registry: molecule_backends::image::registry_prefix(Some(&w.image_registry)),
                 image_local_override: w.image_local_override == "1",
-                redactor: Some(std::sync::Arc::new(molecule_domain::redact::Redactor::new())),
+                redactor: Some(std::sync::Arc::new(molecule_domain::redact::shared().clone())),
                 loki_url: w.loki_url.clone().filter(|u| !u.is_empty()),
                 agents: molecule_workers::a2a::AgentClient::new(common.allow_loopback_agents()).map_err(StartError::AgentClient)?,
             };

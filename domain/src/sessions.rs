@@ -21,6 +21,16 @@ pub enum Viewer {
     Org(OrgId),
 }
 
+impl Viewer {
+    /// The organization it is limited to; None: every one.
+    pub fn org(self) -> Option<OrgId> {
+        match self {
+            Viewer::Operator => None,
+            Viewer::Org(o) => Some(o),
+        }
+    }
+}
+
 /// What a login was made with.
 pub enum Login<'a> {
     /// With ADMIN_TOKEN (checked by the caller).

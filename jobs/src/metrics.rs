@@ -21,10 +21,12 @@ pub const DURATION: &str = "molecule_job_duration_seconds";
 pub const STALE_ACKS: &str = "molecule_jobs_stale_acks_total";
 
 /// How an attempt ended. `failed` counts every failed attempt: each is also `retried`
-/// (it runs again) or `dead` (it does not: out of attempts, or failed permanently). `released` (handed back, due at once) and
-/// `snoozed` (handed back due later, [`crate::JobError::Snooze`]) do not count as attempts.
+/// (it runs again) or `dead` (it does not: out of attempts, or failed permanently).
+/// `released` (handed back, due at once) and `snoozed` (handed back due later,
+/// [`crate::JobError::Snooze`]) do not count as attempts.
 pub const EVENTS: [&str; 8] = ["succeeded", "failed", "retried", "dead", "interrupted", "expired", "released", "snoozed"];
 const FAILED: usize = 1;
+const RELEASED: usize = 6;
 
 /// Counted when the insert runs: a caller's transaction that rolls back afterwards still
 /// counted it (the jobs' rows are the exact figure).
@@ -95,7 +97,7 @@ impl QueueMetrics {
     /// Jobs handed back outside an ack (a lost claim's, settled by its fetcher).
     pub fn released(&self, n: u64) {
         if n > 0 {
-            self.ended[EVENTS.iter().position(|e| *e == "released").unwrap_or(0)].increment(n);
+            self.ended[RELEASED].increment(n);
         }
     }
 

@@ -234,13 +234,11 @@ async fn failed(d: &Deps, ctx: &JobContext, ws: WorkspaceId, org: OrgId, e: Back
     tracing::warn!(workspace_id = %ws, job_id = %ctx.id, attempt = ctx.attempt, error = %e, final_attempt = last, "provision failed");
     if last {
         mark_failed(d, ctx, ws, org, why).await?;
-        // A fault another attempt could fix, out of attempts: the job is `dead` (A13); a
-        // fault none fixes: `failed`.
-        if e.is_retryable() { Err(JobError::retryable(why.code(), e.to_string())) } else { Err(permanent(e)) }
     } else {
         note_retry(d, ctx, ws, org, why).await?;
-        Err(JobError::retryable(StartFailure::of(&e).code(), e.to_string()))
     }
+    // The job core tells out of attempts (`dead`) from a fault none fixes (`failed`, A13).
+    Err(if e.is_retryable() { JobError::retryable(why.code(), e.to_string()) } else { permanent(e) })
 }
 
 fn permanent(e: BackendError) -> JobError {

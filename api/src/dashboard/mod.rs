@@ -124,7 +124,7 @@ fn page_error(e: ApiError) -> Response {
 }
 
 async fn overview(State(st): State<AppState>, Seen(v): Seen) -> Response {
-    let org = org_of(v);
+    let org = v.org();
     let stats = match molecule_jobs::store::stats::queue_stats_of(&st.db, org).await {
         Ok(s) => s,
         Err(e) => return page_error(e.into()),
@@ -137,13 +137,6 @@ async fn overview(State(st): State<AppState>, Seen(v): Seen) -> Response {
         Viewer::Org(_) => None,
     };
     html(StatusCode::OK, pages::overview(v, &stats, workers.as_deref()))
-}
-
-fn org_of(v: Viewer) -> Option<molecule_domain::OrgId> {
-    match v {
-        Viewer::Operator => None,
-        Viewer::Org(o) => Some(o),
-    }
 }
 
 #[derive(Deserialize, Default)]
@@ -211,7 +204,7 @@ async fn job(State(st): State<AppState>, Seen(v): Seen, Path(id): Path<String>) 
 }
 
 async fn workspaces(State(st): State<AppState>, Seen(v): Seen) -> Response {
-    match crate::routes::workspaces::recent(&st.db, org_of(v), 200).await {
+    match crate::routes::workspaces::recent(&st.db, v.org(), 200).await {
         Ok(ws) => html(StatusCode::OK, pages::workspaces(v, &ws)),
         Err(e) => page_error(e.into()),
     }

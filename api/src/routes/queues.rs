@@ -20,10 +20,6 @@ pub use molecule_jobs::store::stats::QueueStats;
         (status = 403, description = "a workspace token, or no token while ADMIN_TOKEN is not configured", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
-pub async fn queues(State(st): State<AppState>, who: OperatorOrOrg) -> ApiResult<Json<Vec<QueueStats>>> {
-    let org = match who {
-        OperatorOrOrg::Operator => None,
-        OperatorOrOrg::Org(o) => Some(o),
-    };
-    Ok(Json(molecule_jobs::store::stats::queue_stats_of(&st.db, org).await?))
+pub async fn queues(State(st): State<AppState>, OperatorOrOrg(who): OperatorOrOrg) -> ApiResult<Json<Vec<QueueStats>>> {
+    Ok(Json(molecule_jobs::store::stats::queue_stats_of(&st.db, who.org()).await?))
 }

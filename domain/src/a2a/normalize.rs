@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value};
 
-use super::wire::{WRAPPED, message_to, part_to_v03};
+use super::wire::{WRAPPED, message_to, part_to_v03, relay_wrapped};
 use super::{AgentVersion, Generation, Operation};
 
 /// A JSON-RPC error for the caller (answered with HTTP 400).
@@ -286,10 +286,7 @@ fn canonical_message(m: Option<Value>) -> Result<(Value, bool), RpcError> {
             // The relay's own mark (wire::WRAPPED), in another form than the relay's:
             // it would be taken for the relay's. In the relay's form (a part the relay
             // wrapped, sent on by an agent) it means what it says, and is kept.
-            let mark = p.get("metadata").and_then(|m| m.get(WRAPPED));
-            let relays_form = mark == Some(&Value::Bool(true))
-                && p.get("data").and_then(Value::as_object).is_some_and(|d| d.len() == 1 && d.contains_key("value"));
-            if mark.is_some() && !relays_form {
+            if p.get("metadata").and_then(|m| m.get(WRAPPED)).is_some() && !relay_wrapped(p) {
                 return Err(RpcError::invalid_params(
                     &format!("{at}.metadata"),
                     format!("{at}.metadata key {WRAPPED:?} is reserved by the relay"),

@@ -129,11 +129,18 @@ fn str_field(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<Str
     }
 }
 
-/// A canonical (v0.3) part in v1.0's shape.
 /// The metadata key that marks a v1.0 `data` value that is not an object, wrapped as
 /// `{"value": …}` for v0.3 (whose `data` must be an object): unwrapped again for v1.0.
 pub const WRAPPED: &str = "molecule.wrapped";
 
+/// Whether a canonical part is in the relay's wrapped form: marked [`WRAPPED`] true, its
+/// `data` the object `{"value": …}` alone.
+pub(crate) fn relay_wrapped(p: &Value) -> bool {
+    p.get("metadata").and_then(|m| m.get(WRAPPED)) == Some(&Value::Bool(true))
+        && p.get("data").and_then(Value::as_object).is_some_and(|d| d.len() == 1 && d.contains_key("value"))
+}
+
+/// A canonical (v0.3) part in v1.0's shape.
 pub fn part_to_v10(p: &Value) -> Value {
     let Some(obj) = p.as_object() else { return p.clone() };
     let mut out = Map::new();
@@ -160,9 +167,8 @@ pub fn part_to_v10(p: &Value) -> Value {
         }
         Some("data") => {
             let data = obj.get("data").cloned().unwrap_or_default();
-            let wrapped = obj.get("metadata").and_then(|m| m.get(WRAPPED)) == Some(&Value::Bool(true));
-            match (wrapped, data) {
-                (true, Value::Object(mut d)) if d.len() == 1 && d.contains_key("value") => {
+            match (relay_wrapped(p), data) {
+                (true, Value::Object(mut d)) => {
                     out.insert("data".into(), d.remove("value").unwrap_or_default());
                     if let Some(Value::Object(m)) = out.get_mut("metadata") {
                         m.remove(WRAPPED);

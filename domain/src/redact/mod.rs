@@ -15,6 +15,7 @@ pub use rules::Scope;
 
 pub const MARK: &str = "[REDACTED]";
 
+#[derive(Clone)]
 pub struct Redactor {
     /// Which rules match at all: one pass over text that holds no secret (most text).
     set: RegexSet,
@@ -35,6 +36,12 @@ fn harmless_value(v: &str) -> bool {
         || (v.len() < 6 && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
         || ["true", "false", "null", "none", "nil", "undefined", "required", "optional", "***", "xxx"]
             .contains(&v.to_ascii_lowercase().as_str())
+}
+
+/// The process's redactor, compiled once (a clone shares the compiled rules).
+pub fn shared() -> &'static Redactor {
+    static SHARED: std::sync::LazyLock<Redactor> = std::sync::LazyLock::new(Redactor::new);
+    &SHARED
 }
 
 impl Redactor {

@@ -124,7 +124,12 @@ pub(super) fn snoozed(c: Claim, why: &Failure, after: Duration) -> Ack {
 /// A claimed row whose columns did not decode ([`crate::store::Claimed::unreadable`]):
 /// failed at once, as a payload its handler cannot read is.
 pub(super) fn unreadable(c: Claim, why: &str) -> Ack {
-    let e = JobError::Undecodable(format!("the job's row: {why}"));
+    permanent(c, &JobError::Undecodable(format!("the job's row: {why}")))
+}
+
+/// An attempt that failed for good: tenants get its code and canned sentence, operators
+/// the detail.
+fn permanent(c: Claim, e: &JobError) -> Ack {
     Ack { error: Some(e.public()), error_detail: Some(truncate(&e.detail(), 2000)), ..ack(c, JobState::Killed, Some(Outcome::Failed)) }
 }
 
@@ -134,11 +139,12 @@ pub(super) fn interrupted(c: Claim) -> Ack {
 
 /// A failed attempt: tenants get its code and canned sentence, operators the detail.
 pub(super) fn failed(c: Claim, e: &JobError, attempt: i32, max_attempts: i32, retry: &RetryPolicy) -> Ack {
+    if e.is_permanent() {
+        return permanent(c, e);
+    }
     let error = Some(e.public());
     let error_detail = Some(truncate(&e.detail(), 2000));
-    if e.is_permanent() {
-        Ack { error, error_detail, ..ack(c, JobState::Killed, Some(Outcome::Failed)) }
-    } else if attempt >= max_attempts {
+    if attempt >= max_attempts {
         Ack { error, error_detail, ..ack(c, JobState::Killed, Some(Outcome::Dead)) }
     } else {
         let delay_ms = retry_delay(retry, attempt).as_millis() as i64;
